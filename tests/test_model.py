@@ -1,0 +1,165 @@
+"""Properties of the draft model itself (DESIGN.md §2), on a tiny random target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import random_draft_model
+from vllm_amphista.config import AmphistaConfig
+from vllm_amphista.model import AmphistaDraftModel, SALCache
+
+
+def _inputs(target, b: int = 2, t: int = 9, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, target.hidden_size, generator=g)
+    tokens = torch.randint(0, target.vocab_size, (b, t), generator=g)
+    return hidden, tokens
+
+
+def test_forward_shape_and_head_stages(tiny_target):
+    model = random_draft_model(tiny_target, num_heads=5, num_stages=2)
+    hidden, tokens = _inputs(tiny_target)
+    assert model(hidden, tokens).shape == (2, 9, 5, tiny_target.vocab_size)
+    assert [model.config.stage_of_head(k) for k in range(5)] == [0, 0, 0, 1, 1]
+    assert [AmphistaConfig(64, 512).stage_of_head(k) for k in range(4)] == [0, 0, 1, 1]
+
+
+def test_aeb_lets_every_head_see_every_other(tiny_target):
+    """With the AEB, perturbing head K's input changes head 1's logits; without it, not."""
+    for use_aeb in (True, False):
+        model = random_draft_model(tiny_target, use_aeb=use_aeb, num_stages=2, num_heads=4)
+        hidden, tokens = _inputs(tiny_target)
+        features = model._fuse(hidden, tokens)
+        stage_out = [features]
+        for stage in model.stages:
+            stage_out.append(stage(stage_out[-1], torch.arange(9).expand(2, 9))[0])
+        base = model._head_logits(stage_out)
+        # Perturb the input of the last head only (head 4 reads the last stage).
+        last_head = model.heads[-1]
+        original_bias = last_head[0].linear.bias.detach().clone()
+        with torch.no_grad():
+            last_head[0].linear.bias.add_(3.0)
+            changed = model._head_logits(stage_out)
+            last_head[0].linear.bias.copy_(original_bias)
+        head1_diff = (changed[..., 0, :] - base[..., 0, :]).abs().max().item()
+        head4_diff = (changed[..., -1, :] - base[..., -1, :]).abs().max().item()
+        assert head4_diff > 1e-3
+        if use_aeb:
+            assert head1_diff > 1e-3
+        else:
+            assert head1_diff == 0.0
+
+
+def test_sal_is_causal(tiny_target):
+    model = random_draft_model(tiny_target)
+    hidden, tokens = _inputs(tiny_target, b=1, t=10)
+    base = model(hidden, tokens)
+    hidden2, tokens2 = hidden.clone(), tokens.clone()
+    hidden2[:, 6:] += torch.randn_like(hidden2[:, 6:])
+    tokens2[:, 6:] = (tokens2[:, 6:] + 1) % tiny_target.vocab_size
+    other = model(hidden2, tokens2)
+    torch.testing.assert_close(other[:, :6], base[:, :6])
+    assert (other[:, 6:] - base[:, 6:]).abs().max() > 1e-3
+
+
+def test_token_fusion_reads_the_sampled_token(tiny_target):
+    model = random_draft_model(tiny_target, num_stages=0, use_aeb=False)
+    hidden, tokens = _inputs(tiny_target, b=1, t=4)
+    other_tokens = (tokens + 7) % tiny_target.vocab_size
+    assert (model(hidden, tokens) - model(hidden, other_tokens)).abs().max() > 1e-3
+    plain = random_draft_model(tiny_target, num_stages=0, use_aeb=False, use_token_fusion=False)
+    torch.testing.assert_close(plain(hidden, tokens), plain(hidden, other_tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"num_stages": 1, "num_heads": 3},
+    {"use_aeb": False},
+    {"num_stages": 0},
+    {"num_heads": 6, "num_stages": 3, "num_aeb_layers": 2},
+    {"draft_vocab_size": 100},
+])
+def test_incremental_matches_full_forward(tiny_target, overrides):
+    """Feeding positions in uneven chunks through the SAL cache (batched, with padding)
+    gives the same last-position logits as the teacher-forced forward."""
+    model = random_draft_model(tiny_target, **overrides)
+    seqs = [_inputs(tiny_target, b=1, t=t, seed=t) for t in (11, 7, 13)]
+    chunks = [[4, 1, 3, 3], [1, 2, 1, 3], [6, 5, 1, 1]]  # rows consumed per step per sequence
+    caches = [SALCache() for _ in seqs]
+    done = [0, 0, 0]
+    for step in range(4):
+        hs, xs = [], []
+        for i, (hidden, tokens) in enumerate(seqs):
+            n = chunks[i][step]
+            hs.append(hidden[0, done[i]: done[i] + n])
+            xs.append(tokens[0, done[i]: done[i] + n])
+            done[i] += n
+        got = model.extend(caches, hs, xs)
+        for i, (hidden, tokens) in enumerate(seqs):
+            want = model(hidden[:, : done[i]], tokens[:, : done[i]])[0, -1]
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
+            assert caches[i].length == (done[i] if model.config.num_stages else 0)
+
+
+def test_sal_cache_reset_and_growth():
+    cache = SALCache()
+    k = [torch.randn(2, 20, 8)]
+    cache.append(k, k)
+    cache.append([torch.ones(2, 3, 8)], [torch.ones(2, 3, 8)])
+    assert cache.length == 23
+    torch.testing.assert_close(cache.keys(0)[:, :20], k[0])
+    assert cache.nbytes() > 0
+    cache.reset()
+    assert cache.length == 0 and cache.keys(0).shape == (2, 0, 8)
+
+
+def test_propose_maps_draft_vocabulary_to_target_ids(tiny_target):
+    model = random_draft_model(tiny_target, draft_vocab_size=50)
+    with torch.no_grad():
+        model.draft_to_target.copy_(torch.arange(50) * 7 % tiny_target.vocab_size)
+    model.attach_target(tiny_target)  # lm_head rows follow the new map
+    hidden, tokens = _inputs(tiny_target, b=1, t=5)
+    draft = model.propose([SALCache()], [hidden[0]], [tokens[0]])
+    logits = model(hidden, tokens)[0, -1]
+    assert draft.tokens.shape == (1, model.config.num_heads)
+    torch.testing.assert_close(draft.tokens[0], model.draft_to_target[logits.argmax(-1)])
+    assert set(draft.tokens.flatten().tolist()) <= set(model.draft_to_target.tolist())
+    assert ((draft.probs > 0) & (draft.probs <= 1)).all()
+
+
+def test_medusa_mode_is_medusa_1(tiny_target):
+    """All switches off: logits are lm_head(h + SiLU(W h + b)) per head, nothing else."""
+    model = random_draft_model(tiny_target, use_aeb=False, num_stages=0, use_token_fusion=False)
+    assert model.config.is_medusa and model.final_norm is None
+    hidden, tokens = _inputs(tiny_target)
+    want = torch.stack([
+        (hidden + F.silu(hidden @ head[0].linear.weight.T + head[0].linear.bias))
+        @ tiny_target.lm_head.T
+        for head in model.heads], dim=-2)
+    torch.testing.assert_close(model(hidden, tokens), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_model_is_identity_at_the_heads(tiny_target):
+    """Zero-initialised residual branches: a fresh Medusa-mode model predicts the target's
+    own next token at every head (lm_head(h))."""
+    cfg = AmphistaConfig.medusa(tiny_target.hidden_size, tiny_target.vocab_size)
+    model = AmphistaDraftModel(cfg, tiny_target)
+    hidden, tokens = _inputs(tiny_target, b=1, t=3)
+    logits = model(hidden, tokens)
+    torch.testing.assert_close(logits[..., 2, :], hidden @ tiny_target.lm_head.T)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"num_heads": 0}, "num_heads"),
+    ({"num_heads": 17}, "num_heads"),
+    ({"num_stages": 5}, "num_stages"),
+    ({"num_attention_heads": 5}, "divisible"),
+    ({"num_key_value_heads": 3}, "multiple"),
+    ({"draft_vocab_size": 10_000}, "draft_vocab_size"),
+    ({"own_lm_heads": True}, "own_lm_heads"),
+])
+def test_impossible_configs_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        AmphistaConfig(hidden_size=64, vocab_size=512, **bad)

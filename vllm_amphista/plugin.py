@@ -1,0 +1,24 @@
+"""The `vllm.general_plugins` hook.
+
+vLLM calls `register()` in every process it starts (front end, engine core,
+workers, the model-inspection subprocess), possibly more than once: it must be
+idempotent and cheap, so it only records names and installs patches.
+"""
+
+from __future__ import annotations
+
+from vllm_amphista.config import ARCHITECTURE
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        # Lazy "module:Class" string: nothing is imported until vLLM resolves the name.
+        ModelRegistry.register_model(ARCHITECTURE, "vllm_amphista.model:AmphistaDraftModel")
+    _registered = True
