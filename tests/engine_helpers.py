@@ -24,11 +24,24 @@ ENGINE_ENV = {
 }
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
 def run_engine_script(code: str, timeout: float = 600) -> dict:
     """Run `code` in a fresh Python; it must print one line `RESULT <json>`."""
+    return _run_for_result([sys.executable, "-c", code], timeout)
+
+
+def run_scenarios(spec: dict, timeout: float = 900) -> dict:
+    """tests/engine_scenarios.py with `spec`, in a fresh Python."""
+    return _run_for_result([sys.executable, "-m", "tests.engine_scenarios", json.dumps(spec)],
+                           timeout)
+
+
+def _run_for_result(cmd: list[str], timeout: float) -> dict:
     env = {**os.environ, **ENGINE_ENV}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=REPO_ROOT)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])

@@ -83,23 +83,29 @@ def test_token_fusion_reads_the_sampled_token(tiny_target):
 ])
 def test_incremental_matches_full_forward(tiny_target, overrides):
     """Feeding positions in uneven chunks through the SAL cache (batched, with padding)
-    gives the same last-position logits as the teacher-forced forward."""
+    gives the same last-position logits as the teacher-forced forward. Sequences join
+    and skip steps, as requests do in a serving batch."""
     model = random_draft_model(tiny_target, **overrides)
-    seqs = [_inputs(tiny_target, b=1, t=t, seed=t) for t in (11, 7, 13)]
-    chunks = [[4, 1, 3, 3], [1, 2, 1, 3], [6, 5, 1, 1]]  # rows consumed per step per sequence
+    seqs = [_inputs(tiny_target, b=1, t=t, seed=t) for t in (11, 7, 13, 5)]
+    # Rows consumed per step per sequence; 0 = not in that step's batch.
+    chunks = [[4, 1, 3, 3], [1, 2, 1, 3], [0, 6, 5, 2], [0, 0, 0, 5]]
     caches = [SALCache() for _ in seqs]
-    done = [0, 0, 0]
+    done = [0] * len(seqs)
     for step in range(4):
-        hs, xs = [], []
+        active, hs, xs = [], [], []
         for i, (hidden, tokens) in enumerate(seqs):
             n = chunks[i][step]
+            if n == 0:
+                continue
+            active.append(i)
             hs.append(hidden[0, done[i]: done[i] + n])
             xs.append(tokens[0, done[i]: done[i] + n])
             done[i] += n
-        got = model.extend(caches, hs, xs)
-        for i, (hidden, tokens) in enumerate(seqs):
+        got = model.extend([caches[i] for i in active], hs, xs)
+        for row, i in enumerate(active):
+            hidden, tokens = seqs[i]
             want = model(hidden[:, : done[i]], tokens[:, : done[i]])[0, -1]
-            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got[row], want, rtol=1e-4, atol=1e-4)
             assert caches[i].length == (done[i] if model.config.num_stages else 0)
 
 

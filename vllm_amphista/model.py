@@ -330,10 +330,7 @@ class AmphistaDraftModel(nn.Module):
             new_keys: list[list[torch.Tensor]] = [[] for _ in range(b)]
             new_values: list[list[torch.Tensor]] = [[] for _ in range(b)]
             for s, stage in enumerate(self.stages):
-                past = None
-                if l_max:
-                    past = (self._padded(caches, s, l_max, "keys"),
-                            self._padded(caches, s, l_max, "values"))
+                past = self._padded_past(caches, s, l_max, hidden) if l_max else None
                 out, k, v = stage(features[-1], positions, past, mask)
                 features.append(out)
                 for i in range(b):
@@ -344,10 +341,18 @@ class AmphistaDraftModel(nn.Module):
         last = [f[rows, lengths - 1] for f in features]
         return self._head_logits(last)
 
-    @staticmethod
-    def _padded(caches: list[SALCache], stage: int, l_max: int, kind: str) -> torch.Tensor:
-        parts = [getattr(c, kind)(stage) for c in caches]
-        return torch.stack([F.pad(p, (0, 0, 0, l_max - p.shape[1])) for p in parts])
+    def _padded_past(self, caches: list[SALCache], stage: int, l_max: int,
+                     like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage `stage`'s cached keys and values, zero-padded to [B, Hkv, l_max, hd]."""
+        cfg = self.config
+        shape = (len(caches), cfg.num_key_value_heads, l_max, cfg.head_dim)
+        keys = like.new_zeros(shape)
+        values = like.new_zeros(shape)
+        for i, cache in enumerate(caches):
+            if cache.length:
+                keys[i, :, : cache.length] = cache.keys(stage)
+                values[i, :, : cache.length] = cache.values(stage)
+        return keys, values
 
     @torch.no_grad()
     def propose(self, caches, hidden_states, next_token_ids) -> Draft:

@@ -17,8 +17,14 @@ def main() -> int | None:
     patch_engine_distribution_name()
     from vllm.entrypoints.cli.main import main as vllm_main
 
+    from vllm_amphista.proposer import AmphistaSetupError
+
     sys.argv[0] = sys.argv[0].removesuffix(".exe")
-    return vllm_main()
+    try:
+        return vllm_main()
+    except AmphistaSetupError as e:  # bad heads or flags: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

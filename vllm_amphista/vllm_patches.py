@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import inspect
 
 PINNED_VLLM_VERSION = "0.32.0"
 _distribution_version = importlib.metadata.version  # unpatched, captured at import
@@ -47,3 +48,151 @@ def patch_engine_distribution_name() -> None:
 
     version._amphista_patched = True  # type: ignore[attr-defined]
     importlib.metadata.version = version
+
+
+def _mark(function, original):
+    function._amphista_original = original  # type: ignore[attr-defined]
+    return function
+
+
+def _is_patched(attribute) -> bool:
+    return hasattr(getattr(attribute, "__func__", attribute), "_amphista_original")
+
+
+def patch_engine_args() -> None:
+    """`method: "amphista"` in speculative_config, and the --speculative-model flag.
+
+    Wraps (vLLM 0.32.0, vllm/engine/arg_utils.py):
+    - EngineArgs.create_speculative_config: validates the heads against the target and
+      rewrites the request into vLLM's experimental `custom_class` proposer, passing the
+      heads folder to the workers in vllm_config.additional_config["amphista"];
+    - EngineArgs.add_cli_args: adds --speculative-model / --num-speculative-tokens;
+    - EngineArgs.from_cli_args: folds those flags into speculative_config.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_amphista.proposer import (
+        ADDITIONAL_CONFIG_KEY,
+        AmphistaSetupError,
+        resolve_speculative_config,
+    )
+
+    if _is_patched(EngineArgs.create_speculative_config):
+        return
+    original_create = EngineArgs.create_speculative_config
+
+    def create_speculative_config(self, target_model_config, target_parallel_config):
+        spec = self.speculative_config
+        if isinstance(spec, dict) and spec.get("method") == "amphista":
+            hf = target_model_config.hf_text_config
+            self.speculative_config, heads = resolve_speculative_config(
+                spec, target_model_config.model, hf.hidden_size, target_model_config
+                .get_vocab_size())
+            self.additional_config = {**(self.additional_config or {}),
+                                      ADDITIONAL_CONFIG_KEY: {"heads": str(heads)}}
+        return original_create(self, target_model_config, target_parallel_config)
+
+    EngineArgs.create_speculative_config = _mark(create_speculative_config, original_create)
+
+    original_add = EngineArgs.add_cli_args
+
+    def add_cli_args(parser):
+        parser = original_add(parser)
+        group = parser.add_argument_group("Amphista speculative decoding (vllm-amphista)")
+        group.add_argument("--speculative-model", dest="amphista_heads", default=None,
+                           help="Amphista (or Medusa-mode) heads folder to draft with.")
+        group.add_argument("--num-speculative-tokens", dest="amphista_num_tokens", type=int,
+                           default=None, help="Tokens drafted per step (default: the "
+                           "heads' K).")
+        return parser
+
+    EngineArgs.add_cli_args = staticmethod(_mark(add_cli_args, original_add))
+
+    original_from = EngineArgs.from_cli_args.__func__
+
+    def from_cli_args(cls, args):
+        engine_args = original_from(cls, args)
+        heads = getattr(args, "amphista_heads", None)
+        num_tokens = getattr(args, "amphista_num_tokens", None)
+        if heads is None and num_tokens is not None:
+            raise AmphistaSetupError("amphista: --num-speculative-tokens needs "
+                                     "--speculative-model")
+        if heads is not None:
+            if engine_args.speculative_config:
+                raise AmphistaSetupError("amphista: --speculative-model and "
+                                         "--speculative-config are mutually exclusive")
+            engine_args.speculative_config = {"method": "amphista", "model": heads}
+            if num_tokens is not None:
+                engine_args.speculative_config["num_speculative_tokens"] = num_tokens
+        return engine_args
+
+    EngineArgs.from_cli_args = classmethod(_mark(from_cli_args, original_from))
+
+
+# The runner method's parameters as of vLLM 0.32.0; test_vllm_patches checks them.
+PROPOSE_DRAFT_TOKEN_IDS_PARAMS = (
+    "self", "scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states",
+    "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata",
+    "common_attn_metadata", "slot_mappings")
+
+
+def patch_model_runner() -> None:
+    """Give the Amphista proposer the target hidden states, and free finished requests.
+
+    Wraps (vLLM 0.32.0, vllm/v1/worker/gpu_model_runner.py; the CPU runner inherits both):
+    - GPUModelRunner.propose_draft_token_ids: for an AmphistaProposer, builds the step's
+      rows (hidden states, row ranges, start positions, verified-draft counts, token
+      table) and calls propose_from_step; every other drafter goes to vLLM's code;
+    - GPUModelRunner._on_request_state_removed: drops the request's SAL cache when vLLM
+      drops the request (finished or aborted).
+    """
+    import numpy as np
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_amphista.proposer import AmphistaProposer, StepRows
+
+    if _is_patched(GPUModelRunner.propose_draft_token_ids):
+        return
+    original_propose = GPUModelRunner.propose_draft_token_ids
+    if tuple(inspect.signature(original_propose).parameters) != PROPOSE_DRAFT_TOKEN_IDS_PARAMS:
+        raise RuntimeError(
+            "vllm-amphista: GPUModelRunner.propose_draft_token_ids changed signature; "
+            f"this plugin targets vLLM {PINNED_VLLM_VERSION}")
+
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
+                                hidden_states, sample_hidden_states, aux_hidden_states,
+                                spec_decode_metadata, common_attn_metadata, slot_mappings):
+        drafter = getattr(self, "drafter", None)
+        if not isinstance(drafter, AmphistaProposer):
+            return original_propose(
+                self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                common_attn_metadata, slot_mappings)
+        self._draft_probs = None
+        self._draft_prob_req_ids = None
+        batch = self.input_batch
+        num_reqs = batch.num_reqs
+        num_drafts = (np.asarray(spec_decode_metadata.num_draft_tokens)
+                      if spec_decode_metadata is not None else np.zeros(num_reqs, np.int64))
+        return drafter.propose_from_step(StepRows(
+            req_ids=list(batch.req_ids[:num_reqs]),
+            sampled_token_ids=sampled_token_ids,
+            hidden_states=hidden_states,
+            query_start_loc=common_attn_metadata.query_start_loc_cpu[: num_reqs + 1].numpy(),
+            start_positions=batch.num_computed_tokens_cpu[:num_reqs],
+            num_draft_tokens=num_drafts,
+            token_ids=batch.token_ids_cpu,
+        ))
+
+    GPUModelRunner.propose_draft_token_ids = _mark(propose_draft_token_ids, original_propose)
+
+    original_removed = GPUModelRunner._on_request_state_removed
+
+    def _on_request_state_removed(self, req_id, req_state):
+        drafter = getattr(self, "drafter", None)
+        if isinstance(drafter, AmphistaProposer):
+            drafter.release(req_id)
+        original_removed(self, req_id, req_state)
+
+    GPUModelRunner._on_request_state_removed = _mark(_on_request_state_removed,
+                                                     original_removed)

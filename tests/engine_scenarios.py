@@ -1,0 +1,118 @@
+"""Engine scenarios run in a subprocess by the integration tests (see engine_helpers).
+
+`python -m tests.engine_scenarios '<json spec>'` builds one LLM (plain, or with the
+given speculative_config), runs every listed scenario, and prints
+`RESULT <json>` with the generated token ids, spec-decode metrics and the
+proposer's cache state. Tests compare plain and Amphista runs of the same spec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def _greedy(max_tokens: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def _ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def scenario_batch(llm, prompts, max_tokens):
+    """All prompts at once, each with its own length limit (mixed lengths)."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=max_tokens - 7 * (i % 4),
+                             ignore_eos=True) for i in range(len(prompts))]
+    return _ids(llm.generate(prompts, params, use_tqdm=False))
+
+
+def scenario_single(llm, prompts, max_tokens):
+    return _ids(llm.generate(prompts[:1], _greedy(max_tokens), use_tqdm=False))
+
+
+def scenario_abort(llm, prompts, max_tokens):
+    """Start every prompt, abort every other one after a few steps, finish the rest."""
+    engine = llm.llm_engine
+    ids = [f"abort-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(rid, prompt, _greedy(max_tokens))
+    finished: dict[str, list[int]] = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = list(out.outputs[0].token_ids)
+        steps += 1
+        if steps == 3:
+            engine.abort_request(ids[::2])
+    return [finished.get(rid) for rid in ids[1::2]]
+
+
+def _sampled(llm, prompts, max_tokens, seed):
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.8, top_p=0.95, n=2, seed=seed, max_tokens=max_tokens,
+                            ignore_eos=True)
+    outs = llm.generate(prompts[:3], params, use_tqdm=False)
+    return [[len(c.token_ids) for c in o.outputs] for o in outs]
+
+
+def scenario_sampled(llm, prompts, max_tokens):
+    """Temperature > 0 with n > 1: must run and honour the lengths."""
+    return _sampled(llm, prompts, max_tokens, seed=None)
+
+
+def scenario_seeded(llm, prompts, max_tokens):
+    """Per-request seeds. Not combined with chunked prefill: vLLM 0.32 CPU crashes on a
+    seeded request whose prompt is chunked, with or without speculation (README, Limits)."""
+    return _sampled(llm, prompts, max_tokens, seed=1234)
+
+
+SCENARIOS = {"single": scenario_single, "batch": scenario_batch, "abort": scenario_abort,
+             "sampled": scenario_sampled, "seeded": scenario_seeded}
+
+
+def _metrics(llm) -> dict:
+    wanted = {}
+    for metric in llm.get_metrics():
+        if metric.name.startswith(("vllm:spec_decode", "vllm:num_preemptions")):
+            wanted[metric.name] = getattr(metric, "values", None) or getattr(metric, "value", 0)
+    return wanted
+
+
+def _drafter(llm):
+    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    return getattr(runner, "drafter", None)
+
+
+def main(spec: dict) -> dict:
+    from vllm import LLM
+
+    llm = LLM(model=spec["target"], enforce_eager=True, seed=0, dtype=spec.get("dtype", "float32"),
+              max_model_len=spec.get("max_model_len", 2048), disable_log_stats=False,
+              speculative_config=spec.get("speculative_config"), **spec.get("engine", {}))
+    tokenizer = llm.get_tokenizer()
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                             add_generation_prompt=True)
+               for p in spec["prompts"]]
+    results = {name: SCENARIOS[name](llm, prompts, spec["max_tokens"])
+               for name in spec["scenarios"]}
+    # One more (empty) step hands the last finished request ids to the worker.
+    llm.llm_engine.step()
+    drafter = _drafter(llm)
+    return {"outputs": results, "metrics": _metrics(llm),
+            "cache": drafter.cache_stats() if hasattr(drafter, "cache_stats") else None}
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(main(json.loads(sys.argv[1]))), flush=True)
+    sys.exit(0)

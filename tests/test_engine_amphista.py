@@ -1,0 +1,241 @@
+"""Amphista inside vLLM: lossless against plain vLLM, metrics, bad input, the server.
+
+Every engine runs in its own subprocess (tests/engine_scenarios.py). Two kinds of
+untrained heads are used: "random" (every weight random: drafts are rejected) and
+"fresh" (the zero-initialised residual branches: each head repeats the target's next
+token, so repetitive text gets drafts accepted and the multi-token paths run).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import random_draft_model
+from tests.engine_helpers import post_json, run_engine_script, run_scenarios, vllm_server
+from vllm_amphista.config import AmphistaConfig
+from vllm_amphista.model import AmphistaDraftModel
+from vllm_amphista.prompts import first_turns
+from vllm_amphista.target import TargetWeights, export_smollm2
+
+pytestmark = pytest.mark.engine
+
+# Small KV cache (17 blocks of 32 tokens) and a 128-token budget: preemption and chunked
+# prefill both happen with the prompts below.
+CONSTRAINED = {"max_num_batched_tokens": 128, "num_gpu_blocks_override": 17, "block_size": 32}
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> str:
+    return str(export_smollm2())
+
+
+@pytest.fixture(scope="module")
+def smollm2_heads(smollm2, tmp_path_factory) -> dict[str, Path]:
+    target = TargetWeights.from_folder(smollm2)
+    folder = tmp_path_factory.mktemp("smollm2-heads")
+    config = dict(num_attention_heads=9, num_key_value_heads=3, target_name=target.name)
+    random_draft_model(target, **config).save_pretrained(folder / "random")
+    torch.manual_seed(0)
+    fresh = AmphistaDraftModel(AmphistaConfig(
+        hidden_size=target.hidden_size, vocab_size=target.vocab_size,
+        target_fingerprint=target.fingerprint, **config), target)
+    fresh.save_pretrained(folder / "fresh")
+    return {"random": folder / "random", "fresh": folder / "fresh"}
+
+
+def _prompts() -> list[str]:
+    questions = first_turns(limit=7)
+    return [*questions, " ".join(first_turns()[10:16])]  # the last one is ~400 tokens
+
+
+def _amphista(heads: Path, **extra) -> dict:
+    return {"method": "amphista", "model": str(heads), **extra}
+
+
+def test_proposer_sees_every_accepted_position(tiny_target_dir, tmp_path):
+    """The rows and next tokens the proposer consumes are exactly the sequence's positions
+    0..L-2 and tokens 1..L-1, and the hidden rows equal transformers' final hidden states,
+    with chunked prefill (16-token budget) and several requests in the batch."""
+    heads = tmp_path / "heads"
+    random_draft_model(TargetWeights.from_folder(tiny_target_dir)).save_pretrained(heads)
+    result = run_engine_script(f"""
+import json, torch
+from vllm import LLM, SamplingParams
+from transformers import AutoModelForCausalLM
+target = {str(tiny_target_dir)!r}
+llm = LLM(model=target, enforce_eager=True, max_model_len=512, seed=0, dtype="float32",
+          max_num_batched_tokens=16, speculative_config={{"method": "amphista",
+                                                        "model": {str(heads)!r}}})
+drafter = llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+fed, owner = {{}}, {{}}
+extend, cache_for = drafter.model.extend, drafter._cache_for
+def recording_extend(caches, hs, xs):
+    for c, h, x in zip(caches, hs, xs):
+        fed.setdefault(id(c), []).append((h.clone(), x.clone()))
+    return extend(caches, hs, xs)
+def recording_cache_for(req_id, start):
+    cache = cache_for(req_id, start)
+    owner[req_id.split("-")[0]] = cache
+    return cache
+drafter.model.extend, drafter._cache_for = recording_extend, recording_cache_for
+outs = llm.generate(["w1 w2 w3 a b c d e", "c d", "w5 " * 40],
+                    SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+report = []
+for o in outs:
+    seq = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
+    rows = fed[id(owner[o.request_id])]
+    h = torch.cat([r[0] for r in rows]); x = torch.cat([r[1] for r in rows])
+    with torch.no_grad():
+        ref = hf(torch.tensor([seq]), output_hidden_states=True).hidden_states[-1][0]
+    report.append({{"length": len(seq), "fed": len(x), "tokens": x.tolist() == seq[1:],
+                    "max_diff": float((h - ref[:len(x)]).abs().max())}})
+print("RESULT " + json.dumps(report))
+""")
+    for row in result:
+        assert row["fed"] == row["length"] - 1 and row["tokens"], row
+        assert row["max_diff"] < 1e-4, row
+
+
+@pytest.mark.parametrize("heads_kind", ["random", "fresh"])
+def test_lossless_under_chunking_preemption_and_aborts(smollm2, smollm2_heads, heads_kind):
+    spec = {"target": smollm2, "prompts": _prompts(), "max_tokens": 40, "max_model_len": 512,
+            "scenarios": ["single", "batch", "abort", "sampled"], "engine": CONSTRAINED}
+    plain = run_scenarios(spec)
+    amphista = run_scenarios({**spec, "speculative_config": _amphista(smollm2_heads[heads_kind])})
+    for name in ("single", "batch", "abort"):
+        assert amphista["outputs"][name] == plain["outputs"][name], name
+    assert all(ids is not None for ids in amphista["outputs"]["abort"])
+    assert amphista["outputs"]["sampled"] == [[40, 40]] * 3
+    metrics = amphista["metrics"]
+    assert metrics["vllm:num_preemptions"] > 0, "the small KV cache forced no preemption"
+    assert metrics["vllm:spec_decode_num_drafts"] > 0
+    assert metrics["vllm:spec_decode_num_draft_tokens"] == 4 * metrics[
+        "vllm:spec_decode_num_drafts"]
+    per_position = metrics["vllm:spec_decode_num_accepted_tokens_per_pos"]
+    assert len(per_position) == 4
+    assert sum(per_position) == (metrics["vllm:spec_decode_num_accepted_tokens"] or 0)
+    if heads_kind == "fresh":  # repetition in the batch gets some drafts accepted
+        assert per_position[1] > 0
+    assert amphista["cache"] == {"sequences": 0, "bytes": 0}
+
+
+def test_lossless_with_default_engine_settings(smollm2, smollm2_heads):
+    spec = {"target": smollm2, "prompts": _prompts(), "max_tokens": 48,
+            "scenarios": ["single", "batch", "seeded"]}
+    plain = run_scenarios(spec)
+    amphista = run_scenarios({**spec, "speculative_config": _amphista(
+        smollm2_heads["fresh"], num_speculative_tokens=3)})
+    for name in ("single", "batch"):
+        assert amphista["outputs"][name] == plain["outputs"][name], name
+    assert amphista["outputs"]["seeded"] == [[48, 48]] * 3
+    assert len(amphista["metrics"]["vllm:spec_decode_num_accepted_tokens_per_pos"]) == 3
+
+
+def test_bad_heads_fail_at_startup_with_one_line(smollm2, smollm2_heads, tiny_target_dir,
+                                                 tmp_path):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((smollm2_heads["random"] / "config.json").read_text())
+    (corrupt / "model.safetensors").write_bytes(
+        (smollm2_heads["random"] / "model.safetensors").read_bytes()[:5000])
+    other = tmp_path / "other-target"
+    random_draft_model(TargetWeights.from_folder(tiny_target_dir)).save_pretrained(other)
+    cases = {
+        "missing": (tmp_path / "missing", None, "does not exist"),
+        "corrupt": (corrupt, None, "not a readable safetensors"),
+        "other_target": (other, None, "hidden_size=128, target"),
+        "too_many_tokens": (smollm2_heads["random"], 5, "num_speculative_tokens=5"),
+    }
+    vllm = str(Path(sys.executable).parent / "vllm")
+    for name, (heads, num_tokens, message) in cases.items():
+        cmd = [vllm, "serve", smollm2, "--enforce-eager", "--speculative-model", str(heads)]
+        if num_tokens:
+            cmd += ["--num-speculative-tokens", str(num_tokens)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={"VLLM_CPU_KVCACHE_SPACE": "1", "PATH": "/usr/bin:/bin"})
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        assert last.startswith("error: amphista:") and message in last, (name, last)
+
+
+def test_server_speculative_model_flag_load_and_metrics(smollm2, smollm2_heads):
+    """`vllm serve --speculative-model`: the same greedy answers as the plain engine, 64
+    concurrent requests with some aborted by their clients, spec-decode metrics on
+    /metrics, and the draft caches emptied once traffic stops."""
+    questions = first_turns()
+    lengths = [8 + (i * 5) % 40 for i in range(64)]
+    plain = run_scenarios({"target": smollm2, "prompts": questions[:4], "max_tokens": 32,
+                           "scenarios": ["batch"]})["outputs"]["batch"]
+    with vllm_server([smollm2, "--enforce-eager", "--max-model-len", "2048", "--dtype",
+                      "float32", "--speculative-model", str(smollm2_heads["fresh"])],
+                     timeout=300) as (base, log):
+        def chat(i: int, max_tokens: int, timeout: float) -> dict:
+            return post_json(f"{base}/v1/chat/completions", {
+                "model": smollm2, "temperature": 0, "max_tokens": max_tokens,
+                "ignore_eos": True, "return_token_ids": True,
+                "messages": [{"role": "user", "content": questions[i % len(questions)]}]},
+                timeout=timeout)
+
+        # Sequential greedy answers match the plain engine's batch (same per-index limits).
+        for i in range(4):
+            reply = chat(i, 32 - 7 * (i % 4), timeout=120)
+            assert reply["choices"][0]["token_ids"] == plain[i], i
+
+        results: dict[int, object] = {}
+
+        def worker(i: int) -> None:
+            aborted = i % 8 == 0  # the client gives up early: the server aborts it
+            try:
+                results[i] = chat(i, 200 if aborted else lengths[i], 0.5 if aborted else 300)
+            except (TimeoutError, urllib.error.URLError) as e:
+                results[i] = e
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(64):
+            if i % 8:
+                assert isinstance(results[i], dict), (i, results[i])
+                assert results[i]["usage"]["completion_tokens"] == lengths[i]
+        with urllib_open(f"{base}/metrics") as response:
+            metrics = response.read().decode()
+        for name in ("vllm:spec_decode_num_drafts_total",
+                     "vllm:spec_decode_num_draft_tokens_total",
+                     "vllm:spec_decode_num_accepted_tokens_total",
+                     "vllm:spec_decode_num_accepted_tokens_per_pos_total"):
+            assert name in metrics, name
+        chat(0, 4, timeout=60)  # one more step delivers the last finished ids to the worker
+        text = log.read_text()
+    assert "amphista: draft caches empty" in text.split("GET /metrics")[-1]
+
+
+def urllib_open(url: str):
+    import urllib.request
+
+    return urllib.request.urlopen(url, timeout=30)
+
+
+def test_engine_answers_json_for_bad_requests(smollm2, smollm2_heads):
+    """A malformed request gets a 400 and the engine keeps serving."""
+    with vllm_server([smollm2, "--enforce-eager", "--max-model-len", "1024",
+                      "--speculative-model", str(smollm2_heads["random"])]) as (base, _):
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            post_json(f"{base}/v1/chat/completions", {"model": smollm2, "max_tokens": -3,
+                                                      "messages": "not a list"})
+        assert bad.value.code == 400
+        reply = post_json(f"{base}/v1/chat/completions", {
+            "model": smollm2, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "Hello"}]})
+        assert reply["usage"]["completion_tokens"] >= 1
+        assert json.dumps(reply)

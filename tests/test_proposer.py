@@ -1,0 +1,116 @@
+"""AmphistaProposer's bookkeeping, driven by synthetic engine steps (no engine)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import random_draft_model
+from vllm_amphista.proposer import (
+    AmphistaProposer,
+    AmphistaSetupError,
+    StepRows,
+    resolve_speculative_config,
+)
+
+
+@pytest.fixture()
+def heads_dir(tiny_target, tmp_path):
+    folder = tmp_path / "heads"
+    random_draft_model(tiny_target).save_pretrained(folder)
+    return folder
+
+
+def _proposer(heads_dir, target_dir, num_tokens=3) -> AmphistaProposer:
+    config = SimpleNamespace(
+        speculative_config=SimpleNamespace(num_speculative_tokens=num_tokens),
+        additional_config={"amphista": {"heads": str(heads_dir)}},
+        model_config=SimpleNamespace(model=str(target_dir), dtype=torch.float32),
+        device_config=SimpleNamespace(device="cpu"),
+        parallel_config=SimpleNamespace(tensor_parallel_size=2),  # read target files
+    )
+    proposer = AmphistaProposer(config)
+    proposer.load_model(torch.nn.Module())
+    return proposer
+
+
+def test_steps_feed_exactly_the_accepted_positions(heads_dir, tiny_target, tiny_target_dir):
+    """Prefill in two chunks, then a decode step where 2 of 3 drafts were accepted:
+    the proposer consumes positions 0..L-2 with their next tokens, and its draft is the
+    model's own prediction at the last position."""
+    proposer = _proposer(heads_dir, tiny_target_dir)
+    d = tiny_target.hidden_size
+    g = torch.Generator().manual_seed(0)
+    sequence = torch.randint(0, tiny_target.vocab_size, (20,), generator=g)
+    hidden = torch.randn(20, d, generator=g)  # stands in for the target's rows per position
+    table = np.zeros((1, 64), np.int32)
+
+    def step(start, rows, sampled, num_drafts, known):
+        table[0, :known] = sequence[:known].numpy()
+        return proposer.propose_from_step(StepRows(
+            req_ids=["r"], sampled_token_ids=[sampled],
+            hidden_states=hidden[start: start + rows],
+            query_start_loc=np.array([0, rows]), start_positions=np.array([start]),
+            num_draft_tokens=np.array([num_drafts]), token_ids=table))
+
+    # Prompt = 10 tokens: chunk of 6 (no sample), then 4 more and the first sample (pos 10).
+    assert step(0, 6, [], 0, known=10) == [[]]
+    assert proposer.caches["r"].length == 6
+    assert len(step(6, 4, [int(sequence[10])], 0, known=11)[0]) == 3
+    # Decode: input = [x10, d1, d2, d3]; d1, d2 accepted + bonus -> 3 sampled, positions 10..12.
+    draft = step(10, 4, sequence[11:14].tolist(), 3, known=14)
+    assert proposer.caches["r"].length == 13
+    want = proposer.model(hidden[None, :13], sequence[None, 1:14])[0, -1].argmax(-1)[:3]
+    assert draft == [want.tolist()]
+
+    # Recompute after preemption restarts the cache at position 0.
+    step(0, 8, [], 0, known=14)
+    assert proposer.caches["r"].length == 8
+    proposer.release("r")
+    assert proposer.cache_stats() == {"sequences": 0, "bytes": 0}
+
+
+def test_too_many_speculative_tokens(heads_dir, tiny_target_dir):
+    with pytest.raises(ValueError, match="num_speculative_tokens=5 exceeds the 4 heads"):
+        _proposer(heads_dir, tiny_target_dir, num_tokens=5)
+
+
+def test_direct_propose_call_explains_missing_patch(heads_dir, tiny_target_dir):
+    with pytest.raises(RuntimeError, match="runner patch"):
+        _proposer(heads_dir, tiny_target_dir).propose([[1]], None, None)
+
+
+def test_resolve_translates_to_custom_class(heads_dir, tiny_target, tiny_target_dir):
+    spec, heads = resolve_speculative_config(
+        {"method": "amphista", "model": str(heads_dir), "num_speculative_tokens": 2},
+        str(tiny_target_dir), tiny_target.hidden_size, tiny_target.vocab_size)
+    assert spec == {"method": "custom_class", "num_speculative_tokens": 2,
+                    "model": "vllm_amphista.proposer.AmphistaProposer"}
+    assert heads == heads_dir.resolve()
+    spec, _ = resolve_speculative_config({"method": "amphista", "model": str(heads_dir)},
+                                         str(tiny_target_dir), tiny_target.hidden_size,
+                                         tiny_target.vocab_size)
+    assert spec["num_speculative_tokens"] == 4  # default: the heads' K
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"method": "amphista"}, "needs 'model'"),
+    ({"method": "amphista", "model": "/nonexistent/heads"}, "does not exist"),
+    ({"method": "amphista", "num_speculative_tokens": 9}, r"num_speculative_tokens=9 .* 4 heads"),
+    ({"method": "amphista", "num_speculative_tokens": 0}, "allowed 1..4"),
+])
+def test_resolve_rejects_bad_requests(heads_dir, tiny_target, tiny_target_dir, spec, message):
+    if "model" not in spec and message != "needs 'model'":
+        spec = {**spec, "model": str(heads_dir)}
+    with pytest.raises(AmphistaSetupError, match=message):
+        resolve_speculative_config(spec, str(tiny_target_dir), tiny_target.hidden_size,
+                                   tiny_target.vocab_size)
+
+
+def test_resolve_rejects_heads_for_another_target(heads_dir, tiny_target, tiny_target_dir):
+    with pytest.raises(AmphistaSetupError, match=r"vocab_size=512; target .* vocab_size=1000"):
+        resolve_speculative_config({"method": "amphista", "model": str(heads_dir)},
+                                   "/not/a/local/dir", tiny_target.hidden_size, 1000)

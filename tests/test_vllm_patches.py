@@ -1,0 +1,68 @@
+"""Fails loudly when the installed vLLM no longer has the shape our patches expect."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+
+import vllm
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.gpu_input_batch import InputBatch
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from vllm_amphista import vllm_patches
+
+
+def test_pinned_vllm_version():
+    assert vllm.__version__.split("+")[0] == vllm_patches.PINNED_VLLM_VERSION
+
+
+def test_runner_shapes_the_patch_relies_on():
+    params = tuple(inspect.signature(GPUModelRunner.propose_draft_token_ids).parameters)
+    if hasattr(GPUModelRunner.propose_draft_token_ids, "_amphista_original"):
+        params = tuple(inspect.signature(
+            GPUModelRunner.propose_draft_token_ids._amphista_original).parameters)
+    assert params == vllm_patches.PROPOSE_DRAFT_TOKEN_IDS_PARAMS
+    assert tuple(inspect.signature(GPUModelRunner._on_request_state_removed).parameters) == (
+        "self", "req_id", "req_state")
+    # The CPU runner must inherit both methods, not override them.
+    for name in ("propose_draft_token_ids", "_on_request_state_removed"):
+        assert name not in CPUModelRunner.__dict__
+    source = inspect.getsource(GPUModelRunner)
+    assert 'self.speculative_config.method == "custom_class"' in source
+    assert "self._on_request_state_removed(req_id, req_state)" in source
+    batch_source = inspect.getsource(InputBatch.__init__)
+    for attribute in ("self.num_computed_tokens_cpu", "self.token_ids_cpu", "self._req_ids"):
+        assert attribute in batch_source
+    assert "query_start_loc_cpu" in CommonAttentionMetadata.__dataclass_fields__
+
+
+def test_engine_args_shapes_the_patch_relies_on():
+    assert tuple(inspect.signature(EngineArgs.create_speculative_config).parameters) == (
+        "self", "target_model_config", "target_parallel_config")
+    assert isinstance(inspect.getattr_static(EngineArgs, "from_cli_args"), classmethod)
+    assert isinstance(inspect.getattr_static(EngineArgs, "add_cli_args"), staticmethod)
+    assert "from_cli_args" not in AsyncEngineArgs.__dict__
+    assert "additional_config" in EngineArgs.__dataclass_fields__
+
+
+def test_patches_are_idempotent_and_add_the_flags():
+    vllm_patches.patch_engine_args()
+    first = EngineArgs.create_speculative_config
+    vllm_patches.patch_engine_args()
+    vllm_patches.patch_model_runner()
+    vllm_patches.patch_model_runner()
+    assert EngineArgs.create_speculative_config is first
+    assert not hasattr(GPUModelRunner.propose_draft_token_ids._amphista_original,
+                       "_amphista_original")
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", "m", "--speculative-model", "/h",
+                              "--num-speculative-tokens", "3"])
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    assert engine_args.speculative_config == {"method": "amphista", "model": "/h",
+                                              "num_speculative_tokens": 3}
+    assert isinstance(args, argparse.Namespace)

@@ -1,0 +1,203 @@
+"""AmphistaProposer: drafts K tokens per request inside vLLM's model runner.
+
+vLLM 0.32 builds it through the `custom_class` hook (DESIGN.md §4). That hook
+passes no hidden states, so vllm_patches.py routes the runner's
+`propose_draft_token_ids` to `propose_from_step`, which gets, for each
+request, the target's hidden-state rows of this step and where they sit.
+
+Per request the proposer keeps a SAL cache of every accepted position. A step's
+rows for request i start at absolute position s_i (its computed tokens before
+the step). The rows whose KV the target kept are the prefill chunk, or in a
+decode step the last sampled token plus the accepted drafts: exactly
+`len(sampled_i)` rows then. Row t pairs with the next token x_{t+1}, read from
+the runner's token table, which already holds this step's accepted tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vllm_amphista.checkpoint import load_checkpoint
+from vllm_amphista.model import AmphistaDraftModel, SALCache
+from vllm_amphista.target import TargetWeights
+
+# A child of vLLM's logger, so our lines appear with vLLM's own, formatted alike.
+logger = logging.getLogger("vllm.amphista")
+
+ADDITIONAL_CONFIG_KEY = "amphista"  # vllm_config.additional_config[...] = {"heads": dir}
+
+
+@dataclass
+class StepRows:
+    """What one engine step computed, in the runner's request order."""
+
+    req_ids: list[str]
+    sampled_token_ids: list[list[int]]  # accepted tokens (+ bonus); [] for a partial prefill
+    hidden_states: torch.Tensor  # [num_tokens, d], final-normed target output
+    query_start_loc: np.ndarray  # [num_reqs + 1] row ranges in hidden_states
+    start_positions: np.ndarray  # [num_reqs] absolute position of each request's first row
+    num_draft_tokens: np.ndarray  # [num_reqs] drafts that were verified this step
+    token_ids: np.ndarray  # [max_reqs, max_len] every known token of each request
+
+
+class AmphistaProposer:
+    def __init__(self, vllm_config) -> None:
+        from vllm_amphista.vllm_patches import patch_model_runner
+
+        patch_model_runner()  # routes the runner's hidden states to propose_from_step
+        spec = vllm_config.speculative_config
+        settings = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        if not settings or "heads" not in settings:
+            raise ValueError(
+                "AmphistaProposer needs speculative_config method 'amphista' with the "
+                "heads folder as 'model'")
+        self.heads_dir = Path(settings["heads"])
+        self.target_dir = Path(vllm_config.model_config.model)
+        self.num_speculative_tokens = spec.num_speculative_tokens
+        self.device = torch.device(vllm_config.device_config.device)
+        self.dtype = vllm_config.model_config.dtype
+        self.tensor_parallel_size = vllm_config.parallel_config.tensor_parallel_size
+        self.model: AmphistaDraftModel = load_checkpoint(self.heads_dir, dtype=self.dtype)
+        self.model.to(self.device)
+        if self.num_speculative_tokens > self.model.config.num_heads:
+            raise ValueError(
+                f"num_speculative_tokens={self.num_speculative_tokens} exceeds the "
+                f"{self.model.config.num_heads} heads in {self.heads_dir}")
+        self.caches: dict[str, SALCache] = {}
+        # (start position the next rows must have) per request, to detect recompute.
+        self._next_position: dict[str, int] = {}
+
+    # -- vLLM's custom_class interface ---------------------------------------------------
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        """Attach the target's frozen embedding and lm_head (called by the runner)."""
+        target = None
+        if self.tensor_parallel_size == 1:
+            target = self._weights_from_vllm_model(target_model)
+        if target is None:  # vocab-sharded weights or an unknown layout: read the files
+            target = TargetWeights.from_folder(self.target_dir)
+        if self.model.config.target_fingerprint and (
+                target.fingerprint != self.model.config.target_fingerprint):
+            raise ValueError(
+                f"amphista: heads {self.heads_dir} were trained for target "
+                f"{self.model.config.target_name!r}, not for {target.name!r}")
+        self.model.attach_target(target)
+        self.model.to(self.device)
+
+    def _weights_from_vllm_model(self, target_model: torch.nn.Module) -> TargetWeights | None:
+        vocab = self.model.config.vocab_size
+        embed = getattr(getattr(target_model, "model", None), "embed_tokens", None)
+        head = getattr(target_model, "lm_head", None)
+        if embed is None or head is None or embed.weight.shape[0] < vocab:
+            return None
+        return TargetWeights(name=self.target_dir.name, hidden_size=embed.weight.shape[1],
+                             vocab_size=vocab, embed_tokens=embed.weight[:vocab],
+                             lm_head=head.weight[:vocab])
+
+    def propose(self, *args, **kwargs):
+        raise RuntimeError(
+            "AmphistaProposer.propose was called directly: the runner patch in "
+            "vllm_amphista.vllm_patches is not installed (is the plugin loaded?)")
+
+    # -- the real entry point ------------------------------------------------------------
+    def propose_from_step(self, step: StepRows) -> list[list[int]]:
+        caches, hiddens, next_tokens, drafting = [], [], [], []
+        for i, req_id in enumerate(step.req_ids):
+            rows = self._accepted_rows(step, i)
+            if rows == 0:
+                continue
+            start = int(step.start_positions[i])
+            cache = self._cache_for(req_id, start)
+            first = int(step.query_start_loc[i])
+            caches.append(cache)
+            hiddens.append(step.hidden_states[first: first + rows])
+            next_tokens.append(torch.from_numpy(
+                step.token_ids[i, start + 1: start + rows + 1].astype(np.int64)))
+            drafting.append(i)
+            self._next_position[req_id] = start + rows
+        drafts: list[list[int]] = [[] for _ in step.req_ids]
+        if not caches:
+            return drafts
+        next_tokens = [t.to(self.device) for t in next_tokens]
+        proposal = self.model.propose(caches, hiddens, next_tokens)
+        tokens = proposal.tokens[:, : self.num_speculative_tokens].tolist()
+        for row, i in enumerate(drafting):
+            if step.sampled_token_ids[i]:  # a partial prefill gets no draft
+                drafts[i] = tokens[row]
+        return drafts
+
+    @staticmethod
+    def _accepted_rows(step: StepRows, i: int) -> int:
+        scheduled = int(step.query_start_loc[i + 1] - step.query_start_loc[i])
+        sampled = len(step.sampled_token_ids[i])
+        if sampled == 0:  # partial prefill: every row is a prompt token
+            return scheduled - int(step.num_draft_tokens[i])
+        return scheduled - int(step.num_draft_tokens[i]) + sampled - 1
+
+    def _cache_for(self, req_id: str, start: int) -> SALCache:
+        cache = self.caches.get(req_id)
+        if cache is None:
+            cache = self.caches[req_id] = SALCache()
+        elif self._next_position.get(req_id) != start:
+            # Preempted and recomputed (start 0) or a gap: what the cache holds no longer
+            # precedes these rows. RoPE attention is shift-invariant, so starting afresh at
+            # any position is sound.
+            cache.reset()
+        return cache
+
+    def release(self, req_id: str) -> None:
+        """Forget a finished or aborted request."""
+        if self.caches.pop(req_id, None) is not None and not self.caches:
+            logger.info("amphista: draft caches empty (all requests released)")
+        self._next_position.pop(req_id, None)
+
+    def cache_stats(self) -> dict[str, int]:
+        return {"sequences": len(self.caches),
+                "bytes": sum(c.nbytes() for c in self.caches.values())}
+
+
+class AmphistaSetupError(ValueError):
+    """A speculative_config for Amphista that cannot start; one line naming the problem."""
+
+
+PROPOSER_CLASS_PATH = f"{__name__}.AmphistaProposer"
+
+
+def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: int,
+                               target_vocab_size: int) -> tuple[dict, Path]:
+    """Validate {"method": "amphista", "model": <heads>, ...} against the target and turn
+    it into vLLM's custom_class form. Returns (vLLM speculative_config dict, heads folder)."""
+    from vllm_amphista.checkpoint import CheckpointError
+
+    heads = spec.get("model")
+    if not heads:
+        raise AmphistaSetupError("amphista: speculative_config needs 'model': the heads folder")
+    heads = Path(heads).expanduser()
+    target = None
+    if Path(target_dir).is_dir():
+        target = TargetWeights.from_folder(target_dir)
+    try:
+        model = load_checkpoint(heads, target=target)
+    except CheckpointError as e:
+        raise AmphistaSetupError(f"amphista: {e}") from e
+    cfg = model.config
+    if (cfg.hidden_size, cfg.vocab_size) != (target_hidden_size, target_vocab_size):
+        raise AmphistaSetupError(
+            f"amphista: heads {heads} have hidden_size={cfg.hidden_size}, "
+            f"vocab_size={cfg.vocab_size}; target {target_dir} has "
+            f"hidden_size={target_hidden_size}, vocab_size={target_vocab_size}")
+    k = spec.get("num_speculative_tokens")
+    if k is None:
+        k = cfg.num_heads
+    if not 1 <= int(k) <= cfg.num_heads:
+        raise AmphistaSetupError(
+            f"amphista: num_speculative_tokens={k} but {heads} has {cfg.num_heads} heads "
+            f"(allowed 1..{cfg.num_heads})")
+    translated = {key: value for key, value in spec.items() if key not in ("method", "model")}
+    translated.update(method="custom_class", model=PROPOSER_CLASS_PATH,
+                      num_speculative_tokens=int(k))
+    return translated, heads.resolve()
