@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+
+# Triton kernels run on CPU through Triton's interpreter in tests. It must be on before
+# anything imports triton (triton.language's own helpers are built at import time).
+# Engine subprocesses drop it again (tests/engine_helpers.py).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest

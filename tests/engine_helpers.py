@@ -24,6 +24,13 @@ ENGINE_ENV = {
 }
 
 
+def engine_env(**extra: str) -> dict[str, str]:
+    """The test process's environment for an engine, without the Triton interpreter
+    that tests/conftest.py turns on for the kernel tests."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {**env, **extra}
+
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -39,7 +46,7 @@ def run_scenarios(spec: dict, timeout: float = 900) -> dict:
 
 
 def _run_for_result(cmd: list[str], timeout: float) -> dict:
-    env = {**os.environ, **ENGINE_ENV}
+    env = engine_env(**ENGINE_ENV)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
                           cwd=REPO_ROOT)
     for line in reversed(proc.stdout.splitlines()):
@@ -59,7 +66,7 @@ def vllm_server(args: list[str], timeout: float = 240):
     """`vllm serve ...` on a free loopback port; yields (base_url, log_path)."""
     port = free_port()
     log = Path(f"/tmp/vllm-amphista-server-{port}.log")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = engine_env(VLLM_CPU_KVCACHE_SPACE="1")
     cmd = [str(Path(sys.executable).parent / "vllm"), "serve", *args,
            "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "w") as out:

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 from pathlib import Path
 
@@ -19,7 +20,13 @@ import pytest
 import torch
 
 from tests.conftest import random_draft_model
-from tests.engine_helpers import post_json, run_engine_script, run_scenarios, vllm_server
+from tests.engine_helpers import (
+    engine_env,
+    post_json,
+    run_engine_script,
+    run_scenarios,
+    vllm_server,
+)
 from vllm_amphista.config import AmphistaConfig
 from vllm_amphista.model import AmphistaDraftModel
 from vllm_amphista.prompts import first_turns
@@ -215,9 +222,13 @@ def test_server_speculative_model_flag_load_and_metrics(smollm2, smollm2_heads):
                      "vllm:spec_decode_num_accepted_tokens_total",
                      "vllm:spec_decode_num_accepted_tokens_per_pos_total"):
             assert name in metrics, name
-        chat(0, 4, timeout=60)  # one more step delivers the last finished ids to the worker
-        text = log.read_text()
-    assert "amphista: draft caches empty" in text.split("GET /metrics")[-1]
+        chat(0, 4, timeout=60)
+        # The engine's next (empty) step hands the finished ids to the worker, which
+        # then logs that every draft cache is released.
+        deadline = time.monotonic() + 20
+        while "amphista: draft caches empty" not in log.read_text().split("GET /metrics")[-1]:
+            assert time.monotonic() < deadline, "draft caches not released after traffic"
+            time.sleep(0.5)
 
 
 def urllib_open(url: str):
@@ -239,3 +250,33 @@ def test_engine_answers_json_for_bad_requests(smollm2, smollm2_heads):
             "messages": [{"role": "user", "content": "Hello"}]})
         assert reply["usage"]["completion_tokens"] >= 1
         assert json.dumps(reply)
+
+
+def test_tensor_parallel_two_workers_is_lossless(tiny_target_dir, tmp_path):
+    """TP=2 on the CPU engine (one core per worker): same greedy tokens as TP=1 plain.
+    The tiny target has 2 attention heads (SmolLM2's 9 do not split in 2)."""
+    heads = tmp_path / "heads"
+    random_draft_model(TargetWeights.from_folder(tiny_target_dir)).save_pretrained(heads)
+    code = f"""
+import json, os
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    spec = {{"method": "amphista", "model": {str(heads)!r}}} if os.environ["TP"] == "2" else None
+    llm = LLM(model={str(tiny_target_dir)!r}, tensor_parallel_size=int(os.environ["TP"]),
+              enforce_eager=True, max_model_len=512, dtype="float32", speculative_config=spec)
+    outs = llm.generate(["w1 w2 w3 a b", "c d e"], SamplingParams(temperature=0, max_tokens=20,
+                                                                 ignore_eos=True))
+    print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+    script = tmp_path / "tp.py"
+    script.write_text(code)
+    results = {}
+    for tp in ("1", "2"):
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              timeout=600, env=engine_env(
+                                  TP=tp, VLLM_CPU_KVCACHE_SPACE="1",
+                                  VLLM_CPU_OMP_THREADS_BIND="0|1" if tp == "2" else "auto"))
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        assert lines, proc.stderr[-3000:]
+        results[tp] = json.loads(lines[-1][len("RESULT "):])
+    assert results["2"] == results["1"]

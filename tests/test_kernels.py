@@ -1,0 +1,112 @@
+"""Triton kernels against their PyTorch references, on CPU under TRITON_INTERPRET=1
+(set by tests/conftest.py before anything imports triton)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from vllm_amphista.kernels.head_attention import head_attention_reference
+from vllm_amphista.kernels.tree import build_tree, chain_tree, tree_attention_reference
+
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3),
+             torch.bfloat16: (2e-2, 2e-2)}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets it on CPU"
+    from vllm_amphista.kernels.triton_head_attention import triton_head_attention
+    from vllm_amphista.kernels.triton_tree_attention import triton_tree_attention
+
+    return triton_head_attention, triton_tree_attention
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, heads, k, head_dim", [
+    (1, 1, 1, 16), (3, 4, 4, 64), (37, 3, 5, 24), (200, 8, 7, 72), (5, 2, 16, 128),
+    (9, 9, 3, 64), (2, 1, 13, 256),
+])
+def test_head_attention_matches_reference(kernels, dtype, n, heads, k, head_dim):
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    q, key, v = (torch.randn(n, heads, k, head_dim, generator=g).to(dtype) for _ in range(3))
+    got = kernels[0](q, key, v)
+    assert got.dtype == dtype and got.shape == q.shape
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, head_attention_reference(q, key, v), rtol=rtol, atol=atol)
+
+
+def test_head_attention_accepts_strided_inputs(kernels):
+    """The AEB passes q, k, v as views of one packed projection."""
+    qkv = torch.randn(6, 5, 3, 4, 32).permute(2, 0, 3, 1, 4)  # [3, N, H, K, hd] view
+    q, key, v = qkv.unbind(0)
+    torch.testing.assert_close(kernels[0](q, key, v), head_attention_reference(q, key, v),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_head_attention_rejects_oversized_inputs(kernels):
+    with pytest.raises(ValueError, match="K=17"):
+        kernels[0](*(torch.zeros(1, 1, 17, 16) for _ in range(3)))
+
+
+MEDUSA_LIKE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0),
+               (2, 0), (0, 0, 0, 0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("paths, prefix, q_heads, kv_heads, head_dim", [
+    (MEDUSA_LIKE, 0, 4, 4, 64),
+    (MEDUSA_LIKE, 7, 6, 2, 40),
+    (MEDUSA_LIKE, 130, 9, 3, 64),
+    (chain_tree(4), 65, 2, 1, 24),
+    ([(i,) for i in range(10)] + [(i, j) for i in range(5) for j in range(4)], 33, 8, 2, 48),
+])
+def test_tree_attention_matches_reference(kernels, dtype, paths, prefix, q_heads, kv_heads,
+                                          head_dim):
+    tree = build_tree(paths, top_k=10)
+    g = torch.Generator().manual_seed(prefix + len(paths))
+    t = tree.num_nodes
+    q = torch.randn(2, q_heads, t, head_dim, generator=g).to(dtype)
+    kp, vp = (torch.randn(2, kv_heads, prefix, head_dim, generator=g).to(dtype) for _ in "kv")
+    kt, vt = (torch.randn(2, kv_heads, t, head_dim, generator=g).to(dtype) for _ in "kv")
+    got = kernels[1](q, kp, vp, kt, vt, tree.mask)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, tree_attention_reference(q, kp, vp, kt, vt, tree.mask),
+                               rtol=rtol, atol=atol)
+
+
+def test_tree_attention_sees_only_ancestors():
+    """Changing a node's key/value changes its descendants' outputs only."""
+    tree = build_tree(MEDUSA_LIKE, top_k=3)
+    t = tree.num_nodes
+    q, kt, vt = (torch.randn(1, 2, t, 16) for _ in range(3))
+    kp, vp = (torch.randn(1, 2, 5, 16) for _ in range(2))
+    base = tree_attention_reference(q, kp, vp, kt, vt, tree.mask)
+    changed_node = tree.paths.index((0, 0)) + 1
+    vt2 = vt.clone()
+    vt2[:, :, changed_node] += 10
+    moved = (tree_attention_reference(q, kp, vp, kt, vt2, tree.mask) - base).abs().amax((0, 1, 3))
+    descendants = {i + 1 for i, p in enumerate(tree.paths) if p[:2] == (0, 0)}
+    assert {i for i in range(t) if moved[i] > 1e-6} == descendants
+
+
+def test_build_tree_buffers():
+    tree = build_tree([(0,), (1,), (0, 0), (0, 1), (0, 0, 0)], top_k=2)
+    assert tree.paths == [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 3]
+    assert tree.candidate_index.tolist() == [0, 1, 2, 3, 4, 5]
+    assert tree.retrieve.tolist() == [[0, 2, -1, -1], [0, 1, 4, -1], [0, 1, 3, 5]]
+    assert tree.mask[5].tolist() == [True, True, False, True, False, True]
+    assert chain_tree(3) == [(0,), (0, 0), (0, 0, 0)]
+
+
+@pytest.mark.parametrize("paths, message", [
+    ([(0,), (0,)], "unique"),
+    ([(0, 0)], "no parent"),
+    ([(3,)], "candidates in 0..2"),
+])
+def test_build_tree_rejects_bad_paths(paths, message):
+    with pytest.raises(ValueError, match=message):
+        build_tree(paths, top_k=3)
