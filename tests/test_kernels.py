@@ -110,3 +110,16 @@ def test_build_tree_buffers():
 def test_build_tree_rejects_bad_paths(paths, message):
     with pytest.raises(ValueError, match=message):
         build_tree(paths, top_k=3)
+
+
+def test_gpu_benchmark_script_smoke(tmp_path):
+    """benchmarks/bench_kernels.py checks and times on CUDA; --smoke runs it here."""
+    import json
+
+    from benchmarks.bench_kernels import main
+
+    out = tmp_path / "kernels.json"
+    assert main(["--smoke", "--repeats", "1", "--dtype", "float32", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {r["kernel"] for r in report["rows"]} == {"head_attention", "tree_attention"}
+    assert all(r["ok"] for r in report["rows"])

@@ -51,6 +51,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from vllm_amphista.distill_data import read_prompt_file, sharegpt_prompts
+    from vllm_amphista.training import TrainingInputError, TrainSettings, train_heads
+
+    try:
+        prompts = (read_prompt_file(args.data) if args.data
+                   else sharegpt_prompts(args.num_prompts, seed=args.seed))
+        settings = TrainSettings(epochs=args.epochs, learning_rate=args.lr, seed=args.seed,
+                                 batch_conversations=args.batch)
+        metrics = train_heads(Path(args.target), Path(args.out), prompts=prompts[
+            : args.num_prompts], medusa=args.medusa, max_tokens=args.max_tokens,
+            draft_vocab=args.draft_vocab, settings=settings)
+    except (TrainingInputError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    final = metrics["history"][-1]["eval"]
+    print("held-out top-1 per head: " + " ".join(f"{a:.3f}" for a in final["top1"]))
+    print(f"heads written to {args.out} ({metrics['total_seconds']:.0f}s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-amphista", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="folder (default ~/.cache/vllm-amphista/models/...)")
     export.add_argument("--force", action="store_true", help="rebuild even if present")
     export.set_defaults(func=_export_target)
+
+    train = sub.add_parser("train", help="train Amphista (or --medusa) heads for a target")
+    train.add_argument("--target", required=True, help="target model folder (HF format)")
+    train.add_argument("--out", required=True, help="new folder for the heads")
+    train.add_argument("--data", help="JSONL prompts (default: ShareGPT from PyPI)")
+    train.add_argument("--medusa", action="store_true", help="train the Medusa-1 baseline")
+    train.add_argument("--num-prompts", type=int, default=1200)
+    train.add_argument("--max-tokens", type=int, default=256, help="answer length")
+    train.add_argument("--epochs", type=int, default=2)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--batch", type=int, default=8, help="conversations per step")
+    train.add_argument("--draft-vocab", type=int, default=8192, help="0 = full vocabulary")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=_train)
+
+    from benchmarks import eval_tree
+
+    tree = sub.add_parser("eval-tree", help="chain vs tree speculation, reference decoder")
+    eval_tree.add_arguments(tree)
+    tree.set_defaults(func=eval_tree.main)
 
     demo = sub.add_parser("demo", help="answer MT-Bench questions with the embedded default")
     demo.add_argument("--prompts", help="FastChat question.jsonl (default: MT-Bench)")

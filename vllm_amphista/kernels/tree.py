@@ -24,6 +24,7 @@ class TreeBuffers:
     depths: torch.Tensor  # [T] long: position offset of each node (root 0)
     candidate_index: torch.Tensor  # [T] long: index into [root, head1 top-k.., head2 top-k..]
     retrieve: torch.Tensor  # [leaves, max_depth + 1] long: node ids along each leaf path, -1 pad
+    top_k: int  # candidates per head the candidate index assumes
 
     @property
     def num_nodes(self) -> int:
@@ -58,7 +59,7 @@ def build_tree(paths: Sequence[Sequence[int]], top_k: int) -> TreeBuffers:
     for row, leaf in enumerate(leaves):
         for d in range(len(leaf) + 1):
             retrieve[row, d] = index[leaf[:d]]
-    return TreeBuffers(ordered, mask, depths, candidate, retrieve)
+    return TreeBuffers(ordered, mask, depths, candidate, retrieve, top_k)
 
 
 def chain_tree(depth: int) -> list[Path]:

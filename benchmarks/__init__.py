@@ -1,0 +1,1 @@
+"""Benchmark scripts: each writes JSON and prints a table."""

