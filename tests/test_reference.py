@@ -77,3 +77,29 @@ def test_smollm2_mt_bench_chain_and_tree_equal_plain(kind):
             == plain.tokens
         assert decoder.speculative(prompt, 40, tree, tokenizer.eos_token_id).tokens \
             == plain.tokens
+
+
+def test_eval_tree_command(tiny_target_dir, tiny_target, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    heads = tmp_path / "heads"
+    random_draft_model(tiny_target).save_pretrained(heads)
+    prompts = tmp_path / "questions.jsonl"
+    prompts.write_text("".join(json.dumps({"question_id": i, "turns": [f"w{i} w{i + 1} a b"]})
+                               + "\n" for i in range(3)))
+    out = tmp_path / "eval.json"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "vllm-amphista"), "eval-tree", "--target",
+         str(tiny_target_dir), "--heads", str(heads), "--prompts", str(prompts),
+         "--num-prompts", "2", "--max-tokens", "10", "--tree-sizes", "6", "12", "--top-k", "3",
+         "--calibration-prompts", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["mode"] for r in report["rows"]] == ["plain", "chain", "tree-6", "tree-12"]
+    assert all(r["lossless"] for r in report["rows"])
+    assert "| heads | mode |" in proc.stdout
+    assert len(report["rows"][1]["acceptance_by_rank"]) == 4

@@ -24,30 +24,50 @@ def _export_target(args: argparse.Namespace) -> int:
     return 0
 
 
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "heads" / "SmolLM2-135M-Instruct"
+
+
 def _demo(args: argparse.Namespace) -> int:
-    """Answer a few MT-Bench questions with the embedded default target, timing them."""
+    """Answer MT-Bench questions with the embedded default target, plainly and with the
+    shipped Amphista heads, checking the tokens agree and timing both."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm_amphista.prompts import first_turns
     from vllm_amphista.target import export_smollm2
 
     target = export_smollm2()
     prompts = first_turns(args.prompts, limit=args.num_prompts)
+    heads = Path(args.heads) if args.heads else SHIPPED_HEADS / "amphista"
     from vllm import LLM, SamplingParams
 
-    print("No trained Amphista heads ship yet: serving the target alone (plain decoding).")
-    llm = LLM(model=str(target), dtype="float32", enforce_eager=True, max_model_len=2048,
-              seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     conversations = [[{"role": "user", "content": p}] for p in prompts]
-    llm.chat(conversations[:1], params, use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    outputs = llm.chat(conversations, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    for prompt, out in zip(prompts, outputs, strict=True):
+    runs = {}
+    modes = [("plain", None)]
+    if (heads / "config.json").is_file():
+        modes.append(("amphista", {"method": "amphista", "model": str(heads)}))
+    else:
+        print(f"No heads at {heads}: serving the target alone (plain decoding).")
+    for mode, spec in modes:
+        llm = LLM(model=str(target), dtype="float32", enforce_eager=True, max_model_len=2048,
+                  seed=0, speculative_config=spec, disable_log_stats=spec is None)
+        llm.chat(conversations[:1], params, use_tqdm=False)  # warm-up
+        start = time.perf_counter()
+        outputs = [llm.chat([c], params, use_tqdm=False)[0] for c in conversations]
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        runs[mode] = (outputs, tokens / elapsed)
+        del llm
+    for prompt, out in zip(prompts, runs[modes[-1][0]][0], strict=True):
         print(f"\n### {prompt[:100]}\n{out.outputs[0].text.strip()}")
-    print(f"\n{len(prompts)} prompts, {generated} tokens in {elapsed:.1f}s: "
-          f"{generated / elapsed:.1f} tokens/s (target {target.name}, plain decoding)")
+    print()
+    for mode, (_, speed) in runs.items():
+        print(f"{mode:>9}: {speed:.1f} tokens/s (one request at a time, temperature 0)")
+    if "amphista" in runs:
+        same = all(a.outputs[0].token_ids == b.outputs[0].token_ids
+                   for a, b in zip(runs["plain"][0], runs["amphista"][0], strict=True))
+        print(f"identical tokens: {'yes' if same else 'NO'}; speedup "
+              f"{runs['amphista'][1] / runs['plain'][1]:.2f}x")
+        return 0 if same else 1
     return 0
 
 
@@ -104,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="answer MT-Bench questions with the embedded default")
     demo.add_argument("--prompts", help="FastChat question.jsonl (default: MT-Bench)")
+    demo.add_argument("--heads", help="heads folder (default: the shipped SmolLM2 heads)")
     demo.add_argument("--num-prompts", type=int, default=4)
     demo.add_argument("--max-tokens", type=int, default=128)
     demo.set_defaults(func=_demo)

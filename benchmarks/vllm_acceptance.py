@@ -1,0 +1,64 @@
+"""Mean accepted length of heads inside vLLM on a prompt file (default MT-Bench).
+
+    python -m benchmarks.vllm_acceptance --heads heads/.../amphista heads/.../medusa
+
+One engine per heads folder, one request at a time at temperature 0 (as the paper's
+harness), K drafts per step. Reports tau = 1 + accepted / drafts (tokens per target
+forward) and the acceptance rate at each draft position, as JSON and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def measure(target: str, heads: str, questions: list[str], max_tokens: int) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=target, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+              disable_log_stats=False,
+              speculative_config={"method": "amphista", "model": heads})
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    for question in questions:
+        llm.chat([[{"role": "user", "content": question}]], params, use_tqdm=False)
+    metrics = {m.name: getattr(m, "values", None) or getattr(m, "value", 0)
+               for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode")}
+    drafts = metrics["vllm:spec_decode_num_drafts"]
+    per_position = metrics["vllm:spec_decode_num_accepted_tokens_per_pos"]
+    return {"heads": heads, "drafts": drafts,
+            "tau": 1 + sum(per_position) / max(1, drafts),
+            "acceptance_per_position": [a / max(1, drafts) for a in per_position]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vllm_amphista.prompts import first_turns
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default=str(Path.home() / ".cache" / "vllm-amphista"
+                                                 / "models" / "SmolLM2-135M-Instruct"))
+    parser.add_argument("--heads", nargs="+", required=True)
+    parser.add_argument("--prompts", help="FastChat question.jsonl (default: MT-Bench)")
+    parser.add_argument("--num-prompts", type=int, default=80)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--out", default="runs/vllm_acceptance.json")
+    args = parser.parse_args(argv)
+    questions = first_turns(args.prompts, limit=args.num_prompts)
+    rows = [measure(args.target, h, questions, args.max_tokens) for h in args.heads]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"prompts": len(questions),
+                                          "max_tokens": args.max_tokens, "rows": rows},
+                                         indent=2) + "\n")
+    print("| heads | tau | acceptance per position |\n| --- | ---: | --- |")
+    for r in rows:
+        print(f"| {r['heads']} | {r['tau']:.2f} | "
+              + " ".join(f"{a:.3f}" for a in r["acceptance_per_position"]) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
