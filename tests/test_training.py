@@ -145,7 +145,8 @@ def test_train_command_end_to_end(tiny_target_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out top-1 per head" in proc.stdout
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors",
-                                              "metrics.json", "accuracy.png"}
+                                              "metrics.json", "accuracy.png", "MODEL_CARD.md"}
+    assert "| 4 |" in (out / "MODEL_CARD.md").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mode"] == "amphista" and metrics["eval_conversations"] >= 1
     model = load_checkpoint(out, TargetWeights.from_folder(tiny_target_dir))
