@@ -132,8 +132,10 @@ def test_lossless_under_chunking_preemption_and_aborts(smollm2, smollm2_heads, h
     per_position = metrics["vllm:spec_decode_num_accepted_tokens_per_pos"]
     assert len(per_position) == 4
     assert sum(per_position) == (metrics["vllm:spec_decode_num_accepted_tokens"] or 0)
-    if heads_kind != "random":  # fresh heads: repetition; trained heads: real drafting
-        assert per_position[1] > 0
+    if heads_kind != "random":
+        # Some drafts accepted (fresh heads: repeated tokens; trained heads: real drafting),
+        # so decode steps with several kept rows per request ran.
+        assert per_position[0] > 0
     assert amphista["cache"] == {"sequences": 0, "bytes": 0}
 
 

@@ -259,14 +259,11 @@ class AmphistaDraftModel(nn.Module):
     def _head_logits(self, stage_features: list[torch.Tensor]) -> torch.Tensor:
         """Per-stage features [..., d] (index 0 = the fused input) -> logits [..., K, V']."""
         cfg = self.config
-        last = len(stage_features) - 1
         g = torch.stack([
-            head(stage_features[min(1 + cfg.stage_of_head(k), last) if cfg.num_stages else 0])
+            head(stage_features[1 + cfg.stage_of_head(k) if cfg.num_stages else 0])
             for k, head in enumerate(self.heads)], dim=-2)
         if self.aeb is not None:
-            lead = g.shape[:-2]
             g = self.aeb(g.reshape(-1, cfg.num_heads, cfg.hidden_size)).reshape(g.shape)
-            g = g.view(*lead, cfg.num_heads, cfg.hidden_size)
         if self.final_norm is not None:
             g = self.final_norm(g)
         if self.lm_heads is not None:
