@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +38,6 @@ class TrainSettings:
     seed: int = 0
     eval_fraction: float = 0.1
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
-    extra: dict = field(default_factory=dict)
 
 
 def build_token_map(conversations: list[Conversation], size: int) -> torch.Tensor:
