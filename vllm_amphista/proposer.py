@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vllm_amphista.checkpoint import load_checkpoint
+from vllm_amphista.checkpoint import check_target, load_checkpoint
 from vllm_amphista.model import AmphistaDraftModel, SALCache
 from vllm_amphista.target import TargetWeights
 
@@ -80,11 +80,7 @@ class AmphistaProposer:
             target = self._weights_from_vllm_model(target_model)
         if target is None:  # vocab-sharded weights or an unknown layout: read the files
             target = TargetWeights.from_folder(self.target_dir)
-        if self.model.config.target_fingerprint and (
-                target.fingerprint != self.model.config.target_fingerprint):
-            raise ValueError(
-                f"amphista: heads {self.heads_dir} were trained for target "
-                f"{self.model.config.target_name!r}, not for {target.name!r}")
+        check_target(self.model.config, target, self.heads_dir)
         self.model.attach_target(target)
         self.model.to(self.device)
 
@@ -116,13 +112,12 @@ class AmphistaProposer:
             caches.append(cache)
             hiddens.append(step.hidden_states[first: first + rows])
             next_tokens.append(torch.from_numpy(
-                step.token_ids[i, start + 1: start + rows + 1].astype(np.int64)))
+                step.token_ids[i, start + 1: start + rows + 1].astype(np.int64)).to(self.device))
             drafting.append(i)
             self._next_position[req_id] = start + rows
         drafts: list[list[int]] = [[] for _ in step.req_ids]
         if not caches:
             return drafts
-        next_tokens = [t.to(self.device) for t in next_tokens]
         proposal = self.model.propose(caches, hiddens, next_tokens)
         tokens = proposal.tokens[:, : self.num_speculative_tokens].tolist()
         for row, i in enumerate(drafting):
