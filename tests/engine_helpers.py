@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
+
+from benchmarks import server
 
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -55,46 +53,10 @@ def _run_for_result(cmd: list[str], timeout: float) -> dict:
     raise AssertionError(f"engine script failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
 def vllm_server(args: list[str], timeout: float = 240):
-    """`vllm serve ...` on a free loopback port; yields (base_url, log_path)."""
-    port = free_port()
-    log = Path(f"/tmp/vllm-amphista-server-{port}.log")
-    env = engine_env(VLLM_CPU_KVCACHE_SPACE="1")
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", *args,
-           "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"server not ready:\n{log.read_text()[-4000:]}") from None
-                time.sleep(1)
-        yield base, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    """`vllm serve ...` on a free loopback port with the test engine environment; yields
+    (base_url, log_path)."""
+    return server.vllm_server(args, engine_env(VLLM_CPU_KVCACHE_SPACE="1"), timeout)
 
 
-def post_json(url: str, body: dict, timeout: float = 120) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+post_json = server.post_json

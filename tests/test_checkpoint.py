@@ -10,7 +10,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import random_draft_model
-from vllm_amphista.checkpoint import CheckpointError, import_medusa, load_checkpoint
+from vllm_amphista.checkpoint import (
+    CheckpointError,
+    export_vllm_medusa,
+    import_medusa,
+    load_checkpoint,
+)
 from vllm_amphista.model import AmphistaDraftModel, SALCache
 from vllm_amphista.target import TargetWeights
 
@@ -202,3 +207,44 @@ def test_import_medusa(tmp_path, tiny_target, layout):
     torch.testing.assert_close(again.extend([SALCache()], [hidden[0]], [torch.zeros(5).long()]),
                                want[0, -1][None], rtol=1e-4, atol=1e-4)
     shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("draft_vocab", [0, 64])
+def test_export_vllm_medusa_round_trip(tmp_path, tiny_target, draft_vocab):
+    """Our Medusa-mode heads in vLLM's MedusaModel layout: vLLM's formula (blocks with bias,
+    the shared full lm_head) gives our logits on the draft vocabulary, and the importer
+    reads the folder back."""
+    model = random_draft_model(tiny_target, use_aeb=False, num_stages=0,
+                               use_token_fusion=False, draft_vocab_size=draft_vocab)
+    if draft_vocab:  # a scattered token map, not the identity prefix
+        model.draft_to_target = torch.randperm(tiny_target.vocab_size)[:draft_vocab]
+        model.refresh_lm_head(tiny_target.lm_head)
+    model.save_pretrained(tmp_path / "ours")
+    out = export_vllm_medusa(tmp_path / "ours", tmp_path / "vllm", tiny_target)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "medusa" and config["medusa_fc_bias"]
+    weights = load_file(str(out / "model.safetensors"))
+    hidden = torch.randn(2, 5, tiny_target.hidden_size)
+    want = model(hidden, torch.zeros(2, 5, dtype=torch.long))
+    vllm_formula = _medusa_reference(weights, hidden, weights["lm_heads.0.weight"], 4, 1,
+                                     "blocks.{h}.layers.{l}.{p}", None)
+    columns = model.to_target_ids(torch.arange(want.shape[-1]))
+    torch.testing.assert_close(vllm_formula[..., columns], want, rtol=1e-5, atol=1e-5)
+    again = import_medusa(out, tiny_target)
+    torch.testing.assert_close(again(hidden, torch.zeros(2, 5, dtype=torch.long)),
+                               vllm_formula, rtol=1e-5, atol=1e-5)
+
+
+def test_export_vllm_medusa_refuses(tmp_path, saved, tiny_target):
+    _, amphista_heads = saved
+    with pytest.raises(CheckpointError, match="only Medusa-mode heads"):
+        export_vllm_medusa(amphista_heads, tmp_path / "out", tiny_target)
+    medusa = random_draft_model(tiny_target, use_aeb=False, num_stages=0,
+                                use_token_fusion=False)
+    medusa.save_pretrained(tmp_path / "medusa")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="not empty"):
+        export_vllm_medusa(tmp_path / "medusa", tmp_path / "busy", tiny_target)
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"

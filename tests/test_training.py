@@ -154,3 +154,48 @@ def test_train_command_end_to_end(tiny_target_dir, tmp_path):
     # The same folder again: refused, nothing touched.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 2 and "already holds finished heads" in again.stderr
+    # Two Ray workers on the cached data: the same heads up to float rounding.
+    ray_out = tmp_path / "heads-ray"
+    cmd[cmd.index(str(out))] = str(ray_out)
+    proc = subprocess.run([*cmd, "--num-workers", "2"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ray_metrics = json.loads((ray_out / "metrics.json").read_text())
+    assert ray_metrics["num_workers"] == 2
+    assert ray_metrics["history"][-1]["loss"] == pytest.approx(
+        metrics["history"][-1]["loss"], rel=1e-4)
+    ray_model = load_checkpoint(ray_out, TargetWeights.from_folder(tiny_target_dir))
+    for name, tensor in model.state_dict().items():  # bf16 on disk: compare loosely
+        torch.testing.assert_close(ray_model.state_dict()[name], tensor, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.slow
+def test_ray_two_workers_match_one_worker(tiny_target, tiny_target_dir, conversations, tmp_path):
+    """`--num-workers 2` (Ray Train, DDP over gloo, 2 CPU workers) trains the same weights
+    as one process, up to float rounding. 9 training conversations in batches of 4 leave
+    a last batch of 1: the second worker then has no share and must still line up."""
+    from vllm_amphista.distill_data import save_dataset
+    from vllm_amphista.distributed import train_on_ray
+    from vllm_amphista.training import split
+
+    settings = TrainSettings(epochs=2, batch_conversations=4, learning_rate=3e-3,
+                             eval_fraction=0.25)
+    data = tmp_path / "data.safetensors"
+    save_dataset(conversations, data)
+    train_set, eval_set = split(conversations, settings.eval_fraction, settings.seed)
+    assert len(train_set) == 9
+
+    one = _model(tiny_target)
+    initial = {k: v.clone() for k, v in one.state_dict().items()}
+    record = train(one, tiny_target.lm_head.float(), train_set, eval_set, settings,
+                   tmp_path / "one")
+    two = _model(tiny_target)
+    history = train_on_ray(two, tiny_target_dir, data, settings, tmp_path / "two",
+                           num_workers=2)
+    for name, tensor in one.state_dict().items():
+        assert not torch.equal(tensor, initial[name]) or "draft_to_target" in name, name
+        torch.testing.assert_close(two.state_dict()[name], tensor, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    for a, b in zip(record["history"], history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["eval"]["top1"] == pytest.approx(b["eval"]["top1"], abs=1e-6)

@@ -2,7 +2,8 @@
 
 Only draft weights are stored; the target's embedding and lm_head are attached
 from the target at load time, after checking the heads were made for it.
-Also imports Medusa-1 heads (vLLM 0.32's and FasterDecoding's layouts).
+Also imports Medusa-1 heads (vLLM 0.32's and FasterDecoding's layouts) and exports
+Medusa-mode heads to vLLM 0.32's own `MedusaModel` layout, the benchmarks' baseline.
 """
 
 from __future__ import annotations
@@ -141,6 +142,50 @@ def import_medusa(folder: str | Path, target: TargetWeights) -> AmphistaDraftMod
     model.load_state_dict(state)
     model.attach_target(target)
     return model.eval()
+
+
+def export_vllm_medusa(heads: str | Path, out: str | Path, target: TargetWeights) -> Path:
+    """Write Medusa-mode heads as a vLLM 0.32 `MedusaModel` folder (config.json +
+    model.safetensors) that `speculative_config={"method": "medusa", ...}` serves.
+
+    Our residual blocks have a bias (`medusa_fc_bias`) and share the target's lm_head
+    (`original_lm_head`, stored in full). A draft vocabulary is not carried over: vLLM
+    0.32's Medusa loads a `token_map` but then fails its own all-weights-loaded check, so
+    the exported heads rank the full vocabulary. Their drafts can differ from ours only
+    where a token outside the draft vocabulary outscores every token inside it.
+    """
+    heads, out = Path(heads), Path(out)
+    model = load_checkpoint(heads, target=target)
+    cfg = model.config
+    if not cfg.is_medusa:
+        raise CheckpointError(f"{heads}: only Medusa-mode heads (no SAL, AEB or token "
+                              "fusion) can be served by vLLM's Medusa")
+    if cfg.own_lm_heads and cfg.draft_vocab_size:
+        raise CheckpointError(f"{heads}: one lm_head per head with a draft vocabulary has "
+                              "no vLLM Medusa equivalent")
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty; choose a new folder")
+    tensors: dict[str, torch.Tensor] = {}
+    for h in range(cfg.num_heads):
+        for layer in range(cfg.num_head_layers):
+            for part in ("weight", "bias"):
+                tensors[f"blocks.{h}.layers.{layer}.{part}"] = getattr(
+                    model.heads[h][layer].linear, part)
+        if cfg.own_lm_heads:
+            tensors[f"lm_heads.{h}.weight"] = model.lm_heads[h]
+    if not cfg.own_lm_heads:
+        tensors["lm_heads.0.weight"] = target.lm_head
+    vllm_config = {
+        "model_type": "medusa", "architectures": ["MedusaModel"],
+        "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+        "num_heads": cfg.num_heads, "num_hidden_layers": cfg.num_head_layers,
+        "medusa_fc_bias": True, "original_lm_head": not cfg.own_lm_heads,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(vllm_config, indent=2) + "\n")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+              str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    return out
 
 
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:

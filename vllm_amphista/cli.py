@@ -82,7 +82,8 @@ def _train(args: argparse.Namespace) -> int:
                                  batch_conversations=args.batch)
         metrics = train_heads(Path(args.target), Path(args.out), prompts=prompts[
             : args.num_prompts], medusa=args.medusa, max_tokens=args.max_tokens,
-            draft_vocab=args.draft_vocab, settings=settings)
+            draft_vocab=args.draft_vocab, settings=settings, num_workers=args.num_workers,
+            use_gpu=args.gpu)
     except (TrainingInputError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch", type=int, default=8, help="conversations per step")
     train.add_argument("--draft-vocab", type=int, default=8192, help="0 = full vocabulary")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--num-workers", type=int, default=1,
+                       help="data-parallel workers on Ray Train (torch DDP); 1 = no Ray")
+    train.add_argument("--gpu", action="store_true", help="one GPU per Ray worker")
     train.set_defaults(func=_train)
 
     from benchmarks import eval_tree
@@ -121,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     tree = sub.add_parser("eval-tree", help="chain vs tree speculation, reference decoder")
     eval_tree.add_arguments(tree)
     tree.set_defaults(func=eval_tree.main)
+
+    from benchmarks import bench
+
+    bench_parser = sub.add_parser("bench", help="vanilla vs Amphista vs Medusa in vLLM")
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(func=bench.main)
 
     demo = sub.add_parser("demo", help="answer MT-Bench questions with the embedded default")
     demo.add_argument("--prompts", help="FastChat question.jsonl (default: MT-Bench)")

@@ -124,6 +124,10 @@ def dataset_key(target_fingerprint: str, prompts: list[str], max_tokens: int) ->
     return digest.hexdigest()[:16]
 
 
+def dataset_path(target_fingerprint: str, prompts: list[str], max_tokens: int) -> Path:
+    return DATA_DIR / f"{dataset_key(target_fingerprint, prompts, max_tokens)}.safetensors"
+
+
 def save_dataset(conversations: list[Conversation], path: Path) -> None:
     tensors = {}
     for i, c in enumerate(conversations):
@@ -146,7 +150,7 @@ def load_dataset(path: Path) -> list[Conversation]:
 def build_dataset(target_dir: Path, target_fingerprint: str, prompts: list[str],
                   max_tokens: int) -> list[Conversation]:
     """Generate (or reuse from ~/.cache/vllm-amphista/data) the distillation set."""
-    path = DATA_DIR / f"{dataset_key(target_fingerprint, prompts, max_tokens)}.safetensors"
+    path = dataset_path(target_fingerprint, prompts, max_tokens)
     if path.is_file():
         return load_dataset(path)
     sequences = generate_conversations(target_dir, prompts, max_tokens)

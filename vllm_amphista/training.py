@@ -5,6 +5,11 @@ Per head k (0-based) at position t the draft predicts x_{t+2+k}. Its loss is
                 restricted to the draft vocabulary,
   + lm_weight * cross-entropy against the actual token x_{t+2+k},
 weighted by head_decay ** k. The target stays frozen: only draft weights train.
+
+Data parallel (Ray Train workers, vllm_amphista/distributed.py): when torch.distributed
+is initialised, every rank walks the same global batches, takes its share of each, and
+the model is wrapped in DDP. Per-head losses are divided by the whole global batch's
+position counts, so N workers compute the one-worker gradient up to float rounding.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vllm_amphista.distill_data import Conversation
@@ -80,14 +87,20 @@ def _batch(conversations: list[Conversation], max_positions: int, lm_head: torch
     return hidden, tokens, valid, answer, target_logits
 
 
-def head_losses(model: AmphistaDraftModel, hidden, tokens, valid, target_logits,
-                to_draft: torch.Tensor, lm_weight: float):
-    """Per-head (alignment + lm_weight * CE) over valid positions -> tensor [K]."""
-    k_heads = model.config.num_heads
-    logits = model(hidden, tokens[:, 1:])  # [B, T, K, V']
-    t = hidden.shape[1]
+def head_positions(conversations: list[Conversation], num_heads: int,
+                   max_positions: int) -> torch.Tensor:
+    """[K] how many positions of these conversations each head is trained on."""
+    lengths = torch.tensor([min(len(c.tokens), max_positions) for c in conversations])
+    return torch.stack([(lengths - 2 - k).clamp(min=0).sum() for k in range(num_heads)])
+
+
+def head_losses(logits: torch.Tensor, tokens, valid, target_logits, to_draft: torch.Tensor,
+                lm_weight: float, positions: torch.Tensor) -> torch.Tensor:
+    """Per-head (alignment + lm_weight * CE) summed over valid positions and divided by
+    `positions` [K] (the global batch's counts) -> tensor [K]. logits: [B, T, K, V']."""
+    t = logits.shape[1]
     losses = []
-    for k in range(k_heads):
+    for k in range(logits.shape[2]):
         # Position t predicts x_{t+2+k}; the target's distribution for it is at t+1+k.
         span = t - 1 - k
         if span <= 0:
@@ -101,7 +114,7 @@ def head_losses(model: AmphistaDraftModel, hidden, tokens, valid, target_logits,
         lm = F.nll_loss(draft.transpose(1, 2), label.clamp(min=0), reduction="none")
         lm = lm * (label >= 0)
         per_position = alignment + lm_weight * lm
-        losses.append((per_position * mask).sum() / mask.sum().clamp(min=1))
+        losses.append((per_position * mask).sum() / positions[k].clamp(min=1))
     return torch.stack(losses)
 
 
@@ -110,12 +123,13 @@ def evaluate(model: AmphistaDraftModel, conversations: list[Conversation], lm_he
              settings: TrainSettings) -> dict:
     """Per-head top-1 / top-5 accuracy against the target's greedy token, answer positions."""
     model.eval()
+    device = next(model.parameters()).device
     k_heads = model.config.num_heads
-    hits1, hits5, total = torch.zeros(k_heads), torch.zeros(k_heads), torch.zeros(k_heads)
+    hits1, hits5, total = (torch.zeros(k_heads, device=device) for _ in range(3))
     for start in range(0, len(conversations), settings.batch_conversations):
         chunk = conversations[start: start + settings.batch_conversations]
-        hidden, tokens, valid, answer, target_logits = _batch(chunk, settings.max_positions,
-                                                              lm_head)
+        hidden, tokens, valid, answer, target_logits = (x.to(device) for x in _batch(
+            chunk, settings.max_positions, lm_head))
         logits = model(hidden, tokens[:, 1:])
         top5 = model.to_target_ids(logits.topk(5, dim=-1).indices)  # [B, T, K, 5]
         greedy = target_logits.argmax(-1)  # the target's own choice of x_{t+1}
@@ -131,13 +145,20 @@ def evaluate(model: AmphistaDraftModel, conversations: list[Conversation], lm_he
             hits5[k] += ((guesses == label[..., None]).any(-1) & mask).sum()
             total[k] += mask.sum()
     model.train()
+    hits1, hits5, total = hits1.cpu(), hits5.cpu(), total.cpu()
     return {"top1": (hits1 / total.clamp(min=1)).tolist(),
             "top5": (hits5 / total.clamp(min=1)).tolist(), "positions": total.tolist()}
 
 
 def train(model: AmphistaDraftModel, lm_head: torch.Tensor, train_set: list[Conversation],
           eval_set: list[Conversation], settings: TrainSettings, work_dir: Path) -> dict:
-    """Train in place; resumable from work_dir/STATE_FILE. Returns the metrics record."""
+    """Train in place; resumable from work_dir/STATE_FILE. Returns the metrics record.
+    Data parallel when torch.distributed is initialised (see the module docstring); then
+    only rank 0 evaluates and writes the state file, and work_dir must be shared."""
+    rank, world = ((dist.get_rank(), dist.get_world_size()) if dist.is_initialized()
+                   else (0, 1))
+    device = next(model.parameters()).device
+    net = model if world == 1 else DistributedDataParallel(model, broadcast_buffers=False)
     torch.manual_seed(settings.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
@@ -146,19 +167,20 @@ def train(model: AmphistaDraftModel, lm_head: torch.Tensor, train_set: list[Conv
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s
                                                                            / total_steps)))
-    to_draft = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
+    to_draft = torch.full((model.config.vocab_size,), -1, dtype=torch.long, device=device)
     ids = model.draft_to_target if model.draft_to_target is not None else torch.arange(
-        model.config.vocab_size)
-    to_draft[ids] = torch.arange(len(ids))
-    weights = torch.tensor([settings.head_decay ** k for k in range(model.config.num_heads)])
-    draft_lm_head = model.lm_head_weight.float()
+        model.config.vocab_size, device=device)
+    to_draft[ids] = torch.arange(len(ids), device=device)
+    weights = torch.tensor([settings.head_decay ** k for k in range(model.config.num_heads)],
+                           device=device)
+    draft_lm_head = model.lm_head_weight.float().cpu()
 
     history: list[dict] = []
     step = 0
     work_dir.mkdir(parents=True, exist_ok=True)
     state_path = work_dir / STATE_FILE
     if state_path.is_file():  # resume an interrupted run
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location=device)
         if state["settings"] != asdict(settings):
             raise ValueError(f"{state_path} was written with other settings; remove it to "
                              "start over")
@@ -170,45 +192,64 @@ def train(model: AmphistaDraftModel, lm_head: torch.Tensor, train_set: list[Conv
     model.train()
     start_time = time.perf_counter()
     tokens_seen = 0
-    with tqdm(total=total_steps, initial=step, desc="training", unit="step") as bar:
+    with tqdm(total=total_steps, initial=step, desc="training", unit="step",
+              disable=rank != 0) as bar:
         while step < total_steps:
             epoch, index = divmod(step, batches_per_epoch)
             order = list(range(len(train_set)))
             random.Random(settings.seed + epoch).shuffle(order)
             chunk = [train_set[i] for i in order[index * settings.batch_conversations:
                                                  (index + 1) * settings.batch_conversations]]
+            positions = head_positions(chunk, model.config.num_heads,
+                                       settings.max_positions).to(device)
+            # This rank's share; a rank left without one (a short last batch) runs a
+            # zero-weighted batch so that DDP's gradient all-reduce still lines up.
+            share = chunk[rank::world] or chunk[:1]
             # The teacher's logits, restricted to the draft vocabulary.
-            hidden, tokens, valid, _, target_logits = _batch(chunk, settings.max_positions,
-                                                             draft_lm_head)
-            losses = head_losses(model, hidden, tokens, valid, target_logits, to_draft,
-                                 settings.lm_weight)
-            loss = (losses * weights).sum() / weights.sum()
+            hidden, tokens, valid, _, target_logits = (x.to(device) for x in _batch(
+                share, settings.max_positions, draft_lm_head))
+            losses = head_losses(net(hidden, tokens[:, 1:]), tokens, valid, target_logits,
+                                 to_draft, settings.lm_weight, positions)
+            if not chunk[rank::world]:
+                losses = losses * 0
+            loss = (losses * weights).sum() / weights.sum()  # this rank's part of the loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * world).backward()  # DDP averages gradients over the ranks
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
             step += 1
-            tokens_seen += int(valid.sum())
+            losses = losses.detach()
+            if world > 1:  # the global batch's loss, for the log and the metrics
+                dist.all_reduce(losses)
+            loss = (losses * weights).sum() / weights.sum()
+            tokens_seen += sum(min(len(c.tokens), settings.max_positions) for c in chunk)
             elapsed = time.perf_counter() - start_time
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
             bar.update(1)
-            if step % batches_per_epoch == 0 or step == total_steps:
+            if rank == 0 and (step % batches_per_epoch == 0 or step == total_steps):
                 record = {"epoch": step / batches_per_epoch, "step": step,
                           "loss": loss.item(), "per_head_loss": losses.tolist(),
-                          "eval": evaluate(model, eval_set, lm_head, settings)}
+                          "eval": evaluate(model, eval_set, lm_head.to(device), settings)}
                 history.append(record)
                 bar.write(f"epoch {record['epoch']:.0f}: held-out top-1 per head "
                           + " ".join(f"{a:.3f}" for a in record["eval"]["top1"]))
-            if step % settings.checkpoint_every == 0 or step == total_steps:
+            if rank == 0 and (step % settings.checkpoint_every == 0 or step == total_steps):
                 torch.save({"settings": asdict(settings), "model": model.state_dict(),
                             "optimizer": optimizer.state_dict(),
                             "schedule": schedule.state_dict(), "step": step,
                             "history": history}, state_path)
+    return training_record(settings, history, train_set, eval_set,
+                           time.perf_counter() - start_time)
+
+
+def training_record(settings: TrainSettings, history: list[dict],
+                    train_set: list[Conversation], eval_set: list[Conversation],
+                    wall_s: float) -> dict:
     return {"settings": asdict(settings), "history": history,
             "train_conversations": len(train_set), "eval_conversations": len(eval_set),
             "train_tokens_per_epoch": sum(len(c.tokens) for c in train_set),
-            "wall_s_this_run": time.perf_counter() - start_time}
+            "wall_s_this_run": wall_s}
 
 
 def plot_accuracy(metrics: dict, path: Path, title: str) -> None:
@@ -264,12 +305,16 @@ def check_inputs(target_dir: Path, out_dir: Path) -> None:
 
 def train_heads(target_dir: Path, out_dir: Path, *, prompts: list[str], medusa: bool,
                 max_tokens: int, draft_vocab: int, settings: TrainSettings,
-                model_overrides: dict | None = None) -> dict:
-    """The whole job: data, training, held-out evaluation, export, metrics and plot."""
+                model_overrides: dict | None = None, num_workers: int = 1,
+                use_gpu: bool = False) -> dict:
+    """The whole job: data, training, held-out evaluation, export, metrics and plot.
+    num_workers > 1 trains data-parallel on Ray Train (vllm_amphista/distributed.py)."""
     from vllm_amphista.config import AmphistaConfig
-    from vllm_amphista.distill_data import build_dataset
+    from vllm_amphista.distill_data import build_dataset, dataset_path
     from vllm_amphista.target import TargetWeights
 
+    if num_workers < 1:
+        raise TrainingInputError(f"--num-workers must be >= 1, got {num_workers}")
     check_inputs(target_dir, out_dir)
     target = TargetWeights.from_folder(target_dir)
     target_config = json.loads((target_dir / "config.json").read_text())
@@ -295,7 +340,17 @@ def train_heads(target_dir: Path, out_dir: Path, *, prompts: list[str], medusa: 
     model.attach_target(target)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = train(model, target.lm_head.float(), train_set, eval_set, settings, out_dir)
+    if num_workers > 1:
+        from vllm_amphista.distributed import train_on_ray
+
+        train_started = time.perf_counter()
+        history = train_on_ray(model, target_dir, dataset_path(
+            target.fingerprint, prompts, max_tokens), settings, out_dir, num_workers, use_gpu)
+        metrics = training_record(settings, history, train_set, eval_set,
+                                  time.perf_counter() - train_started)
+        metrics["num_workers"] = num_workers
+    else:
+        metrics = train(model, target.lm_head.float(), train_set, eval_set, settings, out_dir)
     coverage = None
     if model.draft_to_target is not None:
         in_vocab = torch.zeros(target.vocab_size, dtype=torch.bool)

@@ -1,0 +1,126 @@
+"""Where an engine step's time goes, plain vs speculative, inside vLLM.
+
+    python -m benchmarks.profile_step [--heads H] [--num-prompts N] [--max-tokens T]
+
+Runs one request at a time at temperature 0 in an in-process engine (one fresh Python
+per method: vLLM's CPU build cannot start two engines in one process) and times, per
+engine step: the target forward (`model.forward` of the runner's model), the draft
+model (`AmphistaDraftModel.propose`), the proposer glue around it (the runner patch's
+row bookkeeping in `propose_from_step`), and everything else vLLM does in the step
+(scheduling, sampling or rejection sampling, output handling). The timers are plain
+wrappers on this engine's objects, installed by this script only. JSON + table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.bench import SHIPPED_HEADS
+
+
+def _timed(function, totals: dict[str, float], key: str):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            totals[key] = totals.get(key, 0.0) + time.perf_counter() - started
+            totals[key + "_calls"] = totals.get(key + "_calls", 0) + 1
+    return wrapper
+
+
+def profile_one(target: str, heads: str | None, prompts: list[str], max_tokens: int) -> dict:
+    """Runs in its own process (see main)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM, SamplingParams
+
+    spec = {"method": "amphista", "model": heads} if heads else None
+    llm = LLM(model=target, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+              speculative_config=spec)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    llm.chat([[{"role": "user", "content": prompts[0]}]], params, use_tqdm=False)  # warm-up
+    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    totals: dict[str, float] = {}
+    runner.model.forward = _timed(runner.model.forward, totals, "target_forward")
+    drafter = getattr(runner, "drafter", None)
+    if drafter is not None:
+        drafter.propose_from_step = _timed(drafter.propose_from_step, totals, "proposer")
+        drafter.model.propose = _timed(drafter.model.propose, totals, "draft_model")
+    tokens = 0
+    started = time.perf_counter()
+    for prompt in prompts:
+        out = llm.chat([[{"role": "user", "content": prompt}]], params, use_tqdm=False)
+        tokens += len(out[0].outputs[0].token_ids)
+    total = time.perf_counter() - started
+    steps = int(totals["target_forward_calls"])
+    per_step = {
+        "target_forward_ms": 1e3 * totals["target_forward"] / steps,
+        "draft_model_ms": 1e3 * totals.get("draft_model", 0.0) / steps,
+        "proposer_glue_ms": 1e3 * (totals.get("proposer", 0.0)
+                                   - totals.get("draft_model", 0.0)) / steps,
+    }
+    per_step["rest_of_vllm_ms"] = 1e3 * total / steps - sum(per_step.values())
+    return {"method": "amphista" if heads else "vanilla", "heads": heads, "tokens": tokens,
+            "steps": steps, "seconds": total, "tokens_per_s": tokens / total,
+            "tokens_per_step": tokens / steps, "step_ms": 1e3 * total / steps, **per_step}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", help="target folder (default: SmolLM2, exported if missing)")
+    parser.add_argument("--heads", nargs="+", default=[str(SHIPPED_HEADS / "amphista")])
+    parser.add_argument("--prompts", help="FastChat question.jsonl (default: MT-Bench)")
+    parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=Path("runs/profile_step.json"))
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
+    args = parser.parse_args(argv)
+    if args.one:
+        job = json.loads(args.one)
+        print("RESULT " + json.dumps(profile_one(**job)), flush=True)
+        return 0
+
+    from vllm_amphista.prompts import first_turns
+    from vllm_amphista.target import export_smollm2
+
+    target = args.target or str(export_smollm2())
+    prompts = first_turns(args.prompts, limit=args.num_prompts)
+    rows = []
+    for heads in [None, *args.heads]:
+        job = json.dumps({"target": target, "heads": heads, "prompts": prompts,
+                          "max_tokens": args.max_tokens})
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--one", job],
+                              capture_output=True, text=True, env=env)
+        result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if not result:
+            print(proc.stderr[-4000:], file=sys.stderr)
+            return 1
+        rows.append(json.loads(result[-1][len("RESULT "):]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"target": target, "prompts": len(prompts),
+                                    "max_tokens": args.max_tokens, "rows": rows}, indent=2)
+                        + "\n")
+    print("| method | tokens/s | tokens/step | step ms | target fwd ms | draft model ms "
+          "| proposer glue ms | rest of vLLM ms |\n| --- | ---: | ---: | ---: | ---: | ---: "
+          "| ---: | ---: |")
+    for r in rows:
+        name = r["method"] if r["heads"] is None else Path(r["heads"]).name
+        print(f"| {name} | {r['tokens_per_s']:.1f} | {r['tokens_per_step']:.2f} | "
+              f"{r['step_ms']:.1f} | {r['target_forward_ms']:.1f} | {r['draft_model_ms']:.1f} "
+              f"| {r['proposer_glue_ms']:.1f} | {r['rest_of_vllm_ms']:.1f} |")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
