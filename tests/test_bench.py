@@ -1,0 +1,92 @@
+"""`vllm-amphista bench`: counters, summary arithmetic, and one real end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.bench import Run, markdown, percentile, spec_counters, summarise
+from tests.engine_helpers import engine_env
+
+METRICS_PAGE = """\
+# HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.
+# TYPE vllm:spec_decode_num_drafts_total counter
+vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 172.0
+vllm:spec_decode_num_drafts_created{engine="0",model_name="m"} 1.7e+09
+vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 17.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="1"} 1.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="0"} 16.0
+vllm:num_requests_running{engine="0",model_name="m"} 0.0
+"""
+
+
+def test_spec_counters_reads_drafts_and_positions_in_order():
+    assert spec_counters(METRICS_PAGE) == (172, [16, 1])
+    assert spec_counters("vllm:num_requests_running 0.0\n") == (0, [])
+
+
+def test_percentile():
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0], 0.9) == 9.0
+
+
+def _run(tps: float, outputs, drafts=0, accepted=()):
+    return Run(tokens_per_s=tps, latencies=[1.0, 2.0], outputs=outputs, drafts=drafts,
+               accepted_per_position=list(accepted))
+
+
+def test_summarise_speedup_tau_and_lossless_flag():
+    same, other = [[1, 2], [3]], [[1, 2], [4]]
+    rows = summarise({
+        ("vanilla", 0.0, 1): [_run(10.0, same), _run(12.0, same)],
+        ("amphista", 0.0, 1): [_run(15.0, same, 10, (5, 2)), _run(18.0, same, 10, (3, 0))],
+        ("medusa", 0.0, 1): [_run(11.0, other, 4, (1, 0))],
+        ("vanilla", 0.7, 1): [_run(10.0, other)],
+        ("amphista", 0.7, 1): [_run(9.0, same, 2, (1, 1))],
+    })
+    by = {(r["method"], r["temperature"]): r for r in rows}
+    amphista = by[("amphista", 0.0)]
+    assert amphista["speedup"] == pytest.approx(16.5 / 11.0)
+    assert amphista["tau"] == pytest.approx(1 + 10 / 20)
+    assert amphista["acceptance_per_position"] == pytest.approx([0.4, 0.1])
+    assert amphista["tokens_per_s_stdev"] == pytest.approx(2.1213, abs=1e-3)
+    assert amphista["identical_to_vanilla"] is True
+    assert by[("medusa", 0.0)]["identical_to_vanilla"] is False
+    assert by[("medusa", 0.0)]["mismatched_prompts"] == [1]
+    assert "identical_to_vanilla" not in by[("amphista", 0.7)]  # sampled: not compared
+    table = markdown(rows)
+    assert "NO (1 prompts)" in table and "| amphista | 0 | 1 | 16.5 ± 2.1 | 1.50x |" in table
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_bench_command_end_to_end(tmp_path):
+    """The real command on SmolLM2: four servers, greedy and sampled, JSON/PNG/markdown.
+    vLLM's own Medusa serving our exported heads must accept exactly as our proposer does
+    in Medusa mode: the same heads, the same drafts."""
+    out = tmp_path / "bench"
+    cmd = [str(Path(sys.executable).parent / "vllm-amphista"), "bench", "--num-prompts", "3",
+           "--max-tokens", "24", "--concurrency", "2", "--temperature", "0", "0.7",
+           "--repeats", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200,
+                          env=engine_env(VLLM_CPU_KVCACHE_SPACE="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "every method produced vanilla's tokens" in proc.stdout
+    report = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").stat().st_size > 10_000
+    assert (out / "bench.md").read_text().startswith("| method |")
+    assert report["environment"]["vllm"].startswith("0.32.0")
+    rows = {(r["method"], r["temperature"]): r for r in report["rows"]}
+    assert len(rows) == 8
+    for method in ("amphista", "medusa", "vllm-medusa"):
+        greedy = rows[(method, 0.0)]
+        assert greedy["identical_to_vanilla"] is True
+        assert greedy["drafts"] > 0 and len(greedy["acceptance_per_position"]) == 4
+        assert greedy["tokens_per_s"] > 0 and greedy["speedup"] > 0
+    assert rows[("amphista", 0.0)]["tau"] > 1.0
+    assert rows[("vllm-medusa", 0.0)]["acceptance_per_position"] == pytest.approx(
+        rows[("medusa", 0.0)]["acceptance_per_position"], abs=0.02)
