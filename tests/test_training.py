@@ -199,3 +199,39 @@ def test_ray_two_workers_match_one_worker(tiny_target, tiny_target_dir, conversa
     for a, b in zip(record["history"], history, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["eval"]["top1"] == pytest.approx(b["eval"]["top1"], abs=1e-6)
+
+
+class _Oracle(torch.nn.Module):
+    """Drafts the target's greedy tokens exactly, except for the heads in `wrong`."""
+
+    def __init__(self, lm_head: torch.Tensor, num_heads: int, wrong: tuple[int, ...]) -> None:
+        super().__init__()
+        self.config = AmphistaConfig(hidden_size=lm_head.shape[1], vocab_size=lm_head.shape[0],
+                                     num_heads=num_heads, num_attention_heads=4,
+                                     num_key_value_heads=4)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # evaluate() reads the device
+        self.lm_head, self.wrong = lm_head, wrong
+
+    def forward(self, hidden, next_tokens):
+        greedy = (hidden @ self.lm_head.T).argmax(-1)  # [B, T]: x_{t+1}
+        heads = []
+        for k in range(self.config.num_heads):  # head k at t: x_{t+2+k} = greedy[t+1+k]
+            label = torch.roll(greedy, -(1 + k), dims=1)
+            heads.append((label + 1) % self.lm_head.shape[0] if k in self.wrong else label)
+        return torch.nn.functional.one_hot(torch.stack(heads, -1),
+                                           self.lm_head.shape[0]).float()
+
+    def to_target_ids(self, ids):
+        return ids
+
+
+@pytest.mark.parametrize("wrong", [(), (0,), (2,)])
+def test_chain_tau_counts_leading_right_heads(tiny_target, conversations, wrong):
+    lm_head = tiny_target.lm_head.float()
+    oracle = _Oracle(lm_head, 4, wrong)
+    got = evaluate(oracle, conversations, lm_head, TrainSettings(batch_conversations=5))
+    first_wrong = min(wrong, default=4)
+    steps = [min(first_wrong, len(c.tokens) - 2 - t) for c in conversations
+             for t in range(len(c.tokens) - 2) if t + 2 >= c.prompt_len]
+    assert got["chain_tau"] == pytest.approx(1 + sum(steps) / len(steps))
+    assert got["top1"][0] == (0.0 if 0 in wrong else 1.0)

@@ -121,11 +121,15 @@ def head_losses(logits: torch.Tensor, tokens, valid, target_logits, to_draft: to
 @torch.no_grad()
 def evaluate(model: AmphistaDraftModel, conversations: list[Conversation], lm_head: torch.Tensor,
              settings: TrainSettings) -> dict:
-    """Per-head top-1 / top-5 accuracy against the target's greedy token, answer positions."""
+    """Per-head top-1 / top-5 accuracy against the target's greedy token, answer positions,
+    and chain_tau: 1 + the mean number of leading heads whose top-1 is right, i.e. the
+    tokens per target step a K-token chain would give at temperature 0 (what vLLM
+    measures), read off the held-out conversations without an engine."""
     model.eval()
     device = next(model.parameters()).device
     k_heads = model.config.num_heads
     hits1, hits5, total = (torch.zeros(k_heads, device=device) for _ in range(3))
+    chain_accepted, chain_steps = 0, 0
     for start in range(0, len(conversations), settings.batch_conversations):
         chunk = conversations[start: start + settings.batch_conversations]
         hidden, tokens, valid, answer, target_logits = (x.to(device) for x in _batch(
@@ -134,6 +138,7 @@ def evaluate(model: AmphistaDraftModel, conversations: list[Conversation], lm_he
         top5 = model.to_target_ids(logits.topk(5, dim=-1).indices)  # [B, T, K, 5]
         greedy = target_logits.argmax(-1)  # the target's own choice of x_{t+1}
         t = hidden.shape[1]
+        right = torch.zeros(*greedy.shape[:2], k_heads, dtype=torch.bool, device=device)
         for k in range(k_heads):
             span = t - 1 - k
             if span <= 0:
@@ -141,13 +146,18 @@ def evaluate(model: AmphistaDraftModel, conversations: list[Conversation], lm_he
             label = greedy[:, 1 + k: 1 + k + span]
             mask = valid[:, 2 + k: 2 + k + span] & answer[:, 2 + k: 2 + k + span]
             guesses = top5[:, :span, k]
-            hits1[k] += ((guesses[..., 0] == label) & mask).sum()
+            right[:, :span, k] = (guesses[..., 0] == label) & mask
+            hits1[k] += right[:, :span, k].sum()
             hits5[k] += ((guesses == label[..., None]).any(-1) & mask).sum()
             total[k] += mask.sum()
+        steps = valid[:, 2:] & answer[:, 2:]  # decode steps whose first draft is an answer token
+        chain_accepted += int(right[:, : t - 1].cumprod(-1).sum(-1)[steps].sum())
+        chain_steps += int(steps.sum())
     model.train()
     hits1, hits5, total = hits1.cpu(), hits5.cpu(), total.cpu()
     return {"top1": (hits1 / total.clamp(min=1)).tolist(),
-            "top5": (hits5 / total.clamp(min=1)).tolist(), "positions": total.tolist()}
+            "top5": (hits5 / total.clamp(min=1)).tolist(), "positions": total.tolist(),
+            "chain_tau": 1 + chain_accepted / max(1, chain_steps)}
 
 
 def train(model: AmphistaDraftModel, lm_head: torch.Tensor, train_set: list[Conversation],
@@ -303,13 +313,36 @@ def check_inputs(target_dir: Path, out_dir: Path) -> None:
                                      "choose a new folder")
 
 
+def draft_model_for(target_dir: Path, target, train_set: list[Conversation], *, medusa: bool,
+                    draft_vocab: int, seed: int, overrides: dict | None = None
+                    ) -> AmphistaDraftModel:
+    """A fresh draft model shaped for the target (attention heads and norm epsilon from
+    its config), with a draft vocabulary of the training set's most frequent tokens."""
+    from vllm_amphista.config import AmphistaConfig
+
+    target_config = json.loads((target_dir / "config.json").read_text())
+    fields = dict(hidden_size=target.hidden_size, vocab_size=target.vocab_size,
+                  target_name=target.name, target_fingerprint=target.fingerprint,
+                  num_attention_heads=target_config.get("num_attention_heads", 8),
+                  num_key_value_heads=target_config.get("num_key_value_heads", 8),
+                  rms_norm_eps=target_config.get("rms_norm_eps", 1e-5),
+                  draft_vocab_size=min(draft_vocab, target.vocab_size) if draft_vocab else 0,
+                  **(overrides or {}))
+    config = AmphistaConfig.medusa(**fields) if medusa else AmphistaConfig(**fields)
+    torch.manual_seed(seed)
+    model = AmphistaDraftModel(config)
+    if config.draft_vocab_size:
+        model.draft_to_target.copy_(build_token_map(train_set, config.draft_vocab_size))
+    model.attach_target(target)
+    return model
+
+
 def train_heads(target_dir: Path, out_dir: Path, *, prompts: list[str], medusa: bool,
                 max_tokens: int, draft_vocab: int, settings: TrainSettings,
                 model_overrides: dict | None = None, num_workers: int = 1,
                 use_gpu: bool = False) -> dict:
     """The whole job: data, training, held-out evaluation, export, metrics and plot.
     num_workers > 1 trains data-parallel on Ray Train (vllm_amphista/distributed.py)."""
-    from vllm_amphista.config import AmphistaConfig
     from vllm_amphista.distill_data import build_dataset, dataset_path
     from vllm_amphista.target import TargetWeights
 
@@ -317,7 +350,6 @@ def train_heads(target_dir: Path, out_dir: Path, *, prompts: list[str], medusa: 
         raise TrainingInputError(f"--num-workers must be >= 1, got {num_workers}")
     check_inputs(target_dir, out_dir)
     target = TargetWeights.from_folder(target_dir)
-    target_config = json.loads((target_dir / "config.json").read_text())
     started = time.perf_counter()
     conversations = build_dataset(target_dir, target.fingerprint, prompts, max_tokens)
     if len(conversations) < 2:
@@ -325,19 +357,10 @@ def train_heads(target_dir: Path, out_dir: Path, *, prompts: list[str], medusa: 
     data_s = time.perf_counter() - started
     train_set, eval_set = split(conversations, settings.eval_fraction, settings.seed)
 
-    heads = dict(hidden_size=target.hidden_size, vocab_size=target.vocab_size,
-                 target_name=target.name, target_fingerprint=target.fingerprint,
-                 num_attention_heads=target_config.get("num_attention_heads", 8),
-                 num_key_value_heads=target_config.get("num_key_value_heads", 8),
-                 rms_norm_eps=target_config.get("rms_norm_eps", 1e-5),
-                 draft_vocab_size=min(draft_vocab, target.vocab_size) if draft_vocab else 0,
-                 **(model_overrides or {}))
-    config = (AmphistaConfig.medusa(**heads) if medusa else AmphistaConfig(**heads))
-    torch.manual_seed(settings.seed)
-    model = AmphistaDraftModel(config)
-    if config.draft_vocab_size:
-        model.draft_to_target.copy_(build_token_map(train_set, config.draft_vocab_size))
-    model.attach_target(target)
+    model = draft_model_for(target_dir, target, train_set, medusa=medusa,
+                            draft_vocab=draft_vocab, seed=settings.seed,
+                            overrides=model_overrides)
+    config = model.config
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if num_workers > 1:

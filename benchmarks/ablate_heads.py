@@ -1,0 +1,99 @@
+"""Measured ablations for the heads: what moves Amphista's lead over Medusa.
+
+    python -m benchmarks.ablate_heads [--variants ...] [--evaluate heads/...]
+
+Every variant trains on the same cached distillation set as the shipped heads (the same
+ShareGPT prompts, answers and held-out split; built by `vllm-amphista train` if missing)
+for the same number of epochs, and reports held-out per-head top-1 and chain_tau, the
+tokens per target step a K-token chain gets at temperature 0 (training.evaluate), which
+is what vLLM's spec-decode counters measure. `--evaluate` scores finished heads folders
+on the same held-out set, to tie chain_tau to the vLLM numbers. JSON + table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from vllm_amphista.training import TrainSettings
+
+# name -> (Medusa mode?, TrainSettings changes, AmphistaConfig changes)
+VARIANTS: dict[str, tuple[bool, dict, dict]] = {
+    "amphista": (False, {}, {}),
+    "medusa": (True, {}, {}),
+    "amphista-batch2": (False, {"batch_conversations": 2}, {}),
+    "medusa-batch2": (True, {"batch_conversations": 2}, {}),
+    "amphista-batch2-no-aeb": (False, {"batch_conversations": 2}, {"use_aeb": False}),
+    "amphista-batch2-no-sal": (False, {"batch_conversations": 2}, {"num_stages": 0}),
+    "amphista-batch2-lm1": (False, {"batch_conversations": 2, "lm_weight": 1.0}, {}),
+    "amphista-batch2-lr3e-3": (False, {"batch_conversations": 2, "learning_rate": 3e-3}, {}),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vllm_amphista.checkpoint import load_checkpoint
+    from vllm_amphista.distill_data import build_dataset, sharegpt_prompts
+    from vllm_amphista.target import TargetWeights, export_smollm2
+    from vllm_amphista.training import draft_model_for, evaluate, split, train
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", type=Path, help="default: SmolLM2-135M-Instruct")
+    parser.add_argument("--variants", nargs="*", default=["amphista", "medusa"],
+                        choices=sorted(VARIANTS))
+    parser.add_argument("--evaluate", nargs="*", default=[], help="finished heads folders")
+    parser.add_argument("--num-prompts", type=int, default=600, help="as the shipped heads")
+    parser.add_argument("--max-tokens", type=int, default=192, help="as the shipped heads")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--draft-vocab", type=int, default=8192)
+    parser.add_argument("--out", type=Path, default=Path("runs/ablate_heads.json"))
+    args = parser.parse_args(argv)
+
+    target_dir = args.target or export_smollm2()
+    target = TargetWeights.from_folder(target_dir)
+    prompts = sharegpt_prompts(args.num_prompts, seed=0)[: args.num_prompts]
+    conversations = build_dataset(target_dir, target.fingerprint, prompts, args.max_tokens)
+    base = TrainSettings(epochs=args.epochs)
+    train_set, eval_set = split(conversations, base.eval_fraction, base.seed)
+    lm_head = target.lm_head.float()
+    rows = []
+    for folder in args.evaluate:
+        model = load_checkpoint(folder, target=target)
+        rows.append({"name": f"{folder} (as shipped)", **evaluate(model, eval_set, lm_head,
+                                                                   base)})
+    for name in args.variants:
+        medusa, setting_changes, config_changes = VARIANTS[name]
+        settings = replace(base, **setting_changes)
+        model = draft_model_for(target_dir, target, train_set, medusa=medusa,
+                                draft_vocab=args.draft_vocab, seed=settings.seed,
+                                overrides=config_changes)
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as work:
+            record = train(model, lm_head, train_set, eval_set, settings, Path(work))
+        rows.append({"name": name, "train_s": time.perf_counter() - started,
+                     "settings": setting_changes, "config": config_changes,
+                     "parameters": sum(p.numel() for p in model.parameters()),
+                     **record["history"][-1]["eval"]})
+        print(f"{name}: chain_tau {rows[-1]['chain_tau']:.3f}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"target": str(target_dir), "epochs": args.epochs,
+                                    "train_conversations": len(train_set),
+                                    "eval_conversations": len(eval_set),
+                                    "torch_threads": torch.get_num_threads(), "rows": rows},
+                                   indent=2) + "\n")
+    print("| variant | chain tau | top-1 per head | train s |\n| --- | ---: | --- | ---: |")
+    for r in rows:
+        print(f"| {r['name']} | {r['chain_tau']:.3f} | "
+              + " ".join(f"{a:.3f}" for a in r["top1"])
+              + f" | {r.get('train_s', 0):.0f} |")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
