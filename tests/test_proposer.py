@@ -24,10 +24,11 @@ def heads_dir(tiny_target, tmp_path):
     return folder
 
 
-def _proposer(heads_dir, target_dir, num_tokens=3) -> AmphistaProposer:
+def _proposer(heads_dir, target_dir, num_tokens=3, pause=None) -> AmphistaProposer:
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=num_tokens),
-        additional_config={"amphista": {"heads": str(heads_dir)}},
+        additional_config={"amphista": {"heads": str(heads_dir),
+                                        "disable_by_batch_size": pause}},
         model_config=SimpleNamespace(model=str(target_dir), dtype=torch.float32),
         device_config=SimpleNamespace(device="cpu"),
         parallel_config=SimpleNamespace(tensor_parallel_size=2),  # read target files
@@ -73,6 +74,30 @@ def test_steps_feed_exactly_the_accepted_positions(heads_dir, tiny_target, tiny_
     assert proposer.cache_stats() == {"sequences": 0, "bytes": 0}
 
 
+def test_drafting_pauses_above_the_batch_limit(heads_dir, tiny_target, tiny_target_dir):
+    """Three decoding requests with a limit of 2: no drafts, no draft pass; back to one
+    request: it drafts again, its cache restarted at the new rows."""
+    proposer = _proposer(heads_dir, tiny_target_dir, pause=2)
+    d = tiny_target.hidden_size
+    table = np.arange(3 * 64, dtype=np.int32).reshape(3, 64) % tiny_target.vocab_size
+
+    def step(req_ids, start, sampled):
+        n = len(req_ids)
+        return proposer.propose_from_step(StepRows(
+            req_ids=req_ids, sampled_token_ids=[[5]] * n if sampled else [[]] * n,
+            hidden_states=torch.randn(n * 8 if start == 0 else n, d),
+            query_start_loc=np.arange(n + 1) * (8 if start == 0 else 1),
+            start_positions=np.full(n, start), num_draft_tokens=np.zeros(n, np.int64),
+            token_ids=table))
+
+    assert step(["a", "b", "c"], 0, sampled=False) == [[], [], []]  # prompt chunks
+    assert proposer.caches["a"].length == 8  # fed: partial prefills are not decoding
+    assert step(["a", "b", "c"], 8, sampled=True) == [[], [], []]
+    assert proposer.caches["a"].length == 8  # untouched while paused
+    assert len(step(["a"], 9, sampled=True)[0]) == 3
+    assert proposer.caches["a"].length == 1  # restarted: position 8 was never fed
+
+
 def test_too_many_speculative_tokens(heads_dir, tiny_target_dir):
     with pytest.raises(ValueError, match="num_speculative_tokens=5 exceeds the 4 heads"):
         _proposer(heads_dir, tiny_target_dir, num_tokens=5)
@@ -84,12 +109,13 @@ def test_direct_propose_call_explains_missing_patch(heads_dir, tiny_target_dir):
 
 
 def test_resolve_translates_to_custom_class(heads_dir, tiny_target, tiny_target_dir):
-    spec, heads = resolve_speculative_config(
-        {"method": "amphista", "model": str(heads_dir), "num_speculative_tokens": 2},
+    spec, settings = resolve_speculative_config(
+        {"method": "amphista", "model": str(heads_dir), "num_speculative_tokens": 2,
+         "disable_by_batch_size": 8},
         str(tiny_target_dir), tiny_target.hidden_size, tiny_target.vocab_size)
     assert spec == {"method": "custom_class", "num_speculative_tokens": 2,
                     "model": "vllm_amphista.proposer.AmphistaProposer"}
-    assert heads == heads_dir.resolve()
+    assert settings == {"heads": str(heads_dir.resolve()), "disable_by_batch_size": 8}
     spec, _ = resolve_speculative_config({"method": "amphista", "model": str(heads_dir)},
                                          str(tiny_target_dir), tiny_target.hidden_size,
                                          tiny_target.vocab_size)
@@ -101,6 +127,8 @@ def test_resolve_translates_to_custom_class(heads_dir, tiny_target, tiny_target_
     ({"method": "amphista", "model": "/nonexistent/heads"}, "does not exist"),
     ({"method": "amphista", "num_speculative_tokens": 9}, r"num_speculative_tokens=9 .* 4 heads"),
     ({"method": "amphista", "num_speculative_tokens": 0}, "allowed 1..4"),
+    ({"method": "amphista", "disable_by_batch_size": 0}, "must be a positive integer"),
+    ({"method": "amphista", "disable_by_batch_size": "8"}, "must be a positive integer"),
 ])
 def test_resolve_rejects_bad_requests(heads_dir, tiny_target, tiny_target_dir, spec, message):
     if "model" not in spec and message != "needs 'model'":

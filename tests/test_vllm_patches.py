@@ -61,8 +61,10 @@ def test_patches_are_idempotent_and_add_the_flags():
 
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
     args = parser.parse_args(["--model", "m", "--speculative-model", "/h",
-                              "--num-speculative-tokens", "3"])
+                              "--num-speculative-tokens", "3",
+                              "--speculative-disable-by-batch-size", "8"])
     engine_args = AsyncEngineArgs.from_cli_args(args)
     assert engine_args.speculative_config == {"method": "amphista", "model": "/h",
-                                              "num_speculative_tokens": 3}
+                                              "num_speculative_tokens": 3,
+                                              "disable_by_batch_size": 8}
     assert isinstance(args, argparse.Namespace)

@@ -29,7 +29,8 @@ from vllm_amphista.target import TargetWeights
 # A child of vLLM's logger, so our lines appear with vLLM's own, formatted alike.
 logger = logging.getLogger("vllm.amphista")
 
-ADDITIONAL_CONFIG_KEY = "amphista"  # vllm_config.additional_config[...] = {"heads": dir}
+# vllm_config.additional_config[...] = {"heads": dir, "disable_by_batch_size": int | None}
+ADDITIONAL_CONFIG_KEY = "amphista"
 
 
 @dataclass
@@ -57,6 +58,9 @@ class AmphistaProposer:
                 "AmphistaProposer needs speculative_config method 'amphista' with the "
                 "heads folder as 'model'")
         self.heads_dir = Path(settings["heads"])
+        # Above this many decoding requests a step gets no drafts: verifying K+1 tokens
+        # per request costs more than it saves once the target is compute-bound.
+        self.disable_by_batch_size: int | None = settings.get("disable_by_batch_size")
         self.target_dir = Path(vllm_config.model_config.model)
         self.num_speculative_tokens = spec.num_speculative_tokens
         self.device = torch.device(vllm_config.device_config.device)
@@ -101,6 +105,11 @@ class AmphistaProposer:
 
     # -- the real entry point ------------------------------------------------------------
     def propose_from_step(self, step: StepRows) -> list[list[int]]:
+        if self.disable_by_batch_size is not None and sum(
+                1 for s in step.sampled_token_ids if s) > self.disable_by_batch_size:
+            # Pause: no draft pass at all. A paused request's cache no longer ends where
+            # its next rows start, so _cache_for restarts it when drafting resumes.
+            return [[] for _ in step.req_ids]
         caches, hiddens, next_tokens, drafting = [], [], [], []
         for i, req_id in enumerate(step.req_ids):
             rows = self._accepted_rows(step, i)
@@ -163,9 +172,10 @@ PROPOSER_CLASS_PATH = f"{__name__}.AmphistaProposer"
 
 
 def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: int,
-                               target_vocab_size: int) -> tuple[dict, Path]:
+                               target_vocab_size: int) -> tuple[dict, dict]:
     """Validate {"method": "amphista", "model": <heads>, ...} against the target and turn
-    it into vLLM's custom_class form. Returns (vLLM speculative_config dict, heads folder)."""
+    it into vLLM's custom_class form. Returns (vLLM speculative_config dict, the
+    proposer's settings for additional_config). Our own key: disable_by_batch_size."""
     from vllm_amphista.checkpoint import CheckpointError
 
     heads = spec.get("model")
@@ -192,7 +202,13 @@ def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: 
         raise AmphistaSetupError(
             f"amphista: num_speculative_tokens={k} but {heads} has {cfg.num_heads} heads "
             f"(allowed 1..{cfg.num_heads})")
-    translated = {key: value for key, value in spec.items() if key not in ("method", "model")}
+    pause = spec.get("disable_by_batch_size")
+    if pause is not None and (isinstance(pause, bool) or not isinstance(pause, int)
+                              or pause < 1):
+        raise AmphistaSetupError(
+            f"amphista: disable_by_batch_size={pause!r} must be a positive integer")
+    translated = {key: value for key, value in spec.items()
+                  if key not in ("method", "model", "disable_by_batch_size")}
     translated.update(method="custom_class", model=PROPOSER_CLASS_PATH,
                       num_speculative_tokens=int(k))
-    return translated, heads.resolve()
+    return translated, {"heads": str(heads.resolve()), "disable_by_batch_size": pause}

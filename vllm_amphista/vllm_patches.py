@@ -66,7 +66,8 @@ def patch_engine_args() -> None:
     - EngineArgs.create_speculative_config: validates the heads against the target and
       rewrites the request into vLLM's experimental `custom_class` proposer, passing the
       heads folder to the workers in vllm_config.additional_config["amphista"];
-    - EngineArgs.add_cli_args: adds --speculative-model / --num-speculative-tokens;
+    - EngineArgs.add_cli_args: adds --speculative-model / --num-speculative-tokens /
+      --speculative-disable-by-batch-size;
     - EngineArgs.from_cli_args: folds those flags into speculative_config.
     """
     from vllm.engine.arg_utils import EngineArgs
@@ -85,11 +86,11 @@ def patch_engine_args() -> None:
         spec = self.speculative_config
         if isinstance(spec, dict) and spec.get("method") == "amphista":
             hf = target_model_config.hf_text_config
-            self.speculative_config, heads = resolve_speculative_config(
+            self.speculative_config, settings = resolve_speculative_config(
                 spec, target_model_config.model, hf.hidden_size, target_model_config
                 .get_vocab_size())
             self.additional_config = {**(self.additional_config or {}),
-                                      ADDITIONAL_CONFIG_KEY: {"heads": str(heads)}}
+                                      ADDITIONAL_CONFIG_KEY: settings}
         return original_create(self, target_model_config, target_parallel_config)
 
     EngineArgs.create_speculative_config = _mark(create_speculative_config, original_create)
@@ -104,6 +105,9 @@ def patch_engine_args() -> None:
         group.add_argument("--num-speculative-tokens", dest="amphista_num_tokens", type=int,
                            default=None, help="Tokens drafted per step (default: the "
                            "heads' K).")
+        group.add_argument("--speculative-disable-by-batch-size", dest="amphista_pause",
+                           type=int, default=None, help="Skip drafting in steps with more "
+                           "than this many decoding requests (default: always draft).")
         return parser
 
     EngineArgs.add_cli_args = staticmethod(_mark(add_cli_args, original_add))
@@ -114,8 +118,10 @@ def patch_engine_args() -> None:
         engine_args = original_from(cls, args)
         heads = getattr(args, "amphista_heads", None)
         num_tokens = getattr(args, "amphista_num_tokens", None)
-        if heads is None and num_tokens is not None:
-            raise AmphistaSetupError("amphista: --num-speculative-tokens needs "
+        pause = getattr(args, "amphista_pause", None)
+        if heads is None and (num_tokens is not None or pause is not None):
+            raise AmphistaSetupError("amphista: --num-speculative-tokens and "
+                                     "--speculative-disable-by-batch-size need "
                                      "--speculative-model")
         if heads is not None:
             if engine_args.speculative_config:
@@ -124,6 +130,8 @@ def patch_engine_args() -> None:
             engine_args.speculative_config = {"method": "amphista", "model": heads}
             if num_tokens is not None:
                 engine_args.speculative_config["num_speculative_tokens"] = num_tokens
+            if pause is not None:
+                engine_args.speculative_config["disable_by_batch_size"] = pause
         return engine_args
 
     EngineArgs.from_cli_args = classmethod(_mark(from_cli_args, original_from))
