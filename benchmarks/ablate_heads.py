@@ -16,23 +16,37 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from vllm_amphista.training import TrainSettings
 
-# name -> (Medusa mode?, TrainSettings changes, AmphistaConfig changes)
-VARIANTS: dict[str, tuple[bool, dict, dict]] = {
-    "amphista": (False, {}, {}),
-    "medusa": (True, {}, {}),
-    "amphista-batch2": (False, {"batch_conversations": 2}, {}),
-    "medusa-batch2": (True, {"batch_conversations": 2}, {}),
-    "amphista-batch2-no-aeb": (False, {"batch_conversations": 2}, {"use_aeb": False}),
-    "amphista-batch2-no-sal": (False, {"batch_conversations": 2}, {"num_stages": 0}),
-    "amphista-batch2-lm1": (False, {"batch_conversations": 2, "lm_weight": 1.0}, {}),
-    "amphista-batch2-lr3e-3": (False, {"batch_conversations": 2, "learning_rate": 3e-3}, {}),
+
+
+@dataclass(frozen=True)
+class Variant:
+    medusa: bool = False
+    settings: dict = field(default_factory=dict)  # TrainSettings changes
+    config: dict = field(default_factory=dict)  # AmphistaConfig changes
+    train_fraction: float = 1.0  # the first part of the (shuffled) training split
+
+
+VARIANTS: dict[str, Variant] = {
+    "amphista": Variant(),
+    "medusa": Variant(medusa=True),
+    "amphista-batch2": Variant(settings={"batch_conversations": 2}),
+    "medusa-batch2": Variant(medusa=True, settings={"batch_conversations": 2}),
+    "amphista-batch2-half-data": Variant(settings={"batch_conversations": 2},
+                                         train_fraction=0.5),
+    "medusa-batch2-half-data": Variant(medusa=True, settings={"batch_conversations": 2},
+                                       train_fraction=0.5),
+    "amphista-batch2-no-aeb": Variant(settings={"batch_conversations": 2},
+                                      config={"use_aeb": False}),
+    "amphista-batch2-no-sal": Variant(settings={"batch_conversations": 2},
+                                      config={"num_stages": 0}),
+    "amphista-batch2-lm1": Variant(settings={"batch_conversations": 2, "lm_weight": 1.0}),
 }
 
 
@@ -67,16 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"name": f"{folder} (as shipped)", **evaluate(model, eval_set, lm_head,
                                                                    base)})
     for name in args.variants:
-        medusa, setting_changes, config_changes = VARIANTS[name]
-        settings = replace(base, **setting_changes)
-        model = draft_model_for(target_dir, target, train_set, medusa=medusa,
+        variant = VARIANTS[name]
+        settings = replace(base, **variant.settings)
+        subset = train_set[: round(len(train_set) * variant.train_fraction)]
+        model = draft_model_for(target_dir, target, subset, medusa=variant.medusa,
                                 draft_vocab=args.draft_vocab, seed=settings.seed,
-                                overrides=config_changes)
+                                overrides=variant.config)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as work:
-            record = train(model, lm_head, train_set, eval_set, settings, Path(work))
+            record = train(model, lm_head, subset, eval_set, settings, Path(work))
         rows.append({"name": name, "train_s": time.perf_counter() - started,
-                     "settings": setting_changes, "config": config_changes,
+                     "train_conversations": len(subset), **asdict(variant),
                      "parameters": sum(p.numel() for p in model.parameters()),
                      **record["history"][-1]["eval"]})
         print(f"{name}: chain_tau {rows[-1]['chain_tau']:.3f}", flush=True)

@@ -73,6 +73,8 @@ def server_args(method: str, args: argparse.Namespace) -> list[str]:
     common = [str(args.target), "--dtype", "float32", "--enforce-eager", "--seed", "0",
               "--max-model-len", "2048", "--max-num-seqs", str(max(args.concurrency))]
     k = ["--num-speculative-tokens", str(args.k)] if args.k else []
+    if args.disable_by_batch_size:  # our proposer only: vLLM 0.32's Medusa has no such knob
+        k += ["--speculative-disable-by-batch-size", str(args.disable_by_batch_size)]
     if method == "vanilla":
         return common
     if method == "amphista":
@@ -251,6 +253,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, nargs="+", default=[0.0, 0.7])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--k", type=int, default=0, help="drafts per step (0: the heads' K)")
+    parser.add_argument("--disable-by-batch-size", type=int, default=0,
+                        help="our proposer skips drafting in steps with more decoding "
+                        "requests than this (0: always draft)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
 
 
@@ -288,7 +293,8 @@ def main(args: argparse.Namespace) -> int:
     rows = summarise(runs)
     report = {"target": str(args.target), "prompts": args.prompts or "MT-Bench",
               "num_prompts": len(prompts), "max_tokens": args.max_tokens,
-              "repeats": args.repeats, "methods": args.methods,
+              "repeats": args.repeats, "methods": args.methods, "k": args.k or None,
+              "disable_by_batch_size": args.disable_by_batch_size or None,
               "heads": {"amphista": str(args.amphista_heads), "medusa": str(args.medusa_heads)},
               "environment": environment(), "wall_s": time.perf_counter() - started,
               "rows": rows}
