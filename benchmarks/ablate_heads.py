@@ -24,7 +24,6 @@ import torch
 from vllm_amphista.training import TrainSettings
 
 
-
 @dataclass(frozen=True)
 class Variant:
     medusa: bool = False
@@ -75,7 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     base = TrainSettings(epochs=args.epochs)
     train_set, eval_set = split(conversations, base.eval_fraction, base.seed)
     lm_head = target.lm_head.float()
-    rows = []
+    rows: list[dict] = []
+
+    def write(rows: list[dict]) -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "target": str(target_dir), "epochs": args.epochs,
+            "train_conversations": len(train_set), "eval_conversations": len(eval_set),
+            "torch_threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+
     for folder in args.evaluate:
         model = load_checkpoint(folder, target=target)
         rows.append({"name": f"{folder} (as shipped)", **evaluate(model, eval_set, lm_head,
@@ -95,12 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                      "parameters": sum(p.numel() for p in model.parameters()),
                      **record["history"][-1]["eval"]})
         print(f"{name}: chain_tau {rows[-1]['chain_tau']:.3f}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"target": str(target_dir), "epochs": args.epochs,
-                                    "train_conversations": len(train_set),
-                                    "eval_conversations": len(eval_set),
-                                    "torch_threads": torch.get_num_threads(), "rows": rows},
-                                   indent=2) + "\n")
+        write(rows)  # after every variant: a long queue keeps what it measured
+    write(rows)
     print("| variant | chain tau | top-1 per head | train s |\n| --- | ---: | --- | ---: |")
     for r in rows:
         print(f"| {r['name']} | {r['chain_tau']:.3f} | "
