@@ -36,9 +36,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks.server import get_text, post_json, vllm_server
+from vllm_amphista.cli import SHIPPED_HEADS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_HEADS = REPO_ROOT / "heads" / "SmolLM2-135M-Instruct"
 METHODS = ("vanilla", "amphista", "medusa", "vllm-medusa")
 
 
@@ -226,9 +226,10 @@ def environment() -> dict:
 
     from vllm_amphista.vllm_patches import engine_version
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor()) \
-        if Path("/proc/cpuinfo").is_file() else platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines
+                if line.startswith("model name")), platform.processor())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                             capture_output=True, text=True).stdout.strip()
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

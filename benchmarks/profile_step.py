@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench import SHIPPED_HEADS
+from vllm_amphista.cli import SHIPPED_HEADS
 
 
 def _timed(function, totals: dict[str, float], key: str):

@@ -214,13 +214,14 @@ def train(model: AmphistaDraftModel, lm_head: torch.Tensor, train_set: list[Conv
                                        settings.max_positions).to(device)
             # This rank's share; a rank left without one (a short last batch) runs a
             # zero-weighted batch so that DDP's gradient all-reduce still lines up.
-            share = chunk[rank::world] or chunk[:1]
+            mine = chunk[rank::world]
+            share = mine or chunk[:1]
             # The teacher's logits, restricted to the draft vocabulary.
             hidden, tokens, valid, _, target_logits = (x.to(device) for x in _batch(
                 share, settings.max_positions, draft_lm_head))
             losses = head_losses(net(hidden, tokens[:, 1:]), tokens, valid, target_logits,
                                  to_draft, settings.lm_weight, positions)
-            if not chunk[rank::world]:
+            if not mine:
                 losses = losses * 0
             loss = (losses * weights).sum() / weights.sum()  # this rank's part of the loss
             optimizer.zero_grad(set_to_none=True)
