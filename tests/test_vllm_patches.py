@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import inspect
 
+import pytest
+import torch
 import vllm
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -68,3 +70,45 @@ def test_patches_are_idempotent_and_add_the_flags():
                                               "num_speculative_tokens": 3,
                                               "disable_by_batch_size": 8}
     assert isinstance(args, argparse.Namespace)
+
+
+def _expand_case(dtype: torch.dtype):
+    """Five requests, one with no drafts, values that include replace_from (0)."""
+    values = torch.tensor([0.7, 0.0, 3.0, 1.5, 0.0]).to(dtype)
+    counts = torch.tensor([4, 0, 2, 3, 1])
+    return values, counts, torch.cumsum(counts, 0).to(torch.int32)
+
+
+def test_engine_cpu_expand_still_loses_its_output():
+    """Tripwire: vLLM 0.32's CPU expand writes an int64 copy, never the caller's float32
+    tensor. The day this fails, vLLM has fixed it: drop patch_cpu_expand_kernel."""
+    from vllm.platforms import current_platform
+    from vllm.utils import cpu_triton_utils
+
+    current_platform.import_kernels()
+    engine_expand = getattr(cpu_triton_utils._expand_kernel_impl, "_amphista_original",
+                            cpu_triton_utils._expand_kernel_impl)
+    values, counts, cu = _expand_case(torch.float32)
+    output = torch.full((int(counts.sum()),), -7.0)
+    engine_expand(output, values, cu, 0, 1)
+    assert (output == -7.0).all(), "vLLM's CPU expand now writes its output: drop the patch"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
+def test_patched_expand_matches_repeat_interleave(dtype):
+    from vllm.platforms import current_platform
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens
+
+    # The order vLLM's workers use: plugins first, then the platform's kernel overrides.
+    load_general_plugins()
+    current_platform.import_kernels()
+    current_platform.register_triton_kernel_overrides()
+    values, counts, cu = _expand_case(dtype)
+    for replace_from, replace_to in ((0, 1), (0, 0)):
+        expected = torch.where(values == replace_from, torch.tensor(replace_to, dtype=dtype),
+                               values).repeat_interleave(counts)
+        for _ in range(3):  # uninitialised memory differs from call to call
+            got = expand_batch_to_tokens(values, cu, int(counts.sum()),
+                                         replace_from=replace_from, replace_to=replace_to)
+            assert got.dtype == dtype and torch.equal(got, expected)

@@ -21,9 +21,11 @@ def register() -> None:
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # Lazy "module:Class" string: nothing is imported until vLLM resolves the name.
         ModelRegistry.register_model(ARCHITECTURE, "vllm_amphista.model:AmphistaDraftModel")
-    # Only the cheap front-end patch here; the model-runner patch is applied by
-    # AmphistaProposer itself, in the worker that builds it.
-    from vllm_amphista.vllm_patches import patch_engine_args
+    # Only cheap patches here; the model-runner patch is applied by AmphistaProposer
+    # itself, in the worker that builds it.
+    from vllm_amphista.vllm_patches import patch_cpu_expand_kernel, patch_engine_args
 
     patch_engine_args()
+    # Every speculative method on the CPU build needs this, not only ours.
+    patch_cpu_expand_kernel()
     _registered = True

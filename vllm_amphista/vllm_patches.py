@@ -12,6 +12,8 @@ import functools
 import importlib.metadata
 import inspect
 
+import torch
+
 PINNED_VLLM_VERSION = "0.32.0"
 _distribution_version = importlib.metadata.version  # unpatched, captured at import
 
@@ -204,3 +206,52 @@ def patch_model_runner() -> None:
 
     GPUModelRunner._on_request_state_removed = _mark(_on_request_state_removed,
                                                      original_removed)
+
+
+def expand_per_request(output: torch.Tensor, input_val: torch.Tensor,
+                       cu_num_tokens: torch.Tensor, replace_from, replace_to,
+                       MAX_NUM_TOKENS: int | None = None) -> None:
+    """Write request i's value (replace_from swapped for replace_to) into its span
+    cu_num_tokens[i-1]:cu_num_tokens[i] of `output`, at the caller's dtype: what vLLM's
+    Triton `expand_kernel` does on CUDA. Positions past the last span stay untouched."""
+    if input_val.numel() == 0:
+        return
+    counts = torch.diff(cu_num_tokens.to(torch.int64), prepend=cu_num_tokens.new_zeros(1))
+    values = torch.where(input_val == replace_from,
+                         torch.tensor(replace_to, dtype=input_val.dtype), input_val)
+    output[: int(cu_num_tokens[-1])] = values.repeat_interleave(counts.to(output.device))
+
+
+EXPAND_KERNEL_NAME = "vllm.v1.sample.rejection_sampler.expand_kernel"
+
+
+def patch_cpu_expand_kernel() -> None:
+    """Sampling parameters at draft positions, on vLLM's CPU build.
+
+    Wraps (vLLM 0.32.0): vllm.utils.cpu_triton_utils._expand_kernel_impl, the CPU
+    stand-in for the rejection sampler's Triton `expand_kernel`, which
+    `expand_batch_to_tokens` uses to give every draft position its request's
+    temperature, top-k and top-p. It hands `_ensure_int64(output)` to the C++ op: for a
+    float32 or int32 output that is a temporary copy, so the caller's tensor (from
+    `new_empty`) is never written and the draft positions are sampled with uninitialised
+    memory (garbage text, crashes in top-k). Replaced by `expand_per_request`. Upstream
+    knows it (vLLM issue 55005); tests/test_vllm_patches.py says when it is fixed.
+
+    Only on the CPU platform (CUDA runs the Triton kernel). Must run before
+    `CpuPlatform.register_triton_kernel_overrides()` reads the module attribute, which the
+    plugin hook does (vLLM's worker loads plugins first); if the overrides are already in
+    place, ours is registered over them.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.triton_utils import dispatcher
+    from vllm.utils import cpu_triton_utils
+
+    if _is_patched(cpu_triton_utils._expand_kernel_impl):
+        return
+    cpu_triton_utils._expand_kernel_impl = _mark(expand_per_request,
+                                                 cpu_triton_utils._expand_kernel_impl)
+    if EXPAND_KERNEL_NAME in dispatcher._registry:
+        dispatcher.register_kernels({EXPAND_KERNEL_NAME: cpu_triton_utils._expand_kernel_impl})
