@@ -2,7 +2,8 @@
 
     python -m benchmarks.vllm_acceptance --heads heads/.../amphista heads/.../medusa
 
-One engine per heads folder, temperature 0, K drafts per step; one request at a time
+One engine per heads folder (and draft-sampling mode), temperature 0 unless
+--temperature says otherwise, K drafts per step; one request at a time
 (as the paper's harness) or, with --batch, all questions in one call (faster; the same
 greedy tokens, so the same drafts up to float rounding in the batched target pass).
 Reports tau = 1 + accepted / drafts (tokens per target forward) and the acceptance
@@ -18,15 +19,17 @@ from pathlib import Path
 
 
 def measure(target: str, heads: str, questions: list[str], max_tokens: int,
-            batch: bool = False) -> dict:
+            batch: bool = False, temperature: float = 0.0,
+            draft_sampling: str = "sample") -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=target, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
               disable_log_stats=False,
-              speculative_config={"method": "amphista", "model": heads})
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+              speculative_config={"method": "amphista", "model": heads,
+                                  "draft_sampling": draft_sampling})
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
     conversations = [[{"role": "user", "content": q}] for q in questions]
     for group in [conversations] if batch else [[c] for c in conversations]:
         llm.chat(group, params, use_tqdm=False)
@@ -34,7 +37,8 @@ def measure(target: str, heads: str, questions: list[str], max_tokens: int,
                for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode")}
     drafts = metrics["vllm:spec_decode_num_drafts"]
     per_position = metrics["vllm:spec_decode_num_accepted_tokens_per_pos"]
-    return {"heads": heads, "drafts": drafts,
+    return {"heads": heads, "temperature": temperature, "draft_sampling": draft_sampling,
+            "drafts": drafts,
             "tau": 1 + sum(per_position) / max(1, drafts),
             "acceptance_per_position": [a / max(1, drafts) for a in per_position]}
 
@@ -50,19 +54,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, default=80)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch", action="store_true", help="all questions in one call")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--draft-sampling", nargs="+", default=["sample"],
+                        choices=["sample", "argmax"],
+                        help="how sampled requests draft (one engine per mode)")
     parser.add_argument("--out", default="runs/vllm_acceptance.json")
     args = parser.parse_args(argv)
     questions = first_turns(args.prompts, limit=args.num_prompts)
-    rows = [measure(args.target, h, questions, args.max_tokens, args.batch)
-            for h in args.heads]
+    rows = [measure(args.target, h, questions, args.max_tokens, args.batch, args.temperature,
+                    mode) for h in args.heads for mode in args.draft_sampling]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"prompts": len(questions),
                                           "max_tokens": args.max_tokens,
-                                          "batched": args.batch, "rows": rows},
+                                          "batched": args.batch,
+                                          "temperature": args.temperature, "rows": rows},
                                          indent=2) + "\n")
-    print("| heads | tau | acceptance per position |\n| --- | ---: | --- |")
+    print("| heads | temperature | drafts | tau | acceptance per position |\n"
+          "| --- | ---: | --- | ---: | --- |")
     for r in rows:
-        print(f"| {r['heads']} | {r['tau']:.2f} | "
+        print(f"| {r['heads']} | {r['temperature']} | {r['draft_sampling']} | {r['tau']:.2f} | "
               + " ".join(f"{a:.3f}" for a in r["acceptance_per_position"]) + " |")
     return 0
 

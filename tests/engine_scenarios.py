@@ -77,8 +77,40 @@ def scenario_seeded(llm, prompts, max_tokens):
     return _sampled(llm, prompts, max_tokens, seed=1234)
 
 
+def scenario_mixed(llm, prompts, max_tokens):
+    """Greedy requests batched with sampled ones (top-k, top-p, min-p, a seed, n=2): the
+    greedy answers, and every sampled answer's lengths."""
+    from vllm import SamplingParams
+
+    sampled = [dict(temperature=0.8, top_k=20), dict(temperature=0.7, top_p=0.9),
+               dict(temperature=1.0, min_p=0.1), dict(temperature=0.8, seed=7, n=2)]
+    params = [SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                             **({"temperature": 0.0} if i % 2 == 0 else sampled[i // 2 % 4]))
+              for i in range(len(prompts))]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return {"greedy": [list(o.outputs[0].token_ids) for o in outs[::2]],
+            "sampled_lengths": [[len(c.token_ids) for c in o.outputs] for o in outs[1::2]]}
+
+
+# The distribution test: many seeded short samples of each prompt.
+DISTRIBUTION_SAMPLES, DISTRIBUTION_TOKENS = 1000, 3
+
+
+def scenario_distribution(llm, prompts, max_tokens):
+    """DISTRIBUTION_SAMPLES seeded samples of the first DISTRIBUTION_TOKENS tokens of each
+    prompt at T=0.8, top-k 20, top-p 0.9."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=seed,
+                             max_tokens=DISTRIBUTION_TOKENS, ignore_eos=True)
+              for seed in range(DISTRIBUTION_SAMPLES)]
+    return [_ids(llm.generate([p] * DISTRIBUTION_SAMPLES, params, use_tqdm=False))
+            for p in prompts]
+
+
 SCENARIOS = {"single": scenario_single, "batch": scenario_batch, "abort": scenario_abort,
-             "sampled": scenario_sampled, "seeded": scenario_seeded}
+             "sampled": scenario_sampled, "seeded": scenario_seeded, "mixed": scenario_mixed,
+             "distribution": scenario_distribution}
 
 
 def _metrics(llm) -> dict:

@@ -121,18 +121,18 @@ def test_sal_cache_reset_and_growth():
     assert cache.length == 0 and cache.keys(0).shape == (2, 0, 8)
 
 
-def test_propose_maps_draft_vocabulary_to_target_ids(tiny_target):
+def test_drafts_map_draft_vocabulary_to_target_ids(tiny_target):
     model = random_draft_model(tiny_target, draft_vocab_size=50)
     with torch.no_grad():
         model.draft_to_target.copy_(torch.arange(50) * 7 % tiny_target.vocab_size)
     model.attach_target(tiny_target)  # lm_head rows follow the new map
     hidden, tokens = _inputs(tiny_target, b=1, t=5)
-    draft = model.propose([SALCache()], [hidden[0]], [tokens[0]])
+    drafted = model.extend([SALCache()], [hidden[0]], [tokens[0]]).argmax(-1)
+    draft = model.to_target_ids(drafted)
     logits = model(hidden, tokens)[0, -1]
-    assert draft.tokens.shape == (1, model.config.num_heads)
-    torch.testing.assert_close(draft.tokens[0], model.draft_to_target[logits.argmax(-1)])
-    assert set(draft.tokens.flatten().tolist()) <= set(model.draft_to_target.tolist())
-    assert ((draft.probs > 0) & (draft.probs <= 1)).all()
+    assert draft.shape == (1, model.config.num_heads)
+    torch.testing.assert_close(draft[0], model.draft_to_target[logits.argmax(-1)])
+    assert set(draft.flatten().tolist()) <= set(model.draft_to_target.tolist())
 
 
 def test_medusa_mode_is_medusa_1(tiny_target):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import random_draft_model
+from vllm_amphista.draft_sampling import RequestSampling
 from vllm_amphista.proposer import (
     AmphistaProposer,
     AmphistaSetupError,
@@ -24,11 +25,13 @@ def heads_dir(tiny_target, tmp_path):
     return folder
 
 
-def _proposer(heads_dir, target_dir, num_tokens=3, pause=None) -> AmphistaProposer:
+def _proposer(heads_dir, target_dir, num_tokens=3, pause=None,
+              draft_sampling="sample") -> AmphistaProposer:
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=num_tokens),
         additional_config={"amphista": {"heads": str(heads_dir),
-                                        "disable_by_batch_size": pause}},
+                                        "disable_by_batch_size": pause,
+                                        "draft_sampling": draft_sampling}},
         model_config=SimpleNamespace(model=str(target_dir), dtype=torch.float32),
         device_config=SimpleNamespace(device="cpu"),
         parallel_config=SimpleNamespace(tensor_parallel_size=2),  # read target files
@@ -55,7 +58,7 @@ def test_steps_feed_exactly_the_accepted_positions(heads_dir, tiny_target, tiny_
             req_ids=["r"], sampled_token_ids=[sampled],
             hidden_states=hidden[start: start + rows],
             query_start_loc=np.array([0, rows]), start_positions=np.array([start]),
-            num_draft_tokens=np.array([num_drafts]), token_ids=table))
+            num_draft_tokens=np.array([num_drafts]), token_ids=table)).tokens
 
     # Prompt = 10 tokens: chunk of 6 (no sample), then 4 more and the first sample (pos 10).
     assert step(0, 6, [], 0, known=10) == [[]]
@@ -88,7 +91,7 @@ def test_drafting_pauses_above_the_batch_limit(heads_dir, tiny_target, tiny_targ
             hidden_states=torch.randn(n * 8 if start == 0 else n, d),
             query_start_loc=np.arange(n + 1) * (8 if start == 0 else 1),
             start_positions=np.full(n, start), num_draft_tokens=np.zeros(n, np.int64),
-            token_ids=table))
+            token_ids=table)).tokens
 
     assert step(["a", "b", "c"], 0, sampled=False) == [[], [], []]  # prompt chunks
     assert proposer.caches["a"].length == 8  # fed: partial prefills are not decoding
@@ -96,6 +99,38 @@ def test_drafting_pauses_above_the_batch_limit(heads_dir, tiny_target, tiny_targ
     assert proposer.caches["a"].length == 8  # untouched while paused
     assert len(step(["a"], 9, sampled=True)[0]) == 3
     assert proposer.caches["a"].length == 1  # restarted: position 8 was never fed
+
+
+def test_sampled_requests_draft_from_q_greedy_ones_argmax(heads_dir, tiny_target,
+                                                          tiny_target_dir):
+    """A greedy and a sampled request in one step: the greedy one drafts the argmax and
+    gets no q; the sampled one's q is a distribution per head (restricted to its top-k)
+    that gives its drafted token positive mass. In "argmax" mode nobody gets q."""
+    d, vocab = tiny_target.hidden_size, tiny_target.vocab_size
+    hidden = torch.randn(16, d, generator=torch.Generator().manual_seed(0))
+    table = np.arange(2 * 64, dtype=np.int32).reshape(2, 64) % vocab
+
+    def step(proposer, sampling):
+        return proposer.propose_from_step(StepRows(
+            req_ids=["greedy", "sampled"], sampled_token_ids=[[5], [6]],
+            hidden_states=hidden, query_start_loc=np.array([0, 8, 16]),
+            start_positions=np.zeros(2, np.int64), num_draft_tokens=np.zeros(2, np.int64),
+            token_ids=table, sampling=sampling))
+
+    sampling = RequestSampling(temperature=torch.tensor([0.0, 1.5]), top_p=None,
+                               top_k=torch.tensor([vocab, 20], dtype=torch.int32),
+                               generators={})
+    argmax = step(_proposer(heads_dir, tiny_target_dir), None)
+    assert argmax.draft_probs is None
+    proposal = step(_proposer(heads_dir, tiny_target_dir), sampling)
+    assert proposal.tokens[0] == argmax.tokens[0]
+    q = proposal.draft_probs
+    assert q.shape == (2, 3, vocab) and not q[0].any()
+    torch.testing.assert_close(q[1].sum(-1), torch.ones(3))
+    assert ((q[1] > 0).sum(-1) == 20).all()
+    assert all(q[1, k, token] > 0 for k, token in enumerate(proposal.tokens[1]))
+    assert step(_proposer(heads_dir, tiny_target_dir, draft_sampling="argmax"),
+                sampling).draft_probs is None
 
 
 def test_too_many_speculative_tokens(heads_dir, tiny_target_dir):
@@ -115,7 +150,8 @@ def test_resolve_translates_to_custom_class(heads_dir, tiny_target, tiny_target_
         str(tiny_target_dir), tiny_target.hidden_size, tiny_target.vocab_size)
     assert spec == {"method": "custom_class", "num_speculative_tokens": 2,
                     "model": "vllm_amphista.proposer.AmphistaProposer"}
-    assert settings == {"heads": str(heads_dir.resolve()), "disable_by_batch_size": 8}
+    assert settings == {"heads": str(heads_dir.resolve()), "disable_by_batch_size": 8,
+                        "draft_sampling": "sample"}
     spec, _ = resolve_speculative_config({"method": "amphista", "model": str(heads_dir)},
                                          str(tiny_target_dir), tiny_target.hidden_size,
                                          tiny_target.vocab_size)
@@ -129,6 +165,7 @@ def test_resolve_translates_to_custom_class(heads_dir, tiny_target, tiny_target_
     ({"method": "amphista", "num_speculative_tokens": 0}, "allowed 1..4"),
     ({"method": "amphista", "disable_by_batch_size": 0}, "must be a positive integer"),
     ({"method": "amphista", "disable_by_batch_size": "8"}, "must be a positive integer"),
+    ({"method": "amphista", "draft_sampling": "top1"}, "must be one of sample, argmax"),
 ])
 def test_resolve_rejects_bad_requests(heads_dir, tiny_target, tiny_target_dir, spec, message):
     if "model" not in spec and message != "needs 'model'":

@@ -13,8 +13,6 @@ with a per-sequence SAL cache (for drafting).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -195,12 +193,6 @@ class SALCache:
         return sum(t.numel() * t.element_size() for t in self._keys + self._values)
 
 
-@dataclass
-class Draft:
-    tokens: torch.Tensor  # [B, K] target-vocabulary ids
-    probs: torch.Tensor  # [B, K] draft probability of each proposed token
-
-
 class AmphistaDraftModel(nn.Module):
     def __init__(self, config: AmphistaConfig, target: TargetWeights | None = None) -> None:
         super().__init__()
@@ -350,13 +342,6 @@ class AmphistaDraftModel(nn.Module):
                 keys[i, :, : cache.length] = cache.keys(stage)
                 values[i, :, : cache.length] = cache.values(stage)
         return keys, values
-
-    @torch.no_grad()
-    def propose(self, caches, hidden_states, next_token_ids) -> Draft:
-        """K greedy draft tokens (target ids) and their draft probabilities per sequence."""
-        logits = self.extend(caches, hidden_states, next_token_ids).float()
-        probs, ids = logits.softmax(-1).max(-1)
-        return Draft(tokens=self.to_target_ids(ids), probs=probs)
 
     # -- checkpoint format (vllm_amphista.checkpoint) -----------------------------------
     def save_pretrained(self, folder) -> None:

@@ -23,14 +23,25 @@ import numpy as np
 import torch
 
 from vllm_amphista.checkpoint import check_target, load_checkpoint
+from vllm_amphista.draft_sampling import (
+    DRAFT_SAMPLING_MODES,
+    DraftSampling,
+    RequestSampling,
+    draft_distribution,
+    sample_drafts,
+    to_target_vocab,
+)
 from vllm_amphista.model import AmphistaDraftModel, SALCache
 from vllm_amphista.target import TargetWeights
 
 # A child of vLLM's logger, so our lines appear with vLLM's own, formatted alike.
 logger = logging.getLogger("vllm.amphista")
 
-# vllm_config.additional_config[...] = {"heads": dir, "disable_by_batch_size": int | None}
+# vllm_config.additional_config[...] = {"heads": dir, "disable_by_batch_size": int | None,
+#                                        "draft_sampling": "sample" | "argmax"}
 ADDITIONAL_CONFIG_KEY = "amphista"
+# How sampled requests draft (draft_sampling.py); chosen by measurement, see README.
+DEFAULT_DRAFT_SAMPLING: DraftSampling = "sample"
 
 
 @dataclass
@@ -44,6 +55,15 @@ class StepRows:
     start_positions: np.ndarray  # [num_reqs] absolute position of each request's first row
     num_draft_tokens: np.ndarray  # [num_reqs] drafts that were verified this step
     token_ids: np.ndarray  # [max_reqs, max_len] every known token of each request
+    sampling: RequestSampling | None = None  # per request; None = every request greedy
+
+
+@dataclass
+class Proposal:
+    tokens: list[list[int]]  # per request, in the step's order; [] = no draft
+    # [num_reqs, K, vocab] the q each sampled draft was drawn from, zeros for the other
+    # requests; None when every draft is an argmax (vLLM then treats drafts as one-hot).
+    draft_probs: torch.Tensor | None = None
 
 
 class AmphistaProposer:
@@ -61,6 +81,8 @@ class AmphistaProposer:
         # Above this many decoding requests a step gets no drafts: verifying K+1 tokens
         # per request costs more than it saves once the target is compute-bound.
         self.disable_by_batch_size: int | None = settings.get("disable_by_batch_size")
+        self.draft_sampling: DraftSampling = settings.get("draft_sampling",
+                                                          DEFAULT_DRAFT_SAMPLING)
         self.target_dir = Path(vllm_config.model_config.model)
         self.num_speculative_tokens = spec.num_speculative_tokens
         self.device = torch.device(vllm_config.device_config.device)
@@ -104,12 +126,13 @@ class AmphistaProposer:
             "vllm_amphista.vllm_patches is not installed (is the plugin loaded?)")
 
     # -- the real entry point ------------------------------------------------------------
-    def propose_from_step(self, step: StepRows) -> list[list[int]]:
+    def propose_from_step(self, step: StepRows) -> Proposal:
+        drafts: list[list[int]] = [[] for _ in step.req_ids]
         if self.disable_by_batch_size is not None and sum(
                 1 for s in step.sampled_token_ids if s) > self.disable_by_batch_size:
             # Pause: no draft pass at all. A paused request's cache no longer ends where
             # its next rows start, so _cache_for restarts it when drafting resumes.
-            return [[] for _ in step.req_ids]
+            return Proposal(drafts)
         caches, hiddens, next_tokens, drafting = [], [], [], []
         for i, req_id in enumerate(step.req_ids):
             rows = self._accepted_rows(step, i)
@@ -124,15 +147,35 @@ class AmphistaProposer:
                 step.token_ids[i, start + 1: start + rows + 1].astype(np.int64)).to(self.device))
             drafting.append(i)
             self._next_position[req_id] = start + rows
-        drafts: list[list[int]] = [[] for _ in step.req_ids]
         if not caches:
-            return drafts
-        proposal = self.model.propose(caches, hiddens, next_tokens)
-        tokens = proposal.tokens[:, : self.num_speculative_tokens].tolist()
+            return Proposal(drafts)
+        logits = self.model.extend(caches, hiddens, next_tokens)[:, : self.num_speculative_tokens]
+        ids, draft_probs = self._choose(logits, step, drafting)
+        tokens = self.model.to_target_ids(ids).tolist()
         for row, i in enumerate(drafting):
             if step.sampled_token_ids[i]:  # a partial prefill gets no draft
                 drafts[i] = tokens[row]
-        return drafts
+        return Proposal(drafts, draft_probs)
+
+    def _choose(self, logits: torch.Tensor, step: StepRows,
+                drafting: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft-vocabulary ids [n, K] for the drafting requests, and their q
+        (Proposal.draft_probs) if any of them samples."""
+        ids = logits.argmax(-1)
+        if step.sampling is None or self.draft_sampling == "argmax":
+            return ids, None
+        rows = step.sampling.rows(drafting)
+        sampled = (~rows.is_greedy).nonzero().flatten().tolist()
+        if not sampled:
+            return ids, None
+        sampled_rows = rows.rows(sampled)
+        q = draft_distribution(logits[sampled], sampled_rows)
+        ids[sampled] = sample_drafts(q, sampled_rows.generators)
+        vocab_size = self.model.config.vocab_size
+        draft_probs = q.new_zeros(len(step.req_ids), logits.shape[1], vocab_size)
+        draft_probs[[drafting[r] for r in sampled]] = to_target_vocab(
+            q, self.model.draft_to_target, vocab_size)
+        return ids, draft_probs
 
     @staticmethod
     def _accepted_rows(step: StepRows, i: int) -> int:
@@ -175,7 +218,8 @@ def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: 
                                target_vocab_size: int) -> tuple[dict, dict]:
     """Validate {"method": "amphista", "model": <heads>, ...} against the target and turn
     it into vLLM's custom_class form. Returns (vLLM speculative_config dict, the
-    proposer's settings for additional_config). Our own key: disable_by_batch_size."""
+    proposer's settings for additional_config). Our own keys: disable_by_batch_size,
+    draft_sampling."""
     from vllm_amphista.checkpoint import CheckpointError
 
     heads = spec.get("model")
@@ -207,8 +251,14 @@ def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: 
                               or pause < 1):
         raise AmphistaSetupError(
             f"amphista: disable_by_batch_size={pause!r} must be a positive integer")
+    draft_sampling = spec.get("draft_sampling", DEFAULT_DRAFT_SAMPLING)
+    if draft_sampling not in DRAFT_SAMPLING_MODES:
+        raise AmphistaSetupError(
+            f"amphista: draft_sampling={draft_sampling!r} must be one of "
+            f"{', '.join(DRAFT_SAMPLING_MODES)}")
     translated = {key: value for key, value in spec.items()
-                  if key not in ("method", "model", "disable_by_batch_size")}
+                  if key not in ("method", "model", "disable_by_batch_size", "draft_sampling")}
     translated.update(method="custom_class", model=PROPOSER_CLASS_PATH,
                       num_speculative_tokens=int(k))
-    return translated, {"heads": str(heads.resolve()), "disable_by_batch_size": pause}
+    return translated, {"heads": str(heads.resolve()), "disable_by_batch_size": pause,
+                        "draft_sampling": draft_sampling}

@@ -152,13 +152,17 @@ def patch_model_runner() -> None:
     Wraps (vLLM 0.32.0, vllm/v1/worker/gpu_model_runner.py; the CPU runner inherits both):
     - GPUModelRunner.propose_draft_token_ids: for an AmphistaProposer, builds the step's
       rows (hidden states, row ranges, start positions, verified-draft counts, token
-      table) and calls propose_from_step; every other drafter goes to vLLM's code;
+      table, sampling parameters) and calls propose_from_step, then stores the drafts' q
+      where the next step's rejection sampler reads it (`_draft_probs`,
+      `_draft_prob_req_ids`, as vLLM's own EAGLE proposer does through
+      `take_last_draft_probs`); every other drafter goes to vLLM's code;
     - GPUModelRunner._on_request_state_removed: drops the request's SAL cache when vLLM
       drops the request (finished or aborted).
     """
     import numpy as np
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    from vllm_amphista.draft_sampling import RequestSampling
     from vllm_amphista.proposer import AmphistaProposer, StepRows
 
     if _is_patched(GPUModelRunner.propose_draft_token_ids):
@@ -178,13 +182,11 @@ def patch_model_runner() -> None:
                 self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
                 sample_hidden_states, aux_hidden_states, spec_decode_metadata,
                 common_attn_metadata, slot_mappings)
-        self._draft_probs = None
-        self._draft_prob_req_ids = None
         batch = self.input_batch
         num_reqs = batch.num_reqs
         num_drafts = (np.asarray(spec_decode_metadata.num_draft_tokens)
                       if spec_decode_metadata is not None else np.zeros(num_reqs, np.int64))
-        return drafter.propose_from_step(StepRows(
+        proposal = drafter.propose_from_step(StepRows(
             req_ids=list(batch.req_ids[:num_reqs]),
             sampled_token_ids=sampled_token_ids,
             hidden_states=hidden_states,
@@ -192,7 +194,16 @@ def patch_model_runner() -> None:
             start_positions=batch.num_computed_tokens_cpu[:num_reqs],
             num_draft_tokens=num_drafts,
             token_ids=batch.token_ids_cpu,
+            sampling=None if sampling_metadata.all_greedy else RequestSampling(
+                temperature=sampling_metadata.temperature[:num_reqs],
+                top_k=sampling_metadata.top_k, top_p=sampling_metadata.top_p,
+                generators=sampling_metadata.generators),
         ))
+        # Read by the next step's _get_spec_decode_draft_probs, by request id.
+        self._draft_probs = proposal.draft_probs
+        self._draft_prob_req_ids = (None if proposal.draft_probs is None
+                                    else list(batch.req_ids[:num_reqs]))
+        return proposal.tokens
 
     GPUModelRunner.propose_draft_token_ids = _mark(propose_draft_token_ids, original_propose)
 
