@@ -31,7 +31,8 @@ def _proposer(heads_dir, target_dir, num_tokens=3, pause=None,
         speculative_config=SimpleNamespace(num_speculative_tokens=num_tokens),
         additional_config={"amphista": {"heads": str(heads_dir),
                                         "disable_by_batch_size": pause,
-                                        "draft_sampling": draft_sampling}},
+                                        "draft_sampling": draft_sampling,
+                                        "draft_dtype": "float32"}},
         model_config=SimpleNamespace(model=str(target_dir), dtype=torch.float32),
         device_config=SimpleNamespace(device="cpu"),
         parallel_config=SimpleNamespace(tensor_parallel_size=2),  # read target files
@@ -151,7 +152,7 @@ def test_resolve_translates_to_custom_class(heads_dir, tiny_target, tiny_target_
     assert spec == {"method": "custom_class", "num_speculative_tokens": 2,
                     "model": "vllm_amphista.proposer.AmphistaProposer"}
     assert settings == {"heads": str(heads_dir.resolve()), "disable_by_batch_size": 8,
-                        "draft_sampling": "sample"}
+                        "draft_sampling": "sample", "draft_dtype": "auto"}
     spec, _ = resolve_speculative_config({"method": "amphista", "model": str(heads_dir)},
                                          str(tiny_target_dir), tiny_target.hidden_size,
                                          tiny_target.vocab_size)
@@ -166,6 +167,7 @@ def test_resolve_translates_to_custom_class(heads_dir, tiny_target, tiny_target_
     ({"method": "amphista", "disable_by_batch_size": 0}, "must be a positive integer"),
     ({"method": "amphista", "disable_by_batch_size": "8"}, "must be a positive integer"),
     ({"method": "amphista", "draft_sampling": "top1"}, "must be one of sample, argmax"),
+    ({"method": "amphista", "draft_dtype": "fp16"}, "must be auto, float32 or bfloat16"),
 ])
 def test_resolve_rejects_bad_requests(heads_dir, tiny_target, tiny_target_dir, spec, message):
     if "model" not in spec and message != "needs 'model'":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -112,3 +113,28 @@ def test_patched_expand_matches_repeat_interleave(dtype):
             got = expand_batch_to_tokens(values, cu, int(counts.sum()),
                                          replace_from=replace_from, replace_to=replace_to)
             assert got.dtype == dtype and torch.equal(got, expected)
+
+
+def test_engine_top_k_only_still_fails_on_zero_rows():
+    """Tripwire: the CPU top-k path fails on a step with no draft rows. The day this
+    fails, vLLM handles it: drop patch_empty_draft_constraints."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_only
+
+    with pytest.raises(RuntimeError, match=r"numel\(\) == 0"):
+        apply_top_k_only(torch.empty(0, 8), torch.empty(0, dtype=torch.int32))
+
+
+def test_patched_constraints_pass_zero_rows_through():
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.sample import rejection_sampler
+
+    load_general_plugins()
+    metadata = SimpleNamespace(all_greedy=False, temperature=torch.tensor([0.8, 0.5]),
+                               top_k=torch.tensor([5, 3], dtype=torch.int32), top_p=None)
+    empty = rejection_sampler.apply_sampling_constraints(
+        torch.empty(0, 8), torch.zeros(2, dtype=torch.int32), metadata)
+    assert empty.shape == (0, 8)
+    # Rows present: still tempered and cut to each request's top-k (2 rows, then 1).
+    logits = rejection_sampler.apply_sampling_constraints(
+        torch.randn(3, 8), torch.tensor([2, 3], dtype=torch.int32), metadata)
+    assert torch.isfinite(logits).sum(-1).tolist() == [5, 5, 3]

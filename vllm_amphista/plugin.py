@@ -23,9 +23,14 @@ def register() -> None:
         ModelRegistry.register_model(ARCHITECTURE, "vllm_amphista.model:AmphistaDraftModel")
     # Only cheap patches here; the model-runner patch is applied by AmphistaProposer
     # itself, in the worker that builds it.
-    from vllm_amphista.vllm_patches import patch_cpu_expand_kernel, patch_engine_args
+    from vllm_amphista.vllm_patches import (
+        patch_cpu_expand_kernel,
+        patch_empty_draft_constraints,
+        patch_engine_args,
+    )
 
     patch_engine_args()
-    # Every speculative method on the CPU build needs this, not only ours.
+    # Every speculative method on the CPU build needs these two, not only ours.
     patch_cpu_expand_kernel()
+    patch_empty_draft_constraints()
     _registered = True

@@ -31,6 +31,7 @@ from vllm_amphista.draft_sampling import (
     sample_drafts,
     to_target_vocab,
 )
+from vllm_amphista.machine import DTYPE_NAMES, resolve_dtype
 from vllm_amphista.model import AmphistaDraftModel, SALCache
 from vllm_amphista.target import TargetWeights
 
@@ -38,7 +39,8 @@ from vllm_amphista.target import TargetWeights
 logger = logging.getLogger("vllm.amphista")
 
 # vllm_config.additional_config[...] = {"heads": dir, "disable_by_batch_size": int | None,
-#                                        "draft_sampling": "sample" | "argmax"}
+#                                        "draft_sampling": "sample" | "argmax",
+#                                        "draft_dtype": "auto" | "float32" | "bfloat16"}
 ADDITIONAL_CONFIG_KEY = "amphista"
 # How sampled requests draft (draft_sampling.py); chosen by measurement, see README.
 DEFAULT_DRAFT_SAMPLING: DraftSampling = "sample"
@@ -86,7 +88,9 @@ class AmphistaProposer:
         self.target_dir = Path(vllm_config.model_config.model)
         self.num_speculative_tokens = spec.num_speculative_tokens
         self.device = torch.device(vllm_config.device_config.device)
-        self.dtype = vllm_config.model_config.dtype
+        # The draft model's own compute dtype (machine.py), whatever the target's: the
+        # target's hidden states are cast to it.
+        self.dtype = resolve_dtype(settings.get("draft_dtype"), self.device)
         self.tensor_parallel_size = vllm_config.parallel_config.tensor_parallel_size
         self.model: AmphistaDraftModel = load_checkpoint(self.heads_dir, dtype=self.dtype)
         self.model.to(self.device)
@@ -134,6 +138,7 @@ class AmphistaProposer:
             # its next rows start, so _cache_for restarts it when drafting resumes.
             return Proposal(drafts)
         caches, hiddens, next_tokens, drafting = [], [], [], []
+        hidden_states = step.hidden_states.to(self.dtype)
         for i, req_id in enumerate(step.req_ids):
             rows = self._accepted_rows(step, i)
             if rows == 0:
@@ -142,7 +147,7 @@ class AmphistaProposer:
             cache = self._cache_for(req_id, start)
             first = int(step.query_start_loc[i])
             caches.append(cache)
-            hiddens.append(step.hidden_states[first: first + rows])
+            hiddens.append(hidden_states[first: first + rows])
             next_tokens.append(torch.from_numpy(
                 step.token_ids[i, start + 1: start + rows + 1].astype(np.int64)).to(self.device))
             drafting.append(i)
@@ -212,6 +217,8 @@ class AmphistaSetupError(ValueError):
 
 
 PROPOSER_CLASS_PATH = f"{__name__}.AmphistaProposer"
+# speculative_config keys that are ours, not vLLM's.
+OUR_KEYS = ("method", "model", "disable_by_batch_size", "draft_sampling", "draft_dtype")
 
 
 def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: int,
@@ -219,7 +226,7 @@ def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: 
     """Validate {"method": "amphista", "model": <heads>, ...} against the target and turn
     it into vLLM's custom_class form. Returns (vLLM speculative_config dict, the
     proposer's settings for additional_config). Our own keys: disable_by_batch_size,
-    draft_sampling."""
+    draft_sampling, draft_dtype."""
     from vllm_amphista.checkpoint import CheckpointError
 
     heads = spec.get("model")
@@ -256,9 +263,12 @@ def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: 
         raise AmphistaSetupError(
             f"amphista: draft_sampling={draft_sampling!r} must be one of "
             f"{', '.join(DRAFT_SAMPLING_MODES)}")
-    translated = {key: value for key, value in spec.items()
-                  if key not in ("method", "model", "disable_by_batch_size", "draft_sampling")}
+    draft_dtype = spec.get("draft_dtype", "auto")
+    if draft_dtype != "auto" and draft_dtype not in DTYPE_NAMES:
+        raise AmphistaSetupError(
+            f"amphista: draft_dtype={draft_dtype!r} must be auto, {' or '.join(DTYPE_NAMES)}")
+    translated = {key: value for key, value in spec.items() if key not in OUR_KEYS}
     translated.update(method="custom_class", model=PROPOSER_CLASS_PATH,
                       num_speculative_tokens=int(k))
     return translated, {"heads": str(heads.resolve()), "disable_by_batch_size": pause,
-                        "draft_sampling": draft_sampling}
+                        "draft_sampling": draft_sampling, "draft_dtype": draft_dtype}

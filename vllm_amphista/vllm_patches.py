@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import inspect
+import logging
 
 import torch
 
 PINNED_VLLM_VERSION = "0.32.0"
+logger = logging.getLogger("vllm.amphista")
 _distribution_version = importlib.metadata.version  # unpatched, captured at import
 
 
@@ -87,6 +89,14 @@ def patch_engine_args() -> None:
     def create_speculative_config(self, target_model_config, target_parallel_config):
         spec = self.speculative_config
         if isinstance(spec, dict) and spec.get("method") == "amphista":
+            from vllm.platforms import current_platform
+
+            from vllm_amphista.machine import emulated_bf16_warning
+
+            warning = (emulated_bf16_warning(target_model_config.dtype)
+                       if current_platform.is_cpu() else None)
+            if warning:  # the user's --dtype stands; we only say what it costs
+                logger.warning(warning)
             hf = target_model_config.hf_text_config
             self.speculative_config, settings = resolve_speculative_config(
                 spec, target_model_config.model, hf.hidden_size, target_model_config
@@ -266,3 +276,32 @@ def patch_cpu_expand_kernel() -> None:
                                                  cpu_triton_utils._expand_kernel_impl)
     if EXPAND_KERNEL_NAME in dispatcher._registry:
         dispatcher.register_kernels({EXPAND_KERNEL_NAME: cpu_triton_utils._expand_kernel_impl})
+
+
+def patch_empty_draft_constraints() -> None:
+    """Steps with no draft tokens, for requests with top-k and no top-p, on vLLM's CPU build.
+
+    Wraps (vLLM 0.32.0): vllm.v1.sample.rejection_sampler.apply_sampling_constraints. With
+    speculative decoding every step goes through the rejection sampler, also steps whose
+    requests carry no drafts (every prefill), so it gets 0 target rows. On CPU a top-k-only
+    batch then reaches `apply_top_k_only`, whose `k.max()` fails on the empty tensor and
+    kills the engine ("max(): Expected reduction dim to be specified for input.numel() ==
+    0"). With no rows there is nothing to constrain: return them as they are.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.sample import rejection_sampler
+
+    if _is_patched(rejection_sampler.apply_sampling_constraints):
+        return
+    original = rejection_sampler.apply_sampling_constraints
+
+    @functools.wraps(original)
+    def apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
+        if logits.shape[0] == 0:
+            return logits
+        return original(logits, cu_num_draft_tokens, sampling_metadata)
+
+    rejection_sampler.apply_sampling_constraints = _mark(apply_sampling_constraints, original)

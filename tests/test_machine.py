@@ -1,0 +1,84 @@
+"""The compute-dtype decision for both kinds of CPU (flags faked), its warning, and that an
+explicit dtype is never overridden."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from vllm_amphista import machine
+
+AVX2_ONLY = """processor\t: 0
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse sse2 avx avx2 fma
+
+processor\t: 1
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse sse2 avx avx2 fma
+"""
+AVX512_BF16 = AVX2_ONLY.replace("fma", "fma avx512f avx512_bf16")
+AMX = AVX2_ONLY.replace("fma", "fma amx_bf16 amx_tile")
+
+
+def test_cpu_info_reads_model_and_flags():
+    cpu = machine.read_cpu_info(AVX512_BF16)
+    assert cpu.model == "AMD EPYC 7B13"
+    assert {"avx2", "avx512_bf16"} <= cpu.flags and cpu.bf16_flags == ["avx512_bf16"]
+
+
+@pytest.mark.parametrize("text, native, dtype", [
+    (AVX2_ONLY, False, torch.float32),
+    (AVX512_BF16, True, torch.bfloat16),
+    (AMX, True, torch.bfloat16),
+    ("", False, torch.float32),  # no /proc/cpuinfo: assume nothing
+])
+def test_dtype_follows_the_cpu(text, native, dtype):
+    cpu = machine.read_cpu_info(text)
+    assert cpu.native_bf16 is native
+    assert machine.compute_dtype("cpu", cpu) == dtype
+    reason = machine.dtype_reason("cpu", cpu)
+    assert reason.startswith(f"compute dtype {str(dtype).removeprefix('torch.')}:")
+    assert "\n" not in reason
+    assert ("no native bf16" in reason) is (not native)
+
+
+def test_cuda_computes_in_bf16_whatever_the_cpu():
+    assert machine.compute_dtype("cuda", machine.read_cpu_info(AVX2_ONLY)) == torch.bfloat16
+
+
+def test_explicit_dtype_is_never_overridden(monkeypatch):
+    for text in (AVX2_ONLY, AVX512_BF16):
+        monkeypatch.setattr(machine, "cpu_info", lambda t=text: machine.read_cpu_info(t))
+        assert machine.resolve_dtype("float32") == torch.float32
+        assert machine.resolve_dtype("bfloat16") == torch.bfloat16
+    monkeypatch.setattr(machine, "cpu_info", lambda: machine.read_cpu_info(AVX2_ONLY))
+    assert machine.resolve_dtype("auto") == machine.resolve_dtype(None) == torch.float32
+    with pytest.raises(ValueError, match="must be auto, float32 or bfloat16"):
+        machine.resolve_dtype("float16")
+
+
+def test_reason_is_logged_once(monkeypatch, caplog):
+    monkeypatch.setattr(machine, "cpu_info", lambda: machine.read_cpu_info(AVX2_ONLY))
+    machine.log_compute_dtype_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="vllm.amphista"):
+        for _ in range(3):
+            machine.resolve_dtype("auto")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["amphista: compute dtype float32: AMD EPYC 7B13 has no native bf16 "
+                     "(avx512_bf16 / amx_bf16 absent), where bf16 runs 4-6x slower"]
+
+
+def test_warning_for_a_bf16_target_on_an_emulating_cpu():
+    avx2, native = machine.read_cpu_info(AVX2_ONLY), machine.read_cpu_info(AVX512_BF16)
+    line = machine.emulated_bf16_warning(torch.bfloat16, avx2)
+    assert line is not None and "\n" not in line
+    assert "AMD EPYC 7B13" in line and "4-6x" in line and "--dtype float32" in line
+    assert machine.emulated_bf16_warning(torch.float32, avx2) is None
+    assert machine.emulated_bf16_warning(torch.bfloat16, native) is None
+
+
+def test_describe_names_the_machine():
+    info = machine.describe()
+    assert {"cpu", "cores", "bf16_flags", "native_bf16", "torch_threads"} <= set(info)

@@ -1,0 +1,115 @@
+"""The machine we run on, and the compute dtype that is fast on it: decided here only.
+
+bf16 pays only where the hardware computes in it: a CUDA GPU, or a CPU with AVX-512 BF16
+or AMX. A CPU with only AVX2 emulates bf16 matmuls, and compute-bound work (batched
+decoding, verifying K+1 positions, prefill, training) runs 4-6x slower than in fp32
+(README, "Which dtype"). So the draft model, data building and training compute in bf16
+on the former and fp32 on the latter, and the target the project's own commands serve
+follows the same rule. Every benchmark records `describe()`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("vllm.amphista")
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 compute
+# What bf16 costs on a CPU without them (vLLM decode, 64 requests, SmolLM2; README).
+EMULATED_BF16_SLOWDOWN = "4-6x"
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    flags: frozenset[str]
+
+    @property
+    def bf16_flags(self) -> list[str]:
+        return [flag for flag in BF16_FLAGS if flag in self.flags]
+
+    @property
+    def native_bf16(self) -> bool:
+        return bool(self.bf16_flags)
+
+
+def read_cpu_info(text: str) -> CpuInfo:
+    """Parse /proc/cpuinfo's text (its first processor)."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return CpuInfo(model=fields.get("model name") or platform.processor() or "unknown",
+                   flags=frozenset(fields.get("flags", "").split()))
+
+
+@functools.cache
+def cpu_info() -> CpuInfo:
+    path = Path("/proc/cpuinfo")
+    return read_cpu_info(path.read_text() if path.is_file() else "")
+
+
+def compute_dtype(device: str | torch.device = "cpu", cpu: CpuInfo | None = None) -> torch.dtype:
+    """bf16 on a CUDA device or a CPU with native bf16, fp32 elsewhere."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if (cpu or cpu_info()).native_bf16 else torch.float32
+
+
+def dtype_reason(device: str | torch.device = "cpu", cpu: CpuInfo | None = None) -> str:
+    """One line: the dtype compute_dtype picks and why."""
+    dtype = compute_dtype(device, cpu)
+    name = str(dtype).removeprefix("torch.")
+    if torch.device(device).type == "cuda":
+        return f"compute dtype {name}: CUDA device"
+    cpu = cpu or cpu_info()
+    if cpu.native_bf16:
+        return f"compute dtype {name}: {cpu.model} has {' and '.join(cpu.bf16_flags)}"
+    return (f"compute dtype {name}: {cpu.model} has no native bf16 ({' / '.join(BF16_FLAGS)} "
+            f"absent), where bf16 runs {EMULATED_BF16_SLOWDOWN} slower")
+
+
+def resolve_dtype(name: str | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """A --dtype style flag: "auto" or None = compute_dtype(), otherwise that dtype."""
+    if name in (None, "auto"):
+        log_compute_dtype_once(device)
+        return compute_dtype(device)
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype {name!r} must be auto, {' or '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]
+
+
+@functools.cache
+def log_compute_dtype_once(device: str | torch.device = "cpu") -> None:
+    logger.info("amphista: %s", dtype_reason(device))
+
+
+def emulated_bf16_warning(target_dtype: torch.dtype, cpu: CpuInfo | None = None) -> str | None:
+    """The line to show when the target will run in bf16 on a CPU that emulates it."""
+    cpu = cpu or cpu_info()
+    if target_dtype != torch.bfloat16 or cpu.native_bf16:
+        return None
+    return (f"amphista: the target runs in bfloat16 on {cpu.model}, which has no native bf16 "
+            f"({' / '.join(BF16_FLAGS)} absent): there bf16 runs {EMULATED_BF16_SLOWDOWN} "
+            "slower than float32 and speculation pays it twice (K+1 verified positions and "
+            "the draft pass). Pass --dtype float32 (LLM(..., dtype='float32')).")
+
+
+def describe() -> dict:
+    """What every benchmark JSON records about the machine."""
+    cpu = cpu_info()
+    return {"cpu": cpu.model, "cores": os.cpu_count(), "bf16_flags": cpu.bf16_flags,
+            "native_bf16": cpu.native_bf16, "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
