@@ -37,6 +37,7 @@ from pathlib import Path
 
 from benchmarks.server import get_text, post_json, vllm_server
 from vllm_amphista.cli import SHIPPED_HEADS
+from vllm_amphista.machine import TARGET_DTYPE, compute_dtype
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("vanilla", "amphista", "medusa", "vllm-medusa")
@@ -70,7 +71,7 @@ def exported_medusa(medusa_heads: Path, target: Path) -> Path:
 
 
 def server_args(method: str, args: argparse.Namespace) -> list[str]:
-    common = [str(args.target), "--dtype", "float32", "--enforce-eager", "--seed", "0",
+    common = [str(args.target), "--dtype", TARGET_DTYPE, "--enforce-eager", "--seed", "0",
               "--max-model-len", "2048", "--max-num-seqs", str(max(args.concurrency))]
     k = ["--num-speculative-tokens", str(args.k)] if args.k else []
     if args.disable_by_batch_size:  # our proposer only: vLLM 0.32's Medusa has no such knob
@@ -224,19 +225,15 @@ def environment() -> dict:
     import torch
     import transformers
 
+    from vllm_amphista.machine import describe
     from vllm_amphista.vllm_patches import engine_version
 
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines
-                if line.startswith("model name")), platform.processor())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                             capture_output=True, text=True).stdout.strip()
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name()
-            if torch.cuda.is_available() else None, "python": platform.python_version(),
-            "vllm": engine_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "git_commit": commit or None}
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **describe(),
+            "python": platform.python_version(), "vllm": engine_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "git_commit": commit or None}
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -297,7 +294,9 @@ def main(args: argparse.Namespace) -> int:
               "repeats": args.repeats, "methods": args.methods, "k": args.k or None,
               "disable_by_batch_size": args.disable_by_batch_size or None,
               "heads": {"amphista": str(args.amphista_heads), "medusa": str(args.medusa_heads)},
-              "environment": environment(), "wall_s": time.perf_counter() - started,
+              "environment": environment(), "target_dtype": TARGET_DTYPE,
+              "draft_dtype": str(compute_dtype()).removeprefix("torch."),
+              "wall_s": time.perf_counter() - started,
               "rows": rows}
     (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(rows)

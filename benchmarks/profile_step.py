@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from vllm_amphista.cli import SHIPPED_HEADS
+from vllm_amphista.machine import TARGET_DTYPE
 
 
 def _timed(function, totals: dict[str, float], key: str):
@@ -44,7 +45,7 @@ def profile_one(target: str, heads: str | None, prompts: list[str], max_tokens: 
     from vllm import LLM, SamplingParams
 
     spec = {"method": "amphista", "model": heads} if heads else None
-    llm = LLM(model=target, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+    llm = LLM(model=target, dtype=TARGET_DTYPE, enforce_eager=True, max_model_len=2048, seed=0,
               speculative_config=spec)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     llm.chat([[{"role": "user", "content": prompts[0]}]], params, use_tqdm=False)  # warm-up

@@ -17,6 +17,8 @@ import json
 import os
 from pathlib import Path
 
+from vllm_amphista.machine import TARGET_DTYPE
+
 
 def measure(target: str, heads: str, questions: list[str], max_tokens: int,
             batch: bool = False, temperature: float = 0.0,
@@ -25,7 +27,7 @@ def measure(target: str, heads: str, questions: list[str], max_tokens: int,
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=target, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+    llm = LLM(model=target, dtype=TARGET_DTYPE, enforce_eager=True, max_model_len=2048, seed=0,
               disable_log_stats=False,
               speculative_config={"method": "amphista", "model": heads,
                                   "draft_sampling": draft_sampling})

@@ -35,6 +35,11 @@ def scenario_batch(llm, prompts, max_tokens):
     return _ids(llm.generate(prompts, params, use_tqdm=False))
 
 
+def scenario_uniform(llm, prompts, max_tokens):
+    """All prompts at once, greedy, one length."""
+    return _ids(llm.generate(prompts, _greedy(max_tokens), use_tqdm=False))
+
+
 def scenario_single(llm, prompts, max_tokens):
     return _ids(llm.generate(prompts[:1], _greedy(max_tokens), use_tqdm=False))
 
@@ -116,9 +121,9 @@ def scenario_distribution(llm, prompts, max_tokens):
             for p in prompts]
 
 
-SCENARIOS = {"single": scenario_single, "batch": scenario_batch, "abort": scenario_abort,
-             "sampled": scenario_sampled, "seeded": scenario_seeded, "mixed": scenario_mixed,
-             "distribution": scenario_distribution}
+SCENARIOS = {"single": scenario_single, "batch": scenario_batch, "uniform": scenario_uniform,
+             "abort": scenario_abort, "sampled": scenario_sampled, "seeded": scenario_seeded,
+             "mixed": scenario_mixed, "distribution": scenario_distribution}
 
 
 def _metrics(llm) -> dict:

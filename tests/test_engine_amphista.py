@@ -230,34 +230,46 @@ def test_bad_heads_fail_at_startup_with_one_line(smollm2, smollm2_heads, tiny_ta
 
 
 def test_server_speculative_model_flag_load_and_metrics(smollm2, smollm2_heads):
-    """`vllm serve --speculative-model`: the same greedy answers as the plain engine, 64
-    concurrent requests with some aborted by their clients, spec-decode metrics on
-    /metrics, and the draft caches emptied once traffic stops."""
+    """`vllm serve --speculative-model` under mixed traffic: 64 concurrent requests, greedy
+    ones beside sampled ones (top-k, top-p, both with a seed, n=2) and some aborted by their
+    clients, plus a min_p request (refused by vLLM 0.32 under speculation). Every greedy
+    answer equals the plain engine's, every sampled one gets its tokens, spec-decode metrics
+    are on /metrics, and the draft caches are emptied once traffic stops."""
     questions = first_turns()
     lengths = [8 + (i * 5) % 40 for i in range(64)]
-    plain = run_scenarios({"target": smollm2, "prompts": questions[:4], "max_tokens": 32,
-                           "scenarios": ["batch"]})["outputs"]["batch"]
+    plain = run_scenarios({"target": smollm2, "prompts": questions[:64],
+                           "max_tokens": max(lengths), "scenarios": ["uniform"]})
+    plain = plain["outputs"]["uniform"]
+    sampled = [{"temperature": 0.8, "top_k": 20}, {"temperature": 0.7, "top_p": 0.9},
+               {"temperature": 1.0, "top_k": 40, "top_p": 0.8, "seed": 11},
+               {"temperature": 0.8, "n": 2, "seed": 5}]
     with vllm_server([smollm2, "--enforce-eager", "--max-model-len", "2048", "--dtype",
                       "float32", "--speculative-model", str(smollm2_heads["trained"])],
                      timeout=300) as (base, log):
-        def chat(i: int, max_tokens: int, timeout: float) -> dict:
+        def chat(i: int, max_tokens: int, timeout: float, **params) -> dict:
             return post_json(f"{base}/v1/chat/completions", {
                 "model": smollm2, "temperature": 0, "max_tokens": max_tokens,
-                "ignore_eos": True, "return_token_ids": True,
+                "ignore_eos": True, "return_token_ids": True, **params,
                 "messages": [{"role": "user", "content": questions[i % len(questions)]}]},
                 timeout=timeout)
 
-        # Sequential greedy answers match the plain engine's batch (same per-index limits).
+        # Sequential greedy answers match the plain engine's.
         for i in range(4):
-            reply = chat(i, 32 - 7 * (i % 4), timeout=120)
-            assert reply["choices"][0]["token_ids"] == plain[i], i
+            reply = chat(i, 32 - 7 * i, timeout=120)
+            assert reply["choices"][0]["token_ids"] == plain[i][: 32 - 7 * i], i
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            chat(0, 8, timeout=60, temperature=0.8, min_p=0.1)
+        assert refused.value.code == 400
+        assert "speculative decoding" in refused.value.read().decode()
 
         results: dict[int, object] = {}
 
         def worker(i: int) -> None:
             aborted = i % 8 == 0  # the client gives up early: the server aborts it
+            params = sampled[i // 2 % len(sampled)] if i % 2 else {}
             try:
-                results[i] = chat(i, 200 if aborted else lengths[i], 0.5 if aborted else 300)
+                results[i] = chat(i, 200 if aborted else lengths[i], 0.5 if aborted else 300,
+                                  **params)
             except (TimeoutError, urllib.error.URLError) as e:
                 results[i] = e
 
@@ -267,9 +279,15 @@ def test_server_speculative_model_flag_load_and_metrics(smollm2, smollm2_heads):
         for t in threads:
             t.join()
         for i in range(64):
-            if i % 8:
-                assert isinstance(results[i], dict), (i, results[i])
-                assert results[i]["usage"]["completion_tokens"] == lengths[i]
+            if i % 8 == 0:
+                continue
+            assert isinstance(results[i], dict), (i, results[i])
+            choices = results[i]["choices"]
+            assert [len(c["token_ids"]) for c in choices] == [lengths[i]] * len(choices), i
+            if i % 2 == 0:
+                assert choices[0]["token_ids"] == plain[i][: lengths[i]], i
+            elif sampled[i // 2 % len(sampled)].get("n"):
+                assert len(choices) == 2, i
         with urllib_open(f"{base}/metrics") as response:
             metrics = response.read().decode()
         for name in ("vllm:spec_decode_num_drafts_total",
@@ -304,7 +322,7 @@ def test_engine_answers_json_for_bad_requests(smollm2, smollm2_heads):
             "model": smollm2, "max_tokens": 8, "temperature": 0,
             "messages": [{"role": "user", "content": "Hello"}]})
         assert reply["usage"]["completion_tokens"] >= 1
-        assert json.dumps(reply)
+        assert isinstance(reply["choices"][0]["message"]["content"], str)
 
 
 def test_tensor_parallel_two_workers_is_lossless(tiny_target_dir, tmp_path):

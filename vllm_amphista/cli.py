@@ -31,6 +31,7 @@ def _demo(args: argparse.Namespace) -> int:
     """Answer MT-Bench questions with the embedded default target, plainly and with the
     shipped Amphista heads, checking the tokens agree and timing both."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm_amphista.machine import TARGET_DTYPE
     from vllm_amphista.prompts import first_turns
     from vllm_amphista.target import export_smollm2
 
@@ -48,7 +49,7 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         print(f"No heads at {heads}: serving the target alone (plain decoding).")
     for mode, spec in modes:
-        llm = LLM(model=str(target), dtype="float32", enforce_eager=True, max_model_len=2048,
+        llm = LLM(model=str(target), dtype=TARGET_DTYPE, enforce_eager=True, max_model_len=2048,
                   seed=0, speculative_config=spec, disable_log_stats=spec is None)
         llm.chat(conversations[:1], params, use_tqdm=False)  # warm-up
         start = time.perf_counter()

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from vllm_amphista.machine import TARGET_DTYPE
 from vllm_amphista.target import CACHE_DIR
 
 DATA_DIR = CACHE_DIR / "data"
@@ -93,7 +94,7 @@ def generate_conversations(target_dir: Path, prompts: list[str], max_tokens: int
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(target_dir), dtype="float32", enforce_eager=True, seed=seed,
+    llm = LLM(model=str(target_dir), dtype=TARGET_DTYPE, enforce_eager=True, seed=seed,
               max_model_len=2048)
     tokenizer = llm.get_tokenizer()
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,

@@ -25,6 +25,11 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 c
 # What bf16 costs on a CPU without them (vLLM decode, 64 requests, SmolLM2; README).
 EMULATED_BF16_SLOWDOWN = "4-6x"
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The dtype the project's own commands (demo, bench, acceptance, data building) serve the
+# target in, on every CPU: token-for-token comparisons with vanilla are exact only in
+# fp32 (bf16 flips near-ties with the batch's shape), and fp32 is never the slow choice
+# on a CPU that emulates bf16. Users choose their own with --dtype; see README.
+TARGET_DTYPE = "float32"
 
 
 @dataclass(frozen=True)
