@@ -73,7 +73,8 @@ def _amphista(heads: Path, **extra) -> dict:
 def test_proposer_sees_every_accepted_position(tiny_target_dir, tmp_path):
     """The rows and next tokens the proposer consumes are exactly the sequence's positions
     0..L-2 and tokens 1..L-1, and the hidden rows equal transformers' final hidden states,
-    with chunked prefill (16-token budget) and several requests in the batch."""
+    with chunked prefill (16-token budget) and several requests in the batch. (An fp32
+    draft: the rows are compared as the draft model receives them.)"""
     heads = tmp_path / "heads"
     random_draft_model(TargetWeights.from_folder(tiny_target_dir)).save_pretrained(heads)
     result = run_engine_script(f"""
@@ -83,7 +84,8 @@ from transformers import AutoModelForCausalLM
 target = {str(tiny_target_dir)!r}
 llm = LLM(model=target, enforce_eager=True, max_model_len=512, seed=0, dtype="float32",
           max_num_batched_tokens=16, speculative_config={{"method": "amphista",
-                                                        "model": {str(heads)!r}}})
+                                                        "model": {str(heads)!r},
+                                                        "draft_dtype": "float32"}})
 drafter = llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
 fed, owner = {{}}, {{}}
 extend, cache_for = drafter.model.extend, drafter._cache_for
