@@ -71,7 +71,7 @@ def exported_medusa(medusa_heads: Path, target: Path) -> Path:
 
 
 def server_args(method: str, args: argparse.Namespace) -> list[str]:
-    common = [str(args.target), "--dtype", TARGET_DTYPE, "--enforce-eager", "--seed", "0",
+    common = [str(args.target), "--dtype", args.dtype, "--enforce-eager", "--seed", "0",
               "--max-model-len", "2048", "--max-num-seqs", str(max(args.concurrency))]
     k = ["--num-speculative-tokens", str(args.k)] if args.k else []
     if args.disable_by_batch_size:  # our proposer only: vLLM 0.32's Medusa has no such knob
@@ -254,6 +254,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disable-by-batch-size", type=int, default=0,
                         help="our proposer skips drafting in steps with more decoding "
                         "requests than this (0: always draft)")
+    parser.add_argument("--dtype", default=TARGET_DTYPE, choices=["float32", "bfloat16"],
+                        help="the target's dtype, the same for every method (bf16 flips "
+                        "near-ties with the batch's shape, so equality with vanilla is "
+                        "only exact in float32)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
 
 
@@ -294,7 +298,7 @@ def main(args: argparse.Namespace) -> int:
               "repeats": args.repeats, "methods": args.methods, "k": args.k or None,
               "disable_by_batch_size": args.disable_by_batch_size or None,
               "heads": {"amphista": str(args.amphista_heads), "medusa": str(args.medusa_heads)},
-              "environment": environment(), "target_dtype": TARGET_DTYPE,
+              "environment": environment(), "target_dtype": args.dtype,
               "draft_dtype": str(compute_dtype()).removeprefix("torch."),
               "wall_s": time.perf_counter() - started,
               "rows": rows}

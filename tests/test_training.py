@@ -45,10 +45,32 @@ def _model(target: TargetWeights, **overrides) -> AmphistaDraftModel:
     return AmphistaDraftModel(cfg, target)
 
 
+def test_bf16_autocast_training_learns(tiny_target, conversations, tmp_path, monkeypatch):
+    """The bf16 path (what `auto` picks on a CPU with native bf16): weights stay fp32, the
+    forward and loss run under autocast, and the loss still falls."""
+    seen = []
+    autocast = torch.autocast
+
+    def recording_autocast(device_type, dtype=None, enabled=True, **kwargs):
+        seen.append((dtype, enabled))
+        return autocast(device_type, dtype=dtype, enabled=enabled, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", recording_autocast)
+    settings = TrainSettings(epochs=3, batch_conversations=4, learning_rate=3e-3,
+                             compute_dtype="bfloat16")
+    model = _model(tiny_target)
+    metrics = train(model, tiny_target.lm_head.float(), conversations[:10], conversations[10:],
+                    settings, tmp_path)
+    losses = [h["loss"] for h in metrics["history"]]
+    assert losses[-1] < losses[0]
+    assert seen and all(s == (torch.bfloat16, True) for s in seen)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_training_reduces_loss_and_resumes_exactly(tiny_target, conversations, tmp_path,
                                                    monkeypatch):
     settings = TrainSettings(epochs=3, batch_conversations=4, learning_rate=3e-3,
-                             checkpoint_every=1)
+                             checkpoint_every=1, compute_dtype="float32")
     lm_head = tiny_target.lm_head.float()
     train_set, eval_set = conversations[:10], conversations[10:]
 
@@ -179,7 +201,7 @@ def test_ray_two_workers_match_one_worker(tiny_target, tiny_target_dir, conversa
     from vllm_amphista.training import split
 
     settings = TrainSettings(epochs=2, batch_conversations=4, learning_rate=3e-3,
-                             eval_fraction=0.25)
+                             eval_fraction=0.25, compute_dtype="float32")
     data = tmp_path / "data.safetensors"
     save_dataset(conversations, data)
     train_set, eval_set = split(conversations, settings.eval_fraction, settings.seed)

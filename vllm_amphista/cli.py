@@ -80,7 +80,7 @@ def _train(args: argparse.Namespace) -> int:
         prompts = (read_prompt_file(args.data) if args.data
                    else sharegpt_prompts(args.num_prompts, seed=args.seed))
         settings = TrainSettings(epochs=args.epochs, learning_rate=args.lr, seed=args.seed,
-                                 batch_conversations=args.batch)
+                                 batch_conversations=args.batch, compute_dtype=args.dtype)
         metrics = train_heads(Path(args.target), Path(args.out), prompts=prompts[
             : args.num_prompts], medusa=args.medusa, max_tokens=args.max_tokens,
             draft_vocab=args.draft_vocab, settings=settings, num_workers=args.num_workers,
@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-workers", type=int, default=1,
                        help="data-parallel workers on Ray Train (torch DDP); 1 = no Ray")
     train.add_argument("--gpu", action="store_true", help="one GPU per Ray worker")
+    train.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                       help="compute dtype of data building and training (auto: bf16 where "
+                       "the CPU or GPU computes it natively, else fp32)")
     train.set_defaults(func=_train)
 
     from benchmarks import eval_tree

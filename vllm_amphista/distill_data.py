@@ -106,11 +106,11 @@ def generate_conversations(target_dir: Path, prompts: list[str], max_tokens: int
 
 
 @torch.no_grad()
-def target_hidden_states(target_dir: Path,
-                         sequences: list[tuple[list[int], int]]) -> list[Conversation]:
+def target_hidden_states(target_dir: Path, sequences: list[tuple[list[int], int]],
+                         dtype: torch.dtype = torch.float32) -> list[Conversation]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=dtype).eval()
     conversations = []
     for seq, prompt_len in tqdm(sequences, desc="target hidden states", unit="conv"):
         tokens = torch.tensor(seq, dtype=torch.long)
@@ -120,13 +120,18 @@ def target_hidden_states(target_dir: Path,
     return conversations
 
 
-def dataset_key(target_fingerprint: str, prompts: list[str], max_tokens: int) -> str:
-    digest = hashlib.sha256(json.dumps([target_fingerprint, prompts, max_tokens]).encode())
-    return digest.hexdigest()[:16]
+def dataset_key(target_fingerprint: str, prompts: list[str], max_tokens: int,
+                dtype: torch.dtype = torch.float32) -> str:
+    """fp32 sets keep the key they had before the dtype was part of it."""
+    fields: list = [target_fingerprint, prompts, max_tokens]
+    if dtype != torch.float32:
+        fields.append(str(dtype))
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
 
 
-def dataset_path(target_fingerprint: str, prompts: list[str], max_tokens: int) -> Path:
-    return DATA_DIR / f"{dataset_key(target_fingerprint, prompts, max_tokens)}.safetensors"
+def dataset_path(target_fingerprint: str, prompts: list[str], max_tokens: int,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    return DATA_DIR / f"{dataset_key(target_fingerprint, prompts, max_tokens, dtype)}.safetensors"
 
 
 def save_dataset(conversations: list[Conversation], path: Path) -> None:
@@ -149,12 +154,13 @@ def load_dataset(path: Path) -> list[Conversation]:
 
 
 def build_dataset(target_dir: Path, target_fingerprint: str, prompts: list[str],
-                  max_tokens: int) -> list[Conversation]:
-    """Generate (or reuse from ~/.cache/vllm-amphista/data) the distillation set."""
-    path = dataset_path(target_fingerprint, prompts, max_tokens)
+                  max_tokens: int, dtype: torch.dtype = torch.float32) -> list[Conversation]:
+    """Generate (or reuse from ~/.cache/vllm-amphista/data) the distillation set; the
+    target's hidden states are computed in `dtype` (stored in bf16 either way)."""
+    path = dataset_path(target_fingerprint, prompts, max_tokens, dtype)
     if path.is_file():
         return load_dataset(path)
     sequences = generate_conversations(target_dir, prompts, max_tokens)
-    conversations = target_hidden_states(target_dir, sequences)
+    conversations = target_hidden_states(target_dir, sequences, dtype)
     save_dataset(conversations, path)
     return conversations

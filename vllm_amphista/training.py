@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vllm_amphista.distill_data import Conversation
+from vllm_amphista.machine import resolve_dtype
 from vllm_amphista.model import AmphistaDraftModel
 
 STATE_FILE = "training_state.pt"
@@ -45,6 +46,8 @@ class TrainSettings:
     seed: int = 0
     eval_fraction: float = 0.1
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
+    # auto: bf16 autocast where the machine computes bf16 natively (machine.py), else fp32.
+    compute_dtype: str = "auto"
 
 
 def build_token_map(conversations: list[Conversation], size: int) -> torch.Tensor:
@@ -184,6 +187,8 @@ def train(model: AmphistaDraftModel, lm_head: torch.Tensor, train_set: list[Conv
     weights = torch.tensor([settings.head_decay ** k for k in range(model.config.num_heads)],
                            device=device)
     draft_lm_head = model.lm_head_weight.float().cpu()
+    # Weights and optimizer stay fp32; the forward and loss run in bf16 where it is native.
+    autocast = resolve_dtype(settings.compute_dtype, device) == torch.bfloat16
 
     history: list[dict] = []
     step = 0
@@ -219,8 +224,9 @@ def train(model: AmphistaDraftModel, lm_head: torch.Tensor, train_set: list[Conv
             # The teacher's logits, restricted to the draft vocabulary.
             hidden, tokens, valid, _, target_logits = (x.to(device) for x in _batch(
                 share, settings.max_positions, draft_lm_head))
-            losses = head_losses(net(hidden, tokens[:, 1:]), tokens, valid, target_logits,
-                                 to_draft, settings.lm_weight, positions)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                losses = head_losses(net(hidden, tokens[:, 1:]), tokens, valid,
+                                     target_logits, to_draft, settings.lm_weight, positions)
             if not mine:
                 losses = losses * 0
             loss = (losses * weights).sum() / weights.sum()  # this rank's part of the loss
@@ -352,7 +358,8 @@ def train_heads(target_dir: Path, out_dir: Path, *, prompts: list[str], medusa: 
     check_inputs(target_dir, out_dir)
     target = TargetWeights.from_folder(target_dir)
     started = time.perf_counter()
-    conversations = build_dataset(target_dir, target.fingerprint, prompts, max_tokens)
+    dtype = resolve_dtype(settings.compute_dtype)
+    conversations = build_dataset(target_dir, target.fingerprint, prompts, max_tokens, dtype)
     if len(conversations) < 2:
         raise TrainingInputError("need at least 2 conversations (1 to train, 1 held out)")
     data_s = time.perf_counter() - started
@@ -369,7 +376,8 @@ def train_heads(target_dir: Path, out_dir: Path, *, prompts: list[str], medusa: 
 
         train_started = time.perf_counter()
         history = train_on_ray(model, target_dir, dataset_path(
-            target.fingerprint, prompts, max_tokens), settings, out_dir, num_workers, use_gpu)
+            target.fingerprint, prompts, max_tokens, dtype), settings, out_dir, num_workers,
+            use_gpu)
         metrics = training_record(settings, history, train_set, eval_set,
                                   time.perf_counter() - train_started)
         metrics["num_workers"] = num_workers
