@@ -4,8 +4,8 @@ bf16 pays only where the hardware computes in it: a CUDA GPU, or a CPU with AVX-
 or AMX. A CPU with only AVX2 emulates bf16 matmuls, and compute-bound work (batched
 decoding, verifying K+1 positions, prefill, training) runs 4-6x slower than in fp32
 (README, "Which dtype"). So the draft model, data building and training compute in bf16
-on the former and fp32 on the latter, and the target the project's own commands serve
-follows the same rule. Every benchmark records `describe()`.
+on the former and fp32 on the latter. The target the project's own commands serve stays
+fp32 everywhere (TARGET_DTYPE). Every benchmark records `describe()`.
 """
 
 from __future__ import annotations
