@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,33 @@ def test_vllm_amphista_command_help():
     out = subprocess.run([str(VENV_BIN / "vllm-amphista"), "--help"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "export-target" in out.stdout
+
+
+def test_bf16_target_on_an_emulating_cpu_is_warned_once_and_kept(tiny_target_dir, tmp_path):
+    """Engine config for Amphista with the CPU's flags faked to AVX2 only: a bf16 target
+    gets one warning line naming the fix and stays bf16; an fp32 target gets none."""
+    from tests.conftest import random_draft_model
+    from vllm_amphista.target import TargetWeights
+
+    random_draft_model(TargetWeights.from_folder(tiny_target_dir)).save_pretrained(
+        tmp_path / "heads")
+    code = f"""
+from vllm_amphista import machine
+machine.cpu_info = lambda: machine.read_cpu_info("model name : AMD EPYC 7B13\\nflags : avx2 fma")
+from vllm.plugins import load_general_plugins
+from vllm.engine.arg_utils import EngineArgs
+load_general_plugins()
+for dtype in ("bfloat16", "float32"):
+    config = EngineArgs(model={str(tiny_target_dir)!r}, dtype=dtype, speculative_config={{
+        "method": "amphista", "model": {str(tmp_path / "heads")!r}}}).create_engine_config()
+    print("DTYPE", dtype, config.model_config.dtype, flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [x for x in out.stdout.splitlines() if x.startswith("DTYPE")] == [
+        "DTYPE bfloat16 torch.bfloat16", "DTYPE float32 torch.float32"]
+    log = out.stdout + out.stderr
+    warnings = [x for x in log.splitlines() if "amphista: the target runs in bfloat16" in x]
+    # One line for the two configs: the bf16 one warned, the fp32 one did not.
+    assert len(warnings) == 1 and "Pass --dtype float32" in warnings[0], log[-3000:]
