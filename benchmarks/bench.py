@@ -187,7 +187,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['method']} | {r['temperature']:g} | {r['concurrency']} | "
             f"{r['tokens_per_s']:.1f} ± {r['tokens_per_s_stdev']:.1f} | "
-            f"{r['speedup']:.2f}x | {r['latency_p50_s']:.2f} / {r['latency_p90_s']:.2f} | "
+            f"{'-' if r['speedup'] is None else format(r['speedup'], '.2f') + 'x'} | "
+            f"{r['latency_p50_s']:.2f} / {r['latency_p90_s']:.2f} | "
             f"{'-' if r['tau'] is None else format(r['tau'], '.2f')} | "
             f"{' '.join(f'{a:.2f}' for a in r['acceptance_per_position']) or '-'} | {same} |")
     return "\n".join(lines)

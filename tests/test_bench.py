@@ -62,6 +62,13 @@ def test_summarise_speedup_tau_and_lossless_flag():
     assert "NO (1 prompts)" in table and "| amphista | 0 | 1 | 16.5 ± 2.1 | 1.50x |" in table
 
 
+def test_table_without_vanilla_has_no_speedup():
+    """`bench --methods amphista`: no vanilla row to compare with, the table still prints."""
+    rows = summarise({("amphista", 0.0, 1): [_run(15.0, [[1]], 10, (5, 2))]})
+    assert rows[0]["speedup"] is None
+    assert "| amphista | 0 | 1 | 15.0 ± 0.0 | - |" in markdown(rows)
+
+
 @pytest.mark.engine
 @pytest.mark.slow
 def test_bench_command_end_to_end(tmp_path):
