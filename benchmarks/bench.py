@@ -37,7 +37,7 @@ from pathlib import Path
 
 from benchmarks.server import get_text, post_json, vllm_server
 from vllm_amphista.cli import SHIPPED_HEADS
-from vllm_amphista.machine import TARGET_DTYPE, compute_dtype
+from vllm_amphista.machine import DTYPE_NAMES, TARGET_DTYPE, compute_dtype
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("vanilla", "amphista", "medusa", "vllm-medusa")
@@ -255,7 +255,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disable-by-batch-size", type=int, default=0,
                         help="our proposer skips drafting in steps with more decoding "
                         "requests than this (0: always draft)")
-    parser.add_argument("--dtype", default=TARGET_DTYPE, choices=["float32", "bfloat16"],
+    parser.add_argument("--dtype", default=TARGET_DTYPE, choices=list(DTYPE_NAMES),
                         help="the target's dtype, the same for every method (bf16 flips "
                         "near-ties with the batch's shape, so equality with vanilla is "
                         "only exact in float32)")

@@ -19,12 +19,9 @@ from pathlib import Path
 
 import torch
 
-from vllm_amphista.machine import compute_dtype, describe
+from vllm_amphista.cli import SHIPPED_HEADS
+from vllm_amphista.machine import DTYPE_NAMES, compute_dtype, describe
 from vllm_amphista.prompts import first_turns
-
-SHIPPED_AMPHISTA = Path(__file__).resolve().parent.parent / "heads" / "SmolLM2-135M-Instruct" \
-    / "amphista"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -42,7 +39,7 @@ def draft_pass_ms(target: Path, dtype: torch.dtype, requests: int, repeats: int)
     from vllm_amphista.model import SALCache
     from vllm_amphista.target import TargetWeights
 
-    model = load_checkpoint(SHIPPED_AMPHISTA, target=TargetWeights.from_folder(target),
+    model = load_checkpoint(SHIPPED_HEADS / "amphista", target=TargetWeights.from_folder(target),
                             dtype=dtype).eval()
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(0)
@@ -110,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     target = args.target or export_smollm2()
     first_turns(limit=1)  # fail early if the prompts are missing
     rows = []
-    for name, dtype in DTYPES.items():
+    for name, dtype in DTYPE_NAMES.items():
         row = {"dtype": name,
                "draft_pass_ms_1": draft_pass_ms(target, dtype, 1, args.repeats),
                "draft_pass_ms_16": draft_pass_ms(target, dtype, 16, args.repeats),
