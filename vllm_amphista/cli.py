@@ -94,6 +94,23 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    from vllm_amphista.distill_data import record_dataset, sharegpt_plan
+    from vllm_amphista.machine import resolve_dtype
+    from vllm_amphista.target import export_smollm2
+
+    target = Path(args.target) if args.target else export_smollm2()
+    plan = sharegpt_plan(target, args.num_prompts, args.max_tokens,
+                         temperature=args.temperature, dtype=resolve_dtype(args.dtype),
+                         shard_size=args.shard_size, seed=args.seed)
+    start = time.perf_counter()
+    conversations = record_dataset(plan, max_num_seqs=args.max_num_seqs)
+    tokens = sum(len(c.tokens) for c in conversations)
+    print(f"{plan.folder}: {len(conversations)} conversations, {tokens:,} tokens "
+          f"({time.perf_counter() - start:.0f}s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-amphista", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute dtype of data building and training (auto: bf16 where "
                        "the CPU or GPU computes it natively, else fp32)")
     train.set_defaults(func=_train)
+
+    data = sub.add_parser("data", help="record a distillation set from vLLM, in "
+                          "resumable shards under ~/.cache/vllm-amphista/data")
+    data.add_argument("--target", help="target model folder (default: the SmolLM2 export)")
+    data.add_argument("--num-prompts", type=int, default=8192)
+    data.add_argument("--max-tokens", type=int, default=256, help="answer length")
+    data.add_argument("--temperature", type=float, default=0.0, help="answers' temperature")
+    data.add_argument("--shard-size", type=int, default=256, help="prompts per shard")
+    data.add_argument("--max-num-seqs", type=int, default=256, help="vLLM batch size")
+    data.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                      help="the target's dtype while recording (auto: bf16 where native)")
+    data.add_argument("--seed", type=int, default=0, help="ShareGPT prompt order")
+    data.set_defaults(func=_data)
 
     from benchmarks import eval_tree
 

@@ -30,7 +30,9 @@ DATA_DIR = CACHE_DIR / "data"
 @dataclass
 class Conversation:
     tokens: torch.Tensor  # [T] long: chat prompt + the target's answer
-    hidden: torch.Tensor  # [T, d]: the target's final hidden state at each position
+    # [T, d] or [T - 1, d]: the target's final hidden state at each position (a recorded
+    # conversation lacks the last one: its last token was never fed to the target)
+    hidden: torch.Tensor
     prompt_len: int  # tokens[prompt_len:] is the answer
 
 
@@ -164,3 +166,99 @@ def build_dataset(target_dir: Path, target_fingerprint: str, prompts: list[str],
     conversations = target_hidden_states(target_dir, sequences, dtype)
     save_dataset(conversations, path)
     return conversations
+
+
+def without_mt_bench(prompts: list[str], questions: list[str]) -> list[str]:
+    """Drop every prompt that holds, or is held in, an MT-Bench question (compared
+    lower-cased with whitespace collapsed), so training never sees the benchmark."""
+    def norm(text: str) -> str:
+        return " ".join(text.lower().split())
+
+    held_out = [norm(q) for q in questions]
+    return [p for p in prompts
+            if not any(q in norm(p) or norm(p) in q for q in held_out)]
+
+
+@dataclass
+class RecordingPlan:
+    """A distillation set recorded from vLLM in shards of `shard_size` prompts."""
+
+    target_dir: Path
+    target_fingerprint: str
+    prompts: list[str]
+    max_tokens: int
+    temperature: float = 0.0
+    dtype: torch.dtype = torch.float32  # the target's dtype while recording
+    shard_size: int = 256
+
+    @property
+    def folder(self) -> Path:
+        key = hashlib.sha256(json.dumps([
+            "recorded-v1", self.target_fingerprint, self.prompts, self.max_tokens,
+            self.temperature, str(self.dtype), self.shard_size]).encode()).hexdigest()[:16]
+        return DATA_DIR / f"recorded-{key}"
+
+    def shard_path(self, index: int) -> Path:
+        return self.folder / f"shard-{index:05d}.safetensors"
+
+    @property
+    def num_shards(self) -> int:
+        return -(-len(self.prompts) // self.shard_size)
+
+    def missing_shards(self) -> list[int]:
+        return [i for i in range(self.num_shards) if not self.shard_path(i).is_file()]
+
+
+def record_dataset(plan: RecordingPlan, max_num_seqs: int = 128) -> list[Conversation]:
+    """The target answers every prompt with vLLM while HiddenStateRecorder keeps its
+    hidden states; each shard is saved as soon as it is answered, so an interrupted
+    build resumes at the first missing shard. Returns every shard's conversations."""
+    missing = plan.missing_shards()
+    if missing:
+        _record_shards(plan, missing, max_num_seqs)
+    conversations = []
+    for index in range(plan.num_shards):
+        conversations += load_dataset(plan.shard_path(index))
+    return conversations
+
+
+def _record_shards(plan: RecordingPlan, shards: list[int], max_num_seqs: int) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the recorder in-process
+    from vllm import LLM, SamplingParams
+
+    from vllm_amphista.recorder import RECORDER_CLASS_PATH, take_recorded
+
+    llm = LLM(model=str(plan.target_dir), dtype=str(plan.dtype).removeprefix("torch."),
+              enforce_eager=True, max_model_len=2048, max_num_seqs=max_num_seqs, seed=0,
+              speculative_config={"method": "custom_class", "model": RECORDER_CLASS_PATH,
+                                  "num_speculative_tokens": 1})
+    tokenizer = llm.get_tokenizer()
+    params = SamplingParams(temperature=plan.temperature, max_tokens=plan.max_tokens, seed=None)
+    done = (plan.num_shards - len(shards)) * plan.shard_size
+    with tqdm(total=len(plan.prompts), initial=min(done, len(plan.prompts)),
+              desc="recording", unit="conv") as bar:
+        for index in shards:
+            prompts = plan.prompts[index * plan.shard_size: (index + 1) * plan.shard_size]
+            chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                   tokenize=False, add_generation_prompt=True)
+                     for p in prompts]
+            chats = [c for c in chats if len(tokenizer(c).input_ids) <= 1024]
+            llm.generate(chats, params, use_tqdm=False)
+            recorded = [r for worker in llm.collective_rpc(take_recorded) for r in worker]
+            save_dataset([Conversation(torch.tensor(tokens), hidden, prompt_len)
+                          for tokens, hidden, prompt_len in recorded], plan.shard_path(index))
+            bar.update(len(prompts))
+    del llm
+
+
+def sharegpt_plan(target_dir: Path, num_prompts: int, max_tokens: int, *,
+                  temperature: float = 0.0, dtype: torch.dtype = torch.float32,
+                  shard_size: int = 256, seed: int = 0) -> RecordingPlan:
+    """ShareGPT first turns (none of them an MT-Bench question), answered by the target."""
+    from vllm_amphista.prompts import load_questions
+    from vllm_amphista.target import TargetWeights
+
+    questions = [turn for q in load_questions() for turn in q["turns"]]
+    prompts = without_mt_bench(sharegpt_prompts(10 ** 9, seed=seed), questions)[:num_prompts]
+    return RecordingPlan(target_dir, TargetWeights.from_folder(target_dir).fingerprint,
+                         prompts, max_tokens, temperature, dtype, shard_size)

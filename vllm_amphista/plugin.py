@@ -21,15 +21,15 @@ def register() -> None:
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # Lazy "module:Class" string: nothing is imported until vLLM resolves the name.
         ModelRegistry.register_model(ARCHITECTURE, "vllm_amphista.model:AmphistaDraftModel")
-    # Only cheap patches here; the model-runner patch is applied by AmphistaProposer
-    # itself, in the worker that builds it.
     from vllm_amphista.vllm_patches import (
         patch_cpu_expand_kernel,
         patch_empty_draft_constraints,
         patch_engine_args,
+        patch_model_runner,
     )
 
     patch_engine_args()
+    patch_model_runner()  # routes the runner's hidden states to our drafters
     # Every speculative method on the CPU build needs these two, not only ours.
     patch_cpu_expand_kernel()
     patch_empty_draft_constraints()

@@ -16,7 +16,6 @@ the runner's token table, which already holds this step's accepted tokens.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +25,13 @@ from vllm_amphista.checkpoint import check_target, load_checkpoint
 from vllm_amphista.draft_sampling import (
     DRAFT_SAMPLING_MODES,
     DraftSampling,
-    RequestSampling,
     draft_distribution,
     sample_drafts,
     to_target_vocab,
 )
 from vllm_amphista.machine import DTYPE_NAMES, resolve_dtype
 from vllm_amphista.model import AmphistaDraftModel, SALCache
+from vllm_amphista.step import Proposal, StepDrafter, StepRows
 from vllm_amphista.target import TargetWeights
 
 # A child of vLLM's logger, so our lines appear with vLLM's own, formatted alike.
@@ -46,33 +45,8 @@ ADDITIONAL_CONFIG_KEY = "amphista"
 DEFAULT_DRAFT_SAMPLING: DraftSampling = "sample"
 
 
-@dataclass
-class StepRows:
-    """What one engine step computed, in the runner's request order."""
-
-    req_ids: list[str]
-    sampled_token_ids: list[list[int]]  # accepted tokens (+ bonus); [] for a partial prefill
-    hidden_states: torch.Tensor  # [num_tokens, d], final-normed target output
-    query_start_loc: np.ndarray  # [num_reqs + 1] row ranges in hidden_states
-    start_positions: np.ndarray  # [num_reqs] absolute position of each request's first row
-    num_draft_tokens: np.ndarray  # [num_reqs] drafts that were verified this step
-    token_ids: np.ndarray  # [max_reqs, max_len] every known token of each request
-    sampling: RequestSampling | None = None  # per request; None = every request greedy
-
-
-@dataclass
-class Proposal:
-    tokens: list[list[int]]  # per request, in the step's order; [] = no draft
-    # [num_reqs, K, vocab] the q each sampled draft was drawn from, zeros for the other
-    # requests; None when every draft is an argmax (vLLM then treats drafts as one-hot).
-    draft_probs: torch.Tensor | None = None
-
-
-class AmphistaProposer:
+class AmphistaProposer(StepDrafter):
     def __init__(self, vllm_config) -> None:
-        from vllm_amphista.vllm_patches import patch_model_runner
-
-        patch_model_runner()  # routes the runner's hidden states to propose_from_step
         spec = vllm_config.speculative_config
         settings = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
         if not settings or "heads" not in settings:
@@ -124,11 +98,6 @@ class AmphistaProposer:
                              vocab_size=vocab, embed_tokens=embed.weight[:vocab],
                              lm_head=head.weight[:vocab])
 
-    def propose(self, *args, **kwargs):
-        raise RuntimeError(
-            "AmphistaProposer.propose was called directly: the runner patch in "
-            "vllm_amphista.vllm_patches is not installed (is the plugin loaded?)")
-
     # -- the real entry point ------------------------------------------------------------
     def propose_from_step(self, step: StepRows) -> Proposal:
         drafts: list[list[int]] = [[] for _ in step.req_ids]
@@ -140,7 +109,7 @@ class AmphistaProposer:
         caches, hiddens, next_tokens, drafting = [], [], [], []
         hidden_states = step.hidden_states.to(self.dtype)
         for i, req_id in enumerate(step.req_ids):
-            rows = self._accepted_rows(step, i)
+            rows = step.accepted_rows(i)
             if rows == 0:
                 continue
             start = int(step.start_positions[i])
@@ -182,14 +151,6 @@ class AmphistaProposer:
             q, self.model.draft_to_target, vocab_size)
         return ids, draft_probs
 
-    @staticmethod
-    def _accepted_rows(step: StepRows, i: int) -> int:
-        scheduled = int(step.query_start_loc[i + 1] - step.query_start_loc[i])
-        sampled = len(step.sampled_token_ids[i])
-        if sampled == 0:  # partial prefill: every row is a prompt token
-            return scheduled - int(step.num_draft_tokens[i])
-        return scheduled - int(step.num_draft_tokens[i]) + sampled - 1
-
     def _cache_for(self, req_id: str, start: int) -> SALCache:
         cache = self.caches.get(req_id)
         if cache is None:
@@ -201,7 +162,7 @@ class AmphistaProposer:
             cache.reset()
         return cache
 
-    def release(self, req_id: str) -> None:
+    def release(self, req_id: str, request=None) -> None:
         """Forget a finished or aborted request."""
         if self.caches.pop(req_id, None) is not None and not self.caches:
             logger.info("amphista: draft caches empty (all requests released)")

@@ -157,10 +157,11 @@ PROPOSE_DRAFT_TOKEN_IDS_PARAMS = (
 
 
 def patch_model_runner() -> None:
-    """Give the Amphista proposer the target hidden states, and free finished requests.
+    """Give our drafters (step.StepDrafter) the target hidden states, and free finished
+    requests.
 
     Wraps (vLLM 0.32.0, vllm/v1/worker/gpu_model_runner.py; the CPU runner inherits both):
-    - GPUModelRunner.propose_draft_token_ids: for an AmphistaProposer, builds the step's
+    - GPUModelRunner.propose_draft_token_ids: for a StepDrafter, builds the step's
       rows (hidden states, row ranges, start positions, verified-draft counts, token
       table, sampling parameters) and calls propose_from_step, then stores the drafts' q
       where the next step's rejection sampler reads it (`_draft_probs`,
@@ -173,7 +174,7 @@ def patch_model_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from vllm_amphista.draft_sampling import RequestSampling
-    from vllm_amphista.proposer import AmphistaProposer, StepRows
+    from vllm_amphista.step import StepDrafter, StepRows
 
     if _is_patched(GPUModelRunner.propose_draft_token_ids):
         return
@@ -187,7 +188,7 @@ def patch_model_runner() -> None:
                                 hidden_states, sample_hidden_states, aux_hidden_states,
                                 spec_decode_metadata, common_attn_metadata, slot_mappings):
         drafter = getattr(self, "drafter", None)
-        if not isinstance(drafter, AmphistaProposer):
+        if not isinstance(drafter, StepDrafter):
             return original_propose(
                 self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
                 sample_hidden_states, aux_hidden_states, spec_decode_metadata,
@@ -221,8 +222,8 @@ def patch_model_runner() -> None:
 
     def _on_request_state_removed(self, req_id, req_state):
         drafter = getattr(self, "drafter", None)
-        if isinstance(drafter, AmphistaProposer):
-            drafter.release(req_id)
+        if isinstance(drafter, StepDrafter):
+            drafter.release(req_id, req_state)
         original_removed(self, req_id, req_state)
 
     GPUModelRunner._on_request_state_removed = _mark(_on_request_state_removed,

@@ -1,0 +1,64 @@
+"""One engine step as a drafter sees it, and the interface of drafters fed that way.
+
+vLLM 0.32's `custom_class` proposers get no hidden states; the runner patch
+(vllm_patches.patch_model_runner) hands every `StepDrafter` a `StepRows` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_amphista.draft_sampling import RequestSampling
+
+
+@dataclass
+class StepRows:
+    """What one engine step computed, in the runner's request order."""
+
+    req_ids: list[str]
+    sampled_token_ids: list[list[int]]  # accepted tokens (+ bonus); [] for a partial prefill
+    hidden_states: torch.Tensor  # [num_tokens, d], final-normed target output
+    query_start_loc: np.ndarray  # [num_reqs + 1] row ranges in hidden_states
+    start_positions: np.ndarray  # [num_reqs] absolute position of each request's first row
+    num_draft_tokens: np.ndarray  # [num_reqs] drafts that were verified this step
+    token_ids: np.ndarray  # [max_reqs, max_len] every known token of each request
+    sampling: RequestSampling | None = None  # per request; None = every request greedy
+
+    def accepted_rows(self, i: int) -> int:
+        """How many of request i's rows the target kept: the prefill chunk, or in a decode
+        step the last sampled token plus the accepted drafts (len(sampled) rows)."""
+        scheduled = int(self.query_start_loc[i + 1] - self.query_start_loc[i])
+        sampled = len(self.sampled_token_ids[i])
+        if sampled == 0:  # partial prefill: every row is a prompt token
+            return scheduled - int(self.num_draft_tokens[i])
+        return scheduled - int(self.num_draft_tokens[i]) + sampled - 1
+
+
+@dataclass
+class Proposal:
+    tokens: list[list[int]]  # per request, in the step's order; [] = no draft
+    # [num_reqs, K, vocab] the q each sampled draft was drawn from, zeros for the other
+    # requests; None when every draft is an argmax (vLLM then treats drafts as one-hot).
+    draft_probs: torch.Tensor | None = None
+
+
+class StepDrafter:
+    """A vLLM `custom_class` proposer that the runner patch feeds with StepRows."""
+
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        """Called by the runner with the target model once it is loaded."""
+
+    def propose(self, *args, **kwargs):
+        raise RuntimeError(
+            f"{type(self).__name__}.propose was called directly: the runner patch in "
+            "vllm_amphista.vllm_patches is not installed (is the plugin loaded?)")
+
+    def propose_from_step(self, step: StepRows) -> Proposal:
+        raise NotImplementedError
+
+    def release(self, req_id: str, request=None) -> None:
+        """vLLM dropped a finished or aborted request; `request` is the runner's
+        CachedRequestState (prompt and output token ids)."""
