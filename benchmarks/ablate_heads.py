@@ -21,7 +21,13 @@ from pathlib import Path
 
 import torch
 
-from vllm_amphista.training import TrainSettings
+from vllm_amphista.model.checkpoint import load_checkpoint
+from vllm_amphista.model.target import TargetWeights, export_smollm2
+from vllm_amphista.training.data import build_dataset, sharegpt_prompts, split
+from vllm_amphista.training.heads import draft_model_for
+from vllm_amphista.training.loop import train
+from vllm_amphista.training.objective import evaluate
+from vllm_amphista.training.settings import TrainSettings
 
 
 @dataclass(frozen=True)
@@ -50,11 +56,6 @@ VARIANTS: dict[str, Variant] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vllm_amphista.checkpoint import load_checkpoint
-    from vllm_amphista.distill_data import build_dataset, sharegpt_prompts
-    from vllm_amphista.target import TargetWeights, export_smollm2
-    from vllm_amphista.training import draft_model_for, evaluate, split, train
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=Path, help="default: SmolLM2-135M-Instruct")
     parser.add_argument("--variants", nargs="*", default=["amphista", "medusa"],
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for folder in args.evaluate:
         model = load_checkpoint(folder, target=target)
-        rows.append({"name": f"{folder} (as shipped)", **evaluate(model, eval_set, lm_head,
-                                                                   base)})
+        rows.append({"name": f"{folder} (as shipped)", **evaluate(
+            model, eval_set, lm_head, base.batch_conversations, base.max_positions)})
     for name in args.variants:
         variant = VARIANTS[name]
         settings = replace(base, **variant.settings)

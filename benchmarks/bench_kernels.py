@@ -21,6 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vllm_amphista.kernels.head_attention import head_attention_reference
+from vllm_amphista.kernels.tree_attention import tree_attention_reference
+from vllm_amphista.reference.tree import build_tree
+
 # (K, batch, d, heads): AEB shapes over the K draft heads.
 HEAD_SHAPES = [(k, b, d, d // 128) for k in (4, 5, 8) for b in (1, 64, 1024)
                for d in (576, 4096, 8192)]
@@ -56,11 +60,8 @@ def _tree_sdpa(q, kp, vp, kt, vt, mask):
 
 
 def bench(device: str, dtype: torch.dtype, smoke: bool, repeats: int) -> list[dict]:
-    from vllm_amphista.kernels.head_attention import head_attention_reference
-    from vllm_amphista.kernels.tree import build_tree, tree_attention_reference
     from vllm_amphista.kernels.triton_head_attention import triton_head_attention
     from vllm_amphista.kernels.triton_tree_attention import triton_tree_attention
-
     tol = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 3e-2}[dtype]
     rows = []
     for k, batch, d, heads in SMOKE_HEAD_SHAPES if smoke else HEAD_SHAPES:

@@ -19,8 +19,11 @@ from pathlib import Path
 
 import torch
 
-from vllm_amphista.cli import SHIPPED_HEADS
 from vllm_amphista.machine import DTYPE_NAMES, compute_dtype, describe
+from vllm_amphista.model.checkpoint import load_checkpoint
+from vllm_amphista.model.sal_cache import SALCache
+from vllm_amphista.model.target import TargetWeights, export_smollm2
+from vllm_amphista.paths import SHIPPED_HEADS
 from vllm_amphista.prompts import first_turns
 
 
@@ -35,10 +38,6 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def draft_pass_ms(target: Path, dtype: torch.dtype, requests: int, repeats: int) -> float:
-    from vllm_amphista.checkpoint import load_checkpoint
-    from vllm_amphista.model import SALCache
-    from vllm_amphista.target import TargetWeights
-
     model = load_checkpoint(SHIPPED_HEADS / "amphista", target=TargetWeights.from_folder(target),
                             dtype=dtype).eval()
     d = model.config.hidden_size
@@ -95,8 +94,6 @@ print("RESULT", sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_coun
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vllm_amphista.target import export_smollm2
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=Path, help="target folder (default: SmolLM2 export)")
     parser.add_argument("--repeats", type=int, default=30)

@@ -5,7 +5,7 @@
 Runs one request at a time at temperature 0 in an in-process engine (one fresh Python
 per method: vLLM's CPU build cannot start two engines in one process) and times, per
 engine step: the target forward (`model.forward` of the runner's model), the draft
-model (`AmphistaDraftModel.propose`), the proposer glue around it (the runner patch's
+model (`AmphistaDraftModel.extend`), the proposer glue around it (the runner patch's
 row bookkeeping in `propose_from_step`), and everything else vLLM does in the step
 (scheduling, sampling or rejection sampling, output handling). The timers are plain
 wrappers on this engine's objects, installed by this script only. JSON + table.
@@ -22,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_amphista.cli import SHIPPED_HEADS
-from vllm_amphista.machine import TARGET_DTYPE
+from vllm_amphista.engine import start_llm
+from vllm_amphista.model.target import export_smollm2
+from vllm_amphista.paths import SHIPPED_HEADS
+from vllm_amphista.prompts import first_turns
 
 
 def _timed(function, totals: dict[str, float], key: str):
@@ -40,13 +42,10 @@ def _timed(function, totals: dict[str, float], key: str):
 
 def profile_one(target: str, heads: str | None, prompts: list[str], max_tokens: int) -> dict:
     """Runs in its own process (see main)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams  # heavy: only where an engine starts
 
     spec = {"method": "amphista", "model": heads} if heads else None
-    llm = LLM(model=target, dtype=TARGET_DTYPE, enforce_eager=True, max_model_len=2048, seed=0,
-              speculative_config=spec)
+    llm = start_llm(target, speculative_config=spec)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     llm.chat([[{"role": "user", "content": prompts[0]}]], params, use_tqdm=False)  # warm-up
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
@@ -55,7 +54,7 @@ def profile_one(target: str, heads: str | None, prompts: list[str], max_tokens: 
     drafter = getattr(runner, "drafter", None)
     if drafter is not None:
         drafter.propose_from_step = _timed(drafter.propose_from_step, totals, "proposer")
-        drafter.model.propose = _timed(drafter.model.propose, totals, "draft_model")
+        drafter.model.extend = _timed(drafter.model.extend, totals, "draft_model")
     tokens = 0
     started = time.perf_counter()
     for prompt in prompts:
@@ -89,9 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         job = json.loads(args.one)
         print("RESULT " + json.dumps(profile_one(**job)), flush=True)
         return 0
-
-    from vllm_amphista.prompts import first_turns
-    from vllm_amphista.target import export_smollm2
 
     target = args.target or str(export_smollm2())
     prompts = first_turns(args.prompts, limit=args.num_prompts)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_amphista.config import AmphistaConfig
-from vllm_amphista.model import AmphistaDraftModel
-from vllm_amphista.target import TargetWeights, build_tiny_target
+from vllm_amphista.model.config import AmphistaConfig
+from vllm_amphista.model.draft_model import AmphistaDraftModel
+from vllm_amphista.model.target import TargetWeights, build_tiny_target
 
 
 @pytest.fixture(scope="session")

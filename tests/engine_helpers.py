@@ -1,7 +1,7 @@
 """Helpers for tests that start real vLLM engines and servers (marked `engine`).
 
 Each engine runs in its own subprocess: vLLM's CPU build cannot start a second
-in-process engine once numba is imported (ENVIRONMENT.md), and a crash in one
+in-process engine once numba is imported (docs/decisions.md), and a crash in one
 test must not take the others down.
 """
 
@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import server
+from vllm_amphista.eval import server
 
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench import Run, markdown, percentile, spec_counters, summarise
 from tests.engine_helpers import engine_env
+from vllm_amphista.eval.bench import Run, markdown, percentile, spec_counters, summarise
 
 METRICS_PAGE = """\
 # HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.

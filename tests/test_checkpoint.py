@@ -10,21 +10,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import random_draft_model
-from vllm_amphista.checkpoint import (
-    CheckpointError,
-    export_vllm_medusa,
-    import_medusa,
-    load_checkpoint,
-)
-from vllm_amphista.model import AmphistaDraftModel, SALCache
-from vllm_amphista.target import TargetWeights
+from vllm_amphista.convert.medusa import export_vllm_medusa, import_medusa
+from vllm_amphista.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vllm_amphista.model.sal_cache import SALCache
+from vllm_amphista.model.target import TargetWeights
 
 
 @pytest.fixture()
 def saved(tiny_target, tmp_path):
     model = random_draft_model(tiny_target, draft_vocab_size=64)
     folder = tmp_path / "heads"
-    model.save_pretrained(folder)
+    save_checkpoint(model, folder)
     return model, folder
 
 
@@ -36,7 +32,7 @@ def test_round_trip_is_bit_exact(saved, tiny_target):
     assert config["target_fingerprint"] == tiny_target.fingerprint
     stored = load_file(str(folder / "model.safetensors"))
     assert not {"embed_tokens", "lm_head_weight"} & set(stored), "target weights leaked"
-    loaded = AmphistaDraftModel.from_pretrained(folder, target=tiny_target)
+    loaded = load_checkpoint(folder, target=tiny_target)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
     hidden = torch.randn(1, 6, tiny_target.hidden_size)
@@ -202,7 +198,7 @@ def test_import_medusa(tmp_path, tiny_target, layout):
     got = model(hidden, torch.zeros(2, 5, dtype=torch.long))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # And it survives our own checkpoint format.
-    model.save_pretrained(tmp_path / "converted")
+    save_checkpoint(model, tmp_path / "converted")
     again = load_checkpoint(tmp_path / "converted", tiny_target)
     torch.testing.assert_close(again.extend([SALCache()], [hidden[0]], [torch.zeros(5).long()]),
                                want[0, -1][None], rtol=1e-4, atol=1e-4)
@@ -219,7 +215,7 @@ def test_export_vllm_medusa_round_trip(tmp_path, tiny_target, draft_vocab):
     if draft_vocab:  # a scattered token map, not the identity prefix
         model.draft_to_target = torch.randperm(tiny_target.vocab_size)[:draft_vocab]
         model.refresh_lm_head(tiny_target.lm_head)
-    model.save_pretrained(tmp_path / "ours")
+    save_checkpoint(model, tmp_path / "ours")
     out = export_vllm_medusa(tmp_path / "ours", tmp_path / "vllm", tiny_target)
 
     config = json.loads((out / "config.json").read_text())
@@ -242,7 +238,7 @@ def test_export_vllm_medusa_refuses(tmp_path, saved, tiny_target):
         export_vllm_medusa(amphista_heads, tmp_path / "out", tiny_target)
     medusa = random_draft_model(tiny_target, use_aeb=False, num_stages=0,
                                 use_token_fusion=False)
-    medusa.save_pretrained(tmp_path / "medusa")
+    save_checkpoint(medusa, tmp_path / "medusa")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
     with pytest.raises(CheckpointError, match="not empty"):

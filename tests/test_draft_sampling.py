@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_amphista.draft_sampling import (
+from vllm_amphista.serving.draft_sampling import (
     RequestSampling,
     draft_distribution,
     sample_drafts,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.engine_helpers import post_json, run_engine_script, vllm_server
-from vllm_amphista.target import export_smollm2
+from vllm_amphista.model.target import export_smollm2
 
 pytestmark = pytest.mark.engine
 

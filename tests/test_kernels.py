@@ -8,8 +8,10 @@ import os
 import pytest
 import torch
 
+from benchmarks.bench_kernels import main
 from vllm_amphista.kernels.head_attention import head_attention_reference
-from vllm_amphista.kernels.tree import build_tree, chain_tree, tree_attention_reference
+from vllm_amphista.kernels.tree_attention import tree_attention_reference
+from vllm_amphista.reference.tree import build_tree, chain_tree
 
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3),
              torch.bfloat16: (2e-2, 2e-2)}
@@ -115,8 +117,6 @@ def test_build_tree_rejects_bad_paths(paths, message):
 def test_gpu_benchmark_script_smoke(tmp_path):
     """benchmarks/bench_kernels.py checks and times on CUDA; --smoke runs it here."""
     import json
-
-    from benchmarks.bench_kernels import main
 
     out = tmp_path / "kernels.json"
     assert main(["--smoke", "--repeats", "1", "--dtype", "float32", "--out", str(out)]) == 0

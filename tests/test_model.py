@@ -1,4 +1,4 @@
-"""Properties of the draft model itself (DESIGN.md §2), on a tiny random target."""
+"""Properties of the draft model itself, on a tiny random target."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import random_draft_model
-from vllm_amphista.config import AmphistaConfig
-from vllm_amphista.model import AmphistaDraftModel, SALCache
+from vllm_amphista.model.config import AmphistaConfig
+from vllm_amphista.model.draft_model import AmphistaDraftModel
+from vllm_amphista.model.sal_cache import SALCache
 
 
 def _inputs(target, b: int = 2, t: int = 9, seed: int = 1):
@@ -27,22 +28,15 @@ def test_forward_shape_and_head_stages(tiny_target):
 
 
 def test_aeb_lets_every_head_see_every_other(tiny_target):
-    """With the AEB, perturbing head K's input changes head 1's logits; without it, not."""
+    """With the AEB, perturbing head K's block changes head 1's logits; without it, not.
+    Through the public forward only: the perturbation is a bias on the last head's block."""
     for use_aeb in (True, False):
         model = random_draft_model(tiny_target, use_aeb=use_aeb, num_stages=2, num_heads=4)
         hidden, tokens = _inputs(tiny_target)
-        features = model._fuse(hidden, tokens)
-        stage_out = [features]
-        for stage in model.stages:
-            stage_out.append(stage(stage_out[-1], torch.arange(9).expand(2, 9))[0])
-        base = model._head_logits(stage_out)
-        # Perturb the input of the last head only (head 4 reads the last stage).
-        last_head = model.heads[-1]
-        original_bias = last_head[0].linear.bias.detach().clone()
         with torch.no_grad():
-            last_head[0].linear.bias.add_(3.0)
-            changed = model._head_logits(stage_out)
-            last_head[0].linear.bias.copy_(original_bias)
+            base = model(hidden, tokens)
+            model.heads[-1][0].linear.bias.add_(3.0)
+            changed = model(hidden, tokens)
         head1_diff = (changed[..., 0, :] - base[..., 0, :]).abs().max().item()
         head4_diff = (changed[..., -1, :] - base[..., -1, :]).abs().max().item()
         assert head4_diff > 1e-3

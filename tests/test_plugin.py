@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vllm_amphista import vllm_patches
+from vllm_amphista.model.checkpoint import save_checkpoint
+from vllm_amphista.model.target import TargetWeights
+from vllm_amphista.serving import patches as vllm_patches
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -16,20 +18,20 @@ VENV_BIN = Path(sys.executable).parent
 def test_entry_points_are_declared():
     plugins = {ep.name: ep.value for ep in importlib.metadata.entry_points(
         group="vllm.general_plugins")}
-    assert plugins.get("amphista") == "vllm_amphista.plugin:register"
+    assert plugins.get("amphista") == "vllm_amphista.serving.plugin:register"
     scripts = [(ep.name, ep.value) for ep in importlib.metadata.entry_points(
         group="console_scripts")]
     assert ("vllm-amphista", "vllm_amphista.cli:main") in scripts
-    assert ("vllm", "vllm_amphista.vllm_command:main") in scripts
+    assert ("vllm", "vllm_amphista.serving.vllm_command:main") in scripts
     # The engine declares a `vllm` script too: ours must be the one on disk.
-    assert "vllm_amphista.vllm_command" in (VENV_BIN / "vllm").read_text()
+    assert "vllm_amphista.serving.vllm_command" in (VENV_BIN / "vllm").read_text()
 
 
 def test_hook_registers_model_and_is_idempotent():
     code = (
         "from vllm.plugins import load_general_plugins\n"
         "from vllm import ModelRegistry\n"
-        "from vllm_amphista import plugin\n"
+        "from vllm_amphista.serving import plugin\n"
         "load_general_plugins(); plugin.register(); plugin._registered = False; "
         "plugin.register()\n"
         "print('AmphistaDraftModel' in ModelRegistry.get_supported_archs())\n"
@@ -66,10 +68,8 @@ def test_bf16_target_on_an_emulating_cpu_is_warned_once_and_kept(tiny_target_dir
     """Engine config for Amphista with the CPU's flags faked to AVX2 only: a bf16 target
     gets one warning line naming the fix and stays bf16; an fp32 target gets none."""
     from tests.conftest import random_draft_model
-    from vllm_amphista.target import TargetWeights
-
-    random_draft_model(TargetWeights.from_folder(tiny_target_dir)).save_pretrained(
-        tmp_path / "heads")
+    save_checkpoint(random_draft_model(TargetWeights.from_folder(tiny_target_dir)),
+                    tmp_path / "heads")
     code = f"""
 from vllm_amphista import machine
 machine.cpu_info = lambda: machine.read_cpu_info("model name : AMD EPYC 7B13\\nflags : avx2 fma")

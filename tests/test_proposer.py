@@ -9,19 +9,17 @@ import pytest
 import torch
 
 from tests.conftest import random_draft_model
-from vllm_amphista.draft_sampling import RequestSampling
-from vllm_amphista.proposer import (
-    AmphistaProposer,
-    AmphistaSetupError,
-    StepRows,
-    resolve_speculative_config,
-)
+from vllm_amphista.model.checkpoint import save_checkpoint
+from vllm_amphista.serving.draft_sampling import RequestSampling
+from vllm_amphista.serving.proposer import AmphistaProposer
+from vllm_amphista.serving.spec_config import AmphistaSetupError, resolve_speculative_config
+from vllm_amphista.serving.step import StepRows
 
 
 @pytest.fixture()
 def heads_dir(tiny_target, tmp_path):
     folder = tmp_path / "heads"
-    random_draft_model(tiny_target).save_pretrained(folder)
+    save_checkpoint(random_draft_model(tiny_target), folder)
     return folder
 
 
@@ -150,7 +148,7 @@ def test_resolve_translates_to_custom_class(heads_dir, tiny_target, tiny_target_
          "disable_by_batch_size": 8},
         str(tiny_target_dir), tiny_target.hidden_size, tiny_target.vocab_size)
     assert spec == {"method": "custom_class", "num_speculative_tokens": 2,
-                    "model": "vllm_amphista.proposer.AmphistaProposer"}
+                    "model": "vllm_amphista.serving.proposer.AmphistaProposer"}
     assert settings == {"heads": str(heads_dir.resolve()), "disable_by_batch_size": 8,
                         "draft_sampling": "sample", "draft_dtype": "auto"}
     spec, _ = resolve_speculative_config({"method": "amphista", "model": str(heads_dir)},

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from tests.conftest import random_draft_model
-from vllm_amphista.config import AmphistaConfig
-from vllm_amphista.kernels.tree import build_tree
-from vllm_amphista.model import AmphistaDraftModel
+from vllm_amphista.model.checkpoint import save_checkpoint
+from vllm_amphista.model.config import AmphistaConfig
+from vllm_amphista.model.draft_model import AmphistaDraftModel
+from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.prompts import first_turns
-from vllm_amphista.reference import ReferenceDecoder, best_tree, chain
-from vllm_amphista.target import TargetWeights, export_smollm2
+from vllm_amphista.reference.decoder import ReferenceDecoder, best_tree, chain
+from vllm_amphista.reference.tree import build_tree
 
 ACCEPTANCE = [[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.2, 0.1]]
 
@@ -86,7 +87,7 @@ def test_eval_tree_command(tiny_target_dir, tiny_target, tmp_path):
     from pathlib import Path
 
     heads = tmp_path / "heads"
-    random_draft_model(tiny_target).save_pretrained(heads)
+    save_checkpoint(random_draft_model(tiny_target), heads)
     prompts = tmp_path / "questions.jsonl"
     prompts.write_text("".join(json.dumps({"question_id": i, "turns": [f"w{i} w{i + 1} a b"]})
                                + "\n" for i in range(3)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_amphista.target import TargetWeights, export_smollm2
+from vllm_amphista.model.target import TargetWeights, export_smollm2
 
 
 def _chat_ids(tokenizer, text: str) -> torch.Tensor:

@@ -11,20 +11,15 @@ import pytest
 import torch
 
 from tests.engine_helpers import engine_env
-from vllm_amphista.checkpoint import load_checkpoint
-from vllm_amphista.config import AmphistaConfig
-from vllm_amphista.distill_data import read_prompt_file, target_hidden_states
-from vllm_amphista.model import AmphistaDraftModel
-from vllm_amphista.target import TargetWeights
-from vllm_amphista.training import (
-    STATE_FILE,
-    TrainingInputError,
-    TrainSettings,
-    build_token_map,
-    check_inputs,
-    evaluate,
-    train,
-)
+from vllm_amphista.model.checkpoint import load_checkpoint
+from vllm_amphista.model.config import AmphistaConfig
+from vllm_amphista.model.draft_model import AmphistaDraftModel
+from vllm_amphista.model.target import TargetWeights
+from vllm_amphista.training.data import read_prompt_file, save_dataset, split, target_hidden_states
+from vllm_amphista.training.heads import build_token_map, check_inputs
+from vllm_amphista.training.loop import train
+from vllm_amphista.training.objective import evaluate, head_losses, make_batch
+from vllm_amphista.training.settings import STATE_FILE, TrainingInputError, TrainSettings
 
 WORDS = [f"w{i}" for i in range(40)] + list("abcdefgh")
 
@@ -75,7 +70,8 @@ def test_training_reduces_loss_and_resumes_exactly(tiny_target, conversations, t
     train_set, eval_set = conversations[:10], conversations[10:]
 
     straight = _model(tiny_target)
-    before = evaluate(straight, eval_set, lm_head, settings)
+    before = evaluate(straight, eval_set, lm_head, settings.batch_conversations,
+                      settings.max_positions)
     metrics = train(straight, lm_head, train_set, eval_set, settings, tmp_path / "a")
     losses = [h["loss"] for h in metrics["history"]]
     assert losses[-1] < losses[0]
@@ -196,9 +192,7 @@ def test_ray_two_workers_match_one_worker(tiny_target, tiny_target_dir, conversa
     """`--num-workers 2` (Ray Train, DDP over gloo, 2 CPU workers) trains the same weights
     as one process, up to float rounding. 9 training conversations in batches of 4 leave
     a last batch of 1: the second worker then has no share and must still line up."""
-    from vllm_amphista.distill_data import save_dataset
-    from vllm_amphista.distributed import train_on_ray
-    from vllm_amphista.training import split
+    from vllm_amphista.training.ray_launcher import train_on_ray
 
     settings = TrainSettings(epochs=2, batch_conversations=4, learning_rate=3e-3,
                              eval_fraction=0.25, compute_dtype="float32")
@@ -231,7 +225,6 @@ class _Oracle(torch.nn.Module):
         self.config = AmphistaConfig(hidden_size=lm_head.shape[1], vocab_size=lm_head.shape[0],
                                      num_heads=num_heads, num_attention_heads=4,
                                      num_key_value_heads=4)
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # evaluate() reads the device
         self.lm_head, self.wrong = lm_head, wrong
 
     def forward(self, hidden, next_tokens):
@@ -251,9 +244,23 @@ class _Oracle(torch.nn.Module):
 def test_chain_tau_counts_leading_right_heads(tiny_target, conversations, wrong):
     lm_head = tiny_target.lm_head.float()
     oracle = _Oracle(lm_head, 4, wrong)
-    got = evaluate(oracle, conversations, lm_head, TrainSettings(batch_conversations=5))
+    got = evaluate(oracle, conversations, lm_head, batch_conversations=5, max_positions=512)
     first_wrong = min(wrong, default=4)
     steps = [min(first_wrong, len(c.tokens) - 2 - t) for c in conversations
              for t in range(len(c.tokens) - 2) if t + 2 >= c.prompt_len]
     assert got["chain_tau"] == pytest.approx(1 + sum(steps) / len(steps))
     assert got["top1"][0] == (0.0 if 0 in wrong else 1.0)
+
+
+def test_batches_are_built_on_the_lm_heads_device(tiny_target, conversations):
+    """The GPU path without a GPU: on the meta device every tensor of a batch, and the
+    losses computed from it, must follow lm_head there (a batch left on the CPU meets
+    device tensors in the teacher's matmul, as train() -> evaluate() once did)."""
+    lm_head = tiny_target.lm_head.float().to("meta")
+    batch = make_batch(conversations[:3], 64, lm_head)
+    assert {t.device.type for t in vars(batch).values()} == {"meta"}
+    model = _model(tiny_target).to("meta")
+    to_draft = torch.arange(tiny_target.vocab_size, device="meta")
+    losses = head_losses(model(batch.hidden, batch.tokens[:, 1:]), batch, to_draft, 0.1,
+                         torch.ones(model.config.num_heads, device="meta"))
+    assert losses.device.type == "meta"

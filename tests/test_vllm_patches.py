@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import inspect
 from types import SimpleNamespace
 
@@ -15,7 +14,8 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_input_batch import InputBatch
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_amphista import vllm_patches
+from vllm_amphista.serving import patches as vllm_patches
+from vllm_amphista.serving.spec_config import AmphistaSetupError
 
 
 def test_pinned_vllm_version():
@@ -70,7 +70,10 @@ def test_patches_are_idempotent_and_add_the_flags():
     assert engine_args.speculative_config == {"method": "amphista", "model": "/h",
                                               "num_speculative_tokens": 3,
                                               "disable_by_batch_size": 8}
-    assert isinstance(args, argparse.Namespace)
+    # The draft-length flags mean nothing without heads: refused, not ignored.
+    orphan = parser.parse_args(["--model", "m", "--num-speculative-tokens", "3"])
+    with pytest.raises(AmphistaSetupError, match="need --speculative-model"):
+        AsyncEngineArgs.from_cli_args(orphan)
 
 
 def _expand_case(dtype: torch.dtype):

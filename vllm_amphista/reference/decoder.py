@@ -19,11 +19,13 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from vllm_amphista.checkpoint import load_checkpoint
-from vllm_amphista.kernels.tree import Path as TreePath
-from vllm_amphista.kernels.tree import TreeBuffers, build_tree, chain_tree
-from vllm_amphista.model import AmphistaDraftModel, SALCache
-from vllm_amphista.target import TargetWeights
+from vllm_amphista.eval.tau import tau
+from vllm_amphista.model.checkpoint import load_checkpoint
+from vllm_amphista.model.draft_model import AmphistaDraftModel
+from vllm_amphista.model.sal_cache import SALCache
+from vllm_amphista.model.target import TargetWeights
+from vllm_amphista.reference.tree import Path as TreePath
+from vllm_amphista.reference.tree import TreeBuffers, build_tree, chain_tree
 
 ATTENTION = "amphista_tree"
 # The tree being verified right now, when the Triton kernel should compute its attention.
@@ -69,7 +71,8 @@ class DecodeResult:
     @property
     def tau(self) -> float:
         """Mean tokens gained per decoding forward (the prefill's token not counted)."""
-        return sum(self.accepted_per_step) / max(1, len(self.accepted_per_step))
+        steps = len(self.accepted_per_step)
+        return tau(sum(self.accepted_per_step) - steps, steps)
 
 
 class ReferenceDecoder:

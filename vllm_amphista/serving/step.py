@@ -1,7 +1,7 @@
 """One engine step as a drafter sees it, and the interface of drafters fed that way.
 
 vLLM 0.32's `custom_class` proposers get no hidden states; the runner patch
-(vllm_patches.patch_model_runner) hands every `StepDrafter` a `StepRows` instead.
+(patches.patch_model_runner) hands every `StepDrafter` a `StepRows` instead.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_amphista.draft_sampling import RequestSampling
+from vllm_amphista.serving.draft_sampling import RequestSampling
 
 
 @dataclass
@@ -54,7 +54,7 @@ class StepDrafter:
     def propose(self, *args, **kwargs):
         raise RuntimeError(
             f"{type(self).__name__}.propose was called directly: the runner patch in "
-            "vllm_amphista.vllm_patches is not installed (is the plugin loaded?)")
+            "vllm_amphista.serving.patches is not installed (is the plugin loaded?)")
 
     def propose_from_step(self, step: StepRows) -> Proposal:
         raise NotImplementedError

@@ -15,6 +15,15 @@ import logging
 
 import torch
 
+from vllm_amphista.machine import emulated_bf16_warning
+from vllm_amphista.serving.draft_sampling import RequestSampling
+from vllm_amphista.serving.spec_config import (
+    ADDITIONAL_CONFIG_KEY,
+    AmphistaSetupError,
+    resolve_speculative_config,
+)
+from vllm_amphista.serving.step import StepDrafter, StepRows
+
 PINNED_VLLM_VERSION = "0.32.0"
 logger = logging.getLogger("vllm.amphista")
 _distribution_version = importlib.metadata.version  # unpatched, captured at import
@@ -76,12 +85,6 @@ def patch_engine_args() -> None:
     """
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_amphista.proposer import (
-        ADDITIONAL_CONFIG_KEY,
-        AmphistaSetupError,
-        resolve_speculative_config,
-    )
-
     if _is_patched(EngineArgs.create_speculative_config):
         return
     original_create = EngineArgs.create_speculative_config
@@ -90,8 +93,6 @@ def patch_engine_args() -> None:
         spec = self.speculative_config
         if isinstance(spec, dict) and spec.get("method") == "amphista":
             from vllm.platforms import current_platform
-
-            from vllm_amphista.machine import emulated_bf16_warning
 
             warning = (emulated_bf16_warning(target_model_config.dtype)
                        if current_platform.is_cpu() else None)
@@ -172,9 +173,6 @@ def patch_model_runner() -> None:
     """
     import numpy as np
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    from vllm_amphista.draft_sampling import RequestSampling
-    from vllm_amphista.step import StepDrafter, StepRows
 
     if _is_patched(GPUModelRunner.propose_draft_token_ids):
         return

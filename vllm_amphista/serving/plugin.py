@@ -7,7 +7,13 @@ idempotent and cheap, so it only records names and installs patches.
 
 from __future__ import annotations
 
-from vllm_amphista.config import ARCHITECTURE
+from vllm_amphista.model.config import ARCHITECTURE
+from vllm_amphista.serving.patches import (
+    patch_cpu_expand_kernel,
+    patch_empty_draft_constraints,
+    patch_engine_args,
+    patch_model_runner,
+)
 
 _registered = False
 
@@ -20,14 +26,8 @@ def register() -> None:
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # Lazy "module:Class" string: nothing is imported until vLLM resolves the name.
-        ModelRegistry.register_model(ARCHITECTURE, "vllm_amphista.model:AmphistaDraftModel")
-    from vllm_amphista.vllm_patches import (
-        patch_cpu_expand_kernel,
-        patch_empty_draft_constraints,
-        patch_engine_args,
-        patch_model_runner,
-    )
-
+        ModelRegistry.register_model(ARCHITECTURE,
+                                     "vllm_amphista.model.draft_model:AmphistaDraftModel")
     patch_engine_args()
     patch_model_runner()  # routes the runner's hidden states to our drafters
     # Every speculative method on the CPU build needs these two, not only ours.

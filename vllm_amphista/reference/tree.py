@@ -1,10 +1,9 @@
-"""Static draft trees (Medusa's format) and tree attention.
+"""Static draft trees (Medusa's format).
 
 A tree is a list of paths: (i,) is the i-th candidate of head 1, (i, j) the j-th
 candidate of head 2 below it, and so on. Node 0 is the root: the token the
-target just produced. `TreeBuffers` holds what verification needs; the PyTorch
-reference `tree_attention_reference` defines tree attention, and
-`triton_tree_attention.py` implements it as a kernel.
+target just produced. `TreeBuffers` holds what verification needs (the tree mask that
+kernels/tree_attention.py applies).
 """
 
 from __future__ import annotations
@@ -65,23 +64,3 @@ def build_tree(paths: Sequence[Sequence[int]], top_k: int) -> TreeBuffers:
 def chain_tree(depth: int) -> list[Path]:
     """The chain of top-1 candidates: what vLLM's chain verification checks."""
     return [(0,) * d for d in range(1, depth + 1)]
-
-
-def tree_attention_reference(
-    q: torch.Tensor,  # [B, Hq, T, hd]
-    k_prefix: torch.Tensor,  # [B, Hkv, P, hd]
-    v_prefix: torch.Tensor,
-    k_tree: torch.Tensor,  # [B, Hkv, T, hd]
-    v_tree: torch.Tensor,
-    tree_mask: torch.Tensor,  # [T, T] bool
-) -> torch.Tensor:
-    """Each tree node attends to the whole cached prefix and to its own ancestors (and
-    itself) in the tree. Grouped-query heads: Hq is a multiple of Hkv. fp32 softmax."""
-    groups = q.shape[1] // k_prefix.shape[1]
-    keys = torch.cat((k_prefix, k_tree), dim=2).repeat_interleave(groups, dim=1).float()
-    values = torch.cat((v_prefix, v_tree), dim=2).repeat_interleave(groups, dim=1).float()
-    visible = torch.cat((tree_mask.new_ones(tree_mask.shape[0], k_prefix.shape[2]),
-                         tree_mask), dim=1)
-    scores = q.float() @ keys.transpose(-1, -2) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~visible.to(q.device), float("-inf"))
-    return (scores.softmax(-1) @ values).to(q.dtype)

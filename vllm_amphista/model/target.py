@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-CACHE_DIR = Path(os.environ.get("VLLM_AMPHISTA_CACHE", Path.home() / ".cache" / "vllm-amphista"))
-MODELS_DIR = CACHE_DIR / "models"
+from vllm_amphista.paths import MODELS_DIR
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

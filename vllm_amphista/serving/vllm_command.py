@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import sys
 
-from vllm_amphista.vllm_patches import patch_engine_distribution_name
+from vllm_amphista.serving.patches import patch_engine_distribution_name
+from vllm_amphista.serving.spec_config import AmphistaSetupError
 
 
 def main() -> int | None:
     patch_engine_distribution_name()
     from vllm.entrypoints.cli.main import main as vllm_main
-
-    from vllm_amphista.proposer import AmphistaSetupError
 
     sys.argv[0] = sys.argv[0].removesuffix(".exe")
     try:

@@ -1,0 +1,1 @@
+"""Converting heads to and from other formats (Medusa)."""

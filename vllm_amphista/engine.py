@@ -1,0 +1,30 @@
+"""The in-process vLLM engine our own commands start (demo, data, acceptance, profiling),
+set up in one place."""
+
+from __future__ import annotations
+
+import os
+
+from vllm_amphista.machine import TARGET_DTYPE
+
+# On CPU, vLLM reserves almost all memory for KV cache unless told otherwise (GiB).
+DEFAULT_KV_CACHE_GIB = "2"
+MAX_MODEL_LEN = 2048
+
+
+def set_engine_environment(in_process: bool = True) -> None:
+    """Environment every engine of ours starts under; a value the user set wins."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_GIB)
+    if in_process:  # the engine core in this process, where tests and profilers reach it
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def start_llm(target, *, speculative_config: dict | None = None, dtype: str = TARGET_DTYPE,
+              **engine_args):
+    """vLLM's LLM over `target` (a folder), eager, seeded, our context length."""
+    set_engine_environment()
+    from vllm import LLM  # heavy: only where an engine starts
+
+    return LLM(model=str(target), dtype=dtype, enforce_eager=True,
+               max_model_len=MAX_MODEL_LEN, seed=engine_args.pop("seed", 0),
+               speculative_config=speculative_config, **engine_args)

@@ -1,0 +1,2 @@
+"""Measurement: tau and acceptance, one engine setup, the serve bench, vLLM acceptance,
+the reference decoder's tree evaluation."""

@@ -1,0 +1,312 @@
+"""`vllm-amphista bench`: vanilla vs Amphista vs Medusa in the same vLLM, same run.
+
+Every method is a `vllm serve` of the same target with the same engine flags; only the
+speculative settings differ:
+  vanilla      no speculation
+  amphista     our proposer with the Amphista heads
+  medusa       our proposer with the Medusa-mode heads (same pipeline, same data)
+  vllm-medusa  vLLM 0.32's built-in Medusa with those heads exported to its format
+
+All servers are started first (warmed up, then left idle); the measured runs are then
+interleaved (repeat -> temperature -> concurrency -> method), so a drift in the
+machine's speed hits every method alike. Each run sends the whole prompt file with
+`concurrency` requests in flight, identical sampling parameters and max_tokens for every
+method. Tokens/s is completion tokens over the run's wall time; latency is per request,
+end to end; tau and per-position acceptance come from the server's spec-decode counters
+read before and after the run. At temperature 0 every method's tokens are compared with
+vanilla's at concurrency 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from vllm_amphista.convert.medusa import export_vllm_medusa
+from vllm_amphista.engine import set_engine_environment
+from vllm_amphista.eval.server import get_text, post_json, vllm_server
+from vllm_amphista.eval.tau import acceptance_per_position, tau
+from vllm_amphista.machine import DTYPE_NAMES, TARGET_DTYPE, compute_dtype, describe
+from vllm_amphista.model.config import AmphistaConfig
+from vllm_amphista.model.target import TargetWeights, export_smollm2
+from vllm_amphista.paths import CACHE_DIR, SHIPPED_HEADS
+from vllm_amphista.prompts import first_turns
+from vllm_amphista.serving.patches import engine_version
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("vanilla", "amphista", "medusa", "vllm-medusa")
+
+
+@dataclass
+class Run:
+    """One pass of the prompt file through one server."""
+
+    tokens_per_s: float
+    latencies: list[float]
+    outputs: list[list[int]]
+    drafts: int
+    accepted_per_position: list[int]
+
+
+# -- the methods ----------------------------------------------------------------------------
+def exported_medusa(medusa_heads: Path, target: Path) -> Path:
+    """vLLM-format copy of the Medusa-mode heads, cached by the heads' content."""
+    digest = hashlib.sha256((medusa_heads / "model.safetensors").read_bytes()).hexdigest()[:16]
+    out = CACHE_DIR / "vllm-medusa" / digest
+    if not (out / "config.json").is_file():
+        staging = out.with_name(out.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        export_vllm_medusa(medusa_heads, staging, TargetWeights.from_folder(target))
+        staging.rename(out)
+    return out
+
+
+def server_args(method: str, args: argparse.Namespace) -> list[str]:
+    common = [str(args.target), "--dtype", args.dtype, "--enforce-eager", "--seed", "0",
+              "--max-model-len", "2048", "--max-num-seqs", str(max(args.concurrency))]
+    k = ["--num-speculative-tokens", str(args.k)] if args.k else []
+    if args.disable_by_batch_size:  # our proposer only: vLLM 0.32's Medusa has no such knob
+        k += ["--speculative-disable-by-batch-size", str(args.disable_by_batch_size)]
+    if method == "vanilla":
+        return common
+    if method == "amphista":
+        return [*common, "--speculative-model", str(args.amphista_heads), *k]
+    if method == "medusa":
+        return [*common, "--speculative-model", str(args.medusa_heads), *k]
+    if method == "vllm-medusa":
+        spec = {"method": "medusa", "model": str(exported_medusa(args.medusa_heads, args.target)),
+                "num_speculative_tokens": args.k or AmphistaConfig.load(args.medusa_heads)
+                .num_heads}
+        return [*common, "--speculative-config", json.dumps(spec)]
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+# -- one measured run -----------------------------------------------------------------------
+_COUNTER = re.compile(r'^(vllm:spec_decode_\w+?)_total(?:\{([^}]*)\})?\s+([0-9.eE+-]+)$')
+
+
+def spec_counters(metrics_text: str) -> tuple[int, list[int]]:
+    """(drafts, accepted tokens per draft position) from a Prometheus /metrics page."""
+    drafts, per_position = 0, {}
+    for line in metrics_text.splitlines():
+        match = _COUNTER.match(line)
+        if not match:
+            continue
+        name, labels, value = match.groups()
+        if name == "vllm:spec_decode_num_drafts":
+            drafts += int(float(value))
+        elif name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            position = int(re.search(r'position="(\d+)"', labels).group(1))
+            per_position[position] = per_position.get(position, 0) + int(float(value))
+    return drafts, [per_position[p] for p in sorted(per_position)]
+
+
+def measure(base: str, prompts: list[str], concurrency: int, temperature: float,
+            max_tokens: int) -> Run:
+    def one(prompt: str) -> tuple[float, list[int]]:
+        started = time.perf_counter()
+        reply = post_json(f"{base}/v1/chat/completions", {
+            "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": temperature, "return_token_ids": True}, timeout=1800)
+        return time.perf_counter() - started, reply["choices"][0]["token_ids"]
+
+    drafts_before, accepted_before = spec_counters(get_text(f"{base}/metrics"))
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, prompts))
+    wall = time.perf_counter() - started
+    drafts_after, accepted_after = spec_counters(get_text(f"{base}/metrics"))
+    accepted_before += [0] * (len(accepted_after) - len(accepted_before))
+    accepted = [a - b for a, b in zip(accepted_after, accepted_before, strict=True)]
+    return Run(tokens_per_s=sum(len(t) for _, t in results) / wall,
+               latencies=[s for s, _ in results], outputs=[t for _, t in results],
+               drafts=drafts_after - drafts_before, accepted_per_position=accepted)
+
+
+# -- summary ----------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def summarise(runs: dict[tuple[str, float, int], list[Run]]) -> list[dict]:
+    """One row per (method, temperature, concurrency); speedup against vanilla's row at
+    the same temperature and concurrency; greedy tokens against vanilla's first greedy
+    run at its lowest concurrency."""
+    greedy_vanilla = sorted(c for m, t, c in runs if m == "vanilla" and t == 0.0)
+    reference = runs[("vanilla", 0.0, greedy_vanilla[0])][0].outputs if greedy_vanilla else None
+    rows = []
+    for (method, temperature, concurrency), reps in runs.items():
+        speeds = [r.tokens_per_s for r in reps]
+        vanilla = runs.get(("vanilla", temperature, concurrency))
+        drafts = sum(r.drafts for r in reps)
+        accepted = [sum(col) for col in zip(*(r.accepted_per_position for r in reps),
+                                             strict=True)]
+        latencies = [x for r in reps for x in r.latencies]
+        row = {
+            "method": method, "temperature": temperature, "concurrency": concurrency,
+            "repeats": len(reps), "tokens_per_s": statistics.mean(speeds),
+            "tokens_per_s_runs": speeds,
+            "tokens_per_s_stdev": statistics.stdev(speeds) if len(speeds) > 1 else 0.0,
+            "latency_p50_s": percentile(latencies, 0.5),
+            "latency_p90_s": percentile(latencies, 0.9),
+            "speedup": (statistics.mean(speeds) / statistics.mean(
+                r.tokens_per_s for r in vanilla)) if vanilla else None,
+            "drafts": drafts,
+            "tau": tau(sum(accepted), drafts) if drafts else None,
+            "acceptance_per_position": acceptance_per_position(accepted, drafts) if drafts else [],
+        }
+        if temperature == 0.0 and reference is not None:
+            mismatched = sorted({i for r in reps for i, out in enumerate(r.outputs)
+                                 if out != reference[i]})
+            row["identical_to_vanilla"] = not mismatched
+            row["mismatched_prompts"] = mismatched
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| method | temp | conc | tokens/s (± sd) | speedup | p50 / p90 latency s | tau "
+             "| acceptance per position | same tokens as vanilla |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for r in sorted(rows, key=lambda r: (r["temperature"], r["concurrency"],
+                                         METHODS.index(r["method"]))):
+        same = {True: "yes", False: f"NO ({len(r.get('mismatched_prompts', []))} prompts)",
+                None: "-"}[r.get("identical_to_vanilla")]
+        lines.append(
+            f"| {r['method']} | {r['temperature']:g} | {r['concurrency']} | "
+            f"{r['tokens_per_s']:.1f} ± {r['tokens_per_s_stdev']:.1f} | "
+            f"{'-' if r['speedup'] is None else format(r['speedup'], '.2f') + 'x'} | "
+            f"{r['latency_p50_s']:.2f} / {r['latency_p90_s']:.2f} | "
+            f"{'-' if r['tau'] is None else format(r['tau'], '.2f')} | "
+            f"{' '.join(f'{a:.2f}' for a in r['acceptance_per_position']) or '-'} | {same} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temperatures = sorted({r["temperature"] for r in rows})
+    fig, axes = plt.subplots(1, len(temperatures), figsize=(6 * len(temperatures), 4),
+                             squeeze=False)
+    for ax, temperature in zip(axes[0], temperatures, strict=True):
+        for method in METHODS:
+            mine = sorted((r for r in rows if r["method"] == method
+                           and r["temperature"] == temperature), key=lambda r: r["concurrency"])
+            if mine:
+                ax.errorbar([r["concurrency"] for r in mine], [r["tokens_per_s"] for r in mine],
+                            yerr=[r["tokens_per_s_stdev"] for r in mine], marker="o",
+                            capsize=3, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("output tokens/s")
+        ax.set_title(f"temperature {temperature:g}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **describe(),
+            "python": platform.python_version(), "vllm": engine_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "git_commit": commit or None}
+
+
+# -- the command ------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", type=Path,
+                        help="target model folder (default: SmolLM2-135M-Instruct, exported "
+                        "to the cache if missing)")
+    parser.add_argument("--amphista-heads", type=Path, default=SHIPPED_HEADS / "amphista")
+    parser.add_argument("--medusa-heads", type=Path, default=SHIPPED_HEADS / "medusa")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--prompts", help="FastChat question.jsonl (default: MT-Bench)")
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--temperature", type=float, nargs="+", default=[0.0, 0.7])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--k", type=int, default=0, help="drafts per step (0: the heads' K)")
+    parser.add_argument("--disable-by-batch-size", type=int, default=0,
+                        help="our proposer skips drafting in steps with more decoding "
+                        "requests than this (0: always draft)")
+    parser.add_argument("--dtype", default=TARGET_DTYPE, choices=list(DTYPE_NAMES),
+                        help="the target's dtype, the same for every method (bf16 flips "
+                        "near-ties with the batch's shape, so equality with vanilla is "
+                        "only exact in float32)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.target is None:
+        args.target = export_smollm2()
+    if args.repeats < 1 or min(args.concurrency) < 1 or args.num_prompts < 1:
+        raise SystemExit("error: --repeats, --concurrency and --num-prompts must be >= 1")
+    prompts = first_turns(args.prompts, limit=args.num_prompts)
+    args.out.mkdir(parents=True, exist_ok=True)
+    set_engine_environment(in_process=False)
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    runs: dict[tuple[str, float, int], list[Run]] = {}
+    started = time.perf_counter()
+    with ExitStack() as servers:
+        bases = {}
+        for method in args.methods:
+            print(f"starting {method} ...", flush=True)
+            bases[method], _ = servers.enter_context(vllm_server(
+                server_args(method, args), env, timeout=600, log_dir=args.out))
+            # Warm-up, not measured: the first requests pay one-off allocation costs.
+            measure(bases[method], prompts[:2], 2, 0.0, 16)
+        for _ in range(args.repeats):
+            for temperature in args.temperature:
+                for concurrency in args.concurrency:
+                    for method in args.methods:
+                        run = measure(bases[method], prompts, concurrency, temperature,
+                                      args.max_tokens)
+                        runs.setdefault((method, temperature, concurrency), []).append(run)
+                        print(f"{method:>12} T={temperature:g} c={concurrency:<3} "
+                              f"{run.tokens_per_s:7.1f} tok/s", flush=True)
+    rows = summarise(runs)
+    report = {"target": str(args.target), "prompts": args.prompts or "MT-Bench",
+              "num_prompts": len(prompts), "max_tokens": args.max_tokens,
+              "repeats": args.repeats, "methods": args.methods, "k": args.k or None,
+              "disable_by_batch_size": args.disable_by_batch_size or None,
+              "heads": {"amphista": str(args.amphista_heads), "medusa": str(args.medusa_heads)},
+              "environment": environment(), "target_dtype": args.dtype,
+              "draft_dtype": str(compute_dtype()).removeprefix("torch."),
+              "wall_s": time.perf_counter() - started,
+              "rows": rows}
+    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(rows)
+    (args.out / "bench.md").write_text(table + "\n")
+    plot(rows, args.out / "bench.png")
+    print(table)
+    print(f"wrote {args.out}/bench.json, bench.md, bench.png")
+    lossless = all(r.get("identical_to_vanilla", True) for r in rows)
+    print("temperature 0: every method produced vanilla's tokens" if lossless else
+          "temperature 0: SOME OUTPUTS DIFFER FROM VANILLA (see mismatched_prompts)")
+    return 0 if lossless else 1

@@ -1,0 +1,137 @@
+"""Building blocks of the draft model: Llama-style norms, MLP and RoPE, the staged
+adaptation layer, Medusa's residual block, and the auto-embedding block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm_amphista.kernels.head_attention import head_attention
+from vllm_amphista.model.config import AmphistaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, size: int, ffn_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(size, ffn_size, bias=False)
+        self.up_proj = nn.Linear(size, ffn_size, bias=False)
+        self.down_proj = nn.Linear(ffn_size, size, bias=False)
+        nn.init.zeros_(self.down_proj.weight)  # the residual branch starts silent
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate x [B, H, T, hd] by its sequence positions [B, T] (Llama's half-split layout)."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[:, None, :, None] * inv_freq  # [B, 1, T, half]
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class StagedAdaptationLayer(nn.Module):
+    """One Llama-style decoder layer: causal self-attention with RoPE, then SwiGLU."""
+
+    def __init__(self, cfg: AmphistaConfig) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.rope_theta = (
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rope_theta)
+        self.input_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+        nn.init.zeros_(self.o_proj.weight)
+        self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(d, cfg.ffn_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, d]
+        positions: torch.Tensor,  # [B, T]
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,  # [B, Hkv, L, hd] each
+        mask: torch.Tensor | None = None,  # [B, 1, T, L+T] bool, True = may attend
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the layer output and this call's new keys / values [B, Hkv, T, hd]."""
+        b, t, _ = x.shape
+        h = self.input_norm(x)
+        q = self.q_proj(h).view(b, t, self.num_heads, -1).transpose(1, 2)
+        k = self.k_proj(h).view(b, t, self.num_kv_heads, -1).transpose(1, 2)
+        v = self.v_proj(h).view(b, t, self.num_kv_heads, -1).transpose(1, 2)
+        q = apply_rope(q, positions, self.rope_theta)
+        k = apply_rope(k, positions, self.rope_theta)
+        keys, values = (k, v) if past is None else (
+            torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2))
+        attn = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=mask is None,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, k, v
+
+
+class ResBlock(nn.Module):
+    """Medusa's residual block: x + SiLU(W x + b), zero-initialised to the identity."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(size, size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class AutoEmbeddingLayer(nn.Module):
+    """Pre-norm encoder layer: bi-directional multi-head attention over the K heads, SwiGLU."""
+
+    def __init__(self, cfg: AmphistaConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        nn.init.zeros_(self.o_proj.weight)
+        self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(d, cfg.ffn_size)
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:  # [N, K, d]
+        n, k, d = g.shape
+        qkv = self.qkv_proj(self.attn_norm(g)).view(n, k, 3, self.num_heads, -1)
+        q, key, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [N, H, K, hd]
+        attn = head_attention(q, key, v)
+        g = g + self.o_proj(attn.transpose(1, 2).reshape(n, k, d))
+        return g + self.mlp(self.ffn_norm(g))
+
+
+class AutoEmbeddingBlock(nn.Module):
+    def __init__(self, cfg: AmphistaConfig) -> None:
+        super().__init__()
+        self.position_embedding = nn.Parameter(torch.zeros(cfg.num_heads, cfg.hidden_size))
+        self.layers = nn.ModuleList(AutoEmbeddingLayer(cfg) for _ in range(cfg.num_aeb_layers))
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        g = g + self.position_embedding
+        for layer in self.layers:
+            g = layer(g)
+        return g

@@ -1,0 +1,80 @@
+"""`speculative_config={"method": "amphista", ...}` into what vLLM 0.32 understands.
+
+vLLM builds our proposer through its `custom_class` method; the proposer's own settings
+travel to the workers in `vllm_config.additional_config[ADDITIONAL_CONFIG_KEY]`:
+{"heads": dir, "disable_by_batch_size": int | None, "draft_sampling": "sample" | "argmax",
+ "draft_dtype": "auto" | "float32" | "bfloat16"}.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vllm_amphista.machine import DTYPE_NAMES
+from vllm_amphista.model.checkpoint import CheckpointError, load_checkpoint
+from vllm_amphista.model.target import TargetWeights
+from vllm_amphista.serving.draft_sampling import DRAFT_SAMPLING_MODES, DraftSampling
+
+ADDITIONAL_CONFIG_KEY = "amphista"
+# How sampled requests draft (draft_sampling.py); chosen by measurement, see README.
+DEFAULT_DRAFT_SAMPLING: DraftSampling = "sample"
+PROPOSER_CLASS_PATH = "vllm_amphista.serving.proposer.AmphistaProposer"
+
+
+class AmphistaSetupError(ValueError):
+    """A speculative_config for Amphista that cannot start; one line naming the problem."""
+
+
+# speculative_config keys that are ours, not vLLM's.
+OUR_KEYS = ("method", "model", "disable_by_batch_size", "draft_sampling", "draft_dtype")
+
+
+def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: int,
+                               target_vocab_size: int) -> tuple[dict, dict]:
+    """Validate {"method": "amphista", "model": <heads>, ...} against the target and turn
+    it into vLLM's custom_class form. Returns (vLLM speculative_config dict, the
+    proposer's settings for additional_config). Our own keys: disable_by_batch_size,
+    draft_sampling, draft_dtype."""
+    heads = spec.get("model")
+    if not heads:
+        raise AmphistaSetupError("amphista: speculative_config needs 'model': the heads folder")
+    heads = Path(heads).expanduser()
+    target = None
+    if Path(target_dir).is_dir():
+        target = TargetWeights.from_folder(target_dir)
+    try:
+        model = load_checkpoint(heads, target=target)
+    except CheckpointError as e:
+        raise AmphistaSetupError(f"amphista: {e}") from e
+    cfg = model.config
+    if (cfg.hidden_size, cfg.vocab_size) != (target_hidden_size, target_vocab_size):
+        raise AmphistaSetupError(
+            f"amphista: heads {heads} have hidden_size={cfg.hidden_size}, "
+            f"vocab_size={cfg.vocab_size}; target {target_dir} has "
+            f"hidden_size={target_hidden_size}, vocab_size={target_vocab_size}")
+    k = spec.get("num_speculative_tokens")
+    if k is None:
+        k = cfg.num_heads
+    if not 1 <= int(k) <= cfg.num_heads:
+        raise AmphistaSetupError(
+            f"amphista: num_speculative_tokens={k} but {heads} has {cfg.num_heads} heads "
+            f"(allowed 1..{cfg.num_heads})")
+    pause = spec.get("disable_by_batch_size")
+    if pause is not None and (isinstance(pause, bool) or not isinstance(pause, int)
+                              or pause < 1):
+        raise AmphistaSetupError(
+            f"amphista: disable_by_batch_size={pause!r} must be a positive integer")
+    draft_sampling = spec.get("draft_sampling", DEFAULT_DRAFT_SAMPLING)
+    if draft_sampling not in DRAFT_SAMPLING_MODES:
+        raise AmphistaSetupError(
+            f"amphista: draft_sampling={draft_sampling!r} must be one of "
+            f"{', '.join(DRAFT_SAMPLING_MODES)}")
+    draft_dtype = spec.get("draft_dtype", "auto")
+    if draft_dtype != "auto" and draft_dtype not in DTYPE_NAMES:
+        raise AmphistaSetupError(
+            f"amphista: draft_dtype={draft_dtype!r} must be auto, {' or '.join(DTYPE_NAMES)}")
+    translated = {key: value for key, value in spec.items() if key not in OUR_KEYS}
+    translated.update(method="custom_class", model=PROPOSER_CLASS_PATH,
+                      num_speculative_tokens=int(k))
+    return translated, {"heads": str(heads.resolve()), "disable_by_batch_size": pause,
+                        "draft_sampling": draft_sampling, "draft_dtype": draft_dtype}

