@@ -21,7 +21,6 @@ import torch
 
 from vllm_amphista.machine import DTYPE_NAMES, compute_dtype, describe
 from vllm_amphista.model.checkpoint import load_checkpoint
-from vllm_amphista.model.sal_cache import SALCache
 from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
 from vllm_amphista.prompts import first_turns
@@ -42,16 +41,15 @@ def draft_pass_ms(target: Path, dtype: torch.dtype, requests: int, repeats: int)
                             dtype=dtype).eval()
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(0)
-    caches = [SALCache() for _ in range(requests)]
-    model.extend(caches, [torch.randn(200, d, generator=g).to(dtype)] * requests,
-                 [torch.randint(0, 1000, (200,), generator=g)] * requests)
-    hidden = [torch.randn(1, d, generator=g).to(dtype) for _ in range(requests)]
-    tokens = [torch.randint(0, 1000, (1,), generator=g) for _ in range(requests)]
+    cache = model.new_cache()
+    model.extend(cache, torch.randn(200 * requests, d, generator=g).to(dtype),
+                 torch.randint(0, 1000, (200 * requests,), generator=g), [200] * requests)
+    hidden = torch.randn(requests, d, generator=g).to(dtype)
+    tokens = torch.randint(0, 1000, (requests,), generator=g)
 
     def step() -> None:
-        model.extend(caches, hidden, tokens)
-        for cache in caches:
-            cache.length -= 1  # measure the same cache length every time
+        model.extend(cache, hidden, tokens, [1] * requests)
+        cache.lengths[:requests] -= 1  # measure the same cache length every time
 
     return _median_ms(step, repeats)
 

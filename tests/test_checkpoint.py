@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import random_draft_model
 from vllm_amphista.convert.medusa import export_vllm_medusa, import_medusa
 from vllm_amphista.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from vllm_amphista.model.sal_cache import SALCache
 from vllm_amphista.model.target import TargetWeights
 
 
@@ -200,8 +199,8 @@ def test_import_medusa(tmp_path, tiny_target, layout):
     # And it survives our own checkpoint format.
     save_checkpoint(model, tmp_path / "converted")
     again = load_checkpoint(tmp_path / "converted", tiny_target)
-    torch.testing.assert_close(again.extend([SALCache()], [hidden[0]], [torch.zeros(5).long()]),
-                               want[0, -1][None], rtol=1e-4, atol=1e-4)
+    drafted = again.extend(again.new_cache(), hidden[0], torch.zeros(5).long(), [5])
+    torch.testing.assert_close(drafted, want[0, -1][None], rtol=1e-4, atol=1e-4)
     shutil.rmtree(folder)
 
 

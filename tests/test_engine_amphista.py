@@ -88,24 +88,25 @@ llm = LLM(model=target, enforce_eager=True, max_model_len=512, seed=0, dtype="fl
                                                         "model": {str(heads)!r},
                                                         "draft_dtype": "float32"}})
 drafter = llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
-fed, owner = {{}}, {{}}
-extend, cache_for = drafter.model.extend, drafter._cache_for
-def recording_extend(caches, hs, xs):
-    for c, h, x in zip(caches, hs, xs):
-        fed.setdefault(id(c), []).append((h.clone(), x.clone()))
-    return extend(caches, hs, xs)
-def recording_cache_for(req_id, start):
-    cache = cache_for(req_id, start)
-    owner[req_id.split("-")[0]] = cache
-    return cache
-drafter.model.extend, drafter._cache_for = recording_extend, recording_cache_for
+fed, order = {{}}, []
+extend, propose = drafter.model.extend, drafter.propose_from_step
+def recording_propose(step):
+    order[:] = [r.split("-")[0] for r in step.req_ids]
+    return propose(step)
+def recording_extend(cache, hs, xs, counts):
+    first = 0
+    for req, n in zip(order, counts):
+        fed.setdefault(req, []).append((hs[first: first + n].clone(), xs[first: first + n].clone()))
+        first += n
+    return extend(cache, hs, xs, counts)
+drafter.model.extend, drafter.propose_from_step = recording_extend, recording_propose
 outs = llm.generate(["w1 w2 w3 a b c d e", "c d", "w5 " * 40],
                     SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
 hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
 report = []
 for o in outs:
     seq = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
-    rows = fed[id(owner[o.request_id])]
+    rows = fed[o.request_id]
     h = torch.cat([r[0] for r in rows]); x = torch.cat([r[1] for r in rows])
     with torch.no_grad():
         ref = hf(torch.tensor([seq]), output_hidden_states=True).hidden_states[-1][0]

@@ -83,36 +83,38 @@ def test_incremental_matches_full_forward(tiny_target, overrides):
     seqs = [_inputs(tiny_target, b=1, t=t, seed=t) for t in (11, 7, 13, 5)]
     # Rows consumed per step per sequence; 0 = not in that step's batch.
     chunks = [[4, 1, 3, 3], [1, 2, 1, 3], [0, 6, 5, 2], [0, 0, 0, 5]]
-    caches = [SALCache() for _ in seqs]
+    cache = SALCache(model.config, slots=1, capacity=4)  # grows during the test
     done = [0] * len(seqs)
     for step in range(4):
-        active, hs, xs = [], [], []
-        for i, (hidden, tokens) in enumerate(seqs):
-            n = chunks[i][step]
+        counts = [chunks[i][step] for i in range(len(seqs))]
+        hs = torch.cat([h[0, d: d + n] for (h, _), d, n in zip(seqs, done, counts, strict=True)])
+        xs = torch.cat([x[0, d: d + n] for (_, x), d, n in zip(seqs, done, counts, strict=True)])
+        got = model.extend(cache, hs, xs, counts)
+        for i, n in enumerate(counts):
+            done[i] += n
             if n == 0:
                 continue
-            active.append(i)
-            hs.append(hidden[0, done[i]: done[i] + n])
-            xs.append(tokens[0, done[i]: done[i] + n])
-            done[i] += n
-        got = model.extend([caches[i] for i in active], hs, xs)
-        for row, i in enumerate(active):
             hidden, tokens = seqs[i]
             want = model(hidden[:, : done[i]], tokens[:, : done[i]])[0, -1]
-            torch.testing.assert_close(got[row], want, rtol=1e-4, atol=1e-4)
-            assert caches[i].length == (done[i] if model.config.num_stages else 0)
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
+        if model.config.num_stages:
+            assert cache.lengths[: len(seqs)].tolist() == done
 
 
-def test_sal_cache_reset_and_growth():
-    cache = SALCache()
-    k = [torch.randn(2, 20, 8)]
-    cache.append(k, k)
-    cache.append([torch.ones(2, 3, 8)], [torch.ones(2, 3, 8)])
-    assert cache.length == 23
-    torch.testing.assert_close(cache.keys(0)[:, :20], k[0])
-    assert cache.nbytes() > 0
-    cache.reset()
-    assert cache.length == 0 and cache.keys(0).shape == (2, 0, 8)
+def test_sal_cache_growth_keeps_contents_and_moves_swap(tiny_target):
+    model = random_draft_model(tiny_target)
+    cache = SALCache(model.config, slots=2, capacity=4)
+    cache.keys.normal_()
+    cache.lengths[:] = [3, 4]
+    before = cache.keys.clone()
+    cache.reserve(3, 9)
+    assert (cache.slots, cache.capacity) == (4, 9)  # slots doubled, capacity as asked
+    torch.testing.assert_close(cache.keys[:, :2, :, :4], before)
+    assert cache.keys[:, 2:].abs().sum() == 0 and cache.lengths.tolist() == [3, 4, 0, 0]
+    cache.move([0, 1], [1, 0])  # vLLM swapped two requests
+    torch.testing.assert_close(cache.keys[:, 0, :, :4], before[:, 1])
+    torch.testing.assert_close(cache.values[:, 1, :, :4], torch.zeros_like(before[:, 0]))
+    assert cache.lengths.tolist() == [4, 3, 0, 0]
 
 
 def test_drafts_map_draft_vocabulary_to_target_ids(tiny_target):
@@ -121,7 +123,7 @@ def test_drafts_map_draft_vocabulary_to_target_ids(tiny_target):
         model.draft_to_target.copy_(torch.arange(50) * 7 % tiny_target.vocab_size)
     model.attach_target(tiny_target)  # lm_head rows follow the new map
     hidden, tokens = _inputs(tiny_target, b=1, t=5)
-    drafted = model.extend([SALCache()], [hidden[0]], [tokens[0]]).argmax(-1)
+    drafted = model.extend(model.new_cache(), hidden[0], tokens[0], [5]).argmax(-1)
     draft = model.to_target_ids(drafted)
     logits = model(hidden, tokens)[0, -1]
     assert draft.shape == (1, model.config.num_heads)

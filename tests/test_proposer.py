@@ -61,19 +61,57 @@ def test_steps_feed_exactly_the_accepted_positions(heads_dir, tiny_target, tiny_
 
     # Prompt = 10 tokens: chunk of 6 (no sample), then 4 more and the first sample (pos 10).
     assert step(0, 6, [], 0, known=10) == [[]]
-    assert proposer.caches["r"].length == 6
+    assert proposer.cached_positions("r") == 6
     assert len(step(6, 4, [int(sequence[10])], 0, known=11)[0]) == 3
     # Decode: input = [x10, d1, d2, d3]; d1, d2 accepted + bonus -> 3 sampled, positions 10..12.
     draft = step(10, 4, sequence[11:14].tolist(), 3, known=14)
-    assert proposer.caches["r"].length == 13
+    assert proposer.cached_positions("r") == 13
     want = proposer.model(hidden[None, :13], sequence[None, 1:14])[0, -1].argmax(-1)[:3]
     assert draft == [want.tolist()]
 
     # Recompute after preemption restarts the cache at position 0.
     step(0, 8, [], 0, known=14)
-    assert proposer.caches["r"].length == 8
+    assert proposer.cached_positions("r") == 8
     proposer.release("r")
     assert proposer.cache_stats() == {"sequences": 0, "bytes": 0}
+
+
+def test_slots_follow_vllm_reordering_its_batch(heads_dir, tiny_target, tiny_target_dir):
+    """vLLM moves requests between batch rows (a finished one's row is refilled, rows are
+    swapped): each request's SAL slot must move with it, so that every draft still equals
+    the model's own prediction over that request's whole history."""
+    proposer = _proposer(heads_dir, tiny_target_dir)
+    d, vocab = tiny_target.hidden_size, tiny_target.vocab_size
+    g = torch.Generator().manual_seed(1)
+    history = {r: (torch.randn(30, d, generator=g), torch.randint(0, vocab, (31,), generator=g))
+               for r in "abcd"}
+    fed = dict.fromkeys("abcd", 0)
+
+    def step(req_ids, rows):
+        table = np.zeros((len(req_ids), 64), np.int32)
+        hidden, starts = [], []
+        for i, (r, n) in enumerate(zip(req_ids, rows, strict=True)):
+            table[i, :31] = history[r][1].numpy()
+            hidden.append(history[r][0][fed[r]: fed[r] + n])
+            starts.append(fed[r])
+            fed[r] += n
+        drafts = proposer.propose_from_step(StepRows(
+            req_ids=list(req_ids), sampled_token_ids=[[1]] * len(req_ids),
+            hidden_states=torch.cat(hidden), query_start_loc=np.cumsum([0, *rows]),
+            start_positions=np.array(starts), num_draft_tokens=np.zeros(len(rows), np.int64),
+            token_ids=table)).tokens
+        for r, draft in zip(req_ids, drafts, strict=True):
+            h, x = history[r]
+            want = proposer.model(h[None, : fed[r]], x[None, 1: fed[r] + 1])[0, -1]
+            assert draft == want.argmax(-1)[:3].tolist(), (req_ids, r)
+
+    step("abc", [5, 3, 4])
+    step("abc", [1, 1, 1])
+    proposer.release("a")
+    step("cb", [1, 2])  # vLLM condensed: c moved into a's row
+    step("bcd", [1, 1, 6])  # swapped back, d joins
+    step("dcb", [2, 1, 1])
+    assert proposer.cache_stats()["sequences"] == 3
 
 
 def test_drafting_pauses_above_the_batch_limit(heads_dir, tiny_target, tiny_target_dir):
@@ -93,11 +131,11 @@ def test_drafting_pauses_above_the_batch_limit(heads_dir, tiny_target, tiny_targ
             token_ids=table)).tokens
 
     assert step(["a", "b", "c"], 0, sampled=False) == [[], [], []]  # prompt chunks
-    assert proposer.caches["a"].length == 8  # fed: partial prefills are not decoding
+    assert proposer.cached_positions("a") == 8  # fed: partial prefills are not decoding
     assert step(["a", "b", "c"], 8, sampled=True) == [[], [], []]
-    assert proposer.caches["a"].length == 8  # untouched while paused
+    assert proposer.cached_positions("a") == 8  # untouched while paused
     assert len(step(["a"], 9, sampled=True)[0]) == 3
-    assert proposer.caches["a"].length == 1  # restarted: position 8 was never fed
+    assert proposer.cached_positions("a") == 1  # restarted: position 8 was never fed
 
 
 def test_sampled_requests_draft_from_q_greedy_ones_argmax(heads_dir, tiny_target,

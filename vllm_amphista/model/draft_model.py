@@ -8,17 +8,24 @@
 
 Two entry points compute the same function: `forward` over whole sequences
 (teacher forcing, for training) and `extend` over newly accepted positions
-with a per-sequence SAL cache (for drafting).
+against a SAL cache indexed by batch slot (for drafting).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vllm_amphista.model.config import AmphistaConfig
-from vllm_amphista.model.layers import AutoEmbeddingBlock, ResBlock, RMSNorm, StagedAdaptationLayer
+from vllm_amphista.model.layers import (
+    AutoEmbeddingBlock,
+    ResBlock,
+    RMSNorm,
+    RotaryTable,
+    StagedAdaptationLayer,
+)
 from vllm_amphista.model.sal_cache import SALCache
 from vllm_amphista.model.target import TargetWeights
 
@@ -35,6 +42,7 @@ class AmphistaDraftModel(nn.Module):
                 self.fusion.weight.zero_()
                 self.fusion.weight[:, :d] = torch.eye(d)
         self.stages = nn.ModuleList(StagedAdaptationLayer(cfg) for _ in range(cfg.num_stages))
+        self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta)
         self.heads = nn.ModuleList(
             nn.Sequential(*(ResBlock(d) for _ in range(cfg.num_head_layers)))
             for _ in range(cfg.num_heads))
@@ -106,69 +114,61 @@ class AmphistaDraftModel(nn.Module):
         Position t reads h_t and x_{t+1}; head k predicts x_{t+2+k}. Causal over T.
         """
         b, t, _ = hidden_states.shape
-        positions = torch.arange(t, device=hidden_states.device).expand(b, t)
         features = [self._fuse(hidden_states, next_token_ids)]
-        for stage in self.stages:
-            features.append(stage(features[-1], positions)[0])
+        if self.stages:
+            cos, sin = self.rope.lookup(
+                torch.arange(t, device=hidden_states.device).expand(b, t), t)
+            for stage in self.stages:
+                features.append(stage(features[-1], cos, sin))
         return self._head_logits(features)
 
-    # -- drafting: new positions against a per-sequence cache ------------------------------
-    @torch.no_grad()
-    def extend(
-        self,
-        caches: list[SALCache],
-        hidden_states: list[torch.Tensor],  # per sequence [n_i, d], n_i >= 1
-        next_token_ids: list[torch.Tensor],  # per sequence [n_i]
-    ) -> torch.Tensor:
-        """Consume accepted positions into each cache; logits [B, K, V'] at each last position."""
-        b = len(caches)
-        device = hidden_states[0].device
-        lengths = torch.tensor([h.shape[0] for h in hidden_states], device=device)
-        if int(lengths.min()) < 1:
-            raise ValueError("every sequence must bring at least one new position")
-        n_max = int(lengths.max())
-        pad = [(0, 0, 0, n_max - h.shape[0]) for h in hidden_states]
-        hidden = torch.stack([F.pad(h, p) for h, p in zip(hidden_states, pad, strict=True)])
-        tokens = torch.stack([F.pad(x, (0, n_max - x.shape[0])) for x in next_token_ids])
-        past_len = torch.tensor([c.length for c in caches], device=device)
-        positions = past_len[:, None] + torch.arange(n_max, device=device)
-        rows = torch.arange(b, device=device)
-        features = [self._fuse(hidden, tokens)]
-        if self.stages:
-            l_max = int(past_len.max())
-            # Key j < l_max is cached position j (valid if j < L_i); key l_max + m is new
-            # position m, visible to query q when m <= q and m < n_i.
-            key_idx = torch.arange(l_max + n_max, device=device)
-            query_idx = torch.arange(n_max, device=device)
-            new_idx = key_idx - l_max
-            cached_ok = (key_idx[None, :] < past_len[:, None])[:, None, :]
-            new_ok = ((new_idx[None, None, :] <= query_idx[None, :, None])
-                      & (new_idx[None, None, :] >= 0)
-                      & (new_idx[None, None, :] < lengths[:, None, None]))
-            mask = (cached_ok | new_ok)[:, None]  # [B, 1, n_max, l_max + n_max]
-            new_keys: list[list[torch.Tensor]] = [[] for _ in range(b)]
-            new_values: list[list[torch.Tensor]] = [[] for _ in range(b)]
-            for s, stage in enumerate(self.stages):
-                past = self._padded_past(caches, s, l_max, hidden) if l_max else None
-                out, k, v = stage(features[-1], positions, past, mask)
-                features.append(out)
-                for i in range(b):
-                    new_keys[i].append(k[i, :, : int(lengths[i])])
-                    new_values[i].append(v[i, :, : int(lengths[i])])
-            for cache, ks, vs in zip(caches, new_keys, new_values, strict=True):
-                cache.append(ks, vs)
-        last = [f[rows, lengths - 1] for f in features]
-        return self._head_logits(last)
+    # -- drafting: new rows against the SAL cache ---------------------------------------
+    def new_cache(self, dtype: torch.dtype | None = None, device=None) -> SALCache:
+        weight = next(self.parameters())
+        return SALCache(self.config, dtype or weight.dtype, device or weight.device)
 
-    def _padded_past(self, caches: list[SALCache], stage: int, l_max: int,
-                     like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage `stage`'s cached keys and values, zero-padded to [B, Hkv, l_max, hd]."""
-        cfg = self.config
-        shape = (len(caches), cfg.num_key_value_heads, l_max, cfg.head_dim)
-        keys = like.new_zeros(shape)
-        values = like.new_zeros(shape)
-        for i, cache in enumerate(caches):
-            if cache.length:
-                keys[i, :, : cache.length] = cache.keys(stage)
-                values[i, :, : cache.length] = cache.values(stage)
-        return keys, values
+    @torch.no_grad()
+    def extend(self, cache: SALCache, hidden_states: torch.Tensor, next_token_ids: torch.Tensor,
+               counts: np.ndarray) -> torch.Tensor:
+        """Consume new positions into cache slots 0..B-1; logits [B, K, V'] at each slot's
+        last new position.
+
+        hidden_states [N, d] and next_token_ids [N] are the new rows of every slot, slot by
+        slot in order, counts[i] of them for slot i (0: slot i sits this step out; its
+        logits row is then meaningless). Position j of a slot attends to its cached
+        positions and to its new positions up to j.
+        """
+        counts = np.asarray(counts, np.int64)
+        b, device = len(counts), hidden_states.device
+        n_max = max(1, int(counts.max()))
+        starts = np.cumsum(counts) - counts
+        row_slot = np.repeat(np.arange(b), counts)
+        row_offset = np.arange(len(row_slot)) - np.repeat(starts, counts)
+        slot_t, offset_t = (torch.from_numpy(a).to(device) for a in (row_slot, row_offset))
+        last = torch.from_numpy(np.maximum(counts - 1, 0)).to(device)
+        rows = torch.arange(b, device=device)
+
+        fused = self._fuse(hidden_states, next_token_ids)  # [N, d]
+        x = fused.new_zeros(b, n_max, fused.shape[-1])
+        x[slot_t, offset_t] = fused
+        features = [x[rows, last]]
+        if self.stages:
+            cache.reserve(b, 1)
+            past = cache.lengths[:b].copy()
+            total = int((past + counts).max())
+            cache.reserve(b, total)
+            positions = torch.from_numpy(past[:, None] + np.arange(n_max)).to(device)
+            cos, sin = self.rope.lookup(positions, int(past.max()) + n_max)
+            # Key j of slot i is visible to new position p (cache-local) when j <= p.
+            mask = (torch.arange(total, device=device) <= positions[..., None])[:, None]
+            write_at = torch.from_numpy(past[row_slot] + row_offset).to(device)
+            for s, stage in enumerate(self.stages):
+                q, k, v = stage.project(x, cos, sin)
+                cache.keys[s, slot_t, :, write_at] = k[slot_t, :, offset_t]
+                cache.values[s, slot_t, :, write_at] = v[slot_t, :, offset_t]
+                attn = stage.attend(q, cache.keys[s, :b, :, :total],
+                                    cache.values[s, :b, :, :total], mask)
+                x = stage.finish(x, attn)
+                features.append(x[rows, last])
+            cache.lengths[:b] = past + counts
+        return self._head_logits(features)

@@ -35,24 +35,43 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate x [B, H, T, hd] by its sequence positions [B, T] (Llama's half-split layout)."""
+class RotaryTable:
+    """cos/sin of Llama's RoPE for positions 0..length-1, computed once and grown by
+    doubling, so that a drafting step only indexes it."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        half = head_dim // 2
+        self.inv_freq = theta ** (-torch.arange(half, dtype=torch.float32) / half)
+        self.cos = self.sin = torch.empty(0, half)
+
+    def lookup(self, positions: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T], all below `length` -> cos, sin [B, 1, T, head_dim / 2] (fp32)."""
+        needed = length
+        if needed > self.cos.shape[0] or self.cos.device != positions.device:
+            length = max(needed, 2 * self.cos.shape[0], 64)
+            angles = (torch.arange(length, dtype=torch.float32, device=positions.device)[:, None]
+                      * self.inv_freq.to(positions.device))
+            self.cos, self.sin = angles.cos(), angles.sin()
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, hd] (Llama's half-split layout) by RotaryTable.lookup's cos/sin."""
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.to(torch.float32)[:, None, :, None] * inv_freq  # [B, 1, T, half]
-    cos, sin = angles.cos(), angles.sin()
     x1, x2 = x.float()[..., :half], x.float()[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class StagedAdaptationLayer(nn.Module):
-    """One Llama-style decoder layer: causal self-attention with RoPE, then SwiGLU."""
+    """One Llama-style decoder layer: causal self-attention with RoPE, then SwiGLU.
+
+    `forward` runs whole sequences (training); drafting runs `project`, attends against
+    its cache, then `finish` (AmphistaDraftModel.extend)."""
 
     def __init__(self, cfg: AmphistaConfig) -> None:
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.rope_theta = (
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rope_theta)
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.input_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.q_proj = nn.Linear(d, self.num_heads * hd, bias=False)
         self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
@@ -62,30 +81,31 @@ class StagedAdaptationLayer(nn.Module):
         self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.mlp = SwiGLU(d, cfg.ffn_size)
 
-    def forward(
-        self,
-        x: torch.Tensor,  # [B, T, d]
-        positions: torch.Tensor,  # [B, T]
-        past: tuple[torch.Tensor, torch.Tensor] | None = None,  # [B, Hkv, L, hd] each
-        mask: torch.Tensor | None = None,  # [B, 1, T, L+T] bool, True = may attend
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns the layer output and this call's new keys / values [B, Hkv, T, hd]."""
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, d] -> q [B, H, T, hd], k and v [B, Hkv, T, hd], RoPE applied."""
         b, t, _ = x.shape
         h = self.input_norm(x)
         q = self.q_proj(h).view(b, t, self.num_heads, -1).transpose(1, 2)
         k = self.k_proj(h).view(b, t, self.num_kv_heads, -1).transpose(1, 2)
         v = self.v_proj(h).view(b, t, self.num_kv_heads, -1).transpose(1, 2)
-        q = apply_rope(q, positions, self.rope_theta)
-        k = apply_rope(k, positions, self.rope_theta)
-        keys, values = (k, v) if past is None else (
-            torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2))
-        attn = F.scaled_dot_product_attention(
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """mask [B, 1, T, L] bool (True = may attend); None = causal over T = L."""
+        return F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=mask is None,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
+            enable_gqa=self.num_heads != self.num_kv_heads)
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = attn.shape
         x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
-        x = x + self.mlp(self.post_attn_norm(x))
-        return x, k, v
+        return x + self.mlp(self.post_attn_norm(x))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        return self.finish(x, self.attend(q, k, v, None))
 
 
 class ResBlock(nn.Module):

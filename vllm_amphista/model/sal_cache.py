@@ -1,50 +1,61 @@
-"""Per-sequence SAL key/value storage for drafting."""
+"""SAL keys and values of the sequences being drafted, indexed by batch slot."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from vllm_amphista.model.config import AmphistaConfig
 
 
 class SALCache:
-    """Keys and values of every accepted position of one sequence, for each SAL stage.
+    """Keys and values of every accepted position of each SAL stage, for a batch of
+    sequences: [stages, slots, Hkv, capacity, hd], allocated once and grown by doubling
+    (rarely); slot i holds `lengths[i]` valid positions. Drafting reads slots 0..B-1 as a
+    view (as gpt-fast's KVCache and vLLM's persistent batch do): nothing is copied per step.
+    Storage starts zeroed, so masked positions never hold NaN (0 * NaN would leak into
+    attention)."""
 
-    Storage grows by doubling so that appending one step's rows is amortised O(rows).
-    """
+    def __init__(self, config: AmphistaConfig, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", slots: int = 4, capacity: int = 128) -> None:
+        self.shape = (config.num_stages, config.num_key_value_heads, config.head_dim)
+        stages, heads, dim = self.shape
+        self.keys = torch.zeros(stages, slots, heads, capacity, dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.lengths = np.zeros(slots, np.int64)
 
-    def __init__(self) -> None:
-        self.length = 0
-        self._keys: list[torch.Tensor] = []
-        self._values: list[torch.Tensor] = []
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[1]
 
-    def keys(self, stage: int) -> torch.Tensor:  # [Hkv, length, hd]
-        return self._keys[stage][:, : self.length]
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
 
-    def values(self, stage: int) -> torch.Tensor:
-        return self._values[stage][:, : self.length]
+    def reserve(self, slots: int, capacity: int) -> None:
+        """Room for `slots` sequences of `capacity` positions (doubling what is short)."""
+        if slots <= self.slots and capacity <= self.capacity:
+            return
+        new_slots = max(slots, 2 * self.slots) if slots > self.slots else self.slots
+        new_capacity = (max(capacity, 2 * self.capacity) if capacity > self.capacity
+                        else self.capacity)
+        stages, heads, dim = self.shape
+        grown = []
+        for old in (self.keys, self.values):
+            new = old.new_zeros(stages, new_slots, heads, new_capacity, dim)
+            new[:, : self.slots, :, : self.capacity] = old
+            grown.append(new)
+        self.keys, self.values = grown
+        self.lengths = np.concatenate((self.lengths, np.zeros(new_slots - len(self.lengths),
+                                                              np.int64)))
 
-    def append(self, new_keys: list[torch.Tensor], new_values: list[torch.Tensor]) -> None:
-        """Add [Hkv, n, hd] rows for every stage."""
-        n = new_keys[0].shape[1]
-        needed = self.length + n
-        if not self._keys or needed > self._keys[0].shape[1]:
-            capacity = max(needed, 2 * (self._keys[0].shape[1] if self._keys else 16))
-            self._keys = [self._grow(old, new, capacity) for old, new in
-                          zip(self._keys or [None] * len(new_keys), new_keys, strict=True)]
-            self._values = [self._grow(old, new, capacity) for old, new in
-                            zip(self._values or [None] * len(new_values), new_values, strict=True)]
-        for stage, (k, v) in enumerate(zip(new_keys, new_values, strict=True)):
-            self._keys[stage][:, self.length : needed] = k
-            self._values[stage][:, self.length : needed] = v
-        self.length = needed
-
-    def _grow(self, old: torch.Tensor | None, like: torch.Tensor, capacity: int) -> torch.Tensor:
-        buffer = like.new_empty(like.shape[0], capacity, like.shape[2])
-        if old is not None:
-            buffer[:, : self.length] = old[:, : self.length]
-        return buffer
-
-    def reset(self) -> None:
-        self.length = 0
+    def move(self, dest: list[int], src: list[int]) -> None:
+        """Slot src[i]'s sequence now lives in slot dest[i] (the right side is gathered
+        first, so swaps are safe)."""
+        to, source = (torch.tensor(i, device=self.keys.device) for i in (dest, src))
+        self.keys[:, to] = self.keys[:, source]
+        self.values[:, to] = self.values[:, source]
+        self.lengths[dest] = self.lengths[src]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._keys + self._values)
+        return 2 * self.keys.numel() * self.keys.element_size()

@@ -22,7 +22,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from vllm_amphista.eval.tau import tau
 from vllm_amphista.model.checkpoint import load_checkpoint
 from vllm_amphista.model.draft_model import AmphistaDraftModel
-from vllm_amphista.model.sal_cache import SALCache
 from vllm_amphista.model.target import TargetWeights
 from vllm_amphista.reference.tree import Path as TreePath
 from vllm_amphista.reference.tree import TreeBuffers, build_tree, chain_tree
@@ -128,12 +127,13 @@ class ReferenceDecoder:
         if depth > self.draft.config.num_heads:
             raise ValueError(f"tree depth {depth} exceeds the {self.draft.config.num_heads} heads")
         start = time.perf_counter()
-        cache, sal = DynamicCache(config=self.target.config), SALCache()
+        cache, sal = DynamicCache(config=self.target.config), self.draft.new_cache()
         prompt_t = torch.tensor(prompt)
         logits, hidden = self._forward(prompt_t, cache, torch.arange(len(prompt)))
         tokens = [int(logits[-1].argmax())]
         draft_logits = self.draft.extend(
-            [sal], [hidden], [torch.cat((prompt_t[1:], torch.tensor(tokens))).to(self.device)])
+            sal, hidden,
+            torch.cat((prompt_t[1:], torch.tensor(tokens))).to(self.device), [len(prompt)])
         mask_rows = tree.mask.to(self.device)
         result = DecodeResult([], 0)
         while len(tokens) < max_new_tokens and tokens[-1] != eos:
@@ -155,7 +155,8 @@ class ReferenceDecoder:
             self._compact(cache, length, path[: accepted + 1])
             kept = torch.tensor(path[: accepted + 1], device=self.device)
             next_tokens = torch.tensor(new_tokens, device=self.device)
-            draft_logits = self.draft.extend([sal], [hidden[kept]], [next_tokens])
+            draft_logits = self.draft.extend(sal, hidden[kept], next_tokens,
+                                             [len(new_tokens)])
             tokens.extend(new_tokens)
             result.target_forwards += 1
             result.accepted_per_step.append(len(new_tokens))

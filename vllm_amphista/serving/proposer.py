@@ -5,12 +5,16 @@ passes no hidden states, so serving/patches.py routes the runner's
 `propose_draft_token_ids` to `propose_from_step`, which gets, for each
 request, the target's hidden-state rows of this step and where they sit.
 
-Per request the proposer keeps a SAL cache of every accepted position. A step's
-rows for request i start at absolute position s_i (its computed tokens before
-the step). The rows whose KV the target kept are the prefill chunk, or in a
-decode step the last sampled token plus the accepted drafts: exactly
-`len(sampled_i)` rows then. Row t pairs with the next token x_{t+1}, read from
-the runner's token table, which already holds this step's accepted tokens.
+The SAL keys and values of every accepted position live in one SALCache whose slot i
+is the runner's batch row i: the draft pass reads slots 0..B-1 in place. When vLLM
+reorders its batch (a request finished, another moved into its row) the moved
+requests' slots are moved with them; that is the only copy. A step's rows for request
+i start at absolute position s_i; the rows whose KV the target kept are the prefill
+chunk, or in a decode step the last sampled token plus the accepted drafts
+(StepRows.accepted_counts). Row t pairs with the next token x_{t+1}, read from the
+runner's token table, which already holds this step's accepted tokens. A request whose
+rows do not start where its slot ended (preemption, a prefix-cache hit, a pause)
+restarts its slot: RoPE attention is shift-invariant, so that is sound.
 """
 
 from __future__ import annotations
@@ -67,9 +71,9 @@ class AmphistaProposer(StepDrafter):
             raise ValueError(
                 f"num_speculative_tokens={self.num_speculative_tokens} exceeds the "
                 f"{self.model.config.num_heads} heads in {self.heads_dir}")
-        self.caches: dict[str, SALCache] = {}
-        # (start position the next rows must have) per request, to detect recompute.
-        self._next_position: dict[str, int] = {}
+        self.cache: SALCache | None = None  # created at the first step, dropped when idle
+        self.slot_reqs: list[str | None] = []  # the request in each slot
+        self.next_position = np.zeros(0, np.int64)  # per slot: where its next rows start
 
     # -- vLLM's custom_class interface ---------------------------------------------------
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -95,36 +99,59 @@ class AmphistaProposer(StepDrafter):
 
     # -- the real entry point ------------------------------------------------------------
     def propose_from_step(self, step: StepRows) -> Proposal:
-        drafts: list[list[int]] = [[] for _ in step.req_ids]
+        num_reqs = len(step.req_ids)
+        drafts: list[list[int]] = [[] for _ in range(num_reqs)]
         if self.disable_by_batch_size is not None and sum(
                 1 for s in step.sampled_token_ids if s) > self.disable_by_batch_size:
-            # Pause: no draft pass at all. A paused request's cache no longer ends where
-            # its next rows start, so _cache_for restarts it when drafting resumes.
+            # Pause: no draft pass at all. A paused request's slot no longer ends where
+            # its next rows start, so it restarts when drafting resumes.
             return Proposal(drafts)
-        caches, hiddens, next_tokens, drafting = [], [], [], []
-        hidden_states = step.hidden_states.to(self.dtype)
-        for i, req_id in enumerate(step.req_ids):
-            rows = step.accepted_rows(i)
-            if rows == 0:
-                continue
-            start = int(step.start_positions[i])
-            cache = self._cache_for(req_id, start)
-            first = int(step.query_start_loc[i])
-            caches.append(cache)
-            hiddens.append(hidden_states[first: first + rows])
-            next_tokens.append(torch.from_numpy(
-                step.token_ids[i, start + 1: start + rows + 1].astype(np.int64)).to(self.device))
-            drafting.append(i)
-            self._next_position[req_id] = start + rows
-        if not caches:
+        cache = self._follow_batch(step.req_ids)
+        counts = step.accepted_counts()
+        starts = np.asarray(step.start_positions[:num_reqs], np.int64)
+        restart = np.flatnonzero(starts != self.next_position[:num_reqs])
+        cache.lengths[restart] = 0
+        index, next_tokens = step.accepted_row_index(counts)
+        hidden = step.hidden_states[torch.from_numpy(index).to(step.hidden_states.device)]
+        logits = self.model.extend(cache, hidden.to(self.device, self.dtype),
+                                   torch.from_numpy(next_tokens).to(self.device), counts)
+        self.next_position[:num_reqs] = starts + counts
+        # Requests past a partial prefill (they sampled a token) get drafts.
+        drafting = [i for i in np.flatnonzero(counts).tolist() if step.sampled_token_ids[i]]
+        if not drafting:
             return Proposal(drafts)
-        logits = self.model.extend(caches, hiddens, next_tokens)[:, : self.num_speculative_tokens]
-        ids, draft_probs = self._choose(logits, step, drafting)
-        tokens = self.model.to_target_ids(ids).tolist()
-        for row, i in enumerate(drafting):
-            if step.sampled_token_ids[i]:  # a partial prefill gets no draft
-                drafts[i] = tokens[row]
+        ids, draft_probs = self._choose(logits[drafting, : self.num_speculative_tokens], step,
+                                        drafting)
+        for i, tokens in zip(drafting, self.model.to_target_ids(ids).tolist(), strict=True):
+            drafts[i] = tokens
         return Proposal(drafts, draft_probs)
+
+    def _follow_batch(self, req_ids: list[str]) -> SALCache:
+        """Make slot i hold request req_ids[i]: move the slots of requests vLLM moved,
+        mark new requests for a restart. Nothing to do while the batch is unchanged."""
+        if self.cache is None:
+            self.cache = self.model.new_cache(self.dtype, self.device)
+        if req_ids == self.slot_reqs[: len(req_ids)]:
+            return self.cache
+        where = {req_id: slot for slot, req_id in enumerate(self.slot_reqs) if req_id}
+        dest, src, fresh = [], [], []
+        for slot, req_id in enumerate(req_ids):
+            old = where.get(req_id)
+            if old is None:
+                fresh.append(slot)
+            elif old != slot:
+                dest.append(slot)
+                src.append(old)
+        self.cache.reserve(len(req_ids), 1)
+        if len(self.next_position) < self.cache.slots:
+            self.next_position = np.concatenate((self.next_position, np.full(
+                self.cache.slots - len(self.next_position), -1, np.int64)))
+        if dest:
+            self.cache.move(dest, src)
+            self.next_position[dest] = self.next_position[src]
+        self.next_position[fresh] = -1  # forces a restart of the slot
+        self.slot_reqs = list(req_ids)
+        return self.cache
 
     def _choose(self, logits: torch.Tensor, step: StepRows,
                 drafting: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -146,23 +173,21 @@ class AmphistaProposer(StepDrafter):
             q, self.model.draft_to_target, vocab_size)
         return ids, draft_probs
 
-    def _cache_for(self, req_id: str, start: int) -> SALCache:
-        cache = self.caches.get(req_id)
-        if cache is None:
-            cache = self.caches[req_id] = SALCache()
-        elif self._next_position.get(req_id) != start:
-            # Preempted and recomputed (start 0) or a gap: what the cache holds no longer
-            # precedes these rows. RoPE attention is shift-invariant, so starting afresh at
-            # any position is sound.
-            cache.reset()
-        return cache
-
     def release(self, req_id: str, request=None) -> None:
-        """Forget a finished or aborted request."""
-        if self.caches.pop(req_id, None) is not None and not self.caches:
+        """Forget a finished or aborted request; with none left, free the cache."""
+        if req_id in self.slot_reqs:
+            self.slot_reqs[self.slot_reqs.index(req_id)] = None
+        if self.cache is not None and not any(self.slot_reqs):
+            self.cache, self.slot_reqs = None, []
+            self.next_position = np.zeros(0, np.int64)
             logger.info("amphista: draft caches empty (all requests released)")
-        self._next_position.pop(req_id, None)
+
+    def cached_positions(self, req_id: str) -> int:
+        """Positions of a request held in the SAL cache (0 if none)."""
+        if self.cache is None or req_id not in self.slot_reqs:
+            return 0
+        return int(self.cache.lengths[self.slot_reqs.index(req_id)])
 
     def cache_stats(self) -> dict[str, int]:
-        return {"sequences": len(self.caches),
-                "bytes": sum(c.nbytes() for c in self.caches.values())}
+        return {"sequences": sum(1 for r in self.slot_reqs if r),
+                "bytes": self.cache.nbytes() if self.cache is not None else 0}

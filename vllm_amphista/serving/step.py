@@ -27,6 +27,25 @@ class StepRows:
     token_ids: np.ndarray  # [max_reqs, max_len] every known token of each request
     sampling: RequestSampling | None = None  # per request; None = every request greedy
 
+    def accepted_counts(self) -> np.ndarray:
+        """accepted_rows of every request, [num_reqs] int64 (one vectorised pass)."""
+        num_reqs = len(self.req_ids)
+        scheduled = np.diff(self.query_start_loc[: num_reqs + 1]).astype(np.int64)
+        sampled = np.fromiter(map(len, self.sampled_token_ids), np.int64, num_reqs)
+        kept = scheduled - np.asarray(self.num_draft_tokens[:num_reqs], np.int64)
+        return np.where(sampled == 0, kept, kept + sampled - 1)
+
+    def accepted_row_index(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For the kept rows of every request, slot by slot: their index into
+        hidden_states, and the token each pairs with (x_{t+1}, from the token table)."""
+        num_reqs = len(counts)
+        first = np.asarray(self.query_start_loc[:num_reqs], np.int64)
+        request = np.repeat(np.arange(num_reqs), counts)
+        offset = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        start = np.asarray(self.start_positions[:num_reqs], np.int64)
+        tokens = self.token_ids[request, start[request] + 1 + offset].astype(np.int64)
+        return first[request] + offset, tokens
+
     def accepted_rows(self, i: int) -> int:
         """How many of request i's rows the target kept: the prefill chunk, or in a decode
         step the last sampled token plus the accepted drafts (len(sampled) rows)."""
