@@ -32,9 +32,10 @@ def engine_env(**extra: str) -> dict[str, str]:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_engine_script(code: str, timeout: float = 600) -> dict:
+def run_engine_script(code: str, timeout: float = 600,
+                      env_extra: dict[str, str] | None = None) -> dict:
     """Run `code` in a fresh Python; it must print one line `RESULT <json>`."""
-    return _run_for_result([sys.executable, "-c", code], timeout)
+    return _run_for_result([sys.executable, "-c", code], timeout, env_extra)
 
 
 def run_scenarios(spec: dict, timeout: float = 900) -> dict:
@@ -43,8 +44,9 @@ def run_scenarios(spec: dict, timeout: float = 900) -> dict:
                            timeout)
 
 
-def _run_for_result(cmd: list[str], timeout: float) -> dict:
-    env = engine_env(**ENGINE_ENV)
+def _run_for_result(cmd: list[str], timeout: float,
+                    env_extra: dict[str, str] | None = None) -> dict:
+    env = engine_env(**ENGINE_ENV, **(env_extra or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
                           cwd=REPO_ROOT)
     for line in reversed(proc.stdout.splitlines()):

@@ -10,6 +10,7 @@ import torch
 
 from tests.conftest import random_draft_model
 from vllm_amphista.model.checkpoint import save_checkpoint
+from vllm_amphista.serving.draft_length import StepCost, choose_lengths, confidence
 from vllm_amphista.serving.draft_sampling import RequestSampling
 from vllm_amphista.serving.proposer import AmphistaProposer
 from vllm_amphista.serving.spec_config import AmphistaSetupError, resolve_speculative_config
@@ -24,13 +25,14 @@ def heads_dir(tiny_target, tmp_path):
 
 
 def _proposer(heads_dir, target_dir, num_tokens=3, pause=None,
-              draft_sampling="sample") -> AmphistaProposer:
+              draft_sampling="sample", step_cost="off") -> AmphistaProposer:
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=num_tokens),
         additional_config={"amphista": {"heads": str(heads_dir),
                                         "disable_by_batch_size": pause,
                                         "draft_sampling": draft_sampling,
-                                        "draft_dtype": "float32"}},
+                                        "draft_dtype": "float32",
+                                        "step_cost": step_cost}},
         model_config=SimpleNamespace(model=str(target_dir), dtype=torch.float32),
         device_config=SimpleNamespace(device="cpu"),
         parallel_config=SimpleNamespace(tensor_parallel_size=2),  # read target files
@@ -188,7 +190,7 @@ def test_resolve_translates_to_custom_class(heads_dir, tiny_target, tiny_target_
     assert spec == {"method": "custom_class", "num_speculative_tokens": 2,
                     "model": "vllm_amphista.serving.proposer.AmphistaProposer"}
     assert settings == {"heads": str(heads_dir.resolve()), "disable_by_batch_size": 8,
-                        "draft_sampling": "sample", "draft_dtype": "auto"}
+                        "draft_sampling": "sample", "draft_dtype": "auto", "step_cost": "auto"}
     spec, _ = resolve_speculative_config({"method": "amphista", "model": str(heads_dir)},
                                          str(tiny_target_dir), tiny_target.hidden_size,
                                          tiny_target.vocab_size)
@@ -204,6 +206,7 @@ def test_resolve_translates_to_custom_class(heads_dir, tiny_target, tiny_target_
     ({"method": "amphista", "disable_by_batch_size": "8"}, "must be a positive integer"),
     ({"method": "amphista", "draft_sampling": "top1"}, "must be one of sample, argmax"),
     ({"method": "amphista", "draft_dtype": "fp16"}, "must be auto, float32 or bfloat16"),
+    ({"method": "amphista", "step_cost": "/nowhere.json"}, "must be auto, off or a file"),
 ])
 def test_resolve_rejects_bad_requests(heads_dir, tiny_target, tiny_target_dir, spec, message):
     if "model" not in spec and message != "needs 'model'":
@@ -217,3 +220,29 @@ def test_resolve_rejects_heads_for_another_target(heads_dir, tiny_target, tiny_t
     with pytest.raises(AmphistaSetupError, match=r"vocab_size=512; target .* vocab_size=1000"):
         resolve_speculative_config({"method": "amphista", "model": str(heads_dir)},
                                    "/not/a/local/dir", tiny_target.hidden_size, 1000)
+
+
+def test_draft_lengths_follow_the_step_cost(heads_dir, tiny_target, tiny_target_dir, tmp_path):
+    """With a calibration file, each request's drafts are cut to choose_lengths' answer
+    for the step's chances; a step cost where verifying is free keeps all K."""
+    d = tiny_target.hidden_size
+    hidden = torch.randn(24, d, generator=torch.Generator().manual_seed(3))
+    table = np.arange(3 * 64, dtype=np.int32).reshape(3, 64) % tiny_target.vocab_size
+    rows = StepRows(req_ids=["a", "b", "c"], sampled_token_ids=[[5], [6], [7]],
+                    hidden_states=hidden, query_start_loc=np.array([0, 8, 16, 24]),
+                    start_positions=np.zeros(3, np.int64),
+                    num_draft_tokens=np.zeros(3, np.int64), token_ids=table)
+    costly = StepCost(10.0, 0.0, 4.0, 0.0, 0.0)  # each verified token costs 40% of a step
+    costly.save(tmp_path / "costly.json")
+    free = StepCost(10.0, 0.0, 0.0, 0.0, 0.0)
+    free.save(tmp_path / "free.json")
+    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "costly.json"))
+    cut = proposer.propose_from_step(rows).tokens
+    logits = proposer.model.extend(proposer.model.new_cache(), hidden,
+                                   torch.from_numpy(table[[0] * 8 + [1] * 8 + [2] * 8,
+                                                          list(range(1, 9)) * 3]).long(),
+                                   np.array([8, 8, 8]))[:, :3]
+    want = choose_lengths(confidence(logits), costly).tolist()
+    assert [len(t) for t in cut] == want and want != [3, 3, 3]
+    full = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "free.json"))
+    assert [len(t) for t in full.propose_from_step(rows).tokens] == [3, 3, 3]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from vllm_amphista.engine import set_engine_environment, start_llm
 from vllm_amphista.eval import bench, eval_tree
-from vllm_amphista.machine import resolve_dtype
+from vllm_amphista.eval.calibrate import calibrate
+from vllm_amphista.machine import DTYPE_NAMES, TARGET_DTYPE, resolve_dtype
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
 from vllm_amphista.prompts import first_turns
@@ -106,6 +107,15 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    target = Path(args.target) if args.target else export_smollm2()
+    heads = Path(args.heads) if args.heads else SHIPPED_HEADS / "amphista"
+    cost, path = calibrate(target, heads, args.dtype, resolve_dtype(args.draft_dtype),
+                           args.batch_sizes, args.drafts)
+    print(f"{path}\n{cost}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-amphista", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the target's dtype while recording (auto: bf16 where native)")
     data.add_argument("--seed", type=int, default=0, help="ShareGPT prompt order")
     data.set_defaults(func=_data)
+
+    calibration = sub.add_parser("calibrate", help="measure this engine's step cost, from "
+                                 "which the proposer chooses draft lengths")
+    calibration.add_argument("--target", help="target folder (default: the SmolLM2 export)")
+    calibration.add_argument("--heads", help="heads folder (default: the shipped heads)")
+    calibration.add_argument("--dtype", default=TARGET_DTYPE, choices=list(DTYPE_NAMES),
+                             help="the target's dtype, as it will be served")
+    calibration.add_argument("--draft-dtype", default="auto",
+                             choices=["auto", *DTYPE_NAMES])
+    calibration.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    calibration.add_argument("--drafts", type=int, nargs="+", default=[0, 2, 4])
+    calibration.set_defaults(func=_calibrate)
 
     tree = sub.add_parser("eval-tree", help="chain vs tree speculation, reference decoder")
     eval_tree.add_arguments(tree)

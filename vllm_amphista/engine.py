@@ -25,6 +25,7 @@ def start_llm(target, *, speculative_config: dict | None = None, dtype: str = TA
     set_engine_environment()
     from vllm import LLM  # heavy: only where an engine starts
 
-    return LLM(model=str(target), dtype=dtype, enforce_eager=True,
-               max_model_len=MAX_MODEL_LEN, seed=engine_args.pop("seed", 0),
-               speculative_config=speculative_config, **engine_args)
+    settings = {"enforce_eager": True, "max_model_len": MAX_MODEL_LEN, "seed": 0,
+                **engine_args}
+    return LLM(model=str(target), dtype=dtype, speculative_config=speculative_config,
+               **settings)

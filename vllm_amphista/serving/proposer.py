@@ -30,6 +30,13 @@ from vllm_amphista.model.checkpoint import check_target, load_checkpoint
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.sal_cache import SALCache
 from vllm_amphista.model.target import TargetWeights
+from vllm_amphista.serving.draft_length import (
+    StepCost,
+    choose_lengths,
+    confidence,
+    pays_at,
+    step_cost_path,
+)
 from vllm_amphista.serving.draft_sampling import (
     DraftSampling,
     draft_distribution,
@@ -71,9 +78,27 @@ class AmphistaProposer(StepDrafter):
             raise ValueError(
                 f"num_speculative_tokens={self.num_speculative_tokens} exceeds the "
                 f"{self.model.config.num_heads} heads in {self.heads_dir}")
+        self.step_cost = self._step_cost(settings.get("step_cost", "auto"),
+                                         vllm_config.model_config.dtype)
+        # Running mean of a drafting request's acceptance chances per head: what tells a
+        # paused proposer whether drafting would pay at the current batch size.
+        self.typical_chance: np.ndarray | None = None
         self.cache: SALCache | None = None  # created at the first step, dropped when idle
         self.slot_reqs: list[str | None] = []  # the request in each slot
         self.next_position = np.zeros(0, np.int64)  # per slot: where its next rows start
+
+    def _step_cost(self, setting: str, target_dtype) -> StepCost | None:
+        if setting == "off":
+            return None
+        path = (step_cost_path(self.target_dir, str(target_dtype)) if setting == "auto"
+                else Path(setting))
+        if not path.is_file():
+            logger.info("amphista: no step-cost calibration for this machine and target "
+                        "(%s): verifying all %d drafts every step. `vllm-amphista "
+                        "calibrate` measures it.", path, self.num_speculative_tokens)
+            return None
+        logger.info("amphista: draft lengths chosen per step from the step cost in %s", path)
+        return StepCost.load(path)
 
     # -- vLLM's custom_class interface ---------------------------------------------------
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -101,10 +126,9 @@ class AmphistaProposer(StepDrafter):
     def propose_from_step(self, step: StepRows) -> Proposal:
         num_reqs = len(step.req_ids)
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
-        if self.disable_by_batch_size is not None and sum(
-                1 for s in step.sampled_token_ids if s) > self.disable_by_batch_size:
-            # Pause: no draft pass at all. A paused request's slot no longer ends where
-            # its next rows start, so it restarts when drafting resumes.
+        if self._paused(sum(1 for s in step.sampled_token_ids if s)):
+            # No draft pass at all. A paused request's slot no longer ends where its next
+            # rows start, so it restarts when drafting resumes.
             return Proposal(drafts)
         cache = self._follow_batch(step.req_ids)
         counts = step.accepted_counts()
@@ -120,11 +144,32 @@ class AmphistaProposer(StepDrafter):
         drafting = [i for i in np.flatnonzero(counts).tolist() if step.sampled_token_ids[i]]
         if not drafting:
             return Proposal(drafts)
-        ids, draft_probs = self._choose(logits[drafting, : self.num_speculative_tokens], step,
-                                        drafting)
-        for i, tokens in zip(drafting, self.model.to_target_ids(ids).tolist(), strict=True):
-            drafts[i] = tokens
+        logits = logits[drafting, : self.num_speculative_tokens]
+        ids, draft_probs = self._choose(logits, step, drafting)
+        lengths = self._lengths(logits)
+        for i, tokens, n in zip(drafting, self.model.to_target_ids(ids).tolist(), lengths,
+                                strict=True):
+            drafts[i] = tokens[:n]
         return Proposal(drafts, draft_probs)
+
+    def _paused(self, decoding: int) -> bool:
+        """No draft pass this step: above the user's batch limit, or where the step cost
+        says drafting cannot pay at this batch size with typical chances."""
+        if self.disable_by_batch_size is not None:
+            return decoding > self.disable_by_batch_size
+        if self.step_cost is None or self.typical_chance is None or decoding == 0:
+            return False
+        return not pays_at(decoding, self.typical_chance, self.step_cost)
+
+    def _lengths(self, logits: torch.Tensor) -> list[int]:
+        """Drafts to verify per drafting request: all K, or the step cost's choice."""
+        if self.step_cost is None:
+            return [self.num_speculative_tokens] * logits.shape[0]
+        chance = confidence(logits)
+        mean = chance.mean(0)
+        self.typical_chance = (mean if self.typical_chance is None
+                               else 0.9 * self.typical_chance + 0.1 * mean)
+        return choose_lengths(chance, self.step_cost).tolist()
 
     def _follow_batch(self, req_ids: list[str]) -> SALCache:
         """Make slot i hold request req_ids[i]: move the slots of requests vLLM moved,

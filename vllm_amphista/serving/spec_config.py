@@ -3,7 +3,8 @@
 vLLM builds our proposer through its `custom_class` method; the proposer's own settings
 travel to the workers in `vllm_config.additional_config[ADDITIONAL_CONFIG_KEY]`:
 {"heads": dir, "disable_by_batch_size": int | None, "draft_sampling": "sample" | "argmax",
- "draft_dtype": "auto" | "float32" | "bfloat16"}.
+ "draft_dtype": "auto" | "float32" | "bfloat16",
+ "step_cost": "auto" | "off" | a `vllm-amphista calibrate` file (draft_length.py)}.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class AmphistaSetupError(ValueError):
 
 
 # speculative_config keys that are ours, not vLLM's.
-OUR_KEYS = ("method", "model", "disable_by_batch_size", "draft_sampling", "draft_dtype")
+OUR_KEYS = ("method", "model", "disable_by_batch_size", "draft_sampling", "draft_dtype",
+            "step_cost")
 
 
 def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: int,
@@ -69,6 +71,11 @@ def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: 
         raise AmphistaSetupError(
             f"amphista: draft_sampling={draft_sampling!r} must be one of "
             f"{', '.join(DRAFT_SAMPLING_MODES)}")
+    step_cost = spec.get("step_cost", "auto")
+    if step_cost not in ("auto", "off") and not Path(str(step_cost)).is_file():
+        raise AmphistaSetupError(
+            f"amphista: step_cost={step_cost!r} must be auto, off or a file written by "
+            "`vllm-amphista calibrate`")
     draft_dtype = spec.get("draft_dtype", "auto")
     if draft_dtype != "auto" and draft_dtype not in DTYPE_NAMES:
         raise AmphistaSetupError(
@@ -77,4 +84,5 @@ def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: 
     translated.update(method="custom_class", model=PROPOSER_CLASS_PATH,
                       num_speculative_tokens=int(k))
     return translated, {"heads": str(heads.resolve()), "disable_by_batch_size": pause,
-                        "draft_sampling": draft_sampling, "draft_dtype": draft_dtype}
+                        "draft_sampling": draft_sampling, "draft_dtype": draft_dtype,
+                        "step_cost": step_cost}

@@ -211,29 +211,33 @@ class RecordingPlan:
         return [i for i in range(self.num_shards) if not self.shard_path(i).is_file()]
 
 
-def record_dataset(plan: RecordingPlan, max_num_seqs: int = 128) -> list[Conversation]:
+def record_dataset(plan: RecordingPlan, max_num_seqs: int = 128,
+                   **engine_args) -> list[Conversation]:
     """The target answers every prompt with vLLM while HiddenStateRecorder keeps its
     hidden states; each shard is saved as soon as it is answered, so an interrupted
-    build resumes at the first missing shard. Returns every shard's conversations."""
+    build resumes at the first missing shard. Returns every shard's conversations.
+    engine_args go to the engine (start_llm)."""
     missing = plan.missing_shards()
     if missing:
-        _record_shards(plan, missing, max_num_seqs)
+        _record_shards(plan, missing, max_num_seqs, engine_args)
     conversations = []
     for index in range(plan.num_shards):
         conversations += load_dataset(plan.shard_path(index))
     return conversations
 
 
-def _record_shards(plan: RecordingPlan, shards: list[int], max_num_seqs: int) -> None:
+def _record_shards(plan: RecordingPlan, shards: list[int], max_num_seqs: int,
+                   engine_args: dict) -> None:
     from vllm import SamplingParams  # heavy: only where an engine starts
 
     # In-process (start_llm), so that collective_rpc hands back the recorder's tensors.
     llm = start_llm(plan.target_dir, dtype=str(plan.dtype).removeprefix("torch."),
-              max_num_seqs=max_num_seqs,
-              # A cached prefix is never run through the target: no hidden states for it.
-              enable_prefix_caching=False,
-              speculative_config={"method": "custom_class", "model": RECORDER_CLASS_PATH,
-                                  "num_speculative_tokens": 1})
+                    max_num_seqs=max_num_seqs,
+                    # A cached prefix is never run through the target: no rows for it.
+                    enable_prefix_caching=False, **engine_args,
+                    speculative_config={"method": "custom_class",
+                                        "model": RECORDER_CLASS_PATH,
+                                        "num_speculative_tokens": 1})
     tokenizer = llm.get_tokenizer()
     params = SamplingParams(temperature=plan.temperature, max_tokens=plan.max_tokens, seed=None)
     done = (plan.num_shards - len(shards)) * plan.shard_size

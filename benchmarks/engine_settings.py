@@ -1,0 +1,101 @@
+"""Engine settings on this CPU: threads and preloaded libraries, vanilla and Amphista.
+
+    python -m benchmarks.engine_settings [--out results/engine_settings.json]
+
+vLLM's CPU engine drops Torch to 1 thread for serving unless OMP_NUM_THREADS is set, and
+warns when neither tcmalloc nor Intel OpenMP is preloaded. Each setting runs in a fresh
+Python (LD_PRELOAD must be in place before the process starts): greedy decoding of
+MT-Bench questions, one request at a time and 16 at once, plain and with the shipped
+heads, tokens/s. JSON + table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vllm_amphista.machine import describe
+from vllm_amphista.model.target import export_smollm2
+from vllm_amphista.paths import SHIPPED_HEADS
+from vllm_amphista.prompts import first_turns
+
+IOMP = Path(sys.prefix) / "lib" / "libiomp5.so"
+SETTINGS = {
+    "vLLM default (1 thread)": {},
+    "OMP_NUM_THREADS=2": {"OMP_NUM_THREADS": "2"},
+    "libiomp5 preloaded": {"LD_PRELOAD": str(IOMP)},
+    "OMP_NUM_THREADS=2 + libiomp5": {"OMP_NUM_THREADS": "2", "LD_PRELOAD": str(IOMP)},
+}
+
+
+def run_one(target: str, heads: str | None, prompts: list[str], max_tokens: int) -> dict:
+    """In the child: tokens/s at concurrency 1 and 16."""
+    from vllm import SamplingParams
+
+    from vllm_amphista.engine import start_llm
+
+    spec = {"method": "amphista", "model": heads, "step_cost": "off"} if heads else None
+    llm = start_llm(target, speculative_config=spec)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    llm.chat(chats[:1], params, use_tqdm=False)  # warm-up
+    result = {}
+    for concurrency in (1, 16):
+        started, tokens = time.perf_counter(), 0
+        for first in range(0, len(chats), concurrency):
+            outs = llm.chat(chats[first: first + concurrency], params, use_tqdm=False)
+            tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+        result[f"c{concurrency}"] = tokens / (time.perf_counter() - started)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("runs/engine_settings.json"))
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
+    args = parser.parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(run_one(**json.loads(args.one))), flush=True)
+        return 0
+    target = str(export_smollm2())
+    prompts = first_turns(limit=args.num_prompts)
+    rows = []
+    for name, env in SETTINGS.items():
+        if "LD_PRELOAD" in env and not IOMP.is_file():
+            continue
+        for heads in (None, str(SHIPPED_HEADS / "amphista")):
+            job = json.dumps({"target": target, "heads": heads, "prompts": prompts,
+                              "max_tokens": args.max_tokens})
+            child_env = {k: v for k, v in os.environ.items()
+                         if k not in ("TRITON_INTERPRET", "OMP_NUM_THREADS", "LD_PRELOAD")}
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.engine_settings", "--one",
+                                   job], capture_output=True, text=True,
+                                  env={**child_env, **env})
+            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if not found:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            rows.append({"setting": name, "env": env,
+                         "method": "amphista" if heads else "vanilla",
+                         **json.loads(found[-1][len("RESULT "):])})
+            print(rows[-1], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": describe(), "prompts": len(prompts),
+                                    "max_tokens": args.max_tokens, "rows": rows}, indent=2)
+                        + "\n")
+    print("| setting | method | tokens/s c=1 | tokens/s c=16 |\n| --- | --- | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['setting']} | {r['method']} | {r['c1']:.1f} | {r['c16']:.1f} |")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""The draft-length choice (serving/draft_length.py) against brute force."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from vllm_amphista.serving.draft_length import StepCost, choose_lengths, pays_at
+
+
+def _rate(lengths, chance, cost):
+    requests = len(lengths)
+    gained = sum(chance[i, :n].sum() for i, n in enumerate(lengths))
+    drafting = cost.draft_ms(requests) if any(lengths) else 0.0
+    return (requests + gained) / (cost.step_ms(requests, requests + sum(lengths)) + drafting)
+
+
+@pytest.mark.parametrize("per_token", [0.05, 0.5, 2.0])
+def test_choice_is_the_best_prefix_lengths(per_token):
+    rng = np.random.default_rng(0)
+    cost = StepCost(fixed_ms=20.0, per_request_ms=1.0, per_token_ms=per_token,
+                    draft_fixed_ms=1.0, draft_per_request_ms=0.2)
+    for _ in range(20):
+        chance = np.cumprod(rng.uniform(0.0, 1.0, size=(3, 3)), axis=1)
+        got = choose_lengths(chance, cost)
+        best = max(itertools.product(range(4), repeat=3), key=lambda n: _rate(n, chance, cost))
+        assert _rate(got, chance, cost) == pytest.approx(_rate(best, chance, cost))
+
+
+def test_nothing_is_proposed_when_no_draft_pays():
+    cost = StepCost(10.0, 0.0, 5.0, 2.0, 0.0)
+    assert choose_lengths(np.array([[0.1, 0.01]]), cost).tolist() == [0]
+    assert choose_lengths(np.array([[0.99, 0.98]]), cost).tolist() == [2]
+
+
+def test_fit_recovers_a_linear_engine():
+    truth = StepCost(30.0, 0.5, 1.5, 2.0, 0.25)
+    steps = [{"requests": b, "tokens": b * n, "ms": truth.step_ms(b, b * n)}
+             for b in (1, 4, 16) for n in (1, 3, 5)]
+    drafts = [{"requests": b, "ms": truth.draft_ms(b)} for b in (1, 4, 16)]
+    fitted = StepCost.fit(steps, drafts)
+    for field, value in vars(truth).items():
+        assert getattr(fitted, field) == pytest.approx(value, abs=1e-6)
+
+
+def test_drafting_stops_above_the_batch_size_where_it_cannot_pay():
+    """Verification grows with the batch (per_token), the plain step does not as fast:
+    the same chances pay at 1 request and not at 64."""
+    cost = StepCost(fixed_ms=40.0, per_request_ms=0.2, per_token_ms=0.8, draft_fixed_ms=2.0,
+                    draft_per_request_ms=0.3)
+    chance = np.array([0.3, 0.05, 0.01])
+    assert pays_at(1, chance, cost) and not pays_at(64, chance, cost)

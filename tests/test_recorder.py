@@ -1,0 +1,54 @@
+"""Recording the distillation set from vLLM (training/recorder.py, training/data.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.engine_helpers import run_engine_script
+from vllm_amphista.training.data import without_mt_bench
+
+
+def test_mt_bench_questions_never_reach_the_training_prompts():
+    question = "Compose an engaging travel blog post about a recent trip to Hawaii."
+    prompts = ["How do I bake bread?", question, f"Please: {question.upper()}  Thanks",
+               "Compose an engaging"]
+    # The exact question, a prompt holding it, and a prompt held in it are all dropped.
+    assert without_mt_bench(prompts, [question]) == ["How do I bake bread?"]
+
+
+@pytest.mark.engine
+def test_recorded_rows_are_the_targets_hidden_states_and_shards_resume(tiny_target_dir,
+                                                                       tmp_path):
+    """Three prompts, shards of two, chunked prefill (16 tokens a step): every recorded
+    conversation's rows equal transformers' final hidden states on it; deleting a shard
+    and building again re-records that shard only."""
+    result = run_engine_script(f"""
+import json, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+from vllm_amphista.paths import DATA_DIR
+from vllm_amphista.training.data import RecordingPlan, record_dataset
+target = Path({str(tiny_target_dir)!r})
+plan = RecordingPlan(target, "tiny", ["w1 w2 w3 a b c", "c d " * 20, "w7 w8"], max_tokens=12,
+                     shard_size=2)
+convs = record_dataset(plan, max_num_seqs=8, max_model_len=512, max_num_batched_tokens=16)
+hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+diffs = []
+for c in convs:
+    with torch.no_grad():
+        ref = hf(c.tokens[None], output_hidden_states=True).hidden_states[-1][0]
+    diffs.append(float((c.hidden.float() - ref[: len(c.hidden)]).abs().max()))
+first = plan.shard_path(0).stat().st_mtime_ns
+plan.shard_path(1).unlink()
+again = record_dataset(plan, max_num_seqs=8, max_model_len=512, max_num_batched_tokens=16)
+print("RESULT " + json.dumps({{
+    "rows": [[len(c.tokens), len(c.hidden), c.prompt_len] for c in convs],
+    "diffs": diffs, "under_cache": str(plan.folder).startswith(str(DATA_DIR)),
+    "shard0_kept": plan.shard_path(0).stat().st_mtime_ns == first,
+    "same_tokens": [c.tokens.tolist() for c in again] == [c.tokens.tolist() for c in convs]}}))
+""", env_extra={"VLLM_AMPHISTA_CACHE": str(tmp_path / "cache")})
+    assert len(result["rows"]) == 3
+    for tokens, hidden, prompt_len in result["rows"]:
+        assert hidden == tokens - 1 and 0 < prompt_len < tokens
+    assert max(result["diffs"]) < 2e-2  # rows stored in bf16
+    assert result["under_cache"] and result["shard0_kept"] and result["same_tokens"]

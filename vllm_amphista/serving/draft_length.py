@@ -1,0 +1,100 @@
+"""How many drafts to verify: per request, per step, from a cost model of this engine.
+
+Verifying a draft costs target time whether or not it is accepted. With c[i, k] the
+chance that request i's first k + 1 drafts are all accepted (the running product of its
+heads' top probabilities) a step that verifies m drafts in all is expected to yield
+    tokens(m) = B + (the m largest c, summed)          [B = requests in the step]
+in time
+    time(m)   = step_ms(B, B + m) + draft_ms(B)
+and the best m maximises tokens(m) / time(m). Taking the largest c first keeps every
+request's drafts a prefix (c is non-increasing in k). When no m beats the plain step,
+B / step_ms(B, B), nothing is proposed. `StepCost` is fitted to measured engine steps
+(`vllm-amphista calibrate`), so the threshold and the batch size where drafting stops
+follow from this machine's numbers, not from constants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vllm_amphista.machine import cpu_info
+from vllm_amphista.paths import CACHE_DIR
+
+STEP_COST_DIR = CACHE_DIR / "step_cost"
+
+
+def step_cost_path(target_dir: str | Path, target_dtype: str) -> Path:
+    """Where `vllm-amphista calibrate` keeps the step cost of this CPU serving this target
+    in this dtype."""
+    key = json.dumps([cpu_info().model, Path(target_dir).name,
+                      str(target_dtype).removeprefix("torch.")])
+    return STEP_COST_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Engine step time in ms: fixed + per_request * B + per_token * tokens, and the draft
+    pass: draft_fixed + draft_per_request * B (least squares over measured steps)."""
+
+    fixed_ms: float
+    per_request_ms: float
+    per_token_ms: float
+    draft_fixed_ms: float
+    draft_per_request_ms: float
+
+    def step_ms(self, requests: int | np.ndarray, tokens: int | np.ndarray):
+        return self.fixed_ms + self.per_request_ms * requests + self.per_token_ms * tokens
+
+    def draft_ms(self, requests: int) -> float:
+        return self.draft_fixed_ms + self.draft_per_request_ms * requests
+
+    @classmethod
+    def fit(cls, steps: list[dict], drafts: list[dict]) -> StepCost:
+        """steps: {"requests", "tokens", "ms"} per measured engine step configuration;
+        drafts: {"requests", "ms"} per measured draft pass."""
+        a = np.array([[1.0, s["requests"], s["tokens"]] for s in steps])
+        step = np.linalg.lstsq(a, np.array([s["ms"] for s in steps]), rcond=None)[0]
+        b = np.array([[1.0, d["requests"]] for d in drafts])
+        draft = np.linalg.lstsq(b, np.array([d["ms"] for d in drafts]), rcond=None)[0]
+        return cls(*(float(x) for x in (*step, *draft)))
+
+    def save(self, path: Path, **context) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"cost": asdict(self), **context}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> StepCost:
+        return cls(**json.loads(path.read_text())["cost"])
+
+
+def confidence(logits: torch.Tensor) -> np.ndarray:
+    """logits [B, K, V'] -> [B, K]: running product of each head's top probability."""
+    top = (logits.float().amax(-1) - logits.float().logsumexp(-1)).exp()
+    return top.cumprod(-1).cpu().numpy()
+
+
+def choose_lengths(chance: np.ndarray, cost: StepCost) -> np.ndarray:
+    """chance [B, K] (non-increasing along K) -> drafts to verify per request [B]."""
+    requests, k = chance.shape
+    order = np.argsort(-chance, axis=None, kind="stable")
+    gains = np.concatenate(([0.0], np.cumsum(chance.reshape(-1)[order])))
+    m = np.arange(len(gains))
+    rate = (requests + gains) / (cost.step_ms(requests, requests + m) + cost.draft_ms(requests))
+    best = int(np.argmax(rate))
+    if rate[best] <= requests / cost.step_ms(requests, requests):
+        return np.zeros(requests, np.int64)
+    lengths = np.zeros(requests, np.int64)
+    np.add.at(lengths, order[:best] // k, 1)
+    return lengths
+
+
+def pays_at(requests: int, chance: np.ndarray, cost: StepCost) -> bool:
+    """Whether drafting pays at all with this many requests, given a typical request's
+    chances [K]: the draft pass is only worth running when it does."""
+    return bool(choose_lengths(np.tile(chance, (requests, 1)), cost).any())
