@@ -29,23 +29,27 @@ def tiny_target(tiny_target_dir) -> TargetWeights:
     return TargetWeights.from_folder(tiny_target_dir)
 
 
-def random_draft_model(target: TargetWeights, seed: int = 0, **overrides) -> AmphistaDraftModel:
-    """A draft model whose every weight is random (no identity initialisation left),
-    so that every path through the architecture visibly matters in tests."""
+def draft_model(target: TargetWeights, *, randomised: bool = False, seed: int = 0,
+                **overrides) -> AmphistaDraftModel:
+    """The tests' one draft-model factory, shaped for `target` (4 attention heads, 2 KV
+    heads unless overridden). Fresh: the initialisation training starts from (every head
+    predicts the target's own next token). randomised=True: every weight random, so that
+    every path through the architecture visibly matters."""
     torch.manual_seed(seed)
     fields = dict(hidden_size=target.hidden_size, vocab_size=target.vocab_size,
                   num_attention_heads=4, num_key_value_heads=2, target_name=target.name,
                   target_fingerprint=target.fingerprint)
     fields.update(overrides)
     model = AmphistaDraftModel(AmphistaConfig(**fields))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.3 if p.dim() > 1 else 0.1)
+    if randomised:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.uniform_(0.5, 1.5)
+                else:
+                    p.normal_(0.0, 0.3 if p.dim() > 1 else 0.1)
     model.attach_target(target)
-    return model.eval()
+    return model.eval() if randomised else model
 
 
 def pytest_configure(config) -> None:

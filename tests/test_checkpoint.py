@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import random_draft_model
+from tests.conftest import draft_model
 from vllm_amphista.convert.medusa import export_vllm_medusa, import_medusa
 from vllm_amphista.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vllm_amphista.model.target import TargetWeights
@@ -17,7 +17,7 @@ from vllm_amphista.model.target import TargetWeights
 
 @pytest.fixture()
 def saved(tiny_target, tmp_path):
-    model = random_draft_model(tiny_target, draft_vocab_size=64)
+    model = draft_model(tiny_target, draft_vocab_size=64, randomised=True)
     folder = tmp_path / "heads"
     save_checkpoint(model, folder)
     return model, folder
@@ -209,8 +209,8 @@ def test_export_vllm_medusa_round_trip(tmp_path, tiny_target, draft_vocab):
     """Our Medusa-mode heads in vLLM's MedusaModel layout: vLLM's formula (blocks with bias,
     the shared full lm_head) gives our logits on the draft vocabulary, and the importer
     reads the folder back."""
-    model = random_draft_model(tiny_target, use_aeb=False, num_stages=0,
-                               use_token_fusion=False, draft_vocab_size=draft_vocab)
+    model = draft_model(tiny_target, use_aeb=False, num_stages=0, use_token_fusion=False,
+                        draft_vocab_size=draft_vocab, randomised=True)
     if draft_vocab:  # a scattered token map, not the identity prefix
         model.draft_to_target = torch.randperm(tiny_target.vocab_size)[:draft_vocab]
         model.refresh_lm_head(tiny_target.lm_head)
@@ -235,8 +235,8 @@ def test_export_vllm_medusa_refuses(tmp_path, saved, tiny_target):
     _, amphista_heads = saved
     with pytest.raises(CheckpointError, match="only Medusa-mode heads"):
         export_vllm_medusa(amphista_heads, tmp_path / "out", tiny_target)
-    medusa = random_draft_model(tiny_target, use_aeb=False, num_stages=0,
-                                use_token_fusion=False)
+    medusa = draft_model(tiny_target, use_aeb=False, num_stages=0,
+                                use_token_fusion=False, randomised=True)
     save_checkpoint(medusa, tmp_path / "medusa")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")

@@ -17,10 +17,9 @@ import urllib.error
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.chi_square import two_sample_chi_square
-from tests.conftest import random_draft_model
+from tests.conftest import draft_model
 from tests.engine_helpers import (
     engine_env,
     post_json,
@@ -29,8 +28,6 @@ from tests.engine_helpers import (
     vllm_server,
 )
 from vllm_amphista.model.checkpoint import save_checkpoint
-from vllm_amphista.model.config import AmphistaConfig
-from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.prompts import first_turns
 
@@ -51,12 +48,8 @@ def smollm2_heads(smollm2, tmp_path_factory) -> dict[str, Path]:
     target = TargetWeights.from_folder(smollm2)
     folder = tmp_path_factory.mktemp("smollm2-heads")
     config = dict(num_attention_heads=9, num_key_value_heads=3, target_name=target.name)
-    save_checkpoint(random_draft_model(target, **config), folder / "random")
-    torch.manual_seed(0)
-    fresh = AmphistaDraftModel(AmphistaConfig(
-        hidden_size=target.hidden_size, vocab_size=target.vocab_size,
-        target_fingerprint=target.fingerprint, **config), target)
-    save_checkpoint(fresh, folder / "fresh")
+    save_checkpoint(draft_model(target, **config, randomised=True), folder / "random")
+    save_checkpoint(draft_model(target, **config), folder / "fresh")
     shipped = Path(__file__).resolve().parent.parent / "heads" / "SmolLM2-135M-Instruct"
     return {"random": folder / "random", "fresh": folder / "fresh",
             "trained": shipped / "amphista", "trained-medusa": shipped / "medusa"}
@@ -77,7 +70,7 @@ def test_proposer_sees_every_accepted_position(tiny_target_dir, tmp_path):
     with chunked prefill (16-token budget) and several requests in the batch. (An fp32
     draft: the rows are compared as the draft model receives them.)"""
     heads = tmp_path / "heads"
-    save_checkpoint(random_draft_model(TargetWeights.from_folder(tiny_target_dir)), heads)
+    save_checkpoint(draft_model(TargetWeights.from_folder(tiny_target_dir), randomised=True), heads)
     result = run_engine_script(f"""
 import json, torch
 from vllm import LLM, SamplingParams
@@ -214,7 +207,7 @@ def test_bad_heads_fail_at_startup_with_one_line(smollm2, smollm2_heads, tiny_ta
     (corrupt / "model.safetensors").write_bytes(
         (smollm2_heads["random"] / "model.safetensors").read_bytes()[:5000])
     other = tmp_path / "other-target"
-    save_checkpoint(random_draft_model(TargetWeights.from_folder(tiny_target_dir)), other)
+    save_checkpoint(draft_model(TargetWeights.from_folder(tiny_target_dir), randomised=True), other)
     cases = {
         "missing": (tmp_path / "missing", None, "does not exist"),
         "corrupt": (corrupt, None, "not a readable safetensors"),
@@ -333,7 +326,7 @@ def test_tensor_parallel_two_workers_is_lossless(tiny_target_dir, tmp_path):
     """TP=2 on the CPU engine (one core per worker): same greedy tokens as TP=1 plain.
     The tiny target has 2 attention heads (SmolLM2's 9 do not split in 2)."""
     heads = tmp_path / "heads"
-    save_checkpoint(random_draft_model(TargetWeights.from_folder(tiny_target_dir)), heads)
+    save_checkpoint(draft_model(TargetWeights.from_folder(tiny_target_dir), randomised=True), heads)
     code = f"""
 import json, os
 from vllm import LLM, SamplingParams

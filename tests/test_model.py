@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import random_draft_model
+from tests.conftest import draft_model
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.sal_cache import SALCache
@@ -20,7 +20,7 @@ def _inputs(target, b: int = 2, t: int = 9, seed: int = 1):
 
 
 def test_forward_shape_and_head_stages(tiny_target):
-    model = random_draft_model(tiny_target, num_heads=5, num_stages=2)
+    model = draft_model(tiny_target, num_heads=5, num_stages=2, randomised=True)
     hidden, tokens = _inputs(tiny_target)
     assert model(hidden, tokens).shape == (2, 9, 5, tiny_target.vocab_size)
     assert [model.config.stage_of_head(k) for k in range(5)] == [0, 0, 0, 1, 1]
@@ -31,7 +31,8 @@ def test_aeb_lets_every_head_see_every_other(tiny_target):
     """With the AEB, perturbing head K's block changes head 1's logits; without it, not.
     Through the public forward only: the perturbation is a bias on the last head's block."""
     for use_aeb in (True, False):
-        model = random_draft_model(tiny_target, use_aeb=use_aeb, num_stages=2, num_heads=4)
+        model = draft_model(tiny_target, use_aeb=use_aeb, num_stages=2, num_heads=4,
+                            randomised=True)
         hidden, tokens = _inputs(tiny_target)
         with torch.no_grad():
             base = model(hidden, tokens)
@@ -47,7 +48,7 @@ def test_aeb_lets_every_head_see_every_other(tiny_target):
 
 
 def test_sal_is_causal(tiny_target):
-    model = random_draft_model(tiny_target)
+    model = draft_model(tiny_target, randomised=True)
     hidden, tokens = _inputs(tiny_target, b=1, t=10)
     base = model(hidden, tokens)
     hidden2, tokens2 = hidden.clone(), tokens.clone()
@@ -59,11 +60,12 @@ def test_sal_is_causal(tiny_target):
 
 
 def test_token_fusion_reads_the_sampled_token(tiny_target):
-    model = random_draft_model(tiny_target, num_stages=0, use_aeb=False)
+    model = draft_model(tiny_target, num_stages=0, use_aeb=False, randomised=True)
     hidden, tokens = _inputs(tiny_target, b=1, t=4)
     other_tokens = (tokens + 7) % tiny_target.vocab_size
     assert (model(hidden, tokens) - model(hidden, other_tokens)).abs().max() > 1e-3
-    plain = random_draft_model(tiny_target, num_stages=0, use_aeb=False, use_token_fusion=False)
+    plain = draft_model(tiny_target, num_stages=0, use_aeb=False, use_token_fusion=False,
+                        randomised=True)
     torch.testing.assert_close(plain(hidden, tokens), plain(hidden, other_tokens), rtol=0, atol=0)
 
 
@@ -79,7 +81,7 @@ def test_incremental_matches_full_forward(tiny_target, overrides):
     """Feeding positions in uneven chunks through the SAL cache (batched, with padding)
     gives the same last-position logits as the teacher-forced forward. Sequences join
     and skip steps, as requests do in a serving batch."""
-    model = random_draft_model(tiny_target, **overrides)
+    model = draft_model(tiny_target, **overrides, randomised=True)
     seqs = [_inputs(tiny_target, b=1, t=t, seed=t) for t in (11, 7, 13, 5)]
     # Rows consumed per step per sequence; 0 = not in that step's batch.
     chunks = [[4, 1, 3, 3], [1, 2, 1, 3], [0, 6, 5, 2], [0, 0, 0, 5]]
@@ -102,7 +104,7 @@ def test_incremental_matches_full_forward(tiny_target, overrides):
 
 
 def test_sal_cache_growth_keeps_contents_and_moves_swap(tiny_target):
-    model = random_draft_model(tiny_target)
+    model = draft_model(tiny_target, randomised=True)
     cache = SALCache(model.config, slots=2, capacity=4)
     cache.keys.normal_()
     cache.lengths[:] = [3, 4]
@@ -118,7 +120,7 @@ def test_sal_cache_growth_keeps_contents_and_moves_swap(tiny_target):
 
 
 def test_drafts_map_draft_vocabulary_to_target_ids(tiny_target):
-    model = random_draft_model(tiny_target, draft_vocab_size=50)
+    model = draft_model(tiny_target, draft_vocab_size=50, randomised=True)
     with torch.no_grad():
         model.draft_to_target.copy_(torch.arange(50) * 7 % tiny_target.vocab_size)
     model.attach_target(tiny_target)  # lm_head rows follow the new map
@@ -133,7 +135,8 @@ def test_drafts_map_draft_vocabulary_to_target_ids(tiny_target):
 
 def test_medusa_mode_is_medusa_1(tiny_target):
     """All switches off: logits are lm_head(h + SiLU(W h + b)) per head, nothing else."""
-    model = random_draft_model(tiny_target, use_aeb=False, num_stages=0, use_token_fusion=False)
+    model = draft_model(tiny_target, use_aeb=False, num_stages=0, use_token_fusion=False,
+                        randomised=True)
     assert model.config.is_medusa and model.final_norm is None
     hidden, tokens = _inputs(tiny_target)
     want = torch.stack([

@@ -67,8 +67,8 @@ def test_vllm_amphista_command_help():
 def test_bf16_target_on_an_emulating_cpu_is_warned_once_and_kept(tiny_target_dir, tmp_path):
     """Engine config for Amphista with the CPU's flags faked to AVX2 only: a bf16 target
     gets one warning line naming the fix and stays bf16; an fp32 target gets none."""
-    from tests.conftest import random_draft_model
-    save_checkpoint(random_draft_model(TargetWeights.from_folder(tiny_target_dir)),
+    from tests.conftest import draft_model
+    save_checkpoint(draft_model(TargetWeights.from_folder(tiny_target_dir), randomised=True),
                     tmp_path / "heads")
     code = f"""
 from vllm_amphista import machine

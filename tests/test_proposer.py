@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import random_draft_model
+from tests.conftest import draft_model
 from vllm_amphista.model.checkpoint import save_checkpoint
 from vllm_amphista.serving.draft_length import StepCost, choose_lengths, confidence
 from vllm_amphista.serving.draft_sampling import RequestSampling
@@ -20,7 +20,7 @@ from vllm_amphista.serving.step import StepRows
 @pytest.fixture()
 def heads_dir(tiny_target, tmp_path):
     folder = tmp_path / "heads"
-    save_checkpoint(random_draft_model(tiny_target), folder)
+    save_checkpoint(draft_model(tiny_target, randomised=True), folder)
     return folder
 
 

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from tests.conftest import random_draft_model
+from tests.conftest import draft_model
 from vllm_amphista.model.checkpoint import save_checkpoint
-from vllm_amphista.model.config import AmphistaConfig
-from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.prompts import first_turns
 from vllm_amphista.reference.decoder import ReferenceDecoder, best_tree, chain
 from vllm_amphista.reference.tree import build_tree
 
 ACCEPTANCE = [[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.2, 0.1]]
-
-
-def _fresh(target: TargetWeights, **extra) -> AmphistaDraftModel:
-    torch.manual_seed(0)
-    return AmphistaDraftModel(AmphistaConfig(hidden_size=target.hidden_size,
-                                             vocab_size=target.vocab_size, **extra), target)
 
 
 def test_best_tree_is_greedy_by_path_probability():
@@ -34,8 +25,7 @@ def test_best_tree_is_greedy_by_path_probability():
 
 @pytest.mark.parametrize("kind", ["fresh", "random"])
 def test_tiny_target_chain_and_tree_equal_plain(tiny_target_dir, tiny_target, kind):
-    heads = (_fresh(tiny_target, num_attention_heads=4, num_key_value_heads=2)
-             if kind == "fresh" else random_draft_model(tiny_target))
+    heads = draft_model(tiny_target, randomised=kind != "fresh")
     decoder = ReferenceDecoder(tiny_target_dir, heads)
     tree = build_tree(best_tree(ACCEPTANCE, 24), top_k=3)
     for prompt in ([5, 17, 30, 44, 9, 120, 33], [7, 8], list(range(40, 90))):
@@ -49,7 +39,7 @@ def test_tiny_target_chain_and_tree_equal_plain(tiny_target_dir, tiny_target, ki
 
 def test_tree_kernel_path_matches(tiny_target_dir, tiny_target):
     """Verification through the Triton tree kernel (interpreted on CPU) decodes the same."""
-    heads = random_draft_model(tiny_target)
+    heads = draft_model(tiny_target, randomised=True)
     tree = build_tree(best_tree(ACCEPTANCE, 12), top_k=3)
     sdpa = ReferenceDecoder(tiny_target_dir, heads, tree_kernel=False)
     kernel = ReferenceDecoder(tiny_target_dir, heads, tree_kernel=True)
@@ -62,8 +52,8 @@ def test_tree_kernel_path_matches(tiny_target_dir, tiny_target):
 def test_smollm2_mt_bench_chain_and_tree_equal_plain(kind):
     target_dir = export_smollm2()
     target = TargetWeights.from_folder(target_dir)
-    heads = (_fresh(target, num_attention_heads=9, num_key_value_heads=3) if kind == "fresh"
-             else random_draft_model(target, num_attention_heads=9, num_key_value_heads=3))
+    heads = draft_model(target, num_attention_heads=9, num_key_value_heads=3,
+                        randomised=kind != "fresh")
     decoder = ReferenceDecoder(target_dir, heads)
     from transformers import AutoTokenizer
 
@@ -87,7 +77,7 @@ def test_eval_tree_command(tiny_target_dir, tiny_target, tmp_path):
     from pathlib import Path
 
     heads = tmp_path / "heads"
-    save_checkpoint(random_draft_model(tiny_target), heads)
+    save_checkpoint(draft_model(tiny_target, randomised=True), heads)
     prompts = tmp_path / "questions.jsonl"
     prompts.write_text("".join(json.dumps({"question_id": i, "turns": [f"w{i} w{i + 1} a b"]})
                                + "\n" for i in range(3)))

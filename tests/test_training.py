@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import draft_model
 from tests.engine_helpers import engine_env
 from vllm_amphista.model.checkpoint import load_checkpoint
 from vllm_amphista.model.config import AmphistaConfig
@@ -33,13 +34,6 @@ def conversations(tiny_target_dir):
     return target_hidden_states(tiny_target_dir, sequences)
 
 
-def _model(target: TargetWeights, **overrides) -> AmphistaDraftModel:
-    torch.manual_seed(0)
-    cfg = AmphistaConfig(hidden_size=target.hidden_size, vocab_size=target.vocab_size,
-                         num_attention_heads=4, num_key_value_heads=2, **overrides)
-    return AmphistaDraftModel(cfg, target)
-
-
 def test_bf16_autocast_training_learns(tiny_target, conversations, tmp_path, monkeypatch):
     """The bf16 path (what `auto` picks on a CPU with native bf16): weights stay fp32, the
     forward and loss run under autocast, and the loss still falls."""
@@ -53,7 +47,7 @@ def test_bf16_autocast_training_learns(tiny_target, conversations, tmp_path, mon
     monkeypatch.setattr(torch, "autocast", recording_autocast)
     settings = TrainSettings(epochs=3, batch_conversations=4, learning_rate=3e-3,
                              compute_dtype="bfloat16")
-    model = _model(tiny_target)
+    model = draft_model(tiny_target)
     metrics = train(model, tiny_target.lm_head.float(), conversations[:10], conversations[10:],
                     settings, tmp_path)
     losses = [h["loss"] for h in metrics["history"]]
@@ -69,7 +63,7 @@ def test_training_reduces_loss_and_resumes_exactly(tiny_target, conversations, t
     lm_head = tiny_target.lm_head.float()
     train_set, eval_set = conversations[:10], conversations[10:]
 
-    straight = _model(tiny_target)
+    straight = draft_model(tiny_target)
     before = evaluate(straight, eval_set, lm_head, settings.batch_conversations,
                       settings.max_positions)
     metrics = train(straight, lm_head, train_set, eval_set, settings, tmp_path / "a")
@@ -78,7 +72,7 @@ def test_training_reduces_loss_and_resumes_exactly(tiny_target, conversations, t
     assert sum(metrics["history"][-1]["eval"]["top5"]) >= sum(before["top5"])
 
     # Interrupt a second run after 4 optimizer steps, then resume it.
-    interrupted = _model(tiny_target)
+    interrupted = draft_model(tiny_target)
     original_step = torch.optim.AdamW.step
     calls = {"n": 0}
 
@@ -93,7 +87,7 @@ def test_training_reduces_loss_and_resumes_exactly(tiny_target, conversations, t
         train(interrupted, lm_head, train_set, eval_set, settings, tmp_path / "b")
     monkeypatch.setattr(torch.optim.AdamW, "step", original_step)
     assert (tmp_path / "b" / STATE_FILE).is_file()
-    resumed = _model(tiny_target)
+    resumed = draft_model(tiny_target)
     train(resumed, lm_head, train_set, eval_set, settings, tmp_path / "b")
     for name, tensor in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
@@ -101,10 +95,10 @@ def test_training_reduces_loss_and_resumes_exactly(tiny_target, conversations, t
 
 def test_resume_refuses_other_settings(tiny_target, conversations, tmp_path):
     settings = TrainSettings(epochs=1, batch_conversations=4, checkpoint_every=1)
-    train(_model(tiny_target), tiny_target.lm_head.float(), conversations[:8],
+    train(draft_model(tiny_target), tiny_target.lm_head.float(), conversations[:8],
           conversations[8:], settings, tmp_path)
     with pytest.raises(ValueError, match="other settings"):
-        train(_model(tiny_target), tiny_target.lm_head.float(), conversations[:8],
+        train(draft_model(tiny_target), tiny_target.lm_head.float(), conversations[:8],
               conversations[8:], TrainSettings(epochs=2), tmp_path)
 
 
@@ -201,11 +195,11 @@ def test_ray_two_workers_match_one_worker(tiny_target, tiny_target_dir, conversa
     train_set, eval_set = split(conversations, settings.eval_fraction, settings.seed)
     assert len(train_set) == 9
 
-    one = _model(tiny_target)
+    one = draft_model(tiny_target)
     initial = {k: v.clone() for k, v in one.state_dict().items()}
     record = train(one, tiny_target.lm_head.float(), train_set, eval_set, settings,
                    tmp_path / "one")
-    two = _model(tiny_target)
+    two = draft_model(tiny_target)
     history = train_on_ray(two, tiny_target_dir, data, settings, tmp_path / "two",
                            num_workers=2)
     for name, tensor in one.state_dict().items():
@@ -259,7 +253,7 @@ def test_batches_are_built_on_the_lm_heads_device(tiny_target, conversations):
     lm_head = tiny_target.lm_head.float().to("meta")
     batch = make_batch(conversations[:3], 64, lm_head)
     assert {t.device.type for t in vars(batch).values()} == {"meta"}
-    model = _model(tiny_target).to("meta")
+    model = draft_model(tiny_target).to("meta")
     to_draft = torch.arange(tiny_target.vocab_size, device="meta")
     losses = head_losses(model(batch.hidden, batch.tokens[:, 1:]), batch, to_draft, 0.1,
                          torch.ones(model.config.num_heads, device="meta"))
