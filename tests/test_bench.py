@@ -76,8 +76,8 @@ def test_bench_command_end_to_end(tmp_path):
     vLLM's own Medusa serving our exported heads must accept exactly as our proposer does
     in Medusa mode: the same heads, the same drafts."""
     out = tmp_path / "bench"
-    cmd = [str(Path(sys.executable).parent / "vllm-amphista"), "bench", "--num-prompts", "3",
-           "--max-tokens", "24", "--concurrency", "2", "--temperature", "0", "0.7",
+    cmd = [str(Path(sys.executable).parent / "vllm-amphista"), "bench", "--num-prompts", "2",
+           "--max-tokens", "16", "--concurrency", "2", "--temperature", "0", "0.7",
            "--repeats", "1", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200,
                           env=engine_env(VLLM_CPU_KVCACHE_SPACE="1"))

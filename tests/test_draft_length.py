@@ -11,10 +11,11 @@ from vllm_amphista.serving.draft_length import StepCost, choose_lengths, pays_at
 
 
 def _rate(lengths, chance, cost):
+    """Tokens per ms of a step whose draft pass has run."""
     requests = len(lengths)
     gained = sum(chance[i, :n].sum() for i, n in enumerate(lengths))
-    drafting = cost.draft_ms(requests) if any(lengths) else 0.0
-    return (requests + gained) / (cost.step_ms(requests, requests + sum(lengths)) + drafting)
+    return (requests + gained) / (cost.step_ms(requests, requests + sum(lengths))
+                                  + cost.draft_ms(requests))
 
 
 @pytest.mark.parametrize("per_token", [0.05, 0.5, 2.0])
@@ -29,10 +30,15 @@ def test_choice_is_the_best_prefix_lengths(per_token):
         assert _rate(got, chance, cost) == pytest.approx(_rate(best, chance, cost))
 
 
-def test_nothing_is_proposed_when_no_draft_pays():
+def test_nothing_is_proposed_when_no_draft_pays_for_its_verification():
     cost = StepCost(10.0, 0.0, 5.0, 2.0, 0.0)
     assert choose_lengths(np.array([[0.1, 0.01]]), cost).tolist() == [0]
     assert choose_lengths(np.array([[0.99, 0.98]]), cost).tolist() == [2]
+    # The draft pass is sunk: a draft that pays for its verification is verified even
+    # where the whole drafting step does not beat a plain one.
+    dear_pass = StepCost(10.0, 0.0, 1.0, 50.0, 0.0)
+    assert choose_lengths(np.array([[0.2, 0.01]]), dear_pass).tolist() == [1]
+    assert not pays_at(1, np.array([0.2, 0.01]), dear_pass)
 
 
 def test_fit_recovers_a_linear_engine():

@@ -8,6 +8,7 @@ token, so repetitive text gets drafts accepted and the multi-token paths run).
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from tests.engine_helpers import (
 from vllm_amphista.model.checkpoint import save_checkpoint
 from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.prompts import first_turns
+from vllm_amphista.serving.draft_length import StepCost
 
 pytestmark = pytest.mark.engine
 
@@ -61,7 +63,15 @@ def _prompts() -> list[str]:
 
 
 def _amphista(heads: Path, **extra) -> dict:
-    return {"method": "amphista", "model": str(heads), **extra}
+    """All K drafts every step unless a test passes its own step cost (a calibration file
+    on the machine must not change what these tests check)."""
+    return {"method": "amphista", "model": str(heads), "step_cost": "off", **extra}
+
+
+@functools.cache
+def _plain_run(spec_json: str) -> dict:
+    """Plain vLLM's answers, shared by the tests that compare against the same spec."""
+    return run_scenarios(json.loads(spec_json))
 
 
 def test_proposer_sees_every_accepted_position(tiny_target_dir, tmp_path):
@@ -116,7 +126,7 @@ print("RESULT " + json.dumps(report))
 def test_lossless_under_chunking_preemption_and_aborts(smollm2, smollm2_heads, heads_kind):
     spec = {"target": smollm2, "prompts": _prompts(), "max_tokens": 40, "max_model_len": 512,
             "scenarios": ["single", "batch", "abort", "sampled"], "engine": CONSTRAINED}
-    plain = run_scenarios(spec)
+    plain = _plain_run(json.dumps(spec, sort_keys=True))
     amphista = run_scenarios({**spec, "speculative_config": _amphista(smollm2_heads[heads_kind])})
     for name in ("single", "batch", "abort"):
         assert amphista["outputs"][name] == plain["outputs"][name], name
@@ -152,18 +162,30 @@ def test_lossless_with_default_engine_settings(smollm2, smollm2_heads):
     assert len(per_position) == 3 and per_position[0] > 0
 
 
-def test_greedy_requests_batched_with_sampled_ones(smollm2, smollm2_heads):
+def test_greedy_requests_batched_with_sampled_ones(smollm2, smollm2_heads, tmp_path):
     """Sampled requests (top-k alone, top-p, both, seed, n=2) in the batch: nothing crashes
     (a top-k batch used to kill the engine), every sampled request gets its tokens, and
-    the greedy requests beside them keep vanilla's tokens (they used to drift)."""
+    the greedy requests beside them keep vanilla's tokens (they used to drift). With a step
+    cost that makes verifying dear, draft lengths vary per request and step: still exact."""
     spec = {"target": smollm2, "prompts": _prompts(), "max_tokens": 32,
             "scenarios": ["mixed"]}
     plain = run_scenarios(spec)["outputs"]["mixed"]
-    amphista = run_scenarios({**spec, "speculative_config": _amphista(
-        smollm2_heads["trained"])})
-    assert amphista["outputs"]["mixed"]["greedy"] == plain["greedy"]
-    assert amphista["outputs"]["mixed"]["sampled_lengths"] == [[32]] * 6 + [[32, 32], [32]]
-    assert amphista["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0
+    StepCost(fixed_ms=50.0, per_request_ms=0.5, per_token_ms=1.0, draft_fixed_ms=2.0,
+             draft_per_request_ms=0.2).save(tmp_path / "dear.json")
+    for step_cost in ("off", str(tmp_path / "dear.json")):
+        amphista = run_scenarios({**spec, "speculative_config": _amphista(
+            smollm2_heads["trained"], step_cost=step_cost)})
+        assert amphista["outputs"]["mixed"]["greedy"] == plain["greedy"]
+        assert amphista["outputs"]["mixed"]["sampled_lengths"] == ([[32]] * 6
+                                                                   + [[32, 32], [32]])
+        metrics = amphista["metrics"]
+        drafts, drafted = (metrics[f"vllm:spec_decode_num_{n}"] for n in ("drafts",
+                                                                          "draft_tokens"))
+        if step_cost == "off":
+            assert drafted == 4 * drafts
+            assert metrics["vllm:spec_decode_num_accepted_tokens"] > 0
+        else:  # cut: fewer than K drafts per drafting request, but some drafting
+            assert 0 < drafts and drafted < 4 * drafts
 
 
 # Two MT-Bench questions whose chat prompts are 65 and 66 tokens: with 32-token blocks the

@@ -6,9 +6,11 @@ heads' top probabilities) a step that verifies m drafts in all is expected to yi
     tokens(m) = B + (the m largest c, summed)          [B = requests in the step]
 in time
     time(m)   = step_ms(B, B + m) + draft_ms(B)
-and the best m maximises tokens(m) / time(m). Taking the largest c first keeps every
-request's drafts a prefix (c is non-increasing in k). When no m beats the plain step,
-B / step_ms(B, B), nothing is proposed. `StepCost` is fitted to measured engine steps
+and the best m maximises tokens(m) / time(m) (m = 0 included: the draft pass has run
+by then, so a draft is verified only if it pays for its own verification). Taking the
+largest c first keeps every request's drafts a prefix (c is non-increasing in k).
+Whether to run the draft pass at all compares the best such step, draft pass included,
+with a plain step, B / step_ms(B, B) (`pays_at`). `StepCost` is fitted to measured engine steps
 (`vllm-amphista calibrate`), so the threshold and the batch size where drafting stops
 follow from this machine's numbers, not from constants.
 """
@@ -80,21 +82,26 @@ def confidence(logits: torch.Tensor) -> np.ndarray:
 
 
 def choose_lengths(chance: np.ndarray, cost: StepCost) -> np.ndarray:
-    """chance [B, K] (non-increasing along K) -> drafts to verify per request [B]."""
+    """chance [B, K] (non-increasing along K) -> drafts to verify per request [B], for a
+    step whose draft pass has already run (its time is spent whatever is verified)."""
     requests, k = chance.shape
     order = np.argsort(-chance, axis=None, kind="stable")
     gains = np.concatenate(([0.0], np.cumsum(chance.reshape(-1)[order])))
-    m = np.arange(len(gains))
-    rate = (requests + gains) / (cost.step_ms(requests, requests + m) + cost.draft_ms(requests))
-    best = int(np.argmax(rate))
-    if rate[best] <= requests / cost.step_ms(requests, requests):
-        return np.zeros(requests, np.int64)
+    verified = requests + np.arange(len(gains))
+    rate = (requests + gains) / (cost.step_ms(requests, verified) + cost.draft_ms(requests))
+    best = int(np.argmax(rate))  # the first maximum: no draft unless one pays
     lengths = np.zeros(requests, np.int64)
     np.add.at(lengths, order[:best] // k, 1)
     return lengths
 
 
 def pays_at(requests: int, chance: np.ndarray, cost: StepCost) -> bool:
-    """Whether drafting pays at all with this many requests, given a typical request's
-    chances [K]: the draft pass is only worth running when it does."""
-    return bool(choose_lengths(np.tile(chance, (requests, 1)), cost).any())
+    """Whether running the draft pass at all pays with this many requests, given a typical
+    request's chances [K]: the best choice of drafts must beat a plain step, draft pass
+    included."""
+    chances = np.tile(chance, (requests, 1))
+    lengths = choose_lengths(chances, cost)
+    gained = sum(chances[i, :n].sum() for i, n in enumerate(lengths))
+    drafting = ((requests + gained) / (cost.step_ms(requests, requests + lengths.sum())
+                                       + cost.draft_ms(requests)))
+    return bool(drafting > requests / cost.step_ms(requests, requests))
