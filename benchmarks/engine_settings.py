@@ -33,13 +33,14 @@ SETTINGS = {
 }
 
 
-def run_one(target: str, heads: str | None, prompts: list[str], max_tokens: int) -> dict:
+def run_one(target: str, heads: str | None, prompts: list[str], max_tokens: int,
+            step_cost: str) -> dict:
     """In the child: tokens/s at concurrency 1 and 16."""
     from vllm import SamplingParams
 
     from vllm_amphista.engine import start_llm
 
-    spec = {"method": "amphista", "model": heads, "step_cost": "off"} if heads else None
+    spec = {"method": "amphista", "model": heads, "step_cost": step_cost} if heads else None
     llm = start_llm(target, speculative_config=spec)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     chats = [[{"role": "user", "content": p}] for p in prompts]
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("runs/engine_settings.json"))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--step-cost", nargs="+", default=["off"],
+                        help="Amphista's draft-length setting(s): off, auto or a file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
     args = parser.parse_args(argv)
     if args.one:
@@ -67,12 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     target = str(export_smollm2())
     prompts = first_turns(limit=args.num_prompts)
     rows = []
-    for name, env in SETTINGS.items():
+    methods = [(None, "off")] + [(str(SHIPPED_HEADS / "amphista"), s) for s in args.step_cost]
+    for name in args.settings:
+        env = SETTINGS[name]
         if "LD_PRELOAD" in env and not IOMP.is_file():
             continue
-        for heads in (None, str(SHIPPED_HEADS / "amphista")):
+        for heads, step_cost in methods:
             job = json.dumps({"target": target, "heads": heads, "prompts": prompts,
-                              "max_tokens": args.max_tokens})
+                              "max_tokens": args.max_tokens, "step_cost": step_cost})
             child_env = {k: v for k, v in os.environ.items()
                          if k not in ("TRITON_INTERPRET", "OMP_NUM_THREADS", "LD_PRELOAD")}
             proc = subprocess.run([sys.executable, "-m", "benchmarks.engine_settings", "--one",
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return 1
             rows.append({"setting": name, "env": env,
-                         "method": "amphista" if heads else "vanilla",
+                         "method": f"amphista (step cost {step_cost})" if heads else "vanilla",
                          **json.loads(found[-1][len("RESULT "):])})
             print(rows[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,8 @@ def _rate(lengths, chance, cost):
 @pytest.mark.parametrize("per_token", [0.05, 0.5, 2.0])
 def test_choice_is_the_best_prefix_lengths(per_token):
     rng = np.random.default_rng(0)
-    cost = StepCost(fixed_ms=20.0, per_request_ms=1.0, per_token_ms=per_token,
-                    draft_fixed_ms=1.0, draft_per_request_ms=0.2)
+    cost = StepCost(batch_sizes=(1, 16), fixed_ms=(20.0, 35.0),
+                    per_token_ms=(per_token, 2 * per_token), draft_ms_at=(1.2, 4.2))
     for _ in range(20):
         chance = np.cumprod(rng.uniform(0.0, 1.0, size=(3, 3)), axis=1)
         got = choose_lengths(chance, cost)
@@ -31,30 +31,33 @@ def test_choice_is_the_best_prefix_lengths(per_token):
 
 
 def test_nothing_is_proposed_when_no_draft_pays_for_its_verification():
-    cost = StepCost(10.0, 0.0, 5.0, 2.0, 0.0)
+    cost = StepCost.linear(10.0, 5.0, 2.0)
     assert choose_lengths(np.array([[0.1, 0.01]]), cost).tolist() == [0]
     assert choose_lengths(np.array([[0.99, 0.98]]), cost).tolist() == [2]
     # The draft pass is sunk: a draft that pays for its verification is verified even
     # where the whole drafting step does not beat a plain one.
-    dear_pass = StepCost(10.0, 0.0, 1.0, 50.0, 0.0)
+    dear_pass = StepCost.linear(10.0, 1.0, 50.0)
     assert choose_lengths(np.array([[0.2, 0.01]]), dear_pass).tolist() == [1]
     assert not pays_at(1, np.array([0.2, 0.01]), dear_pass)
 
 
-def test_fit_recovers_a_linear_engine():
-    truth = StepCost(30.0, 0.5, 1.5, 2.0, 0.25)
-    steps = [{"requests": b, "tokens": b * n, "ms": truth.step_ms(b, b * n)}
-             for b in (1, 4, 16) for n in (1, 3, 5)]
-    drafts = [{"requests": b, "ms": truth.draft_ms(b)} for b in (1, 4, 16)]
+def test_fit_recovers_the_engine_and_interpolates_between_batch_sizes():
+    truth = StepCost(batch_sizes=(1, 4, 16), fixed_ms=(40.0, 45.0, 60.0),
+                     per_token_ms=(0.5, 1.0, 2.5), draft_ms_at=(3.0, 4.0, 8.0))
+    steps = [{"requests": b, "tokens": b * n, "ms": float(truth.step_ms(b, b * n))}
+             for b in truth.batch_sizes for n in (1, 3, 5)]
+    drafts = [{"requests": b, "ms": truth.draft_ms(b)} for b in truth.batch_sizes]
     fitted = StepCost.fit(steps, drafts)
     for field, value in vars(truth).items():
         assert getattr(fitted, field) == pytest.approx(value, abs=1e-6)
+    assert fitted.step_ms(10, 10) == pytest.approx(52.5 + 1.75 * 10)  # halfway 4..16
+    assert fitted.step_ms(28, 28) == pytest.approx(75.0 + 4.0 * 28)  # last slope onwards
 
 
 def test_drafting_stops_above_the_batch_size_where_it_cannot_pay():
     """Verification grows with the batch (per_token), the plain step does not as fast:
     the same chances pay at 1 request and not at 64."""
-    cost = StepCost(fixed_ms=40.0, per_request_ms=0.2, per_token_ms=0.8, draft_fixed_ms=2.0,
-                    draft_per_request_ms=0.3)
+    cost = StepCost(batch_sizes=(1, 16), fixed_ms=(40.0, 45.0), per_token_ms=(0.8, 2.0),
+                    draft_ms_at=(2.0, 6.5))
     chance = np.array([0.3, 0.05, 0.01])
     assert pays_at(1, chance, cost) and not pays_at(64, chance, cost)

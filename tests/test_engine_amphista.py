@@ -170,8 +170,7 @@ def test_greedy_requests_batched_with_sampled_ones(smollm2, smollm2_heads, tmp_p
     spec = {"target": smollm2, "prompts": _prompts(), "max_tokens": 32,
             "scenarios": ["mixed"]}
     plain = run_scenarios(spec)["outputs"]["mixed"]
-    StepCost(fixed_ms=50.0, per_request_ms=0.5, per_token_ms=1.0, draft_fixed_ms=2.0,
-             draft_per_request_ms=0.2).save(tmp_path / "dear.json")
+    StepCost.linear(fixed_ms=50.0, per_token_ms=1.0, draft_ms=4.0).save(tmp_path / "dear.json")
     for step_cost in ("off", str(tmp_path / "dear.json")):
         amphista = run_scenarios({**spec, "speculative_config": _amphista(
             smollm2_heads["trained"], step_cost=step_cost)})

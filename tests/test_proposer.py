@@ -232,9 +232,9 @@ def test_draft_lengths_follow_the_step_cost(heads_dir, tiny_target, tiny_target_
                     hidden_states=hidden, query_start_loc=np.array([0, 8, 16, 24]),
                     start_positions=np.zeros(3, np.int64),
                     num_draft_tokens=np.zeros(3, np.int64), token_ids=table)
-    costly = StepCost(10.0, 0.0, 4.0, 0.0, 0.0)  # each verified token costs 40% of a step
+    costly = StepCost.linear(10.0, 4.0, 0.0)  # each verified token costs 40% of a step
     costly.save(tmp_path / "costly.json")
-    free = StepCost(10.0, 0.0, 0.0, 0.0, 0.0)
+    free = StepCost.linear(10.0, 0.0, 0.0)
     free.save(tmp_path / "free.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "costly.json"))
     cut = proposer.propose_from_step(rows).tokens

@@ -43,7 +43,7 @@ def _set_drafts(worker, drafts: int) -> None:
 
 
 def measure_steps(target_dir: Path, dtype: str, batch_sizes: list[int],
-                  draft_counts: list[int], tokens: int = 24) -> list[dict]:
+                  draft_counts: list[int], tokens: int = 32) -> list[dict]:
     """Median engine step time (ms) per (batch size, drafts per request)."""
     from vllm import SamplingParams  # heavy: only where an engine starts
 

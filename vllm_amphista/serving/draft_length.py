@@ -41,30 +41,48 @@ def step_cost_path(target_dir: str | Path, target_dtype: str) -> Path:
 
 @dataclass(frozen=True)
 class StepCost:
-    """Engine step time in ms: fixed + per_request * B + per_token * tokens, and the draft
-    pass: draft_fixed + draft_per_request * B (least squares over measured steps)."""
+    """Measured engine cost at a few batch sizes: per batch size B, a step takes
+    fixed_ms + per_token_ms * tokens verified, and the draft pass draft_ms; between and
+    beyond the measured sizes every figure is interpolated linearly in B (one line fitted
+    per B, because verifying is nearly free at B = 1 and not at B = 16)."""
 
-    fixed_ms: float
-    per_request_ms: float
-    per_token_ms: float
-    draft_fixed_ms: float
-    draft_per_request_ms: float
+    batch_sizes: tuple[int, ...]
+    fixed_ms: tuple[float, ...]
+    per_token_ms: tuple[float, ...]
+    draft_ms_at: tuple[float, ...]
 
-    def step_ms(self, requests: int | np.ndarray, tokens: int | np.ndarray):
-        return self.fixed_ms + self.per_request_ms * requests + self.per_token_ms * tokens
+    def _at(self, values: tuple[float, ...], requests) -> np.ndarray:
+        sizes = np.asarray(self.batch_sizes, float)
+        if len(sizes) == 1:
+            return np.full(np.shape(requests), values[0])
+        x = np.asarray(requests, float)
+        inside = np.interp(x, sizes, values)
+        # Beyond the largest size: continue the last segment's slope.
+        slope = (values[-1] - values[-2]) / (sizes[-1] - sizes[-2])
+        return np.where(x > sizes[-1], values[-1] + slope * (x - sizes[-1]), inside)
 
-    def draft_ms(self, requests: int) -> float:
-        return self.draft_fixed_ms + self.draft_per_request_ms * requests
+    def step_ms(self, requests, tokens):
+        return (self._at(self.fixed_ms, requests)
+                + self._at(self.per_token_ms, requests) * np.asarray(tokens, float))
+
+    def draft_ms(self, requests) -> float:
+        return float(self._at(self.draft_ms_at, requests))
 
     @classmethod
     def fit(cls, steps: list[dict], drafts: list[dict]) -> StepCost:
         """steps: {"requests", "tokens", "ms"} per measured engine step configuration;
-        drafts: {"requests", "ms"} per measured draft pass."""
-        a = np.array([[1.0, s["requests"], s["tokens"]] for s in steps])
-        step = np.linalg.lstsq(a, np.array([s["ms"] for s in steps]), rcond=None)[0]
-        b = np.array([[1.0, d["requests"]] for d in drafts])
-        draft = np.linalg.lstsq(b, np.array([d["ms"] for d in drafts]), rcond=None)[0]
-        return cls(*(float(x) for x in (*step, *draft)))
+        drafts: {"requests", "ms"} per measured draft pass, at the same batch sizes."""
+        sizes = sorted({s["requests"] for s in steps})
+        fixed, per_token = [], []
+        for size in sizes:
+            rows = [s for s in steps if s["requests"] == size]
+            a = np.array([[1.0, s["tokens"]] for s in rows])
+            line = np.linalg.lstsq(a, np.array([s["ms"] for s in rows]), rcond=None)[0]
+            fixed.append(float(line[0]))
+            per_token.append(max(0.0, float(line[1])))  # noise must not make tokens free
+        draft = {d["requests"]: d["ms"] for d in drafts}
+        return cls(tuple(sizes), tuple(fixed), tuple(per_token),
+                   tuple(float(draft[size]) for size in sizes))
 
     def save(self, path: Path, **context) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +90,12 @@ class StepCost:
 
     @classmethod
     def load(cls, path: Path) -> StepCost:
-        return cls(**json.loads(path.read_text())["cost"])
+        return cls(**{k: tuple(v) for k, v in json.loads(path.read_text())["cost"].items()})
+
+    @classmethod
+    def linear(cls, fixed_ms: float, per_token_ms: float, draft_ms: float) -> StepCost:
+        """One engine at every batch size (tests, examples)."""
+        return cls((1,), (fixed_ms,), (per_token_ms,), (draft_ms,))
 
 
 def confidence(logits: torch.Tensor) -> np.ndarray:
