@@ -78,7 +78,7 @@ def test_bench_command_end_to_end(tmp_path):
     out = tmp_path / "bench"
     cmd = [str(Path(sys.executable).parent / "vllm-amphista"), "bench", "--num-prompts", "2",
            "--max-tokens", "16", "--concurrency", "2", "--temperature", "0", "0.7",
-           "--repeats", "1", "--out", str(out)]
+           "--repeats", "1", "--step-cost", "off", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200,
                           env=engine_env(VLLM_CPU_KVCACHE_SPACE="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -77,15 +77,16 @@ def exported_medusa(medusa_heads: Path, target: Path) -> Path:
 def server_args(method: str, args: argparse.Namespace) -> list[str]:
     common = [str(args.target), "--dtype", args.dtype, "--enforce-eager", "--seed", "0",
               "--max-model-len", "2048", "--max-num-seqs", str(max(args.concurrency))]
-    k = ["--num-speculative-tokens", str(args.k)] if args.k else []
+    ours = {"method": "amphista", "step_cost": args.step_cost}
+    if args.k:
+        ours["num_speculative_tokens"] = args.k
     if args.disable_by_batch_size:  # our proposer only: vLLM 0.32's Medusa has no such knob
-        k += ["--speculative-disable-by-batch-size", str(args.disable_by_batch_size)]
+        ours["disable_by_batch_size"] = args.disable_by_batch_size
     if method == "vanilla":
         return common
-    if method == "amphista":
-        return [*common, "--speculative-model", str(args.amphista_heads), *k]
-    if method == "medusa":
-        return [*common, "--speculative-model", str(args.medusa_heads), *k]
+    if method in ("amphista", "medusa"):
+        heads = args.amphista_heads if method == "amphista" else args.medusa_heads
+        return [*common, "--speculative-config", json.dumps({**ours, "model": str(heads)})]
     if method == "vllm-medusa":
         spec = {"method": "medusa", "model": str(exported_medusa(args.medusa_heads, args.target)),
                 "num_speculative_tokens": args.k or AmphistaConfig.load(args.medusa_heads)
@@ -253,7 +254,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=0, help="drafts per step (0: the heads' K)")
     parser.add_argument("--disable-by-batch-size", type=int, default=0,
                         help="our proposer skips drafting in steps with more decoding "
-                        "requests than this (0: always draft)")
+                        "requests than this (0: the step cost decides)")
+    parser.add_argument("--step-cost", default="auto",
+                        help="our proposer's draft lengths: auto (the `vllm-amphista "
+                        "calibrate` file of this machine, if any), off (all K), or a file")
     parser.add_argument("--dtype", default=TARGET_DTYPE, choices=list(DTYPE_NAMES),
                         help="the target's dtype, the same for every method (bf16 flips "
                         "near-ties with the batch's shape, so equality with vanilla is "
