@@ -122,7 +122,9 @@ print("RESULT " + json.dumps(report))
         assert row["max_diff"] < 1e-4, row
 
 
-@pytest.mark.parametrize("heads_kind", ["random", "fresh", "trained"])
+# Random heads (every draft rejected) are left to the tests below that need them: the
+# trained heads' drafts are rejected ~78% of the time, which covers that path here.
+@pytest.mark.parametrize("heads_kind", ["fresh", "trained"])
 def test_lossless_under_chunking_preemption_and_aborts(smollm2, smollm2_heads, heads_kind):
     spec = {"target": smollm2, "prompts": _prompts(), "max_tokens": 40, "max_model_len": 512,
             "scenarios": ["single", "batch", "abort", "sampled"], "engine": CONSTRAINED}
@@ -140,10 +142,9 @@ def test_lossless_under_chunking_preemption_and_aborts(smollm2, smollm2_heads, h
     per_position = metrics["vllm:spec_decode_num_accepted_tokens_per_pos"]
     assert len(per_position) == 4
     assert sum(per_position) == (metrics["vllm:spec_decode_num_accepted_tokens"] or 0)
-    if heads_kind != "random":
-        # Some drafts accepted (fresh heads: repeated tokens; trained heads: real drafting),
-        # so decode steps with several kept rows per request ran.
-        assert per_position[0] > 0
+    # Some drafts accepted (fresh heads: repeated tokens; trained heads: real drafting),
+    # so decode steps with several kept rows per request ran.
+    assert per_position[0] > 0
     assert amphista["cache"] == {"sequences": 0, "bytes": 0}
 
 

@@ -48,7 +48,8 @@ def test_tree_kernel_path_matches(tiny_target_dir, tiny_target):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["fresh", "random"])
+# Random heads on SmolLM2 add nothing the tiny target does not test, at a minute a run.
+@pytest.mark.parametrize("kind", ["fresh"])
 def test_smollm2_mt_bench_chain_and_tree_equal_plain(kind):
     target_dir = export_smollm2()
     target = TargetWeights.from_folder(target_dir)
