@@ -2,7 +2,9 @@
 
 vLLM calls `register()` in every process it starts (front end, engine core,
 workers, the model-inspection subprocess), possibly more than once: it must be
-idempotent and cheap, so it only records names and installs patches.
+idempotent, so it only records names and installs patches. Patching the model runner
+imports vLLM's runner module, about 2 s once in a process that would not otherwise load
+it (the API front end); every patch is applied here, in one place and order.
 """
 
 from __future__ import annotations
