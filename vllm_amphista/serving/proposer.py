@@ -50,7 +50,6 @@ from vllm_amphista.serving.step import Proposal, StepDrafter, StepRows
 logger = logging.getLogger("vllm.amphista")
 
 
-
 class AmphistaProposer(StepDrafter):
     def __init__(self, vllm_config) -> None:
         spec = vllm_config.speculative_config

@@ -28,7 +28,9 @@ class StepRows:
     sampling: RequestSampling | None = None  # per request; None = every request greedy
 
     def accepted_counts(self) -> np.ndarray:
-        """accepted_rows of every request, [num_reqs] int64 (one vectorised pass)."""
+        """How many of each request's rows the target kept, [num_reqs] int64: the prefill
+        chunk, or in a decode step the last sampled token plus the accepted drafts
+        (len(sampled) rows)."""
         num_reqs = len(self.req_ids)
         scheduled = np.diff(self.query_start_loc[: num_reqs + 1]).astype(np.int64)
         sampled = np.fromiter(map(len, self.sampled_token_ids), np.int64, num_reqs)
@@ -45,15 +47,6 @@ class StepRows:
         start = np.asarray(self.start_positions[:num_reqs], np.int64)
         tokens = self.token_ids[request, start[request] + 1 + offset].astype(np.int64)
         return first[request] + offset, tokens
-
-    def accepted_rows(self, i: int) -> int:
-        """How many of request i's rows the target kept: the prefill chunk, or in a decode
-        step the last sampled token plus the accepted drafts (len(sampled) rows)."""
-        scheduled = int(self.query_start_loc[i + 1] - self.query_start_loc[i])
-        sampled = len(self.sampled_token_ids[i])
-        if sampled == 0:  # partial prefill: every row is a prompt token
-            return scheduled - int(self.num_draft_tokens[i])
-        return scheduled - int(self.num_draft_tokens[i]) + sampled - 1
 
 
 @dataclass

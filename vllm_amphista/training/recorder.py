@@ -33,8 +33,8 @@ class HiddenStateRecorder(StepDrafter):
         self.dropped = 0  # requests whose rows were incomplete
 
     def propose_from_step(self, step: StepRows) -> Proposal:
-        for i, req_id in enumerate(step.req_ids):
-            rows = step.accepted_rows(i)
+        for i, (req_id, rows) in enumerate(zip(step.req_ids, step.accepted_counts().tolist(),
+                                               strict=True)):
             if rows == 0:
                 continue
             start, first = int(step.start_positions[i]), int(step.query_start_loc[i])
