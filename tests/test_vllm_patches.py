@@ -141,3 +141,40 @@ def test_patched_constraints_pass_zero_rows_through():
     logits = rejection_sampler.apply_sampling_constraints(
         torch.randn(3, 8), torch.tensor([2, 3], dtype=torch.int32), metadata)
     assert torch.isfinite(logits).sum(-1).tolist() == [5, 5, 3]
+
+
+def test_engine_cpu_generators_still_have_no_offset():
+    """Tripwire: vLLM rewinds a discarded draw with set_offset, which CPU generators lack.
+    The day this fails, both have changed: re-check patch_cpu_generator_rewind."""
+    bookkeeping = getattr(GPUModelRunner._bookkeeping_sync, "_amphista_original",
+                          GPUModelRunner._bookkeeping_sync)
+    assert "gen.set_offset(gen.get_offset() - 4)" in inspect.getsource(bookkeeping)
+    assert "discard_request_mask" in inspect.getsource(GPUModelRunner._prepare_inputs)
+    with pytest.raises(RuntimeError, match="does not use offset"):
+        torch.Generator().get_offset()
+    for name in ("_sample", "_bookkeeping_sync"):
+        assert name not in CPUModelRunner.__dict__
+
+
+@pytest.mark.engine
+def test_seeded_request_prefilled_in_chunks_lives_and_keeps_its_stream(tiny_target_dir):
+    """A seeded request whose prompt is prefilled in 64-token chunks (its token thrown
+    away after every chunk but the last) crashed vLLM 0.32's CPU engine. Patched, it
+    answers, and exactly as the same request does when the prompt is mostly cached and
+    prefilled in one piece: the thrown-away draws leave its random stream untouched."""
+    from tests.engine_helpers import run_engine_script
+
+    result = run_engine_script(f"""
+import json
+from vllm import LLM, SamplingParams
+llm = LLM(model={str(tiny_target_dir)!r}, enforce_eager=True, max_model_len=512,
+          max_num_batched_tokens=64, enable_prefix_caching=True, dtype="float32")
+prompt = " ".join(f"w{{i % 400}}" for i in range(300))
+params = SamplingParams(temperature=1.0, seed=7, max_tokens=16)
+runs = [llm.generate([prompt], params, use_tqdm=False)[0] for _ in range(2)]
+print("RESULT " + json.dumps({{"tokens": [list(r.outputs[0].token_ids) for r in runs],
+                              "cached": [r.num_cached_tokens for r in runs]}}))
+""")
+    first, second = result["tokens"]
+    assert result["cached"][0] == 0 and result["cached"][1] >= 300 - 64, result["cached"]
+    assert len(first) == 16 and first == second

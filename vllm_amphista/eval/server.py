@@ -22,15 +22,16 @@ def free_port() -> int:
 
 @contextmanager
 def vllm_server(args: list[str], env: dict[str, str] | None = None, timeout: float = 240,
-                log_dir: Path = Path("/tmp")) -> Iterator[tuple[str, Path]]:
-    """`vllm serve ARGS` from this Python's environment; yields (base_url, log_path) once
-    /health answers, and stops the server on exit."""
+                log_dir: Path = Path("/tmp"), executable: Path | None = None,
+                cwd: Path | None = None) -> Iterator[tuple[str, Path]]:
+    """`vllm serve ARGS` (the `vllm` script beside this Python unless `executable`);
+    yields (base_url, log_path) once /health answers, and stops the server on exit."""
     port = free_port()
     log = log_dir / f"vllm-amphista-server-{port}.log"
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", *args,
+    cmd = [str(executable or Path(sys.executable).parent / "vllm"), "serve", *args,
            "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                                 env=env if env is not None else dict(os.environ))
     base = f"http://127.0.0.1:{port}"
     try:
@@ -45,7 +46,12 @@ def vllm_server(args: list[str], env: dict[str, str] | None = None, timeout: flo
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"server not ready:\n{log.read_text()[-4000:]}") from None
                 time.sleep(1)
-        yield base, log
+        try:
+            yield base, log
+        except BaseException:
+            # What the server said is the only clue to a failed request: show its end.
+            sys.stderr.write(f"--- end of {log} ---\n{log.read_text()[-8000:]}\n")
+            raise
     finally:
         proc.terminate()
         try:

@@ -17,6 +17,7 @@ import torch
 
 from vllm_amphista.machine import emulated_bf16_warning
 from vllm_amphista.serving.draft_sampling import RequestSampling
+from vllm_amphista.serving.heads_source import names_amphista_heads
 from vllm_amphista.serving.spec_config import (
     ADDITIONAL_CONFIG_KEY,
     AmphistaSetupError,
@@ -76,7 +77,9 @@ def patch_engine_args() -> None:
     """`method: "amphista"` in speculative_config, and the --speculative-model flag.
 
     Wraps (vLLM 0.32.0, vllm/engine/arg_utils.py):
-    - EngineArgs.create_speculative_config: validates the heads against the target and
+    - EngineArgs.create_speculative_config: recognises Amphista heads given without a
+      "method" (from their config.json, as vLLM does for EAGLE and Medusa), finds the heads
+      folder the "model" names (heads_source.py), validates it against the target and
       rewrites the request into vLLM's experimental `custom_class` proposer, passing the
       heads folder to the workers in vllm_config.additional_config["amphista"];
     - EngineArgs.add_cli_args: adds --speculative-model / --num-speculative-tokens /
@@ -91,6 +94,9 @@ def patch_engine_args() -> None:
 
     def create_speculative_config(self, target_model_config, target_parallel_config):
         spec = self.speculative_config
+        if (isinstance(spec, dict) and spec.get("method") is None and spec.get("model")
+                and names_amphista_heads(str(spec["model"]), spec.get("revision"))):
+            spec = {**spec, "method": "amphista"}
         if isinstance(spec, dict) and spec.get("method") == "amphista":
             from vllm.platforms import current_platform
 
@@ -114,7 +120,9 @@ def patch_engine_args() -> None:
         parser = original_add(parser)
         group = parser.add_argument_group("Amphista speculative decoding (vllm-amphista)")
         group.add_argument("--speculative-model", dest="amphista_heads", default=None,
-                           help="Amphista (or Medusa-mode) heads folder to draft with.")
+                           help="Amphista (or Medusa-mode) heads to draft with: a folder, "
+                           "'amphista-heads' (shipped, fitting the target) or a Hugging "
+                           "Face repo id.")
         group.add_argument("--num-speculative-tokens", dest="amphista_num_tokens", type=int,
                            default=None, help="Tokens drafted per step (default: the "
                            "heads' K).")
@@ -304,3 +312,54 @@ def patch_empty_draft_constraints() -> None:
         return original(logits, cu_num_draft_tokens, sampling_metadata)
 
     rejection_sampler.apply_sampling_constraints = _mark(apply_sampling_constraints, original)
+
+
+def patch_cpu_generator_rewind() -> None:
+    """Seeded requests whose sampled token is thrown away (a partial prefill), on CPU.
+
+    Wraps (vLLM 0.32.0, vllm/v1/worker/gpu_model_runner.py; the CPU runner inherits both):
+    - GPUModelRunner._sample: saves the generator state of each seeded request whose token
+      this step discards (`discard_request_mask`) and restores it after sampling, so the
+      discarded draw leaves the request's random stream as if it never happened;
+    - GPUModelRunner._bookkeeping_sync: hides those generators from its own rewind,
+      `gen.set_offset(gen.get_offset() - 4)`, a CUDA Philox detail that on a CPU
+      generator raises "CPU Generator does not use offset" and kills the engine: every
+      request in flight gets HTTP 500, with or without speculation, the first time a
+      seeded request's prompt is prefilled in chunks.
+    Only on the CPU platform; CUDA generators keep vLLM's own rewind.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    import numpy as np
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if _is_patched(GPUModelRunner._sample):
+        return
+    original_sample = GPUModelRunner._sample
+    original_bookkeeping = GPUModelRunner._bookkeeping_sync
+
+    def _sample(self, logits, spec_decode_metadata):
+        generators = self.input_batch.generators
+        discarded = np.flatnonzero(self.discard_request_mask.np[: self.input_batch.num_reqs])
+        saved = {int(i): generators[int(i)].get_state() for i in discarded
+                 if int(i) in generators and generators[int(i)].device.type == "cpu"}
+        output = original_sample(self, logits, spec_decode_metadata)
+        for i, state in saved.items():
+            generators[i].set_state(state)
+        self._amphista_rewound = list(saved)
+        return output
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        generators = self.input_batch.generators
+        hidden = {i: generators.pop(i) for i in getattr(self, "_amphista_rewound", ())
+                  if i in generators}
+        self._amphista_rewound = []
+        try:
+            return original_bookkeeping(self, *args, **kwargs)
+        finally:
+            generators.update(hidden)
+
+    GPUModelRunner._sample = _mark(_sample, original_sample)
+    GPUModelRunner._bookkeeping_sync = _mark(_bookkeeping_sync, original_bookkeeping)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from vllm_amphista.model.config import ARCHITECTURE
 from vllm_amphista.serving.patches import (
     patch_cpu_expand_kernel,
+    patch_cpu_generator_rewind,
     patch_empty_draft_constraints,
     patch_engine_args,
     patch_model_runner,
@@ -35,4 +36,6 @@ def register() -> None:
     # Every speculative method on the CPU build needs these two, not only ours.
     patch_cpu_expand_kernel()
     patch_empty_draft_constraints()
+    # Every seeded request on the CPU build needs this one, speculating or not.
+    patch_cpu_generator_rewind()
     _registered = True
