@@ -18,6 +18,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_amphista", "vllm_amphista.*"]),
+    # The shipped heads (`--speculative-model amphista-heads`) travel in the wheel.
+    package_data={"vllm_amphista": ["heads/*/*/*"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.56",

@@ -30,6 +30,7 @@ from tests.engine_helpers import (
 )
 from vllm_amphista.model.checkpoint import save_checkpoint
 from vllm_amphista.model.target import TargetWeights, export_smollm2
+from vllm_amphista.paths import SHIPPED_HEADS
 from vllm_amphista.prompts import first_turns
 from vllm_amphista.serving.draft_length import StepCost
 
@@ -52,7 +53,7 @@ def smollm2_heads(smollm2, tmp_path_factory) -> dict[str, Path]:
     config = dict(num_attention_heads=9, num_key_value_heads=3, target_name=target.name)
     save_checkpoint(draft_model(target, **config, randomised=True), folder / "random")
     save_checkpoint(draft_model(target, **config), folder / "fresh")
-    shipped = Path(__file__).resolve().parent.parent / "heads" / "SmolLM2-135M-Instruct"
+    shipped = SHIPPED_HEADS
     return {"random": folder / "random", "fresh": folder / "fresh",
             "trained": shipped / "amphista", "trained-medusa": shipped / "medusa"}
 

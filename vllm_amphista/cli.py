@@ -14,6 +14,8 @@ from vllm_amphista.machine import DTYPE_NAMES, TARGET_DTYPE, resolve_dtype
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
 from vllm_amphista.prompts import first_turns
+from vllm_amphista.serving.heads_source import SHIPPED_NAME
+from vllm_amphista.serving.spec_config import AmphistaSetupError
 from vllm_amphista.training.data import (
     read_prompt_file,
     record_dataset,
@@ -41,19 +43,18 @@ def _demo(args: argparse.Namespace) -> int:
     shipped Amphista heads, checking the tokens agree and timing both."""
     target = export_smollm2()
     prompts = first_turns(args.prompts, limit=args.num_prompts)
-    heads = Path(args.heads) if args.heads else SHIPPED_HEADS / "amphista"
     from vllm import SamplingParams  # heavy: only where an engine starts
 
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     conversations = [[{"role": "user", "content": p}] for p in prompts]
     runs = {}
-    modes = [("plain", None)]
-    if (heads / "config.json").is_file():
-        modes.append(("amphista", {"method": "amphista", "model": str(heads)}))
-    else:
-        print(f"No heads at {heads}: serving the target alone (plain decoding).")
+    modes = [("plain", None), ("amphista", {"method": "amphista", "model": args.heads})]
     for mode, spec in modes:
-        llm = start_llm(target, speculative_config=spec, disable_log_stats=spec is None)
+        try:
+            llm = start_llm(target, speculative_config=spec, disable_log_stats=spec is None)
+        except AmphistaSetupError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         llm.chat(conversations[:1], params, use_tqdm=False)  # warm-up
         start = time.perf_counter()
         outputs = [llm.chat([c], params, use_tqdm=False)[0] for c in conversations]
@@ -61,18 +62,16 @@ def _demo(args: argparse.Namespace) -> int:
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         runs[mode] = (outputs, tokens / elapsed)
         del llm
-    for prompt, out in zip(prompts, runs[modes[-1][0]][0], strict=True):
+    for prompt, out in zip(prompts, runs["amphista"][0], strict=True):
         print(f"\n### {prompt[:100]}\n{out.outputs[0].text.strip()}")
     print()
     for mode, (_, speed) in runs.items():
         print(f"{mode:>9}: {speed:.1f} tokens/s (one request at a time, temperature 0)")
-    if "amphista" in runs:
-        same = all(a.outputs[0].token_ids == b.outputs[0].token_ids
-                   for a, b in zip(runs["plain"][0], runs["amphista"][0], strict=True))
-        print(f"identical tokens: {'yes' if same else 'NO'}; speedup "
-              f"{runs['amphista'][1] / runs['plain'][1]:.2f}x")
-        return 0 if same else 1
-    return 0
+    same = all(a.outputs[0].token_ids == b.outputs[0].token_ids
+               for a, b in zip(runs["plain"][0], runs["amphista"][0], strict=True))
+    print(f"identical tokens: {'yes' if same else 'NO'}; speedup "
+          f"{runs['amphista'][1] / runs['plain'][1]:.2f}x")
+    return 0 if same else 1
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -181,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="answer MT-Bench questions with the embedded default")
     demo.add_argument("--prompts", help="FastChat question.jsonl (default: MT-Bench)")
-    demo.add_argument("--heads", help="heads folder (default: the shipped SmolLM2 heads)")
+    demo.add_argument("--heads", default=SHIPPED_NAME,
+                      help="heads folder, Hub id or the shipped heads (default: %(default)s)")
     demo.add_argument("--num-prompts", type=int, default=4)
     demo.add_argument("--max-tokens", type=int, default=128)
     demo.set_defaults(func=_demo)

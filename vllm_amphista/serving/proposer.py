@@ -79,6 +79,9 @@ class AmphistaProposer(StepDrafter):
                 f"{self.model.config.num_heads} heads in {self.heads_dir}")
         self.step_cost = self._step_cost(settings.get("step_cost", "auto"),
                                          vllm_config.model_config.dtype)
+        logger.info("amphista: drafting %d tokens per step with the heads in %s (draft "
+                    "dtype %s)", self.num_speculative_tokens, self.heads_dir,
+                    str(self.dtype).removeprefix("torch."))
         # Running mean of a drafting request's acceptance chances per head: what tells a
         # paused proposer whether drafting would pay at the current batch size.
         self.typical_chance: np.ndarray | None = None

@@ -1,5 +1,8 @@
 """`speculative_config={"method": "amphista", ...}` into what vLLM 0.32 understands.
 
+"model" names the heads: a folder, `amphista-heads` or a Hub repo id (heads_source.py),
+with "revision" pinning a Hub id.
+
 vLLM builds our proposer through its `custom_class` method; the proposer's own settings
 travel to the workers in `vllm_config.additional_config[ADDITIONAL_CONFIG_KEY]`:
 {"heads": dir, "disable_by_batch_size": int | None, "draft_sampling": "sample" | "argmax",
@@ -15,6 +18,7 @@ from vllm_amphista.machine import DTYPE_NAMES
 from vllm_amphista.model.checkpoint import CheckpointError, load_checkpoint
 from vllm_amphista.model.target import TargetWeights
 from vllm_amphista.serving.draft_sampling import DRAFT_SAMPLING_MODES, DraftSampling
+from vllm_amphista.serving.heads_source import HeadsNotFound, find_heads
 
 ADDITIONAL_CONFIG_KEY = "amphista"
 # How sampled requests draft (draft_sampling.py); chosen by measurement, see README.
@@ -27,8 +31,8 @@ class AmphistaSetupError(ValueError):
 
 
 # speculative_config keys that are ours, not vLLM's.
-OUR_KEYS = ("method", "model", "disable_by_batch_size", "draft_sampling", "draft_dtype",
-            "step_cost")
+OUR_KEYS = ("method", "model", "revision", "disable_by_batch_size", "draft_sampling",
+            "draft_dtype", "step_cost")
 
 
 def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: int,
@@ -37,13 +41,19 @@ def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: 
     it into vLLM's custom_class form. Returns (vLLM speculative_config dict, the
     proposer's settings for additional_config). Our own keys: disable_by_batch_size,
     draft_sampling, draft_dtype."""
-    heads = spec.get("model")
-    if not heads:
-        raise AmphistaSetupError("amphista: speculative_config needs 'model': the heads folder")
-    heads = Path(heads).expanduser()
+    name = spec.get("model")
+    if not name:
+        raise AmphistaSetupError(
+            "amphista: speculative_config needs 'model': a heads folder, 'amphista-heads' or "
+            "a Hugging Face repo id")
     target = None
     if Path(target_dir).is_dir():
         target = TargetWeights.from_folder(target_dir)
+    try:
+        heads = find_heads(str(name), target_dir, target_hidden_size, target_vocab_size,
+                           target, spec.get("revision"))
+    except HeadsNotFound as e:
+        raise AmphistaSetupError(str(e)) from e
     try:
         model = load_checkpoint(heads, target=target)
     except CheckpointError as e:
