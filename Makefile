@@ -30,15 +30,19 @@ $(STAMP): setup.py Makefile
 demo: setup
 	$(VENV)/bin/vllm-amphista demo
 
+# Two workers, one per core (tests/conftest.py gives each its own core for engines);
+# worksteal rebalances the long engine tests.
+PYTEST_PARALLEL := -n 2 --dist worksteal
+
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not engine and not slow"
 
 test-engine: setup
-	$(PY) -m pytest -q -m engine
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m engine
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

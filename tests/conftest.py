@@ -18,6 +18,15 @@ from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights, build_tiny_target
 
+# `make test` runs two pytest workers (pytest -n 2), one per core. vLLM's "auto" thread
+# binding puts every engine on core 0, so each worker's engines get a core of their own,
+# and its in-process torch one thread.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ...
+if XDIST_WORKER:
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                          str(int(XDIST_WORKER.removeprefix("gw")) % (os.cpu_count() or 1)))
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_target_dir(tmp_path_factory) -> Path:

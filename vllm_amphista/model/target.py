@@ -7,6 +7,7 @@ checkpoint is checked against.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -127,16 +128,30 @@ def export_smollm2(out_dir: Path | None = None, force: bool = False) -> Path:
 
     Skipped when a finished export from the same source file is already there. The
     folder is written under a temporary name and renamed, so an interrupted export
-    never leaves a half-written model behind.
+    never leaves a half-written model behind; a lock beside it makes processes that ask
+    at the same time (parallel tests, two commands) wait for one export.
     """
+    out_dir = Path(out_dir or smollm2_dir())
+    if not force and _exported(out_dir):
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if force or not _exported(out_dir):
+            _export_smollm2(out_dir)
+    return out_dir
+
+
+def _exported(out_dir: Path) -> bool:
+    marker = out_dir / _EXPORT_MARKER
+    return (marker.is_file()
+            and json.loads(marker.read_text()).get("source_sha256") == SMOLLM2_GGUF_SHA256)
+
+
+def _export_smollm2(out_dir: Path) -> None:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out_dir = Path(out_dir or smollm2_dir())
-    marker = out_dir / _EXPORT_MARKER
-    if not force and marker.is_file():
-        if json.loads(marker.read_text()).get("source_sha256") == SMOLLM2_GGUF_SHA256:
-            return out_dir
     gguf = _locate_smollm2_gguf()
     checksum = _sha256(gguf)
     if checksum != SMOLLM2_GGUF_SHA256:
@@ -157,7 +172,6 @@ def export_smollm2(out_dir: Path | None = None, force: bool = False) -> Path:
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         plain.save_pretrained(staging, safe_serialization=True)
@@ -174,7 +188,6 @@ def export_smollm2(out_dir: Path | None = None, force: bool = False) -> Path:
         staging.rename(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
 
 
 def build_tiny_target(out_dir: Path, seed: int = 0) -> Path:
