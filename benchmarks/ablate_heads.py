@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from vllm_amphista.machine import compute_dtype
 from vllm_amphista.model.checkpoint import load_checkpoint
 from vllm_amphista.model.target import TargetWeights, export_smollm2
-from vllm_amphista.training.data import build_dataset, sharegpt_prompts, split
+from vllm_amphista.training.data import record_dataset, sharegpt_plan, split
 from vllm_amphista.training.heads import draft_model_for
 from vllm_amphista.training.loop import train
 from vllm_amphista.training.objective import evaluate
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
     target_dir = args.target or export_smollm2()
     target = TargetWeights.from_folder(target_dir)
-    prompts = sharegpt_prompts(args.num_prompts, seed=0)[: args.num_prompts]
-    conversations = build_dataset(target_dir, target.fingerprint, prompts, args.max_tokens)
+    conversations = record_dataset(sharegpt_plan(target_dir, args.num_prompts,
+                                                 args.max_tokens, dtype=compute_dtype()))
     base = TrainSettings(epochs=args.epochs)
     train_set, eval_set = split(conversations, base.eval_fraction, base.seed)
     lm_head = target.lm_head.float()

@@ -60,7 +60,7 @@ def test_smollm2_mt_bench_chain_and_tree_equal_plain(kind):
 
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     tree = build_tree(best_tree([[0.5, 0.2, 0.1, 0.05]] * 4, 32), top_k=4)
-    for question in first_turns(limit=3):
+    for question in first_turns(limit=2):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                                add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]

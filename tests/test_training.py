@@ -16,22 +16,28 @@ from vllm_amphista.model.checkpoint import load_checkpoint
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights
-from vllm_amphista.training.data import read_prompt_file, save_dataset, split, target_hidden_states
+from vllm_amphista.training.data import Conversation, read_prompt_file, save_dataset, split
 from vllm_amphista.training.heads import build_token_map, check_inputs
 from vllm_amphista.training.loop import train
-from vllm_amphista.training.objective import evaluate, head_losses, make_batch
+from vllm_amphista.training.objective import evaluate, head_losses, head_positions, make_batch
 from vllm_amphista.training.settings import STATE_FILE, TrainingInputError, TrainSettings
 
 WORDS = [f"w{i}" for i in range(40)] + list("abcdefgh")
 
 
 @pytest.fixture(scope="module")
+@torch.no_grad()
 def conversations(tiny_target_dir):
-    """Random word sequences and the tiny target's hidden states on them (no vLLM)."""
+    """Random word sequences and the tiny target's hidden states on them (transformers,
+    no vLLM; every position's row, where a recorded set lacks the last)."""
+    from transformers import AutoModelForCausalLM
+
     g = torch.Generator().manual_seed(0)
-    sequences = [(torch.randint(6, 200, (int(n),), generator=g).tolist(), 5)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_target_dir), dtype=torch.float32)
+    sequences = [torch.randint(6, 200, (int(n),), generator=g)
                  for n in torch.randint(20, 40, (12,), generator=g)]
-    return target_hidden_states(tiny_target_dir, sequences)
+    return [Conversation(tokens, model(tokens[None], output_hidden_states=True)
+                         .hidden_states[-1][0].to(torch.bfloat16), 5) for tokens in sequences]
 
 
 def test_bf16_autocast_training_learns(tiny_target, conversations, tmp_path, monkeypatch):
@@ -200,7 +206,7 @@ def test_ray_two_workers_match_one_worker(tiny_target, tiny_target_dir, conversa
     record = train(one, tiny_target.lm_head.float(), train_set, eval_set, settings,
                    tmp_path / "one")
     two = draft_model(tiny_target)
-    history = train_on_ray(two, tiny_target_dir, data, settings, tmp_path / "two",
+    history = train_on_ray(two, tiny_target_dir, [data], settings, tmp_path / "two",
                            num_workers=2)
     for name, tensor in one.state_dict().items():
         assert not torch.equal(tensor, initial[name]) or "draft_to_target" in name, name
@@ -252,9 +258,44 @@ def test_batches_are_built_on_the_lm_heads_device(tiny_target, conversations):
     device tensors in the teacher's matmul, as train() -> evaluate() once did)."""
     lm_head = tiny_target.lm_head.float().to("meta")
     batch = make_batch(conversations[:3], 64, lm_head)
-    assert {t.device.type for t in vars(batch).values()} == {"meta"}
+    tensors = [*batch.drafted, *(t for t in vars(batch).values() if torch.is_tensor(t))]
+    assert len(tensors) == 7 and {t.device.type for t in tensors} == {"meta"}
     model = draft_model(tiny_target).to("meta")
     to_draft = torch.arange(tiny_target.vocab_size, device="meta")
-    losses = head_losses(model(batch.hidden, batch.tokens[:, 1:]), batch, to_draft, 0.1,
+    losses = head_losses(model(batch.hidden, batch.tokens[:, 1:], batch.drafted), batch,
+                         to_draft, 0.1,
                          torch.ones(model.config.num_heads, device="meta"))
     assert losses.device.type == "meta"
+
+
+def test_losses_teach_exactly_the_positions_serving_drafts_from(tiny_target, conversations):
+    """head_losses over the gathered drafted positions equals a plain loop over every
+    conversation's last prompt position and answer positions (teacher t+1+k, token t+2+k),
+    and head_positions counts exactly the terms of that loop."""
+    torch.manual_seed(0)
+    model = draft_model(tiny_target, randomised=True)
+    chunk = [*conversations[:2], conversations[2]]
+    chunk[2] = type(chunk[2])(chunk[2].tokens, chunk[2].hidden, 12)  # a longer prompt
+    lm_head = tiny_target.lm_head.float() * 30  # a peaked teacher, different at each position
+    batch = make_batch(chunk, 64, lm_head)
+    to_draft = torch.arange(tiny_target.vocab_size)
+    with torch.no_grad():
+        full = model(batch.hidden, batch.tokens[:, 1:])
+        gathered = model(batch.hidden, batch.tokens[:, 1:], batch.drafted)
+    torch.testing.assert_close(gathered, full[batch.drafted])
+    positions = head_positions(chunk, model.config.num_heads, 64)
+    losses = head_losses(gathered, batch, to_draft, 0.1, positions)
+
+    sums, counts = torch.zeros(4), torch.zeros(4)
+    for i, c in enumerate(chunk):
+        n = len(c.tokens)
+        for t in range(c.prompt_len - 1, n - 2):
+            for k in range(4):
+                if t + 2 + k >= n:
+                    continue
+                draft = full[i, t, k].log_softmax(-1)
+                teacher = (c.hidden[t + 1 + k].float() @ lm_head.T).softmax(-1)
+                sums[k] += -(teacher * draft).sum() - 0.1 * draft[c.tokens[t + 2 + k]]
+                counts[k] += 1
+    assert counts.tolist() == positions.tolist()
+    torch.testing.assert_close(losses, sums / counts, rtol=1e-3, atol=1e-3)

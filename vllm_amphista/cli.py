@@ -17,10 +17,11 @@ from vllm_amphista.prompts import first_turns
 from vllm_amphista.serving.heads_source import SHIPPED_NAME
 from vllm_amphista.serving.spec_config import AmphistaSetupError
 from vllm_amphista.training.data import (
+    RecordingPlan,
+    prompt_plan,
     read_prompt_file,
     record_dataset,
     sharegpt_plan,
-    sharegpt_prompts,
 )
 from vllm_amphista.training.heads import train_heads
 from vllm_amphista.training.settings import TrainingInputError, TrainSettings
@@ -76,14 +77,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     try:
-        prompts = (read_prompt_file(args.data) if args.data
-                   else sharegpt_prompts(args.num_prompts, seed=args.seed))
         settings = TrainSettings(epochs=args.epochs, learning_rate=args.lr, seed=args.seed,
                                  batch_conversations=args.batch, compute_dtype=args.dtype)
-        metrics = train_heads(Path(args.target), Path(args.out), prompts=prompts[
-            : args.num_prompts], medusa=args.medusa, max_tokens=args.max_tokens,
-            draft_vocab=args.draft_vocab, settings=settings, num_workers=args.num_workers,
-            use_gpu=args.gpu)
+        metrics = train_heads(Path(args.target), Path(args.out),
+                              plan=_recording_plan(args, Path(args.target)),
+                              medusa=args.medusa, draft_vocab=args.draft_vocab,
+                              settings=settings, num_workers=args.num_workers,
+                              use_gpu=args.gpu)
     except (TrainingInputError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -93,11 +93,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recording_plan(args: argparse.Namespace, target: Path) -> RecordingPlan:
+    """The distillation set `data` records and `train` trains on (the same shards)."""
+    options = dict(temperature=args.temperature, dtype=resolve_dtype(args.dtype),
+                   shard_size=args.shard_size)
+    if args.data:
+        return prompt_plan(target, read_prompt_file(args.data), args.num_prompts,
+                           args.max_tokens, **options)
+    return sharegpt_plan(target, args.num_prompts, args.max_tokens, seed=args.seed, **options)
+
+
 def _data(args: argparse.Namespace) -> int:
     target = Path(args.target) if args.target else export_smollm2()
-    plan = sharegpt_plan(target, args.num_prompts, args.max_tokens,
-                         temperature=args.temperature, dtype=resolve_dtype(args.dtype),
-                         shard_size=args.shard_size, seed=args.seed)
+    plan = _recording_plan(args, target)
     start = time.perf_counter()
     conversations = record_dataset(plan, max_num_seqs=args.max_num_seqs)
     tokens = sum(len(c.tokens) for c in conversations)
@@ -115,6 +123,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_recording_args(parser: argparse.ArgumentParser) -> None:
+    """What names a distillation set: `data` and `train` share its shards."""
+    parser.add_argument("--data", help="JSONL prompts (default: ShareGPT from PyPI)")
+    parser.add_argument("--num-prompts", type=int, default=8192)
+    parser.add_argument("--max-tokens", type=int, default=256, help="answer length")
+    parser.add_argument("--temperature", type=float, default=0.0, help="answers' temperature")
+    parser.add_argument("--shard-size", type=int, default=256, help="prompts per shard")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-amphista", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,10 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train Amphista (or --medusa) heads for a target")
     train.add_argument("--target", required=True, help="target model folder (HF format)")
     train.add_argument("--out", required=True, help="new folder for the heads")
-    train.add_argument("--data", help="JSONL prompts (default: ShareGPT from PyPI)")
+    _add_recording_args(train)
     train.add_argument("--medusa", action="store_true", help="train the Medusa-1 baseline")
-    train.add_argument("--num-prompts", type=int, default=1200)
-    train.add_argument("--max-tokens", type=int, default=256, help="answer length")
     train.add_argument("--epochs", type=int, default=2)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--batch", type=int, default=8, help="conversations per step")
@@ -148,10 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="record a distillation set from vLLM, in "
                           "resumable shards under ~/.cache/vllm-amphista/data")
     data.add_argument("--target", help="target model folder (default: the SmolLM2 export)")
-    data.add_argument("--num-prompts", type=int, default=8192)
-    data.add_argument("--max-tokens", type=int, default=256, help="answer length")
-    data.add_argument("--temperature", type=float, default=0.0, help="answers' temperature")
-    data.add_argument("--shard-size", type=int, default=256, help="prompts per shard")
+    _add_recording_args(data)
     data.add_argument("--max-num-seqs", type=int, default=256, help="vLLM batch size")
     data.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                       help="the target's dtype while recording (auto: bf16 where native)")

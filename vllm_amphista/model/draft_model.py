@@ -108,10 +108,13 @@ class AmphistaDraftModel(nn.Module):
         return self.draft_to_target[draft_ids]
 
     # -- training: whole sequences -------------------------------------------------------
-    def forward(self, hidden_states: torch.Tensor, next_token_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, next_token_ids: torch.Tensor,
+                at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """hidden_states [B, T, d], next_token_ids [B, T] -> logits [B, T, K, V'].
 
         Position t reads h_t and x_{t+1}; head k predicts x_{t+2+k}. Causal over T.
+        at = (rows [N], positions [N]): logits at those positions only, [N, K, V'] (the
+        heads and the projection onto the vocabulary, most of the cost, see no other).
         """
         b, t, _ = hidden_states.shape
         features = [self._fuse(hidden_states, next_token_ids)]
@@ -120,6 +123,8 @@ class AmphistaDraftModel(nn.Module):
                 torch.arange(t, device=hidden_states.device).expand(b, t), t)
             for stage in self.stages:
                 features.append(stage(features[-1], cos, sin))
+        if at is not None:
+            features = [f[at] for f in features]
         return self._head_logits(features)
 
     # -- drafting: new rows against the SAL cache ---------------------------------------

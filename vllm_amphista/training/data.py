@@ -1,10 +1,13 @@
-"""Self-distillation data: the target answers chat prompts with vLLM,
-then transformers runs it over each whole conversation for its final hidden states.
+"""Self-distillation data: the target answers chat prompts with vLLM while
+HiddenStateRecorder (recorder.py) keeps the final hidden states vLLM computed for every
+row, the vectors serving hands the draft model; no second target pass.
 
 A dataset is a list of conversations, each a token sequence [T] and the target's
-final-normed hidden states [T, d] (the vector its lm_head reads, as in serving).
+final-normed hidden states [T - 1, d] (the vector its lm_head reads, as in serving).
 The target's own next-token distributions are lm_head(h_t), recomputed by the
-trainer, so no logits are stored.
+trainer, so no logits are stored. Sets are recorded in shards, each named by the prompts
+it answers, so any plan that shares a shard's prompts (a smaller set, a resumed build)
+reuses its file.
 """
 
 from __future__ import annotations
@@ -94,50 +97,6 @@ def split(conversations: list[Conversation], eval_fraction: float, seed: int):
     return ([conversations[i] for i in order[n_eval:]], [conversations[i] for i in order[:n_eval]])
 
 
-def generate_conversations(target_dir: Path, prompts: list[str], max_tokens: int,
-                           seed: int = 0) -> list[tuple[list[int], int]]:
-    """The target's greedy answers: (chat prompt + answer tokens, prompt length)."""
-    from vllm import SamplingParams  # heavy: only where an engine starts
-
-    llm = start_llm(target_dir, seed=seed)
-    tokenizer = llm.get_tokenizer()
-    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
-    chats = [c for c in chats if len(tokenizer(c).input_ids) <= 1024]
-    outputs = llm.generate(chats, SamplingParams(temperature=0.0, max_tokens=max_tokens))
-    return [(list(o.prompt_token_ids) + list(o.outputs[0].token_ids), len(o.prompt_token_ids))
-            for o in outputs]
-
-
-@torch.no_grad()
-def target_hidden_states(target_dir: Path, sequences: list[tuple[list[int], int]],
-                         dtype: torch.dtype = torch.float32) -> list[Conversation]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=dtype).eval()
-    conversations = []
-    for seq, prompt_len in tqdm(sequences, desc="target hidden states", unit="conv"):
-        tokens = torch.tensor(seq, dtype=torch.long)
-        out = model(tokens[None], output_hidden_states=True)
-        conversations.append(Conversation(tokens, out.hidden_states[-1][0].to(torch.bfloat16),
-                                          prompt_len))
-    return conversations
-
-
-def dataset_key(target_fingerprint: str, prompts: list[str], max_tokens: int,
-                dtype: torch.dtype = torch.float32) -> str:
-    """fp32 sets keep the key they had before the dtype was part of it."""
-    fields: list = [target_fingerprint, prompts, max_tokens]
-    if dtype != torch.float32:
-        fields.append(str(dtype))
-    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
-
-
-def dataset_path(target_fingerprint: str, prompts: list[str], max_tokens: int,
-                 dtype: torch.dtype = torch.float32) -> Path:
-    return DATA_DIR / f"{dataset_key(target_fingerprint, prompts, max_tokens, dtype)}.safetensors"
-
-
 def save_dataset(conversations: list[Conversation], path: Path) -> None:
     tensors = {}
     for i, c in enumerate(conversations):
@@ -157,19 +116,6 @@ def load_dataset(path: Path) -> list[Conversation]:
                          int(tensors[f"{i}.prompt_len"])) for i in range(count)]
 
 
-def build_dataset(target_dir: Path, target_fingerprint: str, prompts: list[str],
-                  max_tokens: int, dtype: torch.dtype = torch.float32) -> list[Conversation]:
-    """Generate (or reuse from ~/.cache/vllm-amphista/data) the distillation set; the
-    target's hidden states are computed in `dtype` (stored in bf16 either way)."""
-    path = dataset_path(target_fingerprint, prompts, max_tokens, dtype)
-    if path.is_file():
-        return load_dataset(path)
-    sequences = generate_conversations(target_dir, prompts, max_tokens)
-    conversations = target_hidden_states(target_dir, sequences, dtype)
-    save_dataset(conversations, path)
-    return conversations
-
-
 def without_mt_bench(prompts: list[str], questions: list[str]) -> list[str]:
     """Drop every prompt that holds, or is held in, an MT-Bench question (compared
     lower-cased with whitespace collapsed), so training never sees the benchmark."""
@@ -177,8 +123,12 @@ def without_mt_bench(prompts: list[str], questions: list[str]) -> list[str]:
         return " ".join(text.lower().split())
 
     held_out = [norm(q) for q in questions]
-    return [p for p in prompts
-            if not any(q in norm(p) or norm(p) in q for q in held_out)]
+
+    def in_mt_bench(prompt: str) -> bool:
+        text = norm(prompt)
+        return any(q in text or text in q for q in held_out)
+
+    return [p for p in prompts if not in_mt_bench(p)]
 
 
 @dataclass
@@ -195,20 +145,33 @@ class RecordingPlan:
 
     @property
     def folder(self) -> Path:
-        key = hashlib.sha256(json.dumps([
-            "recorded-v1", self.target_fingerprint, self.prompts, self.max_tokens,
-            self.temperature, str(self.dtype), self.shard_size]).encode()).hexdigest()[:16]
+        key = _digest(["recorded-v2", self.target_fingerprint, self.max_tokens,
+                       self.temperature, str(self.dtype), self.shard_size])
         return DATA_DIR / f"recorded-{key}"
 
+    def shard_prompts(self, index: int) -> list[str]:
+        return self.prompts[index * self.shard_size: (index + 1) * self.shard_size]
+
     def shard_path(self, index: int) -> Path:
-        return self.folder / f"shard-{index:05d}.safetensors"
+        return self.folder / f"shard-{index:05d}-{_digest(self.shard_prompts(index))}.safetensors"
 
     @property
     def num_shards(self) -> int:
         return -(-len(self.prompts) // self.shard_size)
 
+    def shard_paths(self) -> list[Path]:
+        return [self.shard_path(i) for i in range(self.num_shards)]
+
     def missing_shards(self) -> list[int]:
-        return [i for i in range(self.num_shards) if not self.shard_path(i).is_file()]
+        return [i for i, path in enumerate(self.shard_paths()) if not path.is_file()]
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
+def load_shards(paths: list[Path]) -> list[Conversation]:
+    return [c for path in paths for c in load_dataset(path)]
 
 
 def record_dataset(plan: RecordingPlan, max_num_seqs: int = 128,
@@ -220,10 +183,7 @@ def record_dataset(plan: RecordingPlan, max_num_seqs: int = 128,
     missing = plan.missing_shards()
     if missing:
         _record_shards(plan, missing, max_num_seqs, engine_args)
-    conversations = []
-    for index in range(plan.num_shards):
-        conversations += load_dataset(plan.shard_path(index))
-    return conversations
+    return load_shards(plan.shard_paths())
 
 
 def _record_shards(plan: RecordingPlan, shards: list[int], max_num_seqs: int,
@@ -244,7 +204,7 @@ def _record_shards(plan: RecordingPlan, shards: list[int], max_num_seqs: int,
     with tqdm(total=len(plan.prompts), initial=min(done, len(plan.prompts)),
               desc="recording", unit="conv") as bar:
         for index in shards:
-            prompts = plan.prompts[index * plan.shard_size: (index + 1) * plan.shard_size]
+            prompts = plan.shard_prompts(index)
             chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                                    tokenize=False, add_generation_prompt=True)
                      for p in prompts]
@@ -261,7 +221,15 @@ def sharegpt_plan(target_dir: Path, num_prompts: int, max_tokens: int, *,
                   temperature: float = 0.0, dtype: torch.dtype = torch.float32,
                   shard_size: int = 256, seed: int = 0) -> RecordingPlan:
     """ShareGPT first turns (none of them an MT-Bench question), answered by the target."""
+    return prompt_plan(target_dir, sharegpt_prompts(10 ** 9, seed=seed), num_prompts,
+                       max_tokens, temperature=temperature, dtype=dtype, shard_size=shard_size)
+
+
+def prompt_plan(target_dir: Path, prompts: list[str], num_prompts: int, max_tokens: int, *,
+                temperature: float = 0.0, dtype: torch.dtype = torch.float32,
+                shard_size: int = 256) -> RecordingPlan:
+    """The first `num_prompts` of `prompts` that are not MT-Bench questions."""
     questions = [turn for q in load_questions() for turn in q["turns"]]
-    prompts = without_mt_bench(sharegpt_prompts(10 ** 9, seed=seed), questions)[:num_prompts]
+    kept = without_mt_bench(prompts, questions)[:num_prompts]
     return RecordingPlan(target_dir, TargetWeights.from_folder(target_dir).fingerprint,
-                         prompts, max_tokens, temperature, dtype, shard_size)
+                         kept, max_tokens, temperature, dtype, shard_size)

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import torch
 
-from vllm_amphista.machine import resolve_dtype
 from vllm_amphista.model.checkpoint import save_checkpoint
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights
-from vllm_amphista.training.data import Conversation, build_dataset, dataset_path, split
+from vllm_amphista.training.data import Conversation, RecordingPlan, record_dataset, split
 from vllm_amphista.training.loop import train
 from vllm_amphista.training.report import (
     plot_accuracy,
@@ -81,19 +80,19 @@ def draft_model_for(target_dir: Path, target, train_set: list[Conversation], *, 
     return model
 
 
-def train_heads(target_dir: Path, out_dir: Path, *, prompts: list[str], medusa: bool,
-                max_tokens: int, draft_vocab: int, settings: TrainSettings,
+def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa: bool,
+                draft_vocab: int, settings: TrainSettings,
                 model_overrides: dict | None = None, num_workers: int = 1,
                 use_gpu: bool = False) -> dict:
-    """The whole job: data, training, held-out evaluation, export, metrics and plot.
-    num_workers > 1 trains data-parallel on Ray Train (training/ray_launcher.py)."""
+    """The whole job: data (recorded per `plan`, or reused from its shards), training,
+    held-out evaluation, export, metrics and plot. num_workers > 1 trains data-parallel
+    on Ray Train (training/ray_launcher.py)."""
     if num_workers < 1:
         raise TrainingInputError(f"--num-workers must be >= 1, got {num_workers}")
     check_inputs(target_dir, out_dir)
     target = TargetWeights.from_folder(target_dir)
     started = time.perf_counter()
-    dtype = resolve_dtype(settings.compute_dtype)
-    conversations = build_dataset(target_dir, target.fingerprint, prompts, max_tokens, dtype)
+    conversations = record_dataset(plan)
     if len(conversations) < 2:
         raise TrainingInputError("need at least 2 conversations (1 to train, 1 held out)")
     data_s = time.perf_counter() - started
@@ -110,9 +109,8 @@ def train_heads(target_dir: Path, out_dir: Path, *, prompts: list[str], medusa: 
         from vllm_amphista.training.ray_launcher import train_on_ray
 
         train_started = time.perf_counter()
-        history = train_on_ray(model, target_dir, dataset_path(
-            target.fingerprint, prompts, max_tokens, dtype), settings, out_dir, num_workers,
-            use_gpu)
+        history = train_on_ray(model, target_dir, plan.shard_paths(), settings, out_dir,
+                               num_workers, use_gpu)
         metrics = training_record(settings, history, train_set, eval_set,
                                   time.perf_counter() - train_started)
         metrics["num_workers"] = num_workers

@@ -70,10 +70,11 @@ def train(model: AmphistaDraftModel, lm_head: torch.Tensor, train_set: list[Conv
 
     model.train()
     start_time = time.perf_counter()
-    tokens_seen = 0
+    tokens_seen, step_seconds = 0, 0.0  # this run's, optimizer steps only (no evaluation)
     with tqdm(total=total_steps, initial=step, desc="training", unit="step",
               disable=rank != 0) as bar:
         while step < total_steps:
+            step_started = time.perf_counter()
             epoch, index = divmod(step, batches_per_epoch)
             order = list(range(len(train_set)))
             random.Random(settings.seed + epoch).shuffle(order)
@@ -88,8 +89,8 @@ def train(model: AmphistaDraftModel, lm_head: torch.Tensor, train_set: list[Conv
             # The teacher's logits, restricted to the draft vocabulary.
             batch = make_batch(share, settings.max_positions, draft_lm_head)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                losses = head_losses(net(batch.hidden, batch.tokens[:, 1:]), batch, to_draft,
-                                     settings.lm_weight, positions)
+                logits = net(batch.hidden, batch.tokens[:, 1:], batch.drafted)
+                losses = head_losses(logits, batch, to_draft, settings.lm_weight, positions)
             if not mine:
                 losses = losses * 0
             loss = (losses * weights).sum() / weights.sum()  # this rank's part of the loss
@@ -104,8 +105,8 @@ def train(model: AmphistaDraftModel, lm_head: torch.Tensor, train_set: list[Conv
                 dist.all_reduce(losses)
             loss = (losses * weights).sum() / weights.sum()
             tokens_seen += sum(min(len(c.tokens), settings.max_positions) for c in chunk)
-            elapsed = time.perf_counter() - start_time
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+            step_seconds += time.perf_counter() - step_started
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / step_seconds:.0f}")
             bar.update(1)
             if rank == 0 and (step % batches_per_epoch == 0 or step == total_steps):
                 record = {"epoch": step / batches_per_epoch, "step": step,
@@ -121,5 +122,8 @@ def train(model: AmphistaDraftModel, lm_head: torch.Tensor, train_set: list[Conv
                             "optimizer": optimizer.state_dict(),
                             "schedule": schedule.state_dict(), "step": step,
                             "history": history}, state_path)
-    return training_record(settings, history, train_set, eval_set,
-                           time.perf_counter() - start_time)
+    record = training_record(settings, history, train_set, eval_set,
+                             time.perf_counter() - start_time)
+    # Conversation tokens (prompt and answer, cut to max_positions) per second of steps.
+    record["tokens_per_second"] = tokens_seen / step_seconds if step_seconds else None
+    return record

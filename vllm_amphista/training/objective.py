@@ -4,8 +4,10 @@ Per head k (0-based) at position t the draft predicts x_{t+2+k}. Its loss is
     alignment:  KL(target || draft), the target's distribution being lm_head(h_{t+1+k})
                 restricted to the draft vocabulary,
   + lm_weight * cross-entropy against the actual token x_{t+2+k},
-weighted by head_decay ** k (the loop's weights). `HeadSpan` writes that alignment once;
-the losses and `evaluate` both read it.
+weighted by head_decay ** k (the loop's weights), at the positions whose drafts serving
+uses: the last prompt position and the answer's (`Batch.drafted`); drafts at the other
+prompt positions are never proposed, so they are neither computed nor taught. `HeadSpan`
+writes the alignment once; the losses and `evaluate` both read it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from vllm_amphista.eval.tau import tau
 from vllm_amphista.model.draft_model import AmphistaDraftModel
@@ -33,16 +34,24 @@ class HeadSpan:
         return cls(k, positions - 1 - k)
 
     @property
+    def teacher_offset(self) -> int:  # draft position t -> teacher position t + this
+        return 1 + self.k
+
+    @property
+    def token_offset(self) -> int:  # draft position t -> the token it predicts
+        return 2 + self.k
+
+    @property
     def draft(self) -> slice:
         return slice(0, self.length)
 
     @property
     def teacher(self) -> slice:  # in target_logits [B, T, V]
-        return slice(1 + self.k, 1 + self.k + self.length)
+        return slice(self.teacher_offset, self.teacher_offset + self.length)
 
     @property
     def token(self) -> slice:  # in tokens / valid / answer [B, T + 1]
-        return slice(2 + self.k, 2 + self.k + self.length)
+        return slice(self.token_offset, self.token_offset + self.length)
 
 
 @dataclass
@@ -51,6 +60,8 @@ class Batch:
     tokens: torch.Tensor  # [B, T + 1]
     valid: torch.Tensor  # [B, T + 1] bool
     answer: torch.Tensor  # [B, T + 1] bool: answer tokens
+    # (rows [N], positions [N]): where serving uses the drafts, and training teaches them
+    drafted: tuple[torch.Tensor, torch.Tensor]
     target_logits: torch.Tensor  # [B, T, rows of lm_head]: lm_head(h_t), the view of x_{t+1}
 
 
@@ -64,43 +75,56 @@ def make_batch(conversations: list[Conversation], max_positions: int,
     tokens = torch.zeros(b, length + 1, dtype=torch.long)
     valid = torch.zeros(b, length + 1, dtype=torch.bool)
     answer = torch.zeros(b, length + 1, dtype=torch.bool)
+    drafted = torch.zeros(b, length, dtype=torch.bool)
     for i, c in enumerate(conversations):
         n = min(len(c.tokens), length + 1)
         hidden[i, : n - 1] = c.hidden[: n - 1].float()
         tokens[i, :n] = c.tokens[:n]
         valid[i, :n] = True
         answer[i, c.prompt_len: n] = True
+        drafted[i, _first_drafted(c): n - 2] = True  # head 0 needs x_{t+2}
     hidden = hidden.to(device)
     with torch.no_grad():
         target_logits = hidden @ lm_head.float().T
-    return Batch(hidden, tokens.to(device), valid.to(device), answer.to(device), target_logits)
+    rows, starts = drafted.nonzero(as_tuple=True)
+    return Batch(hidden, tokens.to(device), valid.to(device), answer.to(device),
+                 (rows.to(device), starts.to(device)), target_logits)
+
+
+def _first_drafted(conversation: Conversation) -> int:
+    """The first position serving drafts from: the last prompt token's."""
+    return max(conversation.prompt_len - 1, 0)
 
 
 def head_positions(conversations: list[Conversation], num_heads: int,
                    max_positions: int) -> torch.Tensor:
-    """[K] how many positions of these conversations each head is trained on."""
+    """[K] how many drafted positions of these conversations each head is trained on."""
     lengths = torch.tensor([min(len(c.tokens), max_positions) for c in conversations])
-    return torch.stack([(lengths - 2 - k).clamp(min=0).sum() for k in range(num_heads)])
+    first = torch.tensor([_first_drafted(c) for c in conversations])
+    return torch.stack([(lengths - 2 - k - first).clamp(min=0).sum()
+                        for k in range(num_heads)])
 
 
 def head_losses(logits: torch.Tensor, batch: Batch, to_draft: torch.Tensor,
                 lm_weight: float, positions: torch.Tensor) -> torch.Tensor:
-    """Per-head (alignment + lm_weight * CE) summed over valid positions and divided by
-    `positions` [K] (the global batch's counts) -> tensor [K]. logits: [B, T, K, V']."""
+    """Per-head (alignment + lm_weight * CE) summed over the drafted positions and divided
+    by `positions` [K] (the global batch's counts) -> tensor [K]. logits: [N, K, V'], the
+    model's output at batch.drafted."""
+    rows, starts = batch.drafted
+    last = batch.hidden.shape[1]  # tokens run to T, teacher rows to T - 1
+    teacher_probs = batch.target_logits.softmax(-1)
     losses = []
-    for k in range(logits.shape[2]):
-        span = HeadSpan.of(k, logits.shape[1])
-        if span.length <= 0:
-            losses.append(logits.sum() * 0)
-            continue
-        draft = logits[:, span.draft, k].float().log_softmax(-1)
-        teacher = batch.target_logits[:, span.teacher].softmax(-1)
-        label = to_draft[batch.tokens[:, span.token]]  # -1 outside the draft vocab
+    for k in range(logits.shape[1]):
+        span = HeadSpan.of(k, last)
+        token_at = (starts + span.token_offset).clamp(max=last)
+        kept = (starts + span.token_offset <= last) & batch.valid[rows, token_at]
+        teacher = teacher_probs[rows, (starts + span.teacher_offset).clamp(max=last - 1)]
+        label = to_draft[batch.tokens[rows, token_at]]  # -1 outside the draft vocab
+        draft = logits[:, k].float().log_softmax(-1)
         alignment = -(teacher * draft).sum(-1)
-        lm = F.nll_loss(draft.transpose(1, 2), label.clamp(min=0), reduction="none")
+        lm = -draft.gather(-1, label.clamp(min=0)[:, None]).squeeze(-1)
         per_position = alignment + lm_weight * lm * (label >= 0)
-        losses.append((per_position * batch.valid[:, span.token]).sum()
-                      / positions[k].clamp(min=1))
+        losses.append((per_position * kept).sum() / positions[k].clamp(min=1))
     return torch.stack(losses)
 
 

@@ -1,6 +1,6 @@
 """Data-parallel training on Ray Train: `vllm-amphista train --num-workers N`.
 
-Each Ray worker loads the cached distillation set and the target's frozen lm_head,
+Each Ray worker loads the recorded distillation shards and the target's frozen lm_head,
 rebuilds the draft model from the driver's initial weights (so the token map and
 initialisation are the driver's), and runs training.loop.train under torch DDP; Ray Train
 sets up the process group (gloo on CPU, NCCL on GPU). Rank 0 writes the resumable state
@@ -20,7 +20,7 @@ from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights
 from vllm_amphista.paths import CACHE_DIR
-from vllm_amphista.training.data import load_dataset, split
+from vllm_amphista.training.data import load_shards, split
 from vllm_amphista.training.loop import train
 from vllm_amphista.training.settings import STATE_FILE, TrainSettings
 
@@ -30,8 +30,8 @@ def _worker(job: dict) -> None:
 
     settings = TrainSettings(**job["settings"])
     target = TargetWeights.from_folder(job["target_dir"])
-    train_set, eval_set = split(load_dataset(Path(job["data_path"])), settings.eval_fraction,
-                                settings.seed)
+    train_set, eval_set = split(load_shards([Path(p) for p in job["data_paths"]]),
+                                settings.eval_fraction, settings.seed)
     model = AmphistaDraftModel(AmphistaConfig.from_dict(job["config"]))
     model.load_state_dict(job["initial_state"])
     model.attach_target(target)
@@ -39,7 +39,7 @@ def _worker(job: dict) -> None:
     train(model, target.lm_head.float(), train_set, eval_set, settings, Path(job["work_dir"]))
 
 
-def train_on_ray(model: AmphistaDraftModel, target_dir: Path, data_path: Path,
+def train_on_ray(model: AmphistaDraftModel, target_dir: Path, data_paths: list[Path],
                  settings: TrainSettings, work_dir: Path, num_workers: int,
                  use_gpu: bool = False) -> list[dict]:
     """Train `model` in place on `num_workers` Ray workers; returns the eval history."""
@@ -50,7 +50,8 @@ def train_on_ray(model: AmphistaDraftModel, target_dir: Path, data_path: Path,
     job = {"config": model.config.to_dict(), "settings": asdict(settings),
            "initial_state": {k: v.cpu() for k, v in model.state_dict().items()},
            "target_dir": str(Path(target_dir).resolve()),
-           "data_path": str(Path(data_path).resolve()), "work_dir": str(work_dir.resolve())}
+           "data_paths": [str(Path(p).resolve()) for p in data_paths],
+           "work_dir": str(work_dir.resolve())}
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(include_dashboard=False)
