@@ -27,9 +27,11 @@ def measure(target: str, heads: str, questions: list[str], max_tokens: int,
             draft_sampling: str = "sample") -> dict:
     from vllm import SamplingParams  # heavy: only where an engine starts
 
+    # All K drafts every step ("step_cost": "off"): tau of the heads, not of the engine's
+    # choice of draft lengths on this machine.
     llm = start_llm(target, disable_log_stats=False,
-              speculative_config={"method": "amphista", "model": heads,
-                                  "draft_sampling": draft_sampling})
+                    speculative_config={"method": "amphista", "model": heads,
+                                        "draft_sampling": draft_sampling, "step_cost": "off"})
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
     conversations = [[{"role": "user", "content": q}] for q in questions]
     for group in [conversations] if batch else [[c] for c in conversations]:

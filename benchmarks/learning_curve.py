@@ -1,0 +1,131 @@
+"""Learning curve: held-out chain tau and vLLM tau (MT-Bench, K=4, T=0) against training
+data, for Amphista and the Medusa mode on identical data and budget.
+
+Every run trains on the leading shards of the `vllm-amphista data` set and is held out on
+its last shards (never trained on, the same for every run); each (mode, size) lands in
+runs/learning_curve/<mode>-<size>/ and is skipped when already there, so the curve is
+built across sessions: run the same command again. Writes results/learning_curve.json,
+a plot and a table.
+
+    vllm-amphista data                       # the 8192-conversation set, first
+    python -m benchmarks.learning_curve      # then this (hours on a 2-core CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from vllm_amphista.eval.acceptance import measure
+from vllm_amphista.machine import compute_dtype, describe
+from vllm_amphista.model.checkpoint import save_checkpoint
+from vllm_amphista.model.target import TargetWeights, export_smollm2
+from vllm_amphista.prompts import first_turns
+from vllm_amphista.training.data import load_shards, sharegpt_plan
+from vllm_amphista.training.heads import draft_model_for
+from vllm_amphista.training.loop import train
+from vllm_amphista.training.settings import TrainSettings
+
+SHARD = 256  # conversations per recorded shard
+
+
+def run(mode: str, shards: int, plan, held_out: list, settings: TrainSettings,
+        folder: Path, target_dir: Path, target: TargetWeights) -> dict:
+    """Train one (mode, size) point unless its heads exist; then its vLLM tau."""
+    heads = folder / "heads"
+    metrics_path = folder / "metrics.json"
+    if not metrics_path.is_file():
+        train_set = load_shards(plan.shard_paths()[:shards])
+        model = draft_model_for(target_dir, target, train_set, medusa=mode == "medusa",
+                                draft_vocab=8192, seed=settings.seed)
+        metrics = train(model, target.lm_head.float(), train_set, held_out, settings, folder)
+        save_checkpoint(model.to(torch.bfloat16), heads)
+        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics = json.loads(metrics_path.read_text())
+    vllm_path = folder / "vllm_tau.json"
+    if not vllm_path.is_file():
+        vllm_path.write_text(json.dumps(measure(
+            str(target_dir), str(heads), first_turns(limit=80), 128, batch=True), indent=2))
+        gc.collect()  # the engine and its KV cache, before the next run
+    vllm = json.loads(vllm_path.read_text())
+    final = metrics["history"][-1]["eval"]
+    return {"mode": mode, "conversations": metrics["train_conversations"],
+            "train_tokens": metrics["train_tokens_per_epoch"] * settings.epochs,
+            "heldout_chain_tau": final["chain_tau"], "heldout_top1": final["top1"],
+            "vllm_tau": vllm["tau"], "vllm_acceptance": vllm["acceptance_per_position"],
+            "tokens_per_second": metrics.get("tokens_per_second")}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, marker in (("amphista", "o"), ("medusa", "s")):
+        mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["train_tokens"])
+        if not mine:
+            continue
+        tokens = [r["train_tokens"] for r in mine]
+        ax.plot(tokens, [r["vllm_tau"] for r in mine], marker + "-", label=f"{mode}: vLLM tau")
+        ax.plot(tokens, [r["heldout_chain_tau"] for r in mine], marker + ":",
+                label=f"{mode}: held-out chain tau")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("tau (tokens per target step, K=4, T=0)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096, 7680],
+                        help="training conversations (whole shards of 256)")
+    parser.add_argument("--held-out-shards", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=["amphista", "medusa"])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--runs", type=Path, default=Path("runs/learning_curve"))
+    parser.add_argument("--out", type=Path, default=Path("results/learning_curve.json"))
+    args = parser.parse_args(argv)
+
+    target_dir = export_smollm2()
+    target = TargetWeights.from_folder(target_dir)
+    shards = [-(-size // SHARD) for size in args.sizes]
+    plan = sharegpt_plan(target_dir, (max(shards) + args.held_out_shards) * SHARD, 256,
+                         dtype=compute_dtype())
+    if plan.missing_shards():
+        raise SystemExit(f"{len(plan.missing_shards())} shards of {plan.folder} are missing: "
+                         f"run `vllm-amphista data --num-prompts {len(plan.prompts)}` first")
+    held_out = load_shards(plan.shard_paths()[-args.held_out_shards:])
+    settings = TrainSettings(epochs=args.epochs)
+    rows = []
+    for size in shards:
+        for mode in args.modes:
+            started = time.perf_counter()
+            rows.append(run(mode, size, plan, held_out, settings,
+                            args.runs / f"{mode}-{size * SHARD}", target_dir, target))
+            print(f"{mode} {size * SHARD}: {rows[-1]['vllm_tau']:.3f} "
+                  f"({time.perf_counter() - started:.0f}s)", flush=True)
+            report = {"machine": describe(), "held_out_conversations": len(held_out),
+                      "epochs": args.epochs, "rows": rows}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+            plot(rows, args.out.with_suffix(".png"))
+    print("| mode | conversations | training tokens | held-out chain tau | vLLM tau |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['mode']} | {r['conversations']} | {r['train_tokens']:,} | "
+              f"{r['heldout_chain_tau']:.3f} | {r['vllm_tau']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
