@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from vllm_amphista.eval.acceptance import measure
+from vllm_amphista.eval.report import markdown_table, write_report
 from vllm_amphista.machine import compute_dtype, describe
 from vllm_amphista.model.checkpoint import save_checkpoint
 from vllm_amphista.model.target import TargetWeights, export_smollm2
@@ -114,16 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                             args.runs / f"{mode}-{size * SHARD}", target_dir, target))
             print(f"{mode} {size * SHARD}: {rows[-1]['vllm_tau']:.3f} "
                   f"({time.perf_counter() - started:.0f}s)", flush=True)
-            report = {"machine": describe(), "held_out_conversations": len(held_out),
-                      "epochs": args.epochs, "rows": rows}
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=2) + "\n")
+            write_report(args.out, {"machine": describe(), "epochs": args.epochs,
+                                    "held_out_conversations": len(held_out), "rows": rows})
             plot(rows, args.out.with_suffix(".png"))
-    print("| mode | conversations | training tokens | held-out chain tau | vLLM tau |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['mode']} | {r['conversations']} | {r['train_tokens']:,} | "
-              f"{r['heldout_chain_tau']:.3f} | {r['vllm_tau']:.3f} |")
+    print(markdown_table(
+        ["mode", "conversations", "training tokens", "held-out chain tau", "vLLM tau"],
+        [[r["mode"], r["conversations"], f"{r['train_tokens']:,}",
+          f"{r['heldout_chain_tau']:.3f}", f"{r['vllm_tau']:.3f}"] for r in rows]))
     return 0
 
 

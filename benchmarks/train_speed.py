@@ -7,12 +7,12 @@ Reads the first shard of `vllm-amphista data` (or `--shard`).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
+from vllm_amphista.eval.report import markdown_table, write_report
 from vllm_amphista.machine import compute_dtype, describe
 from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.training.data import load_dataset, sharegpt_plan
@@ -58,14 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(shard, args.conversations, args.batch, dtype, args.medusa)
             for dtype in args.dtypes]
     report = {"machine": describe(), "torch": torch.__version__, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print(f"{report['machine']['cpu']}, {report['machine']['torch_threads']} threads")
-    print("| mode | dtype | batch | conversations | tokens/s | seconds |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['mode']} | {r['dtype']} | {r['batch']} | {r['conversations']} | "
-              f"{r['tokens_per_second']:.0f} | {r['train_seconds']:.1f} |")
+    print(markdown_table(
+        ["mode", "dtype", "batch", "conversations", "tokens/s", "seconds"],
+        [[r["mode"], r["dtype"], r["batch"], r["conversations"],
+          f"{r['tokens_per_second']:.0f}", f"{r['train_seconds']:.1f}"] for r in rows]))
     return 0
 
 
