@@ -1,6 +1,6 @@
 """Measured ablations for the heads: what moves Amphista's lead over Medusa.
 
-    python -m benchmarks.ablate_heads [--variants ...] [--evaluate heads/...]
+    python -m benchmarks.ablate_heads [--variants ...] [--evaluate vllm_amphista/heads/...]
 
 Every variant trains on the same cached distillation set as the shipped heads (the same
 ShareGPT prompts, answers and held-out split; built by `vllm-amphista train` if missing)

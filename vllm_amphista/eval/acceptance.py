@@ -1,6 +1,6 @@
 """Mean accepted length of heads inside vLLM on a prompt file (default MT-Bench).
 
-    python -m benchmarks.vllm_acceptance --heads heads/.../amphista heads/.../medusa
+    python -m benchmarks.vllm_acceptance --heads amphista-heads vllm_amphista/heads/.../medusa
 
 One engine per heads folder (and draft-sampling mode), temperature 0 unless
 --temperature says otherwise, K drafts per step; one request at a time
