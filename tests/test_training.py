@@ -227,13 +227,13 @@ class _Oracle(torch.nn.Module):
                                      num_key_value_heads=4)
         self.lm_head, self.wrong = lm_head, wrong
 
-    def forward(self, hidden, next_tokens):
+    def forward(self, hidden, next_tokens, at):
         greedy = (hidden @ self.lm_head.T).argmax(-1)  # [B, T]: x_{t+1}
         heads = []
         for k in range(self.config.num_heads):  # head k at t: x_{t+2+k} = greedy[t+1+k]
             label = torch.roll(greedy, -(1 + k), dims=1)
             heads.append((label + 1) % self.lm_head.shape[0] if k in self.wrong else label)
-        return torch.nn.functional.one_hot(torch.stack(heads, -1),
+        return torch.nn.functional.one_hot(torch.stack(heads, -1)[at],
                                            self.lm_head.shape[0]).float()
 
     def to_target_ids(self, ids):
@@ -246,8 +246,9 @@ def test_chain_tau_counts_leading_right_heads(tiny_target, conversations, wrong)
     oracle = _Oracle(lm_head, 4, wrong)
     got = evaluate(oracle, conversations, lm_head, batch_conversations=5, max_positions=512)
     first_wrong = min(wrong, default=4)
+    # Drafts from the last prompt position on: t + 1 >= prompt_len.
     steps = [min(first_wrong, len(c.tokens) - 2 - t) for c in conversations
-             for t in range(len(c.tokens) - 2) if t + 2 >= c.prompt_len]
+             for t in range(len(c.tokens) - 2) if t + 1 >= c.prompt_len]
     assert got["chain_tau"] == pytest.approx(1 + sum(steps) / len(steps))
     assert got["top1"][0] == (0.0 if 0 in wrong else 1.0)
 

@@ -131,11 +131,12 @@ def head_losses(logits: torch.Tensor, batch: Batch, to_draft: torch.Tensor,
 @torch.no_grad()
 def evaluate(model: AmphistaDraftModel, conversations: list[Conversation], lm_head: torch.Tensor,
              batch_conversations: int, max_positions: int) -> dict:
-    """Per-head top-1 / top-5 accuracy against the target's greedy token, answer positions,
-    and chain_tau: 1 + the mean number of leading heads whose top-1 is right, i.e. the
-    tokens per target step a K-token chain would give at temperature 0 (what vLLM
-    measures), read off the held-out conversations without an engine. lm_head must sit on
-    the model's device."""
+    """At the positions serving drafts from (Batch.drafted): per-head top-1 / top-5
+    accuracy against the target's greedy token where that token is an answer token, and
+    chain_tau: 1 + the mean number of leading heads whose top-1 is right, i.e. the tokens
+    per target step a K-token chain would give at temperature 0 (what vLLM measures),
+    read off the held-out conversations without an engine. lm_head must sit on the
+    model's device."""
     model.eval()
     device = lm_head.device
     k_heads = model.config.num_heads
@@ -144,26 +145,25 @@ def evaluate(model: AmphistaDraftModel, conversations: list[Conversation], lm_he
     for start in range(0, len(conversations), batch_conversations):
         batch = make_batch(conversations[start: start + batch_conversations], max_positions,
                            lm_head)
-        logits = model(batch.hidden, batch.tokens[:, 1:])
-        top5 = model.to_target_ids(logits.topk(5, dim=-1).indices)  # [B, T, K, 5]
+        rows, starts = batch.drafted
+        logits = model(batch.hidden, batch.tokens[:, 1:], batch.drafted)  # [N, K, V']
+        top5 = model.to_target_ids(logits.topk(5, dim=-1).indices)  # [N, K, 5]
         greedy = batch.target_logits.argmax(-1)  # the target's own choice of x_{t+1}
-        t = batch.hidden.shape[1]
-        right = torch.zeros(*greedy.shape[:2], k_heads, dtype=torch.bool, device=device)
+        last = batch.hidden.shape[1]
+        right = torch.zeros(len(rows), k_heads, dtype=torch.bool, device=device)
+        counted = torch.zeros_like(right)
         for k in range(k_heads):
-            span = HeadSpan.of(k, t)
-            if span.length <= 0:
-                continue
-            label = greedy[:, span.teacher]
-            mask = batch.valid[:, span.token] & batch.answer[:, span.token]
-            guesses = top5[:, span.draft, k]
-            right[:, span.draft, k] = (guesses[..., 0] == label) & mask
-            hits1[k] += right[:, span.draft, k].sum()
-            hits5[k] += ((guesses == label[..., None]).any(-1) & mask).sum()
-            total[k] += mask.sum()
-        # decode steps whose first draft is an answer token
-        steps = batch.valid[:, 2:] & batch.answer[:, 2:]
-        chain_accepted += int(right[:, : t - 1].cumprod(-1).sum(-1)[steps].sum())
-        chain_steps += int(steps.sum())
+            span = HeadSpan.of(k, last)
+            token_at = (starts + span.token_offset).clamp(max=last)
+            counted[:, k] = ((starts + span.token_offset <= last) & batch.valid[rows, token_at]
+                             & batch.answer[rows, token_at])
+            label = greedy[rows, (starts + span.teacher_offset).clamp(max=last - 1)]
+            right[:, k] = (top5[:, k, 0] == label) & counted[:, k]
+            hits1[k] += right[:, k].sum()
+            hits5[k] += ((top5[:, k] == label[:, None]).any(-1) & counted[:, k]).sum()
+            total[k] += counted[:, k].sum()
+        chain_accepted += int(right.cumprod(-1).sum(-1)[counted[:, 0]].sum())
+        chain_steps += int(counted[:, 0].sum())
     model.train()
     hits1, hits5, total = hits1.cpu(), hits5.cpu(), total.cpu()
     return {"top1": (hits1 / total.clamp(min=1)).tolist(),
