@@ -91,9 +91,9 @@ def find_heads(name: str, target_dir: str, hidden_size: int, vocab_size: int,
         return path
     if name == SHIPPED_NAME:
         return find_shipped(target_dir, hidden_size, vocab_size, target)
-    if HUB_ID.match(name) and not name.startswith((".", "~")):
+    if HUB_ID.match(name):
         return download_from_hub(name, revision)
-    if name.startswith(("/", ".", "~")) or "/" in name:
+    if "/" in name or name.startswith((".", "~")):
         raise HeadsNotFound(f"amphista: heads folder {path} does not exist")
     raise HeadsNotFound(
         f"amphista: heads {name!r} are not a folder, not '{SHIPPED_NAME}' (the shipped "
