@@ -23,15 +23,10 @@ from vllm_amphista.training.data import Conversation
 
 @dataclass(frozen=True)
 class HeadSpan:
-    """Where head k's predictions, the target's view of them and their tokens sit in a
-    batch of T positions: draft position t pairs with teacher t+1+k and token t+2+k."""
+    """Where head k's prediction, the target's view of it and its token sit: draft
+    position t pairs with teacher t+1+k and token t+2+k."""
 
     k: int
-    length: int  # T - 1 - k positions; <= 0: this head has nothing to learn here
-
-    @classmethod
-    def of(cls, k: int, positions: int) -> HeadSpan:
-        return cls(k, positions - 1 - k)
 
     @property
     def teacher_offset(self) -> int:  # draft position t -> teacher position t + this
@@ -40,18 +35,6 @@ class HeadSpan:
     @property
     def token_offset(self) -> int:  # draft position t -> the token it predicts
         return 2 + self.k
-
-    @property
-    def draft(self) -> slice:
-        return slice(0, self.length)
-
-    @property
-    def teacher(self) -> slice:  # in target_logits [B, T, V]
-        return slice(self.teacher_offset, self.teacher_offset + self.length)
-
-    @property
-    def token(self) -> slice:  # in tokens / valid / answer [B, T + 1]
-        return slice(self.token_offset, self.token_offset + self.length)
 
 
 @dataclass
@@ -115,7 +98,7 @@ def head_losses(logits: torch.Tensor, batch: Batch, to_draft: torch.Tensor,
     teacher_probs = batch.target_logits.softmax(-1)
     losses = []
     for k in range(logits.shape[1]):
-        span = HeadSpan.of(k, last)
+        span = HeadSpan(k)
         token_at = (starts + span.token_offset).clamp(max=last)
         kept = (starts + span.token_offset <= last) & batch.valid[rows, token_at]
         teacher = teacher_probs[rows, (starts + span.teacher_offset).clamp(max=last - 1)]
@@ -153,7 +136,7 @@ def evaluate(model: AmphistaDraftModel, conversations: list[Conversation], lm_he
         right = torch.zeros(len(rows), k_heads, dtype=torch.bool, device=device)
         counted = torch.zeros_like(right)
         for k in range(k_heads):
-            span = HeadSpan.of(k, last)
+            span = HeadSpan(k)
             token_at = (starts + span.token_offset).clamp(max=last)
             counted[:, k] = ((starts + span.token_offset <= last) & batch.valid[rows, token_at]
                              & batch.answer[rows, token_at])
