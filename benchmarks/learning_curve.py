@@ -36,7 +36,7 @@ SHARD = 256  # conversations per recorded shard
 
 
 def run(mode: str, shards: int, plan, held_out: list, settings: TrainSettings,
-        folder: Path, target_dir: Path, target: TargetWeights) -> dict:
+        folder: Path, target_dir: Path, target: TargetWeights, vllm_tau: bool) -> None:
     """Train one (mode, size) point unless its heads exist; then its vLLM tau."""
     heads = folder / "heads"
     metrics_path = folder / "metrics.json"
@@ -47,19 +47,36 @@ def run(mode: str, shards: int, plan, held_out: list, settings: TrainSettings,
         metrics = train(model, target.lm_head.float(), train_set, held_out, settings, folder)
         save_checkpoint(model.to(torch.bfloat16), heads)
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
-    metrics = json.loads(metrics_path.read_text())
     vllm_path = folder / "vllm_tau.json"
-    if not vllm_path.is_file():
+    if vllm_tau and not vllm_path.is_file():
         vllm_path.write_text(json.dumps(measure(
             str(target_dir), str(heads), first_turns(limit=80), 128, batch=True), indent=2))
         gc.collect()  # the engine and its KV cache, before the next run
-    vllm = json.loads(vllm_path.read_text())
-    final = metrics["history"][-1]["eval"]
-    return {"mode": mode, "conversations": metrics["train_conversations"],
-            "train_tokens": metrics["train_tokens_per_epoch"] * settings.epochs,
+
+
+def finished_points(runs: Path) -> list[dict]:
+    """Every point in `runs` with its metrics, from this and earlier invocations."""
+    rows = []
+    for metrics_path in sorted(runs.glob("*/metrics.json")):
+        metrics = json.loads(metrics_path.read_text())
+        vllm_path = metrics_path.parent / "vllm_tau.json"
+        vllm = json.loads(vllm_path.read_text()) if vllm_path.is_file() else {}
+        final = metrics["history"][-1]["eval"]
+        rows.append({
+            "run": metrics_path.parent.name, "mode": metrics_path.parent.name.split("-")[0],
+            "conversations": metrics["train_conversations"],
+            "train_tokens": metrics["train_tokens_per_epoch"] * metrics["settings"]["epochs"],
+            "settings": metrics["settings"],
             "heldout_chain_tau": final["chain_tau"], "heldout_top1": final["top1"],
-            "vllm_tau": vllm["tau"], "vllm_acceptance": vllm["acceptance_per_position"],
-            "tokens_per_second": metrics.get("tokens_per_second")}
+            "vllm_tau": vllm.get("tau"), "vllm_acceptance": vllm.get("acceptance_per_position"),
+            "tokens_per_second": metrics.get("tokens_per_second")})
+    return sorted(rows, key=lambda r: (r["mode"], r["train_tokens"]))
+
+
+def family(row: dict) -> str:
+    """A run's name without its size: the mode and any non-default settings."""
+    mode, _size, *tag = row["run"].split("-")
+    return "-".join([mode, *tag])
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -69,14 +86,16 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, marker in (("amphista", "o"), ("medusa", "s")):
-        mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["train_tokens"])
-        if not mine:
-            continue
-        tokens = [r["train_tokens"] for r in mine]
-        ax.plot(tokens, [r["vllm_tau"] for r in mine], marker + "-", label=f"{mode}: vLLM tau")
-        ax.plot(tokens, [r["heldout_chain_tau"] for r in mine], marker + ":",
-                label=f"{mode}: held-out chain tau")
+    families = sorted({family(r) for r in rows})
+    for label in families:
+        mine = sorted((r for r in rows if family(r) == label), key=lambda r: r["train_tokens"])
+        marker = "o" if mine[0]["mode"] == "amphista" else "s"
+        measured = [r for r in mine if r["vllm_tau"] is not None]
+        if measured:
+            ax.plot([r["train_tokens"] for r in measured], [r["vllm_tau"] for r in measured],
+                    marker + "-", label=f"{label}: vLLM tau")
+        ax.plot([r["train_tokens"] for r in mine], [r["heldout_chain_tau"] for r in mine],
+                marker + ":", label=f"{label}: held-out chain tau")
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("tau (tokens per target step, K=4, T=0)")
@@ -86,6 +105,14 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def settings_tag(settings: TrainSettings) -> str:
+    """The folder-name suffix of a run whose settings differ from the defaults."""
+    default = TrainSettings(epochs=settings.epochs)
+    return "".join(f"-{short}{getattr(settings, name):g}" for name, short in
+                   (("learning_rate", "lr"), ("lm_weight", "lmw"), ("head_decay", "decay"))
+                   if getattr(settings, name) != getattr(default, name))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096, 7680],
@@ -93,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out-shards", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["amphista", "medusa"])
     parser.add_argument("--epochs", type=int, default=1)
+    defaults = TrainSettings()
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--lm-weight", type=float, default=defaults.lm_weight)
+    parser.add_argument("--head-decay", type=float, default=defaults.head_decay)
+    parser.add_argument("--no-vllm-tau", action="store_true",
+                        help="held-out metrics only (for settings sweeps)")
     parser.add_argument("--runs", type=Path, default=Path("runs/learning_curve"))
     parser.add_argument("--out", type=Path, default=Path("results/learning_curve.json"))
     args = parser.parse_args(argv)
@@ -106,22 +139,27 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{len(plan.missing_shards())} shards of {plan.folder} are missing: "
                          f"run `vllm-amphista data --num-prompts {len(plan.prompts)}` first")
     held_out = load_shards(plan.shard_paths()[-args.held_out_shards:])
-    settings = TrainSettings(epochs=args.epochs)
-    rows = []
+    settings = TrainSettings(epochs=args.epochs, learning_rate=args.learning_rate,
+                             lm_weight=args.lm_weight, head_decay=args.head_decay)
     for size in shards:
         for mode in args.modes:
             started = time.perf_counter()
-            rows.append(run(mode, size, plan, held_out, settings,
-                            args.runs / f"{mode}-{size * SHARD}", target_dir, target))
-            print(f"{mode} {size * SHARD}: {rows[-1]['vllm_tau']:.3f} "
-                  f"({time.perf_counter() - started:.0f}s)", flush=True)
-            write_report(args.out, {"machine": describe(), "epochs": args.epochs,
+            name = f"{mode}-{size * SHARD}{settings_tag(settings)}"
+            run(mode, size, plan, held_out, settings, args.runs / name, target_dir, target,
+                vllm_tau=not args.no_vllm_tau)
+            print(f"{name} done ({time.perf_counter() - started:.0f}s)", flush=True)
+            rows = finished_points(args.runs)
+            write_report(args.out, {"machine": describe(),
                                     "held_out_conversations": len(held_out), "rows": rows})
             plot(rows, args.out.with_suffix(".png"))
     print(markdown_table(
-        ["mode", "conversations", "training tokens", "held-out chain tau", "vLLM tau"],
-        [[r["mode"], r["conversations"], f"{r['train_tokens']:,}",
-          f"{r['heldout_chain_tau']:.3f}", f"{r['vllm_tau']:.3f}"] for r in rows]))
+        ["run", "training tokens", "epochs", "lr", "lm weight", "head decay",
+         "held-out chain tau", "vLLM tau"],
+        [[r["run"], f"{r['train_tokens']:,}", r["settings"]["epochs"],
+          r["settings"]["learning_rate"], r["settings"]["lm_weight"],
+          r["settings"]["head_decay"], f"{r['heldout_chain_tau']:.3f}",
+          "-" if r["vllm_tau"] is None else f"{r['vllm_tau']:.3f}"]
+         for r in finished_points(args.runs)]))
     return 0
 
 

@@ -1,8 +1,7 @@
 """Helpers for tests that start real vLLM engines and servers (marked `engine`).
 
-Each engine runs in its own subprocess: vLLM's CPU build cannot start a second
-in-process engine once numba is imported (docs/decisions.md), and a crash in one
-test must not take the others down.
+A test's engines run in a subprocess of their own, one after the other: a crash in one
+test must not take the others down, and vLLM is imported once per test, not per engine.
 """
 
 from __future__ import annotations
@@ -38,14 +37,21 @@ def run_engine_script(code: str, timeout: float = 600,
     return _run_for_result([sys.executable, "-c", code], timeout, env_extra)
 
 
-def run_scenarios(spec: dict, timeout: float = 900) -> dict:
-    """tests/engine_scenarios.py with `spec`, in a fresh Python."""
-    return _run_for_result([sys.executable, "-m", "tests.engine_scenarios", json.dumps(spec)],
-                           timeout)
+def run_scenarios(spec: dict, *speculative_configs: dict | None,
+                  timeout: float = 900) -> list[dict]:
+    """tests/engine_scenarios.py with `spec`, in one fresh Python: one engine per
+    speculative config (None: plain), one after the other. A result per config."""
+    spec = {**spec, "speculative_configs": list(speculative_configs)}
+    results = _run_for_result([sys.executable, "-m", "tests.engine_scenarios",
+                               json.dumps(spec)], timeout)
+    for config, result in zip(speculative_configs, results, strict=True):  # pytest -rP
+        print((config or {}).get("method", "plain"), {
+            name: round(s, 1) for name, s in result["seconds"].items()})
+    return results
 
 
 def _run_for_result(cmd: list[str], timeout: float,
-                    env_extra: dict[str, str] | None = None) -> dict:
+                    env_extra: dict[str, str] | None = None):
     env = engine_env(**ENGINE_ENV, **(env_extra or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
                           cwd=REPO_ROOT)

@@ -1,16 +1,19 @@
 """Engine scenarios run in a subprocess by the integration tests (see engine_helpers).
 
-`python -m tests.engine_scenarios '<json spec>'` builds one LLM (plain, or with the
-given speculative_config), runs every listed scenario, and prints
-`RESULT <json>` with the generated token ids, spec-decode metrics and the
-proposer's cache state. Tests compare plain and Amphista runs of the same spec.
+`python -m tests.engine_scenarios '<json spec>'` builds one LLM per entry of the spec's
+speculative_configs (null: plain), one after the other, runs every listed scenario on
+each, and prints `RESULT <json>`: per engine, the generated token ids, spec-decode metrics,
+the proposer's cache state and the seconds each part took. Tests compare plain and
+Amphista runs of the same spec.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -139,23 +142,38 @@ def _drafter(llm):
     return getattr(runner, "drafter", None)
 
 
-def main(spec: dict) -> dict:
+def run(spec: dict, speculative_config: dict | None) -> dict:
     from vllm import LLM
 
+    started = time.perf_counter()
     llm = LLM(model=spec["target"], enforce_eager=True, seed=0, dtype=spec.get("dtype", "float32"),
               max_model_len=spec.get("max_model_len", 2048), disable_log_stats=False,
-              speculative_config=spec.get("speculative_config"), **spec.get("engine", {}))
+              speculative_config=speculative_config, **spec.get("engine", {}))
     tokenizer = llm.get_tokenizer()
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                              add_generation_prompt=True)
                for p in spec["prompts"]]
-    results = {name: SCENARIOS[name](llm, prompts, spec["max_tokens"])
-               for name in spec["scenarios"]}
+    seconds = {"engine start": time.perf_counter() - started}
+    results = {}
+    for name in spec["scenarios"]:
+        started = time.perf_counter()
+        results[name] = SCENARIOS[name](llm, prompts, spec["max_tokens"])
+        seconds[name] = time.perf_counter() - started
     # One more (empty) step hands the last finished request ids to the worker.
     llm.llm_engine.step()
     drafter = _drafter(llm)
-    return {"outputs": results, "metrics": _metrics(llm),
+    return {"outputs": results, "metrics": _metrics(llm), "seconds": seconds,
             "cache": drafter.cache_stats() if hasattr(drafter, "cache_stats") else None}
+
+
+def main(spec: dict) -> list[dict]:
+    """One engine per entry of spec["speculative_configs"] (null: plain), one after the
+    other in this process: the engine import is paid once."""
+    results = []
+    for speculative_config in spec["speculative_configs"]:
+        results.append(run(spec, speculative_config))
+        gc.collect()  # the engine and its KV cache, before the next one
+    return results
 
 
 if __name__ == "__main__":

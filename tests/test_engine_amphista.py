@@ -121,8 +121,7 @@ print("RESULT " + json.dumps(report))
 def test_lossless_under_chunking_preemption_and_aborts(smollm2, smollm2_heads):
     spec = {"target": smollm2, "prompts": _prompts(), "max_tokens": 40, "max_model_len": 512,
             "scenarios": ["single", "batch", "abort", "sampled"], "engine": CONSTRAINED}
-    plain = run_scenarios(spec)
-    amphista = run_scenarios({**spec, "speculative_config": _amphista(smollm2_heads["trained"])})
+    plain, amphista = run_scenarios(spec, None, _amphista(smollm2_heads["trained"]))
     for name in ("single", "batch", "abort"):
         assert amphista["outputs"][name] == plain["outputs"][name], name
     assert all(ids is not None for ids in amphista["outputs"]["abort"])
@@ -145,9 +144,8 @@ def test_lossless_with_default_engine_settings(smollm2, smollm2_heads):
     proposer, and seeded sampling."""
     spec = {"target": smollm2, "prompts": _prompts(), "max_tokens": 48,
             "scenarios": ["single", "batch", "seeded"]}
-    plain = run_scenarios(spec)
-    amphista = run_scenarios({**spec, "speculative_config": _amphista(
-        smollm2_heads["trained-medusa"], num_speculative_tokens=3)})
+    plain, amphista = run_scenarios(spec, None, _amphista(smollm2_heads["trained-medusa"],
+                                                          num_speculative_tokens=3))
     for name in ("single", "batch"):
         assert amphista["outputs"][name] == plain["outputs"][name], name
     assert amphista["outputs"]["seeded"] == [[48, 48]] * 3
@@ -162,11 +160,12 @@ def test_greedy_requests_batched_with_sampled_ones(smollm2, smollm2_heads, tmp_p
     cost that makes verifying dear, draft lengths vary per request and step: still exact."""
     spec = {"target": smollm2, "prompts": _prompts(), "max_tokens": 32,
             "scenarios": ["mixed"]}
-    plain = run_scenarios(spec)["outputs"]["mixed"]
     StepCost.linear(fixed_ms=50.0, per_token_ms=1.0, draft_ms=4.0).save(tmp_path / "dear.json")
-    for step_cost in ("off", str(tmp_path / "dear.json")):
-        amphista = run_scenarios({**spec, "speculative_config": _amphista(
-            smollm2_heads["trained"], step_cost=step_cost)})
+    step_costs = ("off", str(tmp_path / "dear.json"))
+    plain, *drafted = run_scenarios(spec, None, *(
+        _amphista(smollm2_heads["trained"], step_cost=cost) for cost in step_costs))
+    plain = plain["outputs"]["mixed"]
+    for step_cost, amphista in zip(step_costs, drafted, strict=True):
         assert amphista["outputs"]["mixed"]["greedy"] == plain["greedy"]
         assert amphista["outputs"]["mixed"]["sampled_lengths"] == ([[32]] * 6
                                                                    + [[32, 32], [32]])
@@ -197,9 +196,9 @@ def test_sampling_distribution_matches_vanilla(smollm2, smollm2_heads):
     questions = first_turns()
     spec = {"target": smollm2, "prompts": [questions[i] for i in DISTRIBUTION_PROMPTS],
             "max_tokens": 3, "scenarios": ["distribution"], "engine": DISTRIBUTION_ENGINE}
-    plain = run_scenarios(spec)["outputs"]["distribution"]
-    amphista = run_scenarios({**spec, "speculative_config": _amphista(
-        smollm2_heads["trained"], num_speculative_tokens=2)})
+    plain, amphista = run_scenarios(spec, None, _amphista(smollm2_heads["trained"],
+                                                          num_speculative_tokens=2))
+    plain = plain["outputs"]["distribution"]
     metrics = amphista["metrics"]
     accepted = metrics["vllm:spec_decode_num_accepted_tokens"]
     assert 200 < accepted < metrics["vllm:spec_decode_num_draft_tokens"] / 2, metrics
@@ -248,14 +247,17 @@ def test_server_speculative_model_flag_load_and_metrics(smollm2, smollm2_heads):
     are on /metrics, and the draft caches are emptied once traffic stops."""
     questions = first_turns()
     lengths = [8 + (i * 5) % 40 for i in range(32)]
-    plain = run_scenarios({"target": smollm2, "prompts": questions[:32],
-                           "max_tokens": max(lengths), "scenarios": ["uniform"]})
+    [plain] = run_scenarios({"target": smollm2, "prompts": questions[:32],
+                             "max_tokens": max(lengths), "scenarios": ["uniform"]}, None)
     plain = plain["outputs"]["uniform"]
     sampled = [{"temperature": 0.8, "top_k": 20}, {"temperature": 0.7, "top_p": 0.9},
                {"temperature": 1.0, "top_k": 40, "top_p": 0.8, "seed": 11},
                {"temperature": 0.8, "n": 2, "seed": 5}]
     with vllm_server([smollm2, "--enforce-eager", "--max-model-len", "2048", "--dtype",
-                      "float32", "--speculative-model", str(smollm2_heads["trained"])],
+                      "float32", "--speculative-model", str(smollm2_heads["trained"]),
+                      # Draft in every step, whatever step-cost calibration this machine
+                      # holds: the cache-release check below needs a draft cache.
+                      "--speculative-disable-by-batch-size", "64"],
                      timeout=300) as (base, log):
         def chat(i: int, max_tokens: int, timeout: float, **params) -> dict:
             return post_json(f"{base}/v1/chat/completions", {
