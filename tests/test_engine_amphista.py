@@ -227,15 +227,33 @@ def test_bad_heads_fail_at_startup_with_one_line(smollm2, smollm2_heads, tiny_ta
         "other_target": (other, None, "hidden_size=128, target"),
         "too_many_tokens": (smollm2_heads["random"], 5, "num_speculative_tokens=5"),
     }
-    vllm = str(Path(sys.executable).parent / "vllm")
-    for name, (heads, num_tokens, message) in cases.items():
-        cmd = [vllm, "serve", smollm2, "--enforce-eager", "--speculative-model", str(heads)]
+    argv = {}
+    for name, (heads, num_tokens, _) in cases.items():
+        argv[name] = ["vllm", "serve", smollm2, "--enforce-eager", "--speculative-model",
+                      str(heads)]
         if num_tokens:
-            cmd += ["--num-speculative-tokens", str(num_tokens)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                              env={"VLLM_CPU_KVCACHE_SPACE": "1", "PATH": "/usr/bin:/bin"})
-        last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+            argv[name] += ["--num-speculative-tokens", str(num_tokens)]
+    # The real `vllm` script once: its exit code, and the error as stderr's last line.
+    proc = subprocess.run([str(Path(sys.executable).parent / "vllm"), *argv["missing"][1:]],
+                          capture_output=True, text=True, timeout=300,
+                          env={"VLLM_CPU_KVCACHE_SPACE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    outcomes = {"missing": [2, proc.stderr.strip().splitlines()[-1]]}
+    # The others through the script's main() in one process (one vLLM import, not three).
+    outcomes |= run_engine_script(f"""
+import contextlib, io, json, sys
+from vllm_amphista.serving.vllm_command import main
+outcomes = {{}}
+for name, argv in {json.dumps({k: v for k, v in argv.items() if k != "missing"})}.items():
+    sys.argv, err = argv, io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main()
+    outcomes[name] = [code, (err.getvalue().strip().splitlines() or [""])[-1]]
+print("RESULT " + json.dumps(outcomes))
+""")
+    for name, (_, _, message) in cases.items():
+        code, last = outcomes[name]
+        assert code == 2, (name, last)
         assert last.startswith("error: amphista:") and message in last, (name, last)
 
 
@@ -326,7 +344,8 @@ def urllib_open(url: str):
 def test_engine_answers_json_for_bad_requests(smollm2, smollm2_heads):
     """A malformed request gets a 400 and the engine keeps serving."""
     with vllm_server([smollm2, "--enforce-eager", "--max-model-len", "1024",
-                      "--speculative-model", str(smollm2_heads["random"])]) as (base, _):
+                      "--speculative-model", str(smollm2_heads["random"])],
+                     in_process=True) as (base, _):
         with pytest.raises(urllib.error.HTTPError) as bad:
             post_json(f"{base}/v1/chat/completions", {"model": smollm2, "max_tokens": -3,
                                                       "messages": "not a list"})

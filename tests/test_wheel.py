@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine_helpers import REPO_ROOT, engine_env, post_json
+from tests.engine_helpers import IN_PROCESS, REPO_ROOT, engine_env, post_json
 from vllm_amphista.eval.server import vllm_server
 from vllm_amphista.model.target import export_smollm2
 
@@ -35,12 +35,13 @@ def build_wheel(out: Path) -> Path:
 def test_wheel_serves_the_shipped_heads_by_name_and_runs_the_demo(tmp_path):
     wheel = build_wheel(tmp_path)
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                    str(site), str(wheel)], check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
+                    "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
     shipped = site / "vllm_amphista" / "heads" / "SmolLM2-135M-Instruct" / "amphista"
     assert (shipped / "model.safetensors").is_file() and (shipped / "config.json").is_file()
 
-    env = engine_env(PYTHONPATH=str(site), VLLM_CPU_KVCACHE_SPACE="1")
+    env = engine_env(PYTHONPATH=str(site), VLLM_CPU_KVCACHE_SPACE="1", **IN_PROCESS)
     where = subprocess.run([sys.executable, "-c", "import vllm_amphista; print("
                             "vllm_amphista.__file__)"], env=env, capture_output=True,
                            text=True, check=True, cwd=tmp_path).stdout.strip()
