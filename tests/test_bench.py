@@ -72,13 +72,14 @@ def test_table_without_vanilla_has_no_speedup():
 @pytest.mark.engine
 @pytest.mark.slow
 def test_bench_command_end_to_end(tmp_path):
-    """The real command on SmolLM2: four servers, greedy and sampled, JSON/PNG/markdown.
-    vLLM's own Medusa serving our exported heads must accept exactly as our proposer does
-    in Medusa mode: the same heads, the same drafts."""
+    """The real command on SmolLM2: a server per method, greedy and sampled, JSON/PNG/
+    markdown. (vLLM's own Medusa on the exported heads is compared with our Medusa mode in
+    tests/test_engine_amphista.py, without servers.)"""
     out = tmp_path / "bench"
-    cmd = [str(Path(sys.executable).parent / "vllm-amphista"), "bench", "--num-prompts", "2",
-           "--max-tokens", "16", "--concurrency", "2", "--temperature", "0", "0.7",
-           "--repeats", "1", "--step-cost", "off", "--out", str(out)]
+    cmd = [str(Path(sys.executable).parent / "vllm-amphista"), "bench", "--methods",
+           "vanilla", "amphista", "--num-prompts", "2", "--max-tokens", "16", "--concurrency",
+           "2", "--temperature", "0", "0.7", "--repeats", "1", "--step-cost", "off", "--out",
+           str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200,
                           env=engine_env(VLLM_CPU_KVCACHE_SPACE="1", **IN_PROCESS))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -88,12 +89,10 @@ def test_bench_command_end_to_end(tmp_path):
     assert (out / "bench.md").read_text().startswith("| method |")
     assert report["environment"]["vllm"].startswith("0.32.0")
     rows = {(r["method"], r["temperature"]): r for r in report["rows"]}
-    assert len(rows) == 8
-    for method in ("amphista", "medusa", "vllm-medusa"):
-        greedy = rows[(method, 0.0)]
-        assert greedy["identical_to_vanilla"] is True
-        assert greedy["drafts"] > 0 and len(greedy["acceptance_per_position"]) == 4
-        assert greedy["tokens_per_s"] > 0 and greedy["speedup"] > 0
-    assert rows[("amphista", 0.0)]["tau"] > 1.0
-    assert rows[("vllm-medusa", 0.0)]["acceptance_per_position"] == pytest.approx(
-        rows[("medusa", 0.0)]["acceptance_per_position"], abs=0.02)
+    assert set(rows) == {(m, t) for m in ("vanilla", "amphista") for t in (0.0, 0.7)}
+    greedy = rows[("amphista", 0.0)]
+    assert greedy["identical_to_vanilla"] is True
+    assert greedy["drafts"] > 0 and len(greedy["acceptance_per_position"]) == 4
+    assert greedy["tokens_per_s"] > 0 and greedy["speedup"] > 0
+    assert greedy["tau"] > 1.0
+    assert rows[("amphista", 0.7)]["drafts"] > 0

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vllm_amphista.serving.draft_sampling import (
+    CANDIDATES,
+    DraftQ,
     RequestSampling,
     draft_distribution,
     sample_drafts,
-    to_target_vocab,
 )
 
 
@@ -22,7 +24,7 @@ def _sampling(temperature, top_k=None, top_p=None, generators=None) -> RequestSa
 
 def test_temperature_only_is_a_tempered_softmax():
     logits = torch.randn(2, 3, 50)
-    q = draft_distribution(logits, _sampling([0.5, 2.0]))
+    q = draft_distribution(logits, _sampling([0.5, 2.0])).dense(50)
     torch.testing.assert_close(q[0], (logits[0] / 0.5).softmax(-1))
     torch.testing.assert_close(q[1], (logits[1] / 2.0).softmax(-1))
 
@@ -32,7 +34,7 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     p = torch.tensor([0.15, 0.5, 0.03, 0.25, 0.07])
     logits = p.log().expand(4, 1, 5).clone()
     q = draft_distribution(logits, _sampling([1.0] * 4, top_k=[2, 50, 50, 1],
-                                             top_p=[1.0, 0.7, 0.8, 1.0]))
+                                             top_p=[1.0, 0.7, 0.8, 1.0])).dense(5)
     kept = (q > 0).squeeze(1)
     assert kept[0].tolist() == [False, True, False, True, False]  # top-2
     assert kept[1].tolist() == [False, True, False, True, False]  # 0.5 + 0.25 >= 0.7
@@ -42,27 +44,64 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     torch.testing.assert_close(q.sum(-1), torch.ones(4, 1))
 
 
+def _full_sort_q(logits: torch.Tensor, sampling: RequestSampling) -> torch.Tensor:
+    """The definition, by sorting every row whole: temperature, then top-k, then top-p
+    over what top-k keeps."""
+    logits = logits.float() / sampling.temperature[:, None, None]
+    ranked, order = logits.sort(-1, descending=True)
+    rank = torch.arange(logits.shape[-1])
+    drop = rank >= sampling.top_k[:, None, None] if sampling.top_k is not None else (
+        torch.zeros_like(ranked, dtype=torch.bool))
+    if sampling.top_p is not None:
+        probs = ranked.masked_fill(drop, float("-inf")).softmax(-1)
+        drop = drop | (probs.cumsum(-1) - probs >= sampling.top_p[:, None, None])
+    return logits.scatter(-1, order, ranked.masked_fill(drop, float("-inf"))).softmax(-1)
+
+
+@pytest.mark.parametrize("case", [
+    dict(top_k=[20, 5, 1], width=20),  # top-k within the candidates: a partial sort
+    dict(top_k=[20, 300, 4096], width=4096),  # one row wider than the candidates: the full sort
+    # peaked rows: the candidates hold the top-p mass
+    dict(top_p=[0.9, 0.5, 0.95], width=CANDIDATES),
+    dict(top_p=[0.9, 0.5, 0.95], flat=True, width=4096),  # flat rows: they do not, the full sort
+    dict(top_k=[20, 4096, 300], top_p=[0.8, 0.9, 0.9], width=4096),  # top-p after a wide top-k
+    # the candidates hold the uncut row's top-p mass
+    dict(top_k=[40, 4096, 10], top_p=[0.8, 0.9, 0.5], width=CANDIDATES),
+])
+def test_partial_ranking_gives_the_full_sort_q(case):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2, 4096) * (0.1 if case.get("flat") else 4.0)
+    sampling = _sampling([0.8, 1.0, 0.6], top_k=case.get("top_k"), top_p=case.get("top_p"))
+    q = draft_distribution(logits, sampling)
+    torch.testing.assert_close(q.dense(4096), _full_sort_q(logits, sampling),
+                               atol=1e-6, rtol=1e-4)
+    assert q.probs.shape[-1] == case["width"]  # the path the case is meant to take
+
+
 def test_samples_follow_q_and_seeded_rows_repeat():
-    q = torch.tensor([[0.6, 0.3, 0.1, 0.0]]).expand(2, 2, 4).contiguous()
+    probs = torch.tensor([[0.6, 0.3, 0.1, 0.0]]).expand(2, 2, 4).contiguous()
+    q = DraftQ(probs, torch.tensor([3, 0, 2, 1]).expand(2, 2, 4))  # ids in another order
     counts = torch.zeros(4)
     for _ in range(50):
-        ids = sample_drafts(q.repeat(50, 1, 1), {})
+        ids = sample_drafts(DraftQ(q.probs.repeat(50, 1, 1), q.ids.repeat(50, 1, 1)), {})
         counts += torch.bincount(ids.flatten(), minlength=4)
     freq = counts / counts.sum()  # 10,000 draws: sd of each frequency < 0.005
-    torch.testing.assert_close(freq, q[0, 0], atol=0.02, rtol=0)
-    assert freq[3] == 0
+    torch.testing.assert_close(freq, torch.tensor([0.3, 0.0, 0.1, 0.6]), atol=0.02, rtol=0)
+    assert freq[1] == 0
     a = sample_drafts(q, {1: torch.Generator().manual_seed(7)})
     b = sample_drafts(q, {1: torch.Generator().manual_seed(7)})
     assert torch.equal(a[1], b[1])
 
 
 def test_target_vocabulary_expansion():
-    q = torch.tensor([[[0.7, 0.2, 0.1]]])
-    full = to_target_vocab(q, torch.tensor([9, 2, 5]), 12)
+    q = DraftQ(torch.tensor([[[0.7, 0.2, 0.1]]]), torch.tensor([[[2, 0, 1]]]))
+    full = q.dense(12, draft_to_target=torch.tensor([9, 2, 5]))
     assert full.shape == (1, 1, 12)
-    assert full[0, 0, [9, 2, 5]].tolist() == q[0, 0].tolist()
+    assert full[0, 0, [5, 9, 2]].tolist() == q.probs[0, 0].tolist()
     assert float(full.sum()) == 1.0 and int((full > 0).sum()) == 3
-    assert to_target_vocab(q, None, 3) is q
+    out = torch.zeros(3, 1, 4)
+    q.write_into(out, torch.tensor([2]), None)  # into row 2 of a batch, no vocabulary map
+    assert torch.equal(out[2, 0], torch.tensor([0.2, 0.1, 0.7, 0.0])) and not out[:2].any()
 
 
 def test_rows_renumber_generators():

@@ -27,7 +27,7 @@ def test_vllm_serve_answers_chat_with_smollm2():
     # fp32: the CPU engine's default bf16 flips this prompt's first-token near-tie
     # (-1.88 vs -1.97 logprob in fp32), see README "Limits".
     with vllm_server([target, "--enforce-eager", "--max-model-len", "2048",
-                      "--dtype", "float32"]) as (base, _):
+                      "--dtype", "float32"], in_process=True) as (base, _):
         reply = post_json(f"{base}/v1/chat/completions", {
             "model": target, "temperature": 0, "max_tokens": 24,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]})

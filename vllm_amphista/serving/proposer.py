@@ -41,7 +41,6 @@ from vllm_amphista.serving.draft_sampling import (
     DraftSampling,
     draft_distribution,
     sample_drafts,
-    to_target_vocab,
 )
 from vllm_amphista.serving.spec_config import ADDITIONAL_CONFIG_KEY, DEFAULT_DRAFT_SAMPLING
 from vllm_amphista.serving.step import Proposal, StepDrafter, StepRows
@@ -214,10 +213,11 @@ class AmphistaProposer(StepDrafter):
         sampled_rows = rows.rows(sampled)
         q = draft_distribution(logits[sampled], sampled_rows)
         ids[sampled] = sample_drafts(q, sampled_rows.generators)
-        vocab_size = self.model.config.vocab_size
-        draft_probs = q.new_zeros(len(step.req_ids), logits.shape[1], vocab_size)
-        draft_probs[[drafting[r] for r in sampled]] = to_target_vocab(
-            q, self.model.draft_to_target, vocab_size)
+        draft_probs = torch.zeros(len(step.req_ids), logits.shape[1],
+                                  self.model.config.vocab_size, device=logits.device)
+        q.write_into(draft_probs, torch.tensor([drafting[r] for r in sampled],
+                                               device=logits.device),
+                     self.model.draft_to_target)
         return ids, draft_probs
 
     def release(self, req_id: str, request=None) -> None:
