@@ -378,6 +378,7 @@ def test_engine_answers_json_for_bad_requests(smollm2, smollm2_heads):
         assert isinstance(reply["choices"][0]["message"]["content"], str)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_two_workers_is_lossless(tiny_target_dir, tmp_path):
     """TP=2 on the CPU engine (one core per worker): same greedy tokens as TP=1 plain.
     The tiny target has 2 attention heads (SmolLM2's 9 do not split in 2)."""

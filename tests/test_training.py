@@ -146,6 +146,7 @@ def test_bad_inputs_destroy_nothing(tiny_target_dir, tmp_path):
 
 
 @pytest.mark.engine
+@pytest.mark.slow
 def test_train_command_end_to_end(tiny_target_dir, tmp_path):
     """`vllm-amphista train`: vLLM answers the prompts, heads train, export loads; then
     `--num-workers 2` (Ray Train, DDP over gloo, 2 CPU workers) on the cached data trains
