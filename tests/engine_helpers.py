@@ -61,9 +61,10 @@ def _run_for_result(cmd: list[str], timeout: float,
     raise AssertionError(f"engine script failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-# `vllm serve` with its engine inside the API server's process: one vLLM import where the
-# default layout (API server, engine core, worker) pays three, ~17 s less per start. For
-# tests whose subject is not that layout; the server tests keep the default.
+# `vllm serve` without a separate worker process (the engine core runs the model itself):
+# two vLLM imports where the default layout (API server, engine core, worker) pays three,
+# ~17 s less per start. For tests whose subject is not that layout; the
+# `--speculative-model` server test keeps the default.
 IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
