@@ -105,11 +105,16 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+CURVE_EPOCHS = 1  # the curve's budget: one pass over each size's data
+
+
 def settings_tag(settings: TrainSettings) -> str:
-    """The folder-name suffix of a run whose settings differ from the defaults."""
-    default = TrainSettings(epochs=settings.epochs)
+    """The folder-name suffix of a run whose settings differ from the curve's defaults
+    (so a run with other settings never reuses, or is mistaken for, a curve point)."""
+    default = TrainSettings(epochs=CURVE_EPOCHS)
     return "".join(f"-{short}{getattr(settings, name):g}" for name, short in
-                   (("learning_rate", "lr"), ("lm_weight", "lmw"), ("head_decay", "decay"))
+                   (("epochs", "ep"), ("learning_rate", "lr"), ("lm_weight", "lmw"),
+                    ("head_decay", "decay"))
                    if getattr(settings, name) != getattr(default, name))
 
 
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="training conversations (whole shards of 256)")
     parser.add_argument("--held-out-shards", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["amphista", "medusa"])
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=CURVE_EPOCHS)
     defaults = TrainSettings()
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--lm-weight", type=float, default=defaults.lm_weight)
