@@ -39,6 +39,7 @@ def _median_ms(fn, repeats: int) -> float:
 def draft_pass_ms(target: Path, dtype: torch.dtype, requests: int, repeats: int) -> float:
     model = load_checkpoint(SHIPPED_HEADS / "amphista", target=TargetWeights.from_folder(target),
                             dtype=dtype).eval()
+    model.pack_for_drafting()  # as the proposer drafts
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(0)
     cache = model.new_cache()

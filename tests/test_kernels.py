@@ -1,5 +1,6 @@
 """Triton kernels against their PyTorch references, on CPU under TRITON_INTERPRET=1
-(set by tests/conftest.py before anything imports triton)."""
+(set by tests/conftest.py before anything imports triton); the prepacked CPU linear
+against F.linear."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from benchmarks.bench_kernels import main
 from vllm_amphista.kernels.head_attention import head_attention_reference
+from vllm_amphista.kernels.packed_linear import PackedLinear, can_pack
 from vllm_amphista.kernels.tree_attention import tree_attention_reference
 from vllm_amphista.reference.tree import build_tree, chain_tree
 
@@ -123,3 +125,17 @@ def test_gpu_benchmark_script_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert {r["kernel"] for r in report["rows"]} == {"head_attention", "tree_attention"}
     assert all(r["ok"] for r in report["rows"])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("leading", [(1,), (4,), (3, 5), (2, 1, 7)])
+def test_packed_linear_is_f_linear(bias, leading):
+    assert can_pack(torch.bfloat16, torch.device("cpu"))
+    assert not can_pack(torch.float32, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 40, generator=g).bfloat16()
+    b = torch.randn(96, generator=g).bfloat16() if bias else None
+    x = torch.randn(*leading, 40, generator=g).bfloat16()
+    got = PackedLinear(weight, b)(x)
+    assert got.shape == (*leading, 96)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,3 +170,20 @@ def test_fresh_model_is_identity_at_the_heads(tiny_target):
 def test_impossible_configs_are_named(bad, message):
     with pytest.raises(ValueError, match=message):
         AmphistaConfig(hidden_size=64, vocab_size=512, **bad)
+
+
+def test_prepacked_weights_draft_as_the_plain_model(tiny_target):
+    """pack_for_drafting (bf16 on a CPU) swaps every weight matrix, the vocabulary
+    projection included, for oneDNN's layout: the same logits, chunk after chunk."""
+    plain = draft_model(tiny_target, randomised=True, draft_vocab_size=100).to(torch.bfloat16)
+    packed = copy.deepcopy(plain)
+    assert packed.pack_for_drafting()
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    hidden, tokens = _inputs(tiny_target, b=1, t=12)
+    hidden = hidden[0].to(torch.bfloat16)
+    caches = {model: model.new_cache() for model in (plain, packed)}
+    for rows in (slice(0, 7), slice(7, 8), slice(8, 12)):
+        want, got = (model.extend(caches[model], hidden[rows], tokens[0, rows],
+                                  [rows.stop - rows.start]) for model in (plain, packed))
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+    assert not draft_model(tiny_target).pack_for_drafting()  # fp32: nothing to gain

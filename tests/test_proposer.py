@@ -25,13 +25,14 @@ def heads_dir(tiny_target, tmp_path):
 
 
 def _proposer(heads_dir, target_dir, num_tokens=3, pause=None,
-              draft_sampling="sample", step_cost="off") -> AmphistaProposer:
+              draft_sampling="sample", step_cost="off",
+              draft_dtype="float32") -> AmphistaProposer:
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=num_tokens),
         additional_config={"amphista": {"heads": str(heads_dir),
                                         "disable_by_batch_size": pause,
                                         "draft_sampling": draft_sampling,
-                                        "draft_dtype": "float32",
+                                        "draft_dtype": draft_dtype,
                                         "step_cost": step_cost}},
         model_config=SimpleNamespace(model=str(target_dir), dtype=torch.float32),
         device_config=SimpleNamespace(device="cpu"),
@@ -170,6 +171,12 @@ def test_sampled_requests_draft_from_q_greedy_ones_argmax(heads_dir, tiny_target
     assert all(q[1, k, token] > 0 for k, token in enumerate(proposal.tokens[1]))
     assert step(_proposer(heads_dir, tiny_target_dir, draft_sampling="argmax"),
                 sampling).draft_probs is None
+
+
+def test_bf16_drafting_prepacks_every_weight_matrix(heads_dir, tiny_target_dir):
+    proposer = _proposer(heads_dir, tiny_target_dir, draft_dtype="bfloat16")
+    assert proposer.model.packed_lm_head is not None
+    assert not any(isinstance(m, torch.nn.Linear) for m in proposer.model.modules())
 
 
 def test_too_many_speculative_tokens(heads_dir, tiny_target_dir):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm_amphista.kernels.packed_linear import PackedLinear, can_pack, pack_linears
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.layers import (
     AutoEmbeddingBlock,
@@ -59,6 +60,7 @@ class AmphistaDraftModel(nn.Module):
         # The target's frozen pieces: never saved, attached by attach_target().
         self.register_buffer("embed_tokens", None, persistent=False)
         self.register_buffer("lm_head_weight", None, persistent=False)
+        self.packed_lm_head: PackedLinear | None = None  # pack_for_drafting()
         if target is not None:
             self.attach_target(target)
 
@@ -77,6 +79,19 @@ class AmphistaDraftModel(nn.Module):
         """Cache the lm_head rows of the draft vocabulary (all rows without a token map)."""
         self.lm_head_weight = (lm_head if self.draft_to_target is None
                                else lm_head[self.draft_to_target.to(lm_head.device)])
+        if self.packed_lm_head is not None:
+            self.packed_lm_head = PackedLinear(self.lm_head_weight)
+
+    def pack_for_drafting(self) -> bool:
+        """Prepack every weight matrix, the vocabulary projection included, for faster
+        bf16 drafting on a CPU (kernels/packed_linear.py); no-op elsewhere. After this
+        the model drafts (extend, forward without grad) but cannot be trained."""
+        weight = next(self.parameters())
+        if not can_pack(weight.dtype, weight.device) or self.lm_head_weight is None:
+            return False
+        pack_linears(self)
+        self.packed_lm_head = PackedLinear(self.lm_head_weight)
+        return True
 
     # -- shared pieces -------------------------------------------------------------------
     def _fuse(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
@@ -98,6 +113,8 @@ class AmphistaDraftModel(nn.Module):
             g = self.final_norm(g)
         if self.lm_heads is not None:
             return torch.stack([g[..., k, :] @ w.T for k, w in enumerate(self.lm_heads)], -2)
+        if self.packed_lm_head is not None:
+            return self.packed_lm_head(g)
         if self.lm_head_weight is None:
             raise RuntimeError("logits need the target's lm_head: call attach_target()")
         return g @ self.lm_head_weight.T

@@ -103,7 +103,8 @@ class AmphistaProposer(StepDrafter):
 
     # -- vLLM's custom_class interface ---------------------------------------------------
     def load_model(self, target_model: torch.nn.Module) -> None:
-        """Attach the target's frozen embedding and lm_head (called by the runner)."""
+        """Attach the target's frozen embedding and lm_head (called by the runner), then
+        prepack the draft model's weights where that drafts faster (bf16 on a CPU)."""
         target = None
         if self.tensor_parallel_size == 1:
             target = self._weights_from_vllm_model(target_model)
@@ -112,6 +113,7 @@ class AmphistaProposer(StepDrafter):
         check_target(self.model.config, target, self.heads_dir)
         self.model.attach_target(target)
         self.model.to(self.device)
+        self.model.pack_for_drafting()
 
     def _weights_from_vllm_model(self, target_model: torch.nn.Module) -> TargetWeights | None:
         vocab = self.model.config.vocab_size

@@ -1,0 +1,51 @@
+"""bf16 linear layers with their weights prepacked for oneDNN, for drafting on a CPU.
+
+A draft pass multiplies a few rows by ~16M parameters: it is bound by reading weights.
+PyTorch's bf16 `F.linear` on CPU hands oneDNN a plain row-major weight every call;
+oneDNN's own blocked layout, made once, reads faster (AMD EPYC with avx512_bf16, one
+thread, the SmolLM2 heads, interleaved runs: a draft pass 10.3 -> 6.8 ms at one request,
+21.4 -> 17.1 ms at 16; the 8192-row vocabulary projection alone 1.65 -> 1.0 ms). It is
+what PyTorch's inductor does for frozen CPU models; here it is done directly, because the
+draft pass's shapes change every step. Inference only: packed weights have no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_OPS = torch.ops.mkldnn
+
+
+def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    """bf16 on a CPU whose PyTorch has oneDNN and the two packing ops."""
+    return (dtype == torch.bfloat16 and device.type == "cpu"
+            and torch.backends.mkldnn.is_available()
+            and hasattr(_OPS, "_reorder_linear_weight") and hasattr(_OPS, "_linear_pointwise"))
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W in oneDNN's layout; x may have any leading dimensions."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features = weight.shape[0]
+        self.register_buffer("packed_weight", _OPS._reorder_linear_weight(weight.detach()))
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        y = _OPS._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def pack_linears(module: nn.Module) -> int:
+    """Replace every nn.Linear inside `module` by its PackedLinear; how many were."""
+    packed = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, PackedLinear(child.weight, child.bias))
+            packed += 1
+        else:
+            packed += pack_linears(child)
+    return packed
