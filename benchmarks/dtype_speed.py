@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from vllm_amphista.eval.calibrate import measure_draft_pass
 from vllm_amphista.machine import DTYPE_NAMES, compute_dtype, describe
-from vllm_amphista.model.checkpoint import load_checkpoint
-from vllm_amphista.model.target import TargetWeights, export_smollm2
+from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
 from vllm_amphista.prompts import first_turns
 
@@ -34,25 +34,6 @@ def _median_ms(fn, repeats: int) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
-
-
-def draft_pass_ms(target: Path, dtype: torch.dtype, requests: int, repeats: int) -> float:
-    model = load_checkpoint(SHIPPED_HEADS / "amphista", target=TargetWeights.from_folder(target),
-                            dtype=dtype).eval()
-    model.pack_for_drafting()  # as the proposer drafts
-    d = model.config.hidden_size
-    g = torch.Generator().manual_seed(0)
-    cache = model.new_cache()
-    model.extend(cache, torch.randn(200 * requests, d, generator=g).to(dtype),
-                 torch.randint(0, 1000, (200 * requests,), generator=g), [200] * requests)
-    hidden = torch.randn(requests, d, generator=g).to(dtype)
-    tokens = torch.randint(0, 1000, (requests,), generator=g)
-
-    def step() -> None:
-        model.extend(cache, hidden, tokens, [1] * requests)
-        cache.lengths[:requests] -= 1  # measure the same cache length every time
-
-    return _median_ms(step, repeats)
 
 
 def teacher_forcing_tokens_per_s(target: Path, dtype: torch.dtype, repeats: int) -> float:
@@ -105,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, dtype in DTYPE_NAMES.items():
         row = {"dtype": name,
-               "draft_pass_ms_1": draft_pass_ms(target, dtype, 1, args.repeats),
-               "draft_pass_ms_16": draft_pass_ms(target, dtype, 16, args.repeats),
+               **{f"draft_pass_ms_{m['requests']}": m["ms"] for m in
+                  measure_draft_pass(target, SHIPPED_HEADS / "amphista", dtype, [1, 16],
+                                     repeats=args.repeats)},
                "teacher_forcing_tokens_per_s": teacher_forcing_tokens_per_s(
                    target, dtype, max(3, args.repeats // 10))}
         if not args.skip_vllm:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,7 +11,14 @@ import torch
 
 from tests.conftest import draft_model
 from vllm_amphista.model.checkpoint import save_checkpoint
-from vllm_amphista.serving.draft_length import StepCost, choose_lengths, confidence
+from vllm_amphista.serving import draft_length
+from vllm_amphista.serving.draft_length import (
+    StepCost,
+    choose_lengths,
+    confidence,
+    shipped_step_cost_path,
+    step_cost_path,
+)
 from vllm_amphista.serving.draft_sampling import RequestSampling
 from vllm_amphista.serving.proposer import AmphistaProposer
 from vllm_amphista.serving.spec_config import AmphistaSetupError, resolve_speculative_config
@@ -253,3 +261,26 @@ def test_draft_lengths_follow_the_step_cost(heads_dir, tiny_target, tiny_target_
     assert [len(t) for t in cut] == want and want != [3, 3, 3]
     full = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "free.json"))
     assert [len(t) for t in full.propose_from_step(rows).tokens] == [3, 3, 3]
+
+
+def test_auto_step_cost_is_this_machines_else_the_one_shipped_with_the_heads(
+        heads_dir, tiny_target_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(draft_length, "STEP_COST_DIR", tmp_path / "machine")
+    caplog.set_level(logging.INFO, logger="vllm.amphista")
+    logging.getLogger("vllm.amphista").addHandler(caplog.handler)  # vLLM stops propagation
+    try:
+        assert _proposer(heads_dir, tiny_target_dir, step_cost="auto").step_cost is None
+        shipped = StepCost.linear(10.0, 1.0, 2.0)
+        shipped.save(shipped_step_cost_path(heads_dir, "torch.float32"),
+                     machine={"cpu": "Reference CPU", "bf16_flags": ["avx512_bf16"]})
+        shipped.save(shipped_step_cost_path(heads_dir, "bfloat16"))  # another dtype's
+        caplog.clear()
+        assert _proposer(heads_dir, tiny_target_dir, step_cost="auto").step_cost == shipped
+        assert "shipped with the heads" in caplog.text
+        assert "measured on Reference CPU (avx512_bf16)" in caplog.text
+        own = StepCost.linear(20.0, 3.0, 4.0)
+        own.save(step_cost_path(tiny_target_dir, "torch.float32"))
+        assert _proposer(heads_dir, tiny_target_dir, step_cost="auto").step_cost == own
+        assert _proposer(heads_dir, tiny_target_dir, step_cost="off").step_cost is None
+    finally:
+        logging.getLogger("vllm.amphista").removeHandler(caplog.handler)

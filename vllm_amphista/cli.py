@@ -118,7 +118,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     target = Path(args.target) if args.target else export_smollm2()
     heads = Path(args.heads) if args.heads else SHIPPED_HEADS / "amphista"
     cost, path = calibrate(target, heads, args.dtype, resolve_dtype(args.draft_dtype),
-                           args.batch_sizes, args.drafts)
+                           args.batch_sizes, args.drafts, ship=args.ship)
     print(f"{path}\n{cost}")
     return 0
 
@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                              choices=["auto", *DTYPE_NAMES])
     calibration.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     calibration.add_argument("--drafts", type=int, nargs="+", default=[0, 2, 4])
+    calibration.add_argument("--ship", action="store_true",
+                             help="save into the heads folder, as the calibration machines "
+                             "without their own start from")
     calibration.set_defaults(func=_calibrate)
 
     tree = sub.add_parser("eval-tree", help="chain vs tree speculation, reference decoder")

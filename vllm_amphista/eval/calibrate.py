@@ -4,7 +4,8 @@ Runs the target in vLLM with a drafter that proposes a fixed number of throw-awa
 (so every step verifies exactly that many tokens per request), for a few batch sizes and
 draft counts, and times the draft pass of the heads at the same batch sizes. The fitted
 `StepCost` is written where the proposer looks for it: one file per CPU, target and
-target dtype under ~/.cache/vllm-amphista/step_cost/.
+target dtype under ~/.cache/vllm-amphista/step_cost/, or with --ship into the heads
+folder (the calibration that travels with the heads).
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from vllm_amphista.engine import start_llm
 from vllm_amphista.machine import describe
 from vllm_amphista.model.checkpoint import load_checkpoint
 from vllm_amphista.model.target import TargetWeights
-from vllm_amphista.serving.draft_length import StepCost, step_cost_path
+from vllm_amphista.serving.draft_length import (
+    StepCost,
+    shipped_step_cost_path,
+    step_cost_path,
+)
 from vllm_amphista.serving.step import Proposal, StepDrafter, StepRows
 
 FIXED_DRAFTER_PATH = f"{__name__}.FixedDrafter"
@@ -68,9 +73,12 @@ def measure_steps(target_dir: Path, dtype: str, batch_sizes: list[int],
 
 
 def measure_draft_pass(target_dir: Path, heads: Path, dtype: torch.dtype,
-                       batch_sizes: list[int], context: int = 200) -> list[dict]:
-    """Median draft-pass time (ms) for a decode step of `requests` requests."""
+                       batch_sizes: list[int], context: int = 200,
+                       repeats: int = 20) -> list[dict]:
+    """Median draft-pass time (ms) for a decode step of `requests` requests, each with
+    `context` cached positions, the model set up as the proposer sets it up."""
     model = load_checkpoint(heads, target=TargetWeights.from_folder(target_dir), dtype=dtype)
+    model.pack_for_drafting()
     d = model.config.hidden_size
     rows = []
     for requests in batch_sizes:
@@ -80,7 +88,7 @@ def measure_draft_pass(target_dir: Path, heads: Path, dtype: torch.dtype,
                      np.full(requests, context))
         hidden, tokens = torch.randn(requests, d).to(dtype), torch.zeros(requests, dtype=torch.long)
         times = []
-        for _ in range(20):
+        for _ in range(repeats + 2):
             started = time.perf_counter()
             model.extend(cache, hidden, tokens, np.ones(requests, np.int64))
             times.append(1e3 * (time.perf_counter() - started))
@@ -90,11 +98,16 @@ def measure_draft_pass(target_dir: Path, heads: Path, dtype: torch.dtype,
 
 
 def calibrate(target_dir: Path, heads: Path, target_dtype: str, draft_dtype: torch.dtype,
-              batch_sizes: list[int], draft_counts: list[int]) -> tuple[StepCost, Path]:
+              batch_sizes: list[int], draft_counts: list[int],
+              ship: bool = False) -> tuple[StepCost, Path]:
+    """Measure, fit and save for this machine; ship=True saves into the heads folder
+    instead, as the calibration machines without their own start from."""
     steps = measure_steps(target_dir, target_dtype, batch_sizes, draft_counts)
     drafts = measure_draft_pass(target_dir, heads, draft_dtype, batch_sizes)
     cost = StepCost.fit(steps, drafts)
-    path = step_cost_path(target_dir, target_dtype)
-    cost.save(path, machine=describe(), target=str(target_dir), target_dtype=target_dtype,
-              heads=str(heads), draft_dtype=str(draft_dtype), steps=steps, drafts=drafts)
+    path = (shipped_step_cost_path(heads, target_dtype) if ship
+            else step_cost_path(target_dir, target_dtype))
+    cost.save(path, machine=describe(), target=Path(target_dir).name,
+              target_dtype=target_dtype, draft_dtype=str(draft_dtype).removeprefix("torch."),
+              steps=steps, drafts=drafts)
     return cost, path

@@ -39,6 +39,12 @@ def step_cost_path(target_dir: str | Path, target_dtype: str) -> Path:
     return STEP_COST_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
+def shipped_step_cost_path(heads_dir: str | Path, target_dtype: str) -> Path:
+    """A calibration that travels with the heads (`calibrate --ship`), for the target they
+    fit in this dtype: what a machine without its own calibration starts from."""
+    return Path(heads_dir) / f"step_cost-{str(target_dtype).removeprefix('torch.')}.json"
+
+
 @dataclass(frozen=True)
 class StepCost:
     """Measured engine cost at a few batch sizes: per batch size B, a step takes
@@ -91,6 +97,13 @@ class StepCost:
     @classmethod
     def load(cls, path: Path) -> StepCost:
         return cls(**{k: tuple(v) for k, v in json.loads(path.read_text())["cost"].items()})
+
+    @staticmethod
+    def measured_on(path: Path) -> str:
+        """The CPU a calibration file was measured on, with its bf16 flags."""
+        machine = json.loads(path.read_text()).get("machine", {})
+        flags = ", ".join(machine.get("bf16_flags") or ["no native bf16"])
+        return f"{machine.get('cpu', 'an unknown CPU')} ({flags})"
 
     @classmethod
     def linear(cls, fixed_ms: float, per_token_ms: float, draft_ms: float) -> StepCost:

@@ -35,6 +35,7 @@ from vllm_amphista.serving.draft_length import (
     choose_lengths,
     confidence,
     pays_at,
+    shipped_step_cost_path,
     step_cost_path,
 )
 from vllm_amphista.serving.draft_sampling import (
@@ -89,10 +90,20 @@ class AmphistaProposer(StepDrafter):
         self.next_position = np.zeros(0, np.int64)  # per slot: where its next rows start
 
     def _step_cost(self, setting: str, target_dtype) -> StepCost | None:
+        """"auto": this machine's calibration, else the one shipped with the heads."""
         if setting == "off":
             return None
-        path = (step_cost_path(self.target_dir, str(target_dtype)) if setting == "auto"
-                else Path(setting))
+        if setting != "auto":
+            path = Path(setting)
+        else:
+            path = step_cost_path(self.target_dir, str(target_dtype))
+            shipped = shipped_step_cost_path(self.heads_dir, str(target_dtype))
+            if not path.is_file() and shipped.is_file():
+                logger.info("amphista: draft lengths chosen per step from the step cost "
+                            "shipped with the heads (%s, measured on %s); `vllm-amphista "
+                            "calibrate` measures this machine's", shipped,
+                            StepCost.measured_on(shipped))
+                return StepCost.load(shipped)
         if not path.is_file():
             logger.info("amphista: no step-cost calibration for this machine and target "
                         "(%s): verifying all %d drafts every step. `vllm-amphista "
