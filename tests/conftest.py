@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vllm_amphista.kernels.packed_linear import can_pack
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights, build_tiny_target
@@ -26,6 +27,12 @@ if XDIST_WORKER:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
                           str(int(XDIST_WORKER.removeprefix("gw")) % (os.cpu_count() or 1)))
     torch.set_num_threads(1)
+
+# Prepacked bf16 weights exist only where oneDNN computes bf16 (not on AVX2-only CPUs,
+# where test_proposer checks that drafting goes on without them).
+needs_bf16_packing = pytest.mark.skipif(
+    not can_pack(torch.bfloat16, torch.device("cpu")),
+    reason="this CPU lacks the instructions oneDNN's bf16 weight packing needs")
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import draft_model
+from tests.conftest import draft_model, needs_bf16_packing
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.sal_cache import SALCache
+
+# Every Amphista switch off: Medusa-1 heads.
+MEDUSA_SWITCHES = dict(use_aeb=False, num_stages=0, use_token_fusion=False)
 
 
 def _inputs(target, b: int = 2, t: int = 9, seed: int = 1):
@@ -137,8 +140,7 @@ def test_drafts_map_draft_vocabulary_to_target_ids(tiny_target):
 
 def test_medusa_mode_is_medusa_1(tiny_target):
     """All switches off: logits are lm_head(h + SiLU(W h + b)) per head, nothing else."""
-    model = draft_model(tiny_target, use_aeb=False, num_stages=0, use_token_fusion=False,
-                        randomised=True)
+    model = draft_model(tiny_target, randomised=True, **MEDUSA_SWITCHES)
     assert model.config.is_medusa and model.final_norm is None
     hidden, tokens = _inputs(tiny_target)
     want = torch.stack([
@@ -172,10 +174,14 @@ def test_impossible_configs_are_named(bad, message):
         AmphistaConfig(hidden_size=64, vocab_size=512, **bad)
 
 
-def test_prepacked_weights_draft_as_the_plain_model(tiny_target):
+@needs_bf16_packing
+@pytest.mark.parametrize("switches", [{}, MEDUSA_SWITCHES], ids=["amphista", "medusa-mode"])
+def test_prepacked_weights_draft_as_the_plain_model(tiny_target, switches):
     """pack_for_drafting (bf16 on a CPU) swaps every weight matrix, the vocabulary
-    projection included, for oneDNN's layout: the same logits, chunk after chunk."""
-    plain = draft_model(tiny_target, randomised=True, draft_vocab_size=100).to(torch.bfloat16)
+    projection included, for oneDNN's layout: the same logits, chunk after chunk. Medusa-
+    mode heads keep no parameter once packed: the cache still takes the packed dtype."""
+    plain = draft_model(tiny_target, randomised=True, draft_vocab_size=100,
+                        **switches).to(torch.bfloat16)
     packed = copy.deepcopy(plain)
     assert packed.pack_for_drafting()
     assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import draft_model
+from tests.conftest import draft_model, needs_bf16_packing
+from vllm_amphista.kernels import packed_linear
+from vllm_amphista.machine import CpuInfo, cpu_info
 from vllm_amphista.model.checkpoint import save_checkpoint
 from vllm_amphista.serving import draft_length
 from vllm_amphista.serving.draft_length import (
@@ -181,10 +183,26 @@ def test_sampled_requests_draft_from_q_greedy_ones_argmax(heads_dir, tiny_target
                 sampling).draft_probs is None
 
 
+@needs_bf16_packing
 def test_bf16_drafting_prepacks_every_weight_matrix(heads_dir, tiny_target_dir):
     proposer = _proposer(heads_dir, tiny_target_dir, draft_dtype="bfloat16")
     assert proposer.model.packed_lm_head is not None
     assert not any(isinstance(m, torch.nn.Linear) for m in proposer.model.modules())
+
+
+def test_bf16_drafting_without_onednn_bf16_keeps_plain_weights(
+        heads_dir, tiny_target_dir, monkeypatch):
+    """An AVX2-only CPU: oneDNN cannot pack bf16 weights (the reorder raises there), so a
+    bf16 draft model is left as it is and drafts."""
+    monkeypatch.setattr(packed_linear._OPS, "_is_mkldnn_bf16_supported", lambda: False)
+    proposer = _proposer(heads_dir, tiny_target_dir, draft_dtype="bfloat16")
+    assert proposer.model.packed_lm_head is None
+    assert any(isinstance(m, torch.nn.Linear) for m in proposer.model.modules())
+    logits = proposer.model.extend(proposer.model.new_cache(),
+                                   torch.randn(3, proposer.model.config.hidden_size,
+                                               dtype=torch.bfloat16),
+                                   torch.tensor([1, 2, 3]), [3])
+    assert logits.dtype == torch.bfloat16 and logits.isfinite().all()
 
 
 def test_too_many_speculative_tokens(heads_dir, tiny_target_dir):
@@ -269,6 +287,11 @@ def test_auto_step_cost_is_this_machines_else_the_one_shipped_with_the_heads(
     caplog.set_level(logging.INFO, logger="vllm.amphista")
     logging.getLogger("vllm.amphista").addHandler(caplog.handler)  # vLLM stops propagation
     try:
+        assert _proposer(heads_dir, tiny_target_dir, step_cost="auto").step_cost is None
+        other_kind = CpuInfo("Other CPU", frozenset() if cpu_info().native_bf16
+                             else frozenset({"avx512_bf16"}))
+        StepCost.linear(1.0, 1.0, 1.0).save(
+            shipped_step_cost_path(heads_dir, "float32", other_kind))
         assert _proposer(heads_dir, tiny_target_dir, step_cost="auto").step_cost is None
         shipped = StepCost.linear(10.0, 1.0, 2.0)
         shipped.save(shipped_step_cost_path(heads_dir, "torch.float32"),

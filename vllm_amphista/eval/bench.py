@@ -39,7 +39,7 @@ from vllm_amphista.convert.medusa import export_vllm_medusa
 from vllm_amphista.engine import set_engine_environment
 from vllm_amphista.eval.server import get_text, post_json, vllm_server
 from vllm_amphista.eval.tau import acceptance_per_position, tau
-from vllm_amphista.machine import DTYPE_NAMES, TARGET_DTYPE, compute_dtype, describe
+from vllm_amphista.machine import DTYPE_NAMES, TARGET_DTYPE, describe, resolve_dtype
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.paths import CACHE_DIR, SHIPPED_HEADS
@@ -77,7 +77,7 @@ def exported_medusa(medusa_heads: Path, target: Path) -> Path:
 def server_args(method: str, args: argparse.Namespace) -> list[str]:
     common = [str(args.target), "--dtype", args.dtype, "--enforce-eager", "--seed", "0",
               "--max-model-len", "2048", "--max-num-seqs", str(max(args.concurrency))]
-    ours = {"method": "amphista", "step_cost": args.step_cost}
+    ours = {"method": "amphista", "step_cost": args.step_cost, "draft_dtype": args.draft_dtype}
     if args.k:
         ours["num_speculative_tokens"] = args.k
     if args.disable_by_batch_size:  # our proposer only: vLLM 0.32's Medusa has no such knob
@@ -262,6 +262,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the target's dtype, the same for every method (bf16 flips "
                         "near-ties with the batch's shape, so equality with vanilla is "
                         "only exact in float32)")
+    parser.add_argument("--draft-dtype", default="auto", choices=["auto", *DTYPE_NAMES],
+                        help="our draft model's dtype (auto: the machine's, machine.py)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
 
 
@@ -301,7 +303,7 @@ def main(args: argparse.Namespace) -> int:
               "disable_by_batch_size": args.disable_by_batch_size or None,
               "heads": {"amphista": str(args.amphista_heads), "medusa": str(args.medusa_heads)},
               "environment": environment(), "target_dtype": args.dtype,
-              "draft_dtype": str(compute_dtype()).removeprefix("torch."),
+              "draft_dtype": str(resolve_dtype(args.draft_dtype)).removeprefix("torch."),
               "wall_s": time.perf_counter() - started,
               "rows": rows}
     (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")

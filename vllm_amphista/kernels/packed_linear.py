@@ -18,10 +18,14 @@ _OPS = torch.ops.mkldnn
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    """bf16 on a CPU whose PyTorch has oneDNN and the two packing ops."""
+    """bf16 on a CPU whose PyTorch has oneDNN and the two packing ops, and whose
+    instructions oneDNN's bf16 path needs (AVX-512 BW/VL/DQ or AVX-NE-CONVERT: on an
+    AVX2-only CPU the reorder raises)."""
     return (dtype == torch.bfloat16 and device.type == "cpu"
             and torch.backends.mkldnn.is_available()
-            and hasattr(_OPS, "_reorder_linear_weight") and hasattr(_OPS, "_linear_pointwise"))
+            and all(hasattr(_OPS, op) for op in ("_reorder_linear_weight", "_linear_pointwise",
+                                                  "_is_mkldnn_bf16_supported"))
+            and _OPS._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Module):

@@ -13,6 +13,8 @@ against a SAL cache indexed by batch slot (for drafting).
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -71,7 +73,7 @@ class AmphistaDraftModel(nn.Module):
                 f"target {target.name!r} has hidden_size={target.hidden_size}, "
                 f"vocab_size={target.vocab_size}; the heads expect "
                 f"hidden_size={cfg.hidden_size}, vocab_size={cfg.vocab_size}")
-        dtype = next(self.parameters()).dtype
+        dtype = self._a_weight().dtype
         self.embed_tokens = target.embed_tokens.to(dtype) if cfg.use_token_fusion else None
         self.refresh_lm_head(target.lm_head.to(dtype))
 
@@ -86,7 +88,7 @@ class AmphistaDraftModel(nn.Module):
         """Prepack every weight matrix, the vocabulary projection included, for faster
         bf16 drafting on a CPU (kernels/packed_linear.py); no-op elsewhere. After this
         the model drafts (extend, forward without grad) but cannot be trained."""
-        weight = next(self.parameters())
+        weight = self._a_weight()
         if not can_pack(weight.dtype, weight.device) or self.lm_head_weight is None:
             return False
         pack_linears(self)
@@ -94,6 +96,12 @@ class AmphistaDraftModel(nn.Module):
         return True
 
     # -- shared pieces -------------------------------------------------------------------
+    def _a_weight(self) -> torch.Tensor:
+        """A weight in the dtype and on the device the model computes in. Packed weights
+        are buffers: Medusa-mode heads, once packed, have no parameters left."""
+        return next(t for t in itertools.chain(self.parameters(), self.buffers())
+                    if t.is_floating_point())
+
     def _fuse(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         if self.fusion is None:
             return hidden
@@ -146,7 +154,7 @@ class AmphistaDraftModel(nn.Module):
 
     # -- drafting: new rows against the SAL cache ---------------------------------------
     def new_cache(self, dtype: torch.dtype | None = None, device=None) -> SALCache:
-        weight = next(self.parameters())
+        weight = self._a_weight()
         return SALCache(self.config, dtype or weight.dtype, device or weight.device)
 
     @torch.no_grad()

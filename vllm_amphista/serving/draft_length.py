@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vllm_amphista.machine import cpu_info
+from vllm_amphista.machine import CpuInfo, cpu_info
 from vllm_amphista.paths import CACHE_DIR
 
 STEP_COST_DIR = CACHE_DIR / "step_cost"
@@ -39,10 +39,14 @@ def step_cost_path(target_dir: str | Path, target_dtype: str) -> Path:
     return STEP_COST_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def shipped_step_cost_path(heads_dir: str | Path, target_dtype: str) -> Path:
+def shipped_step_cost_path(heads_dir: str | Path, target_dtype: str,
+                           cpu: CpuInfo | None = None) -> Path:
     """A calibration that travels with the heads (`calibrate --ship`), for the target they
-    fit in this dtype: what a machine without its own calibration starts from."""
-    return Path(heads_dir) / f"step_cost-{str(target_dtype).removeprefix('torch.')}.json"
+    fit in this dtype on this kind of CPU: what a machine without its own calibration
+    starts from. The kind is whether the CPU computes bf16 natively: it sets the draft's
+    dtype (machine.py) and so the draft pass's cost, ~2x between the two kinds."""
+    kind = "native-bf16" if (cpu or cpu_info()).native_bf16 else "no-native-bf16"
+    return Path(heads_dir) / f"step_cost-{str(target_dtype).removeprefix('torch.')}-{kind}.json"
 
 
 @dataclass(frozen=True)
