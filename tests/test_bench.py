@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine_helpers import IN_PROCESS, engine_env
+from vllm_amphista.cli import demo_verdict
 from vllm_amphista.eval.bench import Run, markdown, percentile, spec_counters, summarise
 
 METRICS_PAGE = """\
@@ -96,3 +97,10 @@ def test_bench_command_end_to_end(tmp_path):
     assert greedy["tokens_per_s"] > 0 and greedy["speedup"] > 0
     assert greedy["tau"] > 1.0
     assert rows[("amphista", 0.7)]["drafts"] > 0
+
+
+def test_demo_says_why_amphista_was_as_fast_as_it_was():
+    slower = demo_verdict(0.9, drafts=100, accepted=[20, 5, 0, 0])
+    assert "tau 1.25" in slower and "0.20 0.05 0.00 0.00" in slower and "SLOWER" in slower
+    assert "faster than plain" in demo_verdict(1.1, drafts=100, accepted=[60, 30, 10, 0])
+    assert "drafted in no step" in demo_verdict(0.98, drafts=0, accepted=[])

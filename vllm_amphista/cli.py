@@ -9,7 +9,9 @@ from pathlib import Path
 
 from vllm_amphista.engine import set_engine_environment, start_llm
 from vllm_amphista.eval import bench, eval_tree
+from vllm_amphista.eval.acceptance import spec_decode_counts
 from vllm_amphista.eval.calibrate import calibrate
+from vllm_amphista.eval.tau import acceptance_per_position, tau
 from vllm_amphista.machine import DTYPE_NAMES, TARGET_DTYPE, resolve_dtype
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
@@ -48,7 +50,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     conversations = [[{"role": "user", "content": p}] for p in prompts]
-    runs = {}
+    runs, drafts, accepted = {}, 0, []
     modes = [("plain", None), ("amphista", {"method": "amphista", "model": args.heads})]
     for mode, spec in modes:
         try:
@@ -62,6 +64,8 @@ def _demo(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         runs[mode] = (outputs, tokens / elapsed)
+        if spec is not None:
+            drafts, accepted = spec_decode_counts(llm)
         del llm
     for prompt, out in zip(prompts, runs["amphista"][0], strict=True):
         print(f"\n### {prompt[:100]}\n{out.outputs[0].text.strip()}")
@@ -70,9 +74,26 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"{mode:>9}: {speed:.1f} tokens/s (one request at a time, temperature 0)")
     same = all(a.outputs[0].token_ids == b.outputs[0].token_ids
                for a, b in zip(runs["plain"][0], runs["amphista"][0], strict=True))
-    print(f"identical tokens: {'yes' if same else 'NO'}; speedup "
-          f"{runs['amphista'][1] / runs['plain'][1]:.2f}x")
+    speedup = runs["amphista"][1] / runs["plain"][1]
+    print(f"identical tokens: {'yes' if same else 'NO'}; speedup {speedup:.2f}x")
+    print(demo_verdict(speedup, drafts, accepted))
     return 0 if same else 1
+
+
+def demo_verdict(speedup: float, drafts: int, accepted: list[int]) -> str:
+    """One honest line on why Amphista was as fast as it was."""
+    if not drafts:
+        return ("Amphista drafted in no step: the step cost judged that no draft would pay "
+                "on this machine, so it ran as plain decoding plus the draft pass "
+                "(`vllm-amphista calibrate` re-measures; README, \"Draft length\").")
+    line = (f"tau {tau(sum(accepted), drafts):.2f} (tokens per target step in the "
+            f"{drafts} steps that drafted; acceptance per position "
+            f"{' '.join(f'{a:.2f}' for a in acceptance_per_position(accepted, drafts))}). ")
+    if speedup >= 1.0:
+        return line + "Amphista was faster than plain decoding here."
+    return line + ("Amphista was SLOWER than plain decoding here: its drafts are accepted "
+                   "too rarely to pay for the draft pass and the wider verification on "
+                   "this CPU (README, \"Results\", has the step breakdown).")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -22,6 +22,15 @@ from vllm_amphista.model.target import smollm2_dir
 from vllm_amphista.prompts import first_turns
 
 
+def spec_decode_counts(llm) -> tuple[int, list[int]]:
+    """An LLM's (started with disable_log_stats=False) drafting steps so far, and its
+    accepted drafts per position."""
+    metrics = {m.name: getattr(m, "values", None) or getattr(m, "value", 0)
+               for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode")}
+    return (int(metrics.get("vllm:spec_decode_num_drafts", 0)),
+            list(metrics.get("vllm:spec_decode_num_accepted_tokens_per_pos") or []))
+
+
 def measure(target: str, heads: str, questions: list[str], max_tokens: int,
             batch: bool = False, temperature: float = 0.0,
             draft_sampling: str = "sample") -> dict:
@@ -36,10 +45,7 @@ def measure(target: str, heads: str, questions: list[str], max_tokens: int,
     conversations = [[{"role": "user", "content": q}] for q in questions]
     for group in [conversations] if batch else [[c] for c in conversations]:
         llm.chat(group, params, use_tqdm=False)
-    metrics = {m.name: getattr(m, "values", None) or getattr(m, "value", 0)
-               for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode")}
-    drafts = metrics["vllm:spec_decode_num_drafts"]
-    per_position = metrics["vllm:spec_decode_num_accepted_tokens_per_pos"]
+    drafts, per_position = spec_decode_counts(llm)
     return {"heads": heads, "temperature": temperature, "draft_sampling": draft_sampling,
             "drafts": drafts,
             "tau": tau(sum(per_position), drafts),
