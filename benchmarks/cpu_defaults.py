@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     benches = {}
     for i, name in enumerate(args.configs):
-        benches[name] = run_bench(*CONFIGS[name], args, args.out.parent / f"cpu_defaults-{i}")
+        benches[name] = run_bench(*CONFIGS[name], args, Path("runs/cpu_defaults") / str(i))
     rows = [[name, row["method"], row["concurrency"], f"{row['tokens_per_s']:.1f}",
              "-" if row["tau"] is None else f"{row['tau']:.2f}",
              {True: "yes", False: "NO", None: "-"}[row.get("identical_to_vanilla")]]
