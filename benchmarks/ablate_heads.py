@@ -13,14 +13,12 @@ on the same held-out set, to tie chain_tau to the vLLM numbers. JSON + table.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
-
+from vllm_amphista.eval.report import machine_line, write_report
 from vllm_amphista.machine import compute_dtype
 from vllm_amphista.model.checkpoint import load_checkpoint
 from vllm_amphista.model.target import TargetWeights, export_smollm2
@@ -79,11 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
 
     def write(rows: list[dict]) -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
+        write_report(args.out, {
             "target": str(target_dir), "epochs": args.epochs,
-            "train_conversations": len(train_set), "eval_conversations": len(eval_set),
-            "torch_threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+            "training_dtype": str(compute_dtype()), "train_conversations": len(train_set),
+            "eval_conversations": len(eval_set), "rows": rows})
 
     for folder in args.evaluate:
         model = load_checkpoint(folder, target=target)
@@ -106,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: chain_tau {rows[-1]['chain_tau']:.3f}", flush=True)
         write(rows)  # after every variant: a long queue keeps what it measured
     write(rows)
+    print(machine_line(training=compute_dtype()))
     print("| variant | chain tau | top-1 per head | train s |\n| --- | ---: | --- | ---: |")
     for r in rows:
         print(f"| {r['name']} | {r['chain_tau']:.3f} | "

@@ -12,15 +12,14 @@ tiny shapes anywhere (CPU under TRITON_INTERPRET=1) to check the script itself.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from vllm_amphista.eval.report import machine_line, write_report
 from vllm_amphista.kernels.head_attention import head_attention_reference
 from vllm_amphista.kernels.tree_attention import tree_attention_reference
 from vllm_amphista.reference.tree import build_tree
@@ -114,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
               "torch": torch.__version__, "triton": triton.__version__, "dtype": args.dtype,
               "smoke": args.smoke, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_report(args.out, report)
+    print(machine_line(dtype=args.dtype))
     print(f"{'kernel':<15} {'shape':<34} {'err':>8} {'triton us':>10} {'eager us':>10} "
           f"{'sdpa us':>10} {'vs best':>8}")
     for r in rows:

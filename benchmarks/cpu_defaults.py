@@ -21,8 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vllm_amphista.eval.report import markdown_table, write_report
-from vllm_amphista.machine import describe
+from vllm_amphista.eval.report import machine_line, markdown_table, write_report
 
 CONFIGS = {  # name -> (target dtype, draft dtype)
     "target bf16, draft bf16 (before)": ("bfloat16", "bfloat16"),
@@ -59,15 +58,13 @@ def main(argv: list[str] | None = None) -> int:
              {True: "yes", False: "NO", None: "-"}[row.get("identical_to_vanilla")]]
             for name, bench in benches.items()
             for row in sorted(bench["rows"], key=lambda r: (r["concurrency"], r["method"]))]
-    write_report(args.out, {"machine": describe(), "num_prompts": args.num_prompts,
+    write_report(args.out, {"num_prompts": args.num_prompts,
                             "max_tokens": args.max_tokens, "temperature": 0.0,
                             "configs": {name: {"target_dtype": CONFIGS[name][0],
                                                "draft_dtype": bench["draft_dtype"],
                                                "rows": bench["rows"]}
                                         for name, bench in benches.items()}})
-    machine = describe()
-    print(f"\n{machine['cpu']}, {machine['cores']} cores, bf16 flags: "
-          f"{', '.join(machine['bf16_flags']) or 'none'}")
+    print("\n" + machine_line())
     print(markdown_table(["dtypes", "method", "concurrency", "tokens/s", "tau",
                           "same tokens as vanilla"], rows))
     return 0

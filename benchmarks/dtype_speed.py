@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from vllm_amphista.eval.calibrate import measure_draft_pass
-from vllm_amphista.machine import DTYPE_NAMES, compute_dtype, describe
+from vllm_amphista.eval.report import machine_line, write_report
+from vllm_amphista.machine import DTYPE_NAMES, compute_dtype
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
 from vllm_amphista.prompts import first_turns
@@ -98,13 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 target, name, 16, args.max_tokens)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"machine": describe(), "compute_dtype": str(compute_dtype()), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    machine = result["machine"]
-    print(f"\n{machine['cpu']}, {machine['cores']} cores, bf16 flags: "
-          f"{', '.join(machine['bf16_flags']) or 'none'}; compute_dtype -> "
-          f"{result['compute_dtype']}")
+    write_report(args.out, {"compute_dtype": str(compute_dtype()), "rows": rows})
+    print("\n" + machine_line(compute_dtype=compute_dtype()))
     keys = [k for k in rows[0] if k != "dtype"]
     print("| dtype | " + " | ".join(keys) + " |")
     print("| --- |" + " ---: |" * len(keys))

@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_amphista.machine import describe
+from vllm_amphista.eval.report import machine_line, write_report
+from vllm_amphista.machine import TARGET_DTYPE, compute_dtype
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
 from vllm_amphista.prompts import first_turns
@@ -92,10 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                          "method": f"amphista (step cost {step_cost})" if heads else "vanilla",
                          **json.loads(found[-1][len("RESULT "):])})
             print(rows[-1], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": describe(), "prompts": len(prompts),
-                                    "max_tokens": args.max_tokens, "rows": rows}, indent=2)
-                        + "\n")
+    write_report(args.out, {"prompts": len(prompts), "max_tokens": args.max_tokens,
+                            "rows": rows})
+    print(machine_line(target=TARGET_DTYPE, draft=compute_dtype()))
     print("| setting | method | tokens/s c=1 | tokens/s c=16 |\n| --- | --- | ---: | ---: |")
     for r in rows:
         print(f"| {r['setting']} | {r['method']} | {r['c1']:.1f} | {r['c16']:.1f} |")

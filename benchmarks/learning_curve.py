@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from vllm_amphista.eval.acceptance import measure
-from vllm_amphista.eval.report import markdown_table, write_report
-from vllm_amphista.machine import compute_dtype, describe
+from vllm_amphista.eval.report import machine_line, markdown_table, write_report
+from vllm_amphista.machine import TARGET_DTYPE, compute_dtype
 from vllm_amphista.model.checkpoint import save_checkpoint
 from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.prompts import first_turns
@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                 vllm_tau=not args.no_vllm_tau)
             print(f"{name} done ({time.perf_counter() - started:.0f}s)", flush=True)
             rows = finished_points(args.runs)
-            write_report(args.out, {"machine": describe(),
-                                    "held_out_conversations": len(held_out), "rows": rows})
+            write_report(args.out, {"held_out_conversations": len(held_out), "rows": rows})
             plot(rows, args.out.with_suffix(".png"))
+    print(machine_line(target=TARGET_DTYPE, training=compute_dtype()))
     print(markdown_table(
         ["run", "training tokens", "epochs", "lr", "lm weight", "head decay",
          "held-out chain tau", "vLLM tau"],

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 from vllm_amphista.engine import start_llm
+from vllm_amphista.eval.report import machine_line, write_report
+from vllm_amphista.machine import TARGET_DTYPE, compute_dtype
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
 from vllm_amphista.prompts import first_turns
@@ -103,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             print(proc.stderr[-4000:], file=sys.stderr)
             return 1
         rows.append(json.loads(result[-1][len("RESULT "):]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"target": target, "prompts": len(prompts),
-                                    "max_tokens": args.max_tokens, "rows": rows}, indent=2)
-                        + "\n")
+    write_report(args.out, {"target": target, "target_dtype": TARGET_DTYPE,
+                            "draft_dtype": str(compute_dtype()), "prompts": len(prompts),
+                            "max_tokens": args.max_tokens, "rows": rows})
+    print(machine_line(target=TARGET_DTYPE, draft=compute_dtype()))
     print("| method | tokens/s | tokens/step | step ms | target fwd ms | draft model ms "
           "| proposer glue ms | rest of vLLM ms |\n| --- | ---: | ---: | ---: | ---: | ---: "
           "| ---: | ---: |")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_amphista.eval.report import markdown_table, write_report
-from vllm_amphista.machine import compute_dtype, describe
+from vllm_amphista.eval.report import machine_line, markdown_table, write_report
+from vllm_amphista.machine import compute_dtype
 from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.training.data import load_dataset, sharegpt_plan
 from vllm_amphista.training.heads import draft_model_for
@@ -57,9 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     shard = args.shard or first_shard()
     rows = [measure(shard, args.conversations, args.batch, dtype, args.medusa)
             for dtype in args.dtypes]
-    report = {"machine": describe(), "torch": torch.__version__, "rows": rows}
-    write_report(args.out, report)
-    print(f"{report['machine']['cpu']}, {report['machine']['torch_threads']} threads")
+    write_report(args.out, {"torch": torch.__version__, "rows": rows})
+    print(machine_line())
     print(markdown_table(
         ["mode", "dtype", "batch", "conversations", "tokens/s", "seconds"],
         [[r["mode"], r["dtype"], r["batch"], r["conversations"],

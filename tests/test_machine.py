@@ -3,12 +3,14 @@ explicit dtype is never overridden."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 import torch
 
 from vllm_amphista import machine
+from vllm_amphista.eval.report import machine_line, write_report
 
 AVX2_ONLY = """processor\t: 0
 model name\t: AMD EPYC 7B13
@@ -82,3 +84,17 @@ def test_warning_for_a_bf16_target_on_an_emulating_cpu():
 def test_describe_names_the_machine():
     info = machine.describe()
     assert {"cpu", "cores", "bf16_flags", "native_bf16", "torch_threads"} <= set(info)
+
+
+@pytest.mark.parametrize("text, flags", [(AVX2_ONLY, "(no native bf16)"),
+                                         (AVX512_BF16, "(avx512_bf16)")])
+def test_every_report_and_table_names_the_machine(text, flags, tmp_path, monkeypatch):
+    """write_report puts the machine into every benchmark JSON; machine_line heads every
+    printed table with the CPU, its bf16 flags, threads and the dtypes."""
+    monkeypatch.setattr(machine, "cpu_info", lambda: machine.read_cpu_info(text))
+    write_report(tmp_path / "r.json", {"rows": [1]})
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["machine"]["cpu"] == "AMD EPYC 7B13" and report["rows"] == [1]
+    line = machine_line(target="float32", draft=torch.bfloat16)
+    assert line.startswith(f"AMD EPYC 7B13 {flags}, ") and "torch threads" in line
+    assert line.endswith("; target float32; draft bfloat16")

@@ -13,11 +13,11 @@ rate at each draft position, as JSON and a table.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from vllm_amphista.engine import start_llm
+from vllm_amphista.eval.report import machine_line, write_report
 from vllm_amphista.eval.tau import acceptance_per_position, tau
+from vllm_amphista.machine import TARGET_DTYPE, compute_dtype
 from vllm_amphista.model.target import smollm2_dir
 from vllm_amphista.prompts import first_turns
 
@@ -69,12 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     questions = first_turns(args.prompts, limit=args.num_prompts)
     rows = [measure(args.target, h, questions, args.max_tokens, args.batch, args.temperature,
                     mode) for h in args.heads for mode in args.draft_sampling]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"prompts": len(questions),
-                                          "max_tokens": args.max_tokens,
-                                          "batched": args.batch,
-                                          "temperature": args.temperature, "rows": rows},
-                                         indent=2) + "\n")
+    write_report(args.out, {"prompts": len(questions), "max_tokens": args.max_tokens,
+                            "batched": args.batch, "temperature": args.temperature,
+                            "target_dtype": TARGET_DTYPE,
+                            "draft_dtype": str(compute_dtype()), "rows": rows})
+    print(machine_line(target=TARGET_DTYPE, draft=compute_dtype()))
     print("| heads | temperature | drafts | tau | acceptance per position |\n"
           "| --- | ---: | --- | ---: | --- |")
     for r in rows:

@@ -37,9 +37,10 @@ from pathlib import Path
 
 from vllm_amphista.convert.medusa import export_vllm_medusa
 from vllm_amphista.engine import set_engine_environment
+from vllm_amphista.eval.report import machine_line, write_report
 from vllm_amphista.eval.server import get_text, post_json, vllm_server
 from vllm_amphista.eval.tau import acceptance_per_position, tau
-from vllm_amphista.machine import DTYPE_NAMES, TARGET_DTYPE, describe, resolve_dtype
+from vllm_amphista.machine import DTYPE_NAMES, TARGET_DTYPE, resolve_dtype
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.paths import CACHE_DIR, SHIPPED_HEADS
@@ -231,7 +232,7 @@ def environment() -> dict:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                             capture_output=True, text=True).stdout.strip()
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **describe(),
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "vllm": engine_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "git_commit": commit or None}
@@ -306,8 +307,8 @@ def main(args: argparse.Namespace) -> int:
               "draft_dtype": str(resolve_dtype(args.draft_dtype)).removeprefix("torch."),
               "wall_s": time.perf_counter() - started,
               "rows": rows}
-    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(rows)
+    write_report(args.out / "bench.json", report)
+    table = machine_line(target=args.dtype, draft=report["draft_dtype"]) + "\n\n" + markdown(rows)
     (args.out / "bench.md").write_text(table + "\n")
     plot(rows, args.out / "bench.png")
     print(table)

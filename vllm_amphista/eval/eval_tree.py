@@ -11,13 +11,13 @@ transformers (and triton for the tree kernel on CUDA).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from vllm_amphista.eval.report import machine_line, write_report
 from vllm_amphista.eval.tau import tau
 from vllm_amphista.prompts import first_turns
 from vllm_amphista.reference.decoder import ReferenceDecoder, best_tree, chain
@@ -126,8 +126,8 @@ def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     report = run(args)
     report["wall_s"] = time.perf_counter() - started
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
+    print(machine_line(dtype=args.dtype))
     print(table(report))
     print(f"wrote {args.out}")
     return 0 if all(r["lossless"] for r in report["rows"]) else 1

@@ -1,14 +1,31 @@
-"""What every measurement script leaves: a JSON file and a markdown table."""
+"""What every measurement script leaves: a JSON file that names the machine it was
+measured on, and a markdown table under one line that names it too."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from vllm_amphista.machine import describe
 
-def write_report(path: Path, report: dict) -> None:
+
+def write_report(path: str | Path, report: dict) -> None:
+    """`report` as JSON, with the machine (machine.describe()) first."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(json.dumps({"machine": describe(), **report}, indent=2) + "\n")
+
+
+def machine_line(**dtypes: str) -> str:
+    """The line above a printed table: the CPU, its bf16 flags, cores, torch threads and
+    the dtypes given (machine_line(target="float32", draft="float32"))."""
+    machine = describe()
+    flags = ", ".join(machine["bf16_flags"]) or "no native bf16"
+    gpu = f", GPU {machine['gpu']}" if machine["gpu"] else ""
+    named = "".join(f"; {name} {str(value).removeprefix('torch.')}"
+                    for name, value in dtypes.items())
+    return (f"{machine['cpu']} ({flags}), {machine['cores']} cores, "
+            f"{machine['torch_threads']} torch threads{gpu}{named}")
 
 
 def markdown_table(columns: list[str], rows: list[list[object]]) -> str:
