@@ -87,7 +87,10 @@ def test_bench_command_end_to_end(tmp_path):
     assert "every method produced vanilla's tokens" in proc.stdout
     report = json.loads((out / "bench.json").read_text())
     assert (out / "bench.png").stat().st_size > 10_000
-    assert (out / "bench.md").read_text().startswith("| method |")
+    machine, blank, header = (out / "bench.md").read_text().splitlines()[:3]
+    assert machine.startswith(report["machine"]["cpu"]) and machine.endswith(
+        "; target float32; draft " + report["draft_dtype"])
+    assert blank == "" and header.startswith("| method |")
     assert report["environment"]["vllm"].startswith("0.32.0")
     rows = {(r["method"], r["temperature"]): r for r in report["rows"]}
     assert set(rows) == {(m, t) for m in ("vanilla", "amphista") for t in (0.0, 0.7)}
