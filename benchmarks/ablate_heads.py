@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     def write(rows: list[dict]) -> None:
         write_report(args.out, {
             "target": str(target_dir), "epochs": args.epochs,
-            "training_dtype": str(compute_dtype()), "train_conversations": len(train_set),
+            "training_dtype": str(compute_dtype()).removeprefix("torch."),
+            "train_conversations": len(train_set),
             "eval_conversations": len(eval_set), "rows": rows})
 
     for folder in args.evaluate:

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         rows.append(json.loads(result[-1][len("RESULT "):]))
     write_report(args.out, {"target": target, "target_dtype": TARGET_DTYPE,
-                            "draft_dtype": str(compute_dtype()), "prompts": len(prompts),
+                            "draft_dtype": str(compute_dtype()).removeprefix("torch."),
+                            "prompts": len(prompts),
                             "max_tokens": args.max_tokens, "rows": rows})
     print(machine_line(target=TARGET_DTYPE, draft=compute_dtype()))
     print("| method | tokens/s | tokens/step | step ms | target fwd ms | draft model ms "

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     write_report(args.out, {"prompts": len(questions), "max_tokens": args.max_tokens,
                             "batched": args.batch, "temperature": args.temperature,
                             "target_dtype": TARGET_DTYPE,
-                            "draft_dtype": str(compute_dtype()), "rows": rows})
+                            "draft_dtype": str(compute_dtype()).removeprefix("torch."),
+                            "rows": rows})
     print(machine_line(target=TARGET_DTYPE, draft=compute_dtype()))
     print("| heads | temperature | drafts | tau | acceptance per position |\n"
           "| --- | ---: | --- | ---: | --- |")
