@@ -7,7 +7,13 @@ import itertools
 import numpy as np
 import pytest
 
-from vllm_amphista.serving.draft_length import StepCost, choose_lengths, pays_at
+from vllm_amphista.serving.draft_length import (
+    PROBE_SHARE,
+    StepCost,
+    choose_lengths,
+    pays_at,
+    probe_interval,
+)
 
 
 def _rate(lengths, chance, cost):
@@ -61,3 +67,15 @@ def test_drafting_stops_above_the_batch_size_where_it_cannot_pay():
                     draft_ms_at=(2.0, 6.5))
     chance = np.array([0.3, 0.05, 0.01])
     assert pays_at(1, chance, cost) and not pays_at(64, chance, cost)
+
+
+@pytest.mark.parametrize("requests", [1, 4, 16])
+def test_probes_while_paused_cost_at_most_their_share(requests):
+    """The tightest spacing of probe passes whose time stays within PROBE_SHARE of the
+    plain steps between them."""
+    cost = StepCost(batch_sizes=(1, 16), fixed_ms=(55.8, 77.3), per_token_ms=(3.0, 3.5),
+                    draft_ms_at=(14.9, 26.9))
+    interval = probe_interval(requests, cost)
+    plain_ms = float(cost.step_ms(requests, requests))
+    assert cost.draft_ms(requests) <= PROBE_SHARE * interval * plain_ms
+    assert cost.draft_ms(requests) > PROBE_SHARE * (interval - 1) * plain_ms

@@ -18,6 +18,7 @@ from vllm_amphista.serving.draft_length import (
     StepCost,
     choose_lengths,
     confidence,
+    probe_interval,
     shipped_step_cost_path,
     step_cost_path,
 )
@@ -149,6 +150,32 @@ def test_drafting_pauses_above_the_batch_limit(heads_dir, tiny_target, tiny_targ
     assert proposer.cached_positions("a") == 8  # untouched while paused
     assert len(step(["a"], 9, sampled=True)[0]) == 3
     assert proposer.cached_positions("a") == 1  # restarted: position 8 was never fed
+
+
+def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
+                                                         tiny_target_dir, tmp_path):
+    """With a step cost under which these heads never pay, the first decode step's draft
+    pass pauses drafting; after that only one probe pass per probe_interval plain steps
+    runs, and the probes measure the chances again."""
+    dear = StepCost.linear(fixed_ms=10.0, per_token_ms=10.0, draft_ms=1.0)
+    dear.save(tmp_path / "dear.json")
+    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "dear.json"))
+    passes = []
+    extend = proposer.model.extend
+    proposer.model.extend = lambda *args: passes.append(1) or extend(*args)
+    d = tiny_target.hidden_size
+    table = np.arange(64, dtype=np.int32)[None] % tiny_target.vocab_size
+    interval = probe_interval(1, dear)
+    assert interval > 1
+    chances = []
+    for position in range(8, 8 + 1 + 3 * (interval + 1)):
+        proposer.propose_from_step(StepRows(
+            req_ids=["a"], sampled_token_ids=[[5]], hidden_states=torch.randn(1, d),
+            query_start_loc=np.array([0, 1]), start_positions=np.array([position]),
+            num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
+        chances.append(proposer.typical_chance.copy())
+    assert len(passes) == 1 + 3
+    assert not np.allclose(chances[0], chances[-1])  # re-measured by the probes
 
 
 def test_sampled_requests_draft_from_q_greedy_ones_argmax(heads_dir, tiny_target,

@@ -12,7 +12,9 @@ largest c first keeps every request's drafts a prefix (c is non-increasing in k)
 Whether to run the draft pass at all compares the best such step, draft pass included,
 with a plain step, B / step_ms(B, B) (`pays_at`). `StepCost` is fitted to measured engine steps
 (`vllm-amphista calibrate`), so the threshold and the batch size where drafting stops
-follow from this machine's numbers, not from constants.
+follow from this machine's numbers, not from constants. While drafting is paused the
+chances are re-measured by an occasional probe pass, spaced so that probing costs at
+most PROBE_SHARE of the plain steps' time (`probe_interval`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from vllm_amphista.machine import CpuInfo, cpu_info
 from vllm_amphista.paths import CACHE_DIR
 
 STEP_COST_DIR = CACHE_DIR / "step_cost"
+# The most of a paused proposer's time spent re-measuring the heads' chances: the price
+# of noticing that drafting pays again (another kind of text, better chances).
+PROBE_SHARE = 0.02
 
 
 def step_cost_path(target_dir: str | Path, target_dtype: str) -> Path:
@@ -145,3 +150,10 @@ def pays_at(requests: int, chance: np.ndarray, cost: StepCost) -> bool:
     drafting = ((requests + gained) / (cost.step_ms(requests, requests + lengths.sum())
                                        + cost.draft_ms(requests)))
     return bool(drafting > requests / cost.step_ms(requests, requests))
+
+
+def probe_interval(requests: int, cost: StepCost) -> int:
+    """Plain steps per probe while paused: one draft pass per this many steps costs at
+    most PROBE_SHARE of their time."""
+    plain_ms = float(cost.step_ms(requests, requests))
+    return max(1, int(np.ceil(cost.draft_ms(requests) / (PROBE_SHARE * plain_ms))))

@@ -35,6 +35,7 @@ from vllm_amphista.serving.draft_length import (
     choose_lengths,
     confidence,
     pays_at,
+    probe_interval,
     shipped_step_cost_path,
     step_cost_path,
 )
@@ -85,6 +86,7 @@ class AmphistaProposer(StepDrafter):
         # Running mean of a drafting request's acceptance chances per head: what tells a
         # paused proposer whether drafting would pay at the current batch size.
         self.typical_chance: np.ndarray | None = None
+        self.steps_paused = 0  # plain steps since drafting paused or last probed
         self.cache: SALCache | None = None  # created at the first step, dropped when idle
         self.slot_reqs: list[str | None] = []  # the request in each slot
         self.next_position = np.zeros(0, np.int64)  # per slot: where its next rows start
@@ -168,12 +170,20 @@ class AmphistaProposer(StepDrafter):
 
     def _paused(self, decoding: int) -> bool:
         """No draft pass this step: above the user's batch limit, or where the step cost
-        says drafting cannot pay at this batch size with typical chances."""
+        says drafting cannot pay at this batch size with typical chances, except for a
+        probe now and then that measures the chances again."""
         if self.disable_by_batch_size is not None:
             return decoding > self.disable_by_batch_size
         if self.step_cost is None or self.typical_chance is None or decoding == 0:
             return False
-        return not pays_at(decoding, self.typical_chance, self.step_cost)
+        if pays_at(decoding, self.typical_chance, self.step_cost):
+            self.steps_paused = 0
+            return False
+        self.steps_paused += 1
+        if self.steps_paused > probe_interval(decoding, self.step_cost):
+            self.steps_paused = 0
+            return False  # a probe: its drafts are still cut to what pays
+        return True
 
     def _lengths(self, logits: torch.Tensor) -> list[int]:
         """Drafts to verify per drafting request: all K, or the step cost's choice."""
