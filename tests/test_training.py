@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import draft_model
 from tests.engine_helpers import engine_env
+from vllm_amphista.machine import cpu_info
 from vllm_amphista.model.checkpoint import load_checkpoint
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
@@ -168,7 +169,9 @@ def test_train_command_end_to_end(tiny_target_dir, tmp_path):
     assert "held-out top-1 per head" in proc.stdout
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors",
                                               "metrics.json", "accuracy.png", "MODEL_CARD.md"}
-    assert "| 4 |" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "| 4 |" in card and "Held-out chain tau" in card
+    assert f"Wall time on {cpu_info().model} (" in card  # names the machine it ran on
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mode"] == "amphista" and metrics["eval_conversations"] == 1
     assert metrics["train_conversations"] == 15

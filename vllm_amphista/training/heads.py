@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_amphista.machine import describe, resolve_dtype
 from vllm_amphista.model.checkpoint import save_checkpoint
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
@@ -123,6 +124,8 @@ def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa:
         answers = torch.cat([c.tokens[c.prompt_len:] for c in eval_set])
         coverage = float(in_vocab[answers].float().mean())
     metrics.update(mode="medusa" if medusa else "amphista", config=config.to_dict(),
+                   machine=describe(), compute_dtype=str(resolve_dtype(
+                       settings.compute_dtype)).removeprefix("torch."),
                    data_seconds=data_s, total_seconds=time.perf_counter() - started,
                    draft_vocab_coverage_heldout=coverage,
                    parameters=sum(p.numel() for p in model.parameters()))

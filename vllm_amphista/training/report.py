@@ -46,6 +46,14 @@ def write_metrics(metrics: dict, path: Path) -> None:
     path.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
+def _machine(metrics: dict) -> str:
+    machine = metrics.get("machine")
+    if not machine:
+        return "a 2-core CPU"
+    flags = ", ".join(machine["bf16_flags"]) or "no native bf16"
+    return f"{machine['cpu']} ({flags}), {machine['cores']} cores"
+
+
 def write_model_card(metrics: dict, out_dir: Path) -> None:
     """MODEL_CARD.md beside the heads: data, budget, time, hyper-parameters, accuracy."""
     cfg, final = metrics["config"], metrics["history"][-1]["eval"]
@@ -73,14 +81,19 @@ vocabulary {cfg['draft_vocab_size'] or cfg['vocab_size']} tokens
   weighted {settings['head_decay']}^k; AdamW, lr {settings['learning_rate']}, cosine,
   {settings['batch_conversations']} conversations per step, max {settings['max_positions']}
   positions.
-- Wall time on a 2-core CPU: {metrics['total_seconds'] / 60:.1f} min in all (data
-  {metrics['data_seconds'] / 60:.1f} min, shared with the other heads trained on it).
+- Wall time on {_machine(metrics)}: {metrics['total_seconds'] / 60:.1f} min in all (data
+  {metrics['data_seconds'] / 60:.1f} min of it: recording, or reading the shards an earlier
+  `vllm-amphista data` or `train` left in the cache; training at
+  {metrics.get('tokens_per_second') or 0:,.0f} tokens/s in {metrics.get('compute_dtype', '?')}).
 
 ## Held-out accuracy against the target's greedy token (answer positions)
 
 | head (predicts t+1+k) | top-1 | top-5 |
 | --- | ---: | ---: |
 {rows}
+
+Held-out chain tau (1 + the mean number of leading heads whose top-1 is right: what a
+K = {cfg['num_heads']} chain gets at temperature 0): {final.get('chain_tau', float('nan')):.3f}.
 
 `metrics.json` has every number; `accuracy.png` plots the table.
 """
