@@ -2,7 +2,9 @@
 data, for Amphista and the Medusa mode on identical data and budget.
 
 Every run trains on the leading shards of the `vllm-amphista data` set and is held out on
-its last shards (never trained on, the same for every run); each (mode, size) lands in
+its last shards (never trained on, the same for every run: each run records them, and a
+run held out on other shards, from a call with a larger --sizes, is refused rather than
+mixed into the curve); each (mode, size) lands in
 runs/learning_curve/<mode>-<size>/ and is skipped when already there, so the curve is
 built across sessions: run the same command again. Writes results/learning_curve.json,
 a plot and a table.
@@ -35,16 +37,26 @@ from vllm_amphista.training.settings import TrainSettings
 SHARD = 256  # conversations per recorded shard
 
 
-def run(mode: str, shards: int, plan, held_out: list, settings: TrainSettings,
-        folder: Path, target_dir: Path, target: TargetWeights, vllm_tau: bool) -> None:
-    """Train one (mode, size) point unless its heads exist; then its vLLM tau."""
+def run(mode: str, shards: int, plan, held_out: tuple[list, list[int]],
+        settings: TrainSettings, folder: Path, target_dir: Path, target: TargetWeights,
+        vllm_tau: bool) -> None:
+    """Train one (mode, size) point unless its heads exist; then its vLLM tau.
+    held_out: the held-out conversations and the shard indices they come from."""
     heads = folder / "heads"
     metrics_path = folder / "metrics.json"
-    if not metrics_path.is_file():
+    held_out_set, held_out_shards = held_out
+    if metrics_path.is_file():
+        kept = json.loads(metrics_path.read_text()).get("held_out_shards")
+        if kept != held_out_shards:  # points of one curve share one held-out set
+            raise SystemExit(f"{folder} was evaluated on held-out shards {kept}, this curve "
+                             f"on {held_out_shards}: pass --runs with another folder")
+    else:
         train_set = load_shards(plan.shard_paths()[:shards])
         model = draft_model_for(target_dir, target, train_set, medusa=mode == "medusa",
                                 draft_vocab=8192, seed=settings.seed)
-        metrics = train(model, target.lm_head.float(), train_set, held_out, settings, folder)
+        metrics = train(model, target.lm_head.float(), train_set, held_out_set, settings,
+                        folder)
+        metrics["held_out_shards"] = held_out_shards
         save_checkpoint(model.to(torch.bfloat16), heads)
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     vllm_path = folder / "vllm_tau.json"
@@ -143,18 +155,20 @@ def main(argv: list[str] | None = None) -> int:
     if plan.missing_shards():
         raise SystemExit(f"{len(plan.missing_shards())} shards of {plan.folder} are missing: "
                          f"run `vllm-amphista data --num-prompts {len(plan.prompts)}` first")
-    held_out = load_shards(plan.shard_paths()[-args.held_out_shards:])
+    held_out_shards = list(range(plan.num_shards - args.held_out_shards, plan.num_shards))
+    held_out = load_shards([plan.shard_paths()[i] for i in held_out_shards])
     settings = TrainSettings(epochs=args.epochs, learning_rate=args.learning_rate,
                              lm_weight=args.lm_weight, head_decay=args.head_decay)
     for size in shards:
         for mode in args.modes:
             started = time.perf_counter()
             name = f"{mode}-{size * SHARD}{settings_tag(settings)}"
-            run(mode, size, plan, held_out, settings, args.runs / name, target_dir, target,
-                vllm_tau=not args.no_vllm_tau)
+            run(mode, size, plan, (held_out, held_out_shards), settings, args.runs / name,
+                target_dir, target, vllm_tau=not args.no_vllm_tau)
             print(f"{name} done ({time.perf_counter() - started:.0f}s)", flush=True)
             rows = finished_points(args.runs)
-            write_report(args.out, {"held_out_conversations": len(held_out), "rows": rows})
+            write_report(args.out, {"held_out_conversations": len(held_out),
+                                    "held_out_shards": held_out_shards, "rows": rows})
             plot(rows, args.out.with_suffix(".png"))
     print(machine_line(target=TARGET_DTYPE, training=compute_dtype()))
     print(markdown_table(
