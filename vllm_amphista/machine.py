@@ -112,6 +112,12 @@ def emulated_bf16_warning(target_dtype: torch.dtype, cpu: CpuInfo | None = None)
             "the draft pass). Pass --dtype float32 (LLM(..., dtype='float32')).")
 
 
+def cpu_label(machine: dict) -> str:
+    """"AMD EPYC (avx512_bf16)": the CPU of a describe() record, with its bf16 flags."""
+    flags = ", ".join(machine.get("bf16_flags") or []) or "no native bf16"
+    return f"{machine.get('cpu') or 'an unknown CPU'} ({flags})"
+
+
 def describe() -> dict:
     """What every benchmark JSON records about the machine."""
     cpu = cpu_info()

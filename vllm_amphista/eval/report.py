@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vllm_amphista.machine import describe
+from vllm_amphista.machine import cpu_label, describe
 
 
 def write_report(path: str | Path, report: dict) -> None:
@@ -20,11 +20,10 @@ def machine_line(**dtypes: str) -> str:
     """The line above a printed table: the CPU, its bf16 flags, cores, torch threads and
     the dtypes given (machine_line(target="float32", draft="float32"))."""
     machine = describe()
-    flags = ", ".join(machine["bf16_flags"]) or "no native bf16"
     gpu = f", GPU {machine['gpu']}" if machine["gpu"] else ""
     named = "".join(f"; {name} {str(value).removeprefix('torch.')}"
                     for name, value in dtypes.items())
-    return (f"{machine['cpu']} ({flags}), {machine['cores']} cores, "
+    return (f"{cpu_label(machine)}, {machine['cores']} cores, "
             f"{machine['torch_threads']} torch threads{gpu}{named}")
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vllm_amphista.machine import CpuInfo, cpu_info
+from vllm_amphista.machine import CpuInfo, cpu_info, cpu_label
 from vllm_amphista.paths import CACHE_DIR
 
 STEP_COST_DIR = CACHE_DIR / "step_cost"
@@ -110,9 +110,7 @@ class StepCost:
     @staticmethod
     def measured_on(path: Path) -> str:
         """The CPU a calibration file was measured on, with its bf16 flags."""
-        machine = json.loads(path.read_text()).get("machine", {})
-        flags = ", ".join(machine.get("bf16_flags") or ["no native bf16"])
-        return f"{machine.get('cpu', 'an unknown CPU')} ({flags})"
+        return cpu_label(json.loads(path.read_text()).get("machine", {}))
 
     @classmethod
     def linear(cls, fixed_ms: float, per_token_ms: float, draft_ms: float) -> StepCost:

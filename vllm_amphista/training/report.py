@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from vllm_amphista.machine import cpu_label
 from vllm_amphista.training.data import Conversation
 from vllm_amphista.training.settings import TrainSettings
 
@@ -50,8 +51,7 @@ def _machine(metrics: dict) -> str:
     machine = metrics.get("machine")
     if not machine:
         return "a 2-core CPU"
-    flags = ", ".join(machine["bf16_flags"]) or "no native bf16"
-    return f"{machine['cpu']} ({flags}), {machine['cores']} cores"
+    return f"{cpu_label(machine)}, {machine['cores']} cores"
 
 
 def write_model_card(metrics: dict, out_dir: Path) -> None:
