@@ -126,7 +126,7 @@ def settings_tag(settings: TrainSettings) -> str:
     default = TrainSettings(epochs=CURVE_EPOCHS)
     return "".join(f"-{short}{getattr(settings, name):g}" for name, short in
                    (("epochs", "ep"), ("learning_rate", "lr"), ("lm_weight", "lmw"),
-                    ("head_decay", "decay"))
+                    ("head_decay", "decay"), ("batch_conversations", "b"))
                    if getattr(settings, name) != getattr(default, name))
 
 
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--lm-weight", type=float, default=defaults.lm_weight)
     parser.add_argument("--head-decay", type=float, default=defaults.head_decay)
+    parser.add_argument("--batch", type=int, default=defaults.batch_conversations,
+                        help="conversations per update")
     parser.add_argument("--no-vllm-tau", action="store_true",
                         help="held-out metrics only (for settings sweeps)")
     parser.add_argument("--runs", type=Path, default=Path("runs/learning_curve"))
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     held_out_shards = list(range(plan.num_shards - args.held_out_shards, plan.num_shards))
     held_out = load_shards([plan.shard_paths()[i] for i in held_out_shards])
     settings = TrainSettings(epochs=args.epochs, learning_rate=args.learning_rate,
-                             lm_weight=args.lm_weight, head_decay=args.head_decay)
+                             lm_weight=args.lm_weight, head_decay=args.head_decay,
+                             batch_conversations=args.batch)
     for size in shards:
         for mode in args.modes:
             started = time.perf_counter()
@@ -172,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             plot(rows, args.out.with_suffix(".png"))
     print(machine_line(target=TARGET_DTYPE, training=compute_dtype()))
     print(markdown_table(
-        ["run", "training tokens", "epochs", "lr", "lm weight", "head decay",
+        ["run", "training tokens", "epochs", "batch", "lr", "lm weight", "head decay",
          "held-out chain tau", "vLLM tau"],
         [[r["run"], f"{r['train_tokens']:,}", r["settings"]["epochs"],
+          r["settings"]["batch_conversations"],
           r["settings"]["learning_rate"], r["settings"]["lm_weight"],
           r["settings"]["head_decay"], f"{r['heldout_chain_tau']:.3f}",
           "-" if r["vllm_tau"] is None else f"{r['vllm_tau']:.3f}"]

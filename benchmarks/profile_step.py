@@ -1,15 +1,17 @@
 """Where an engine step's time goes, plain vs speculative, inside vLLM.
 
     python -m benchmarks.profile_step [--heads H] [--num-prompts N] [--max-tokens T]
+                                      [--temperature 0.7] [--concurrency 16]
 
-Runs one request at a time at temperature 0 in an in-process engine (one fresh Python
-per method: vLLM's CPU build cannot start two engines in one process) and times, per
-engine step: the target forward (`model.forward` of the runner's model), the draft
-model (`AmphistaDraftModel.extend`), the proposer glue around it (the runner patch's
-row bookkeeping in `propose_from_step`), and everything else vLLM does in the step
-(scheduling, sampling or rejection sampling, output handling). The timers are plain
-wrappers on this engine's objects, installed by this script only. JSON + table.
-"""
+Runs the prompts `--concurrency` at a time (one at a time by default, temperature 0) in
+an in-process engine (one fresh Python per method: vLLM's CPU build cannot start two
+engines in one process) and times, per engine step: the target forward (`model.forward`
+of the runner's model), sampling (the runner's `_sample`: vLLM's sampler, or its
+rejection sampler under speculation), the draft model (`AmphistaDraftModel.extend`), the
+proposer glue around it (the runner patch's row bookkeeping in `propose_from_step`), and
+everything else vLLM does in the step (scheduling, output handling). It counts the
+drafts proposed. The timers are plain wrappers on this engine's objects, installed by
+this script only. JSON + table."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 from vllm_amphista.engine import start_llm
-from vllm_amphista.eval.report import machine_line, write_report
+from vllm_amphista.eval.report import machine_line, markdown_table, write_report
 from vllm_amphista.machine import TARGET_DTYPE, compute_dtype
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
@@ -42,30 +44,45 @@ def _timed(function, totals: dict[str, float], key: str):
     return wrapper
 
 
-def profile_one(target: str, heads: str | None, prompts: list[str], max_tokens: int) -> dict:
+def _counting_drafts(propose, totals: dict[str, float]):
+    @functools.wraps(propose)
+    def wrapper(*args, **kwargs):
+        proposal = propose(*args, **kwargs)
+        totals["drafts"] = totals.get("drafts", 0) + sum(map(len, proposal.tokens))
+        return proposal
+    return wrapper
+
+
+def profile_one(target: str, heads: str | None, prompts: list[str], max_tokens: int,
+                temperature: float, concurrency: int) -> dict:
     """Runs in its own process (see main)."""
     from vllm import SamplingParams  # heavy: only where an engine starts
 
     spec = {"method": "amphista", "model": heads} if heads else None
     llm = start_llm(target, speculative_config=spec)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
     llm.chat([[{"role": "user", "content": prompts[0]}]], params, use_tqdm=False)  # warm-up
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
     totals: dict[str, float] = {}
     runner.model.forward = _timed(runner.model.forward, totals, "target_forward")
+    runner._sample = _timed(runner._sample, totals, "sampling")
     drafter = getattr(runner, "drafter", None)
     if drafter is not None:
-        drafter.propose_from_step = _timed(drafter.propose_from_step, totals, "proposer")
+        drafter.propose_from_step = _timed(_counting_drafts(drafter.propose_from_step, totals),
+                                           totals, "proposer")
         drafter.model.extend = _timed(drafter.model.extend, totals, "draft_model")
     tokens = 0
     started = time.perf_counter()
-    for prompt in prompts:
-        out = llm.chat([[{"role": "user", "content": prompt}]], params, use_tqdm=False)
-        tokens += len(out[0].outputs[0].token_ids)
+    for first in range(0, len(prompts), concurrency):
+        conversations = [[{"role": "user", "content": prompt}]
+                         for prompt in prompts[first: first + concurrency]]
+        out = llm.chat(conversations, params, use_tqdm=False)
+        tokens += sum(len(o.outputs[0].token_ids) for o in out)
     total = time.perf_counter() - started
     steps = int(totals["target_forward_calls"])
     per_step = {
         "target_forward_ms": 1e3 * totals["target_forward"] / steps,
+        "sampling_ms": 1e3 * totals["sampling"] / steps,
         "draft_model_ms": 1e3 * totals.get("draft_model", 0.0) / steps,
         "proposer_glue_ms": 1e3 * (totals.get("proposer", 0.0)
                                    - totals.get("draft_model", 0.0)) / steps,
@@ -73,7 +90,8 @@ def profile_one(target: str, heads: str | None, prompts: list[str], max_tokens: 
     per_step["rest_of_vllm_ms"] = 1e3 * total / steps - sum(per_step.values())
     return {"method": "amphista" if heads else "vanilla", "heads": heads, "tokens": tokens,
             "steps": steps, "seconds": total, "tokens_per_s": tokens / total,
-            "tokens_per_step": tokens / steps, "step_ms": 1e3 * total / steps, **per_step}
+            "tokens_per_step": tokens / steps, "drafts_per_step": totals.get("drafts", 0) / steps,
+            "step_ms": 1e3 * total / steps, **per_step}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", help="FastChat question.jsonl (default: MT-Bench)")
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--concurrency", type=int, default=1, help="requests per batch")
     parser.add_argument("--out", type=Path, default=Path("runs/profile_step.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
     args = parser.parse_args(argv)
@@ -96,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for heads in [None, *args.heads]:
         job = json.dumps({"target": target, "heads": heads, "prompts": prompts,
-                          "max_tokens": args.max_tokens})
+                          "max_tokens": args.max_tokens, "temperature": args.temperature,
+                          "concurrency": args.concurrency})
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         proc = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--one", job],
                               capture_output=True, text=True, env=env)
@@ -108,16 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     write_report(args.out, {"target": target, "target_dtype": TARGET_DTYPE,
                             "draft_dtype": str(compute_dtype()).removeprefix("torch."),
                             "prompts": len(prompts),
-                            "max_tokens": args.max_tokens, "rows": rows})
+                            "max_tokens": args.max_tokens, "temperature": args.temperature,
+                            "concurrency": args.concurrency, "rows": rows})
     print(machine_line(target=TARGET_DTYPE, draft=compute_dtype()))
-    print("| method | tokens/s | tokens/step | step ms | target fwd ms | draft model ms "
-          "| proposer glue ms | rest of vLLM ms |\n| --- | ---: | ---: | ---: | ---: | ---: "
-          "| ---: | ---: |")
-    for r in rows:
-        name = r["method"] if r["heads"] is None else Path(r["heads"]).name
-        print(f"| {name} | {r['tokens_per_s']:.1f} | {r['tokens_per_step']:.2f} | "
-              f"{r['step_ms']:.1f} | {r['target_forward_ms']:.1f} | {r['draft_model_ms']:.1f} "
-              f"| {r['proposer_glue_ms']:.1f} | {r['rest_of_vllm_ms']:.1f} |")
+    print(f"temperature {args.temperature}, {args.concurrency} request(s) at a time")
+    print(markdown_table(
+        ["method", "tokens/s", "tokens/step", "drafts/step", "step ms", "target fwd ms",
+         "sampling ms", "draft model ms", "proposer glue ms", "rest of vLLM ms"],
+        [[r["method"] if r["heads"] is None else Path(r["heads"]).name,
+          f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_step']:.2f}",
+          f"{r['drafts_per_step']:.2f}", f"{r['step_ms']:.1f}",
+          f"{r['target_forward_ms']:.1f}", f"{r['sampling_ms']:.1f}",
+          f"{r['draft_model_ms']:.1f}", f"{r['proposer_glue_ms']:.1f}",
+          f"{r['rest_of_vllm_ms']:.1f}"] for r in rows]))
     print(f"wrote {args.out}")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from types import SimpleNamespace
 
@@ -178,3 +179,77 @@ print("RESULT " + json.dumps({{"tokens": [list(r.outputs[0].token_ids) for r in 
     first, second = result["tokens"]
     assert result["cached"][0] == 0 and result["cached"][1] >= 300 - 64, result["cached"]
     assert len(first) == 16 and first == second
+
+
+def test_engine_recovered_tokens_still_draw_noise_for_every_request():
+    """Tripwire: vLLM 0.32 draws recovered-token noise for the whole batch. The day this
+    fails, re-check patch_recovered_token_noise (it may be redundant, or wrong)."""
+    from vllm.v1.sample import rejection_sampler
+
+    engine = getattr(rejection_sampler.sample_recovered_tokens, "_amphista_original",
+                     rejection_sampler.sample_recovered_tokens)
+    assert tuple(inspect.signature(engine).parameters) == \
+        vllm_patches.SAMPLE_RECOVERED_TOKENS_PARAMS
+    source = inspect.getsource(engine)
+    assert "(batch_size, vocab_size)" in source and "q.exponential_()" in source
+    assert "sample_recovered_tokens(" in inspect.getsource(rejection_sampler.rejection_sample)
+
+
+def _recovered_case(seeded: list[int]):
+    """Five requests, two without drafts; `seeded` ones get a generator of their own."""
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+    counts = [2, 0, 3, 0, 1]
+    tokens, vocab = sum(counts), 64
+    gen = torch.Generator().manual_seed(0)
+    draft_probs = torch.rand(tokens, vocab, generator=gen).softmax(-1)
+    metadata = SamplingMetadata(
+        temperature=torch.ones(5), all_greedy=False, all_random=True, top_p=None,
+        top_k=None, generators={i: torch.Generator().manual_seed(10 + i) for i in seeded},
+        max_num_logprobs=None, no_penalties=True, prompt_token_ids=None,
+        frequency_penalties=torch.zeros(5), presence_penalties=torch.zeros(5),
+        repetition_penalties=torch.ones(5), output_token_ids=[], allowed_token_ids_mask=None,
+        bad_words_token_ids={}, logitsprocs=LogitsProcessors())
+    return (max(counts), counts, torch.tensor(counts).cumsum(0).to(torch.int32),
+            draft_probs.argmax(-1).to(torch.int32), draft_probs,
+            torch.rand(tokens, vocab, generator=gen).softmax(-1), metadata, "cpu")
+
+
+def _drafting_only(case):
+    """The same step without the requests that have no drafts."""
+    max_len, counts, cu, ids, draft_probs, target_probs, metadata, device = case
+    keep = [i for i, n in enumerate(counts) if n]
+    generators = {new: metadata.generators[old] for new, old in enumerate(keep)
+                  if old in metadata.generators}
+    return (max_len, [counts[i] for i in keep], cu[keep], ids, draft_probs, target_probs,
+            dataclasses.replace(metadata, generators=generators), device)
+
+
+@pytest.mark.parametrize("seeded", [[], [0, 1, 4], [0, 1, 2, 3, 4]])
+def test_recovered_tokens_draw_noise_only_for_drafting_requests(seeded):
+    """Patched, a step draws exactly the noise of the same step without its draftless
+    requests: the same recovered tokens from the same seeds (unseeded ones from the
+    global generator, which the draftless requests no longer advance)."""
+    from vllm.platforms import current_platform
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.sample import rejection_sampler
+
+    load_general_plugins()
+    current_platform.import_kernels()
+    current_platform.register_triton_kernel_overrides()
+    engine = rejection_sampler.sample_recovered_tokens._amphista_original
+    torch.manual_seed(3)
+    expected = engine(*_drafting_only(_recovered_case(seeded)))
+    after_expected = torch.rand(4)
+    torch.manual_seed(3)
+    got = rejection_sampler.sample_recovered_tokens(*_recovered_case(seeded))
+    assert torch.equal(got, expected)
+    assert torch.equal(torch.rand(4), after_expected)  # no noise drawn for anyone else
+    # A step where nobody drafts draws nothing at all.
+    state = torch.get_rng_state()
+    *_, ids, _, target_probs, metadata, device = _recovered_case(seeded)
+    nothing = rejection_sampler.sample_recovered_tokens(
+        0, [0] * 5, torch.zeros(5, dtype=torch.int32), ids[:0], None, target_probs[:0],
+        metadata, device)
+    assert nothing.shape == (0,) and torch.equal(torch.get_rng_state(), state)

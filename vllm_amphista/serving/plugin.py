@@ -16,6 +16,7 @@ from vllm_amphista.serving.patches import (
     patch_empty_draft_constraints,
     patch_engine_args,
     patch_model_runner,
+    patch_recovered_token_noise,
 )
 
 _registered = False
@@ -33,9 +34,10 @@ def register() -> None:
                                      "vllm_amphista.model.draft_model:AmphistaDraftModel")
     patch_engine_args()
     patch_model_runner()  # routes the runner's hidden states to our drafters
-    # Every speculative method on the CPU build needs these two, not only ours.
+    # Every speculative method on the CPU build needs these, not only ours.
     patch_cpu_expand_kernel()
     patch_empty_draft_constraints()
+    patch_recovered_token_noise()  # speed only: the others are correctness
     # Every seeded request on the CPU build needs this one, speculating or not.
     patch_cpu_generator_rewind()
     _registered = True
