@@ -128,15 +128,17 @@ def test_gpu_benchmark_script_smoke(tmp_path):
     assert all(r["ok"] for r in report["rows"])
 
 
-@needs_bf16_packing
+@pytest.mark.parametrize("dtype", [
+    torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16_packing)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("leading", [(1,), (4,), (3, 5), (2, 1, 7)])
-def test_packed_linear_is_f_linear(bias, leading):
-    assert not can_pack(torch.float32, torch.device("cpu"))
+def test_packed_linear_is_f_linear(dtype, bias, leading):
+    assert can_pack(dtype, torch.device("cpu"))
+    assert not can_pack(torch.float16, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(96, 40, generator=g).bfloat16()
-    b = torch.randn(96, generator=g).bfloat16() if bias else None
-    x = torch.randn(*leading, 40, generator=g).bfloat16()
+    weight = torch.randn(96, 40, generator=g).to(dtype)
+    b = torch.randn(96, generator=g).to(dtype) if bias else None
+    x = torch.randn(*leading, 40, generator=g).to(dtype)
     got = PackedLinear(weight, b)(x)
-    assert got.shape == (*leading, 96)
+    assert got.shape == (*leading, 96) and got.dtype == dtype
     torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b))

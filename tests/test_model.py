@@ -174,22 +174,23 @@ def test_impossible_configs_are_named(bad, message):
         AmphistaConfig(hidden_size=64, vocab_size=512, **bad)
 
 
-@needs_bf16_packing
+@pytest.mark.parametrize("dtype, tolerance", [
+    (torch.float32, 1e-5), pytest.param(torch.bfloat16, 0.02, marks=needs_bf16_packing)])
 @pytest.mark.parametrize("switches", [{}, MEDUSA_SWITCHES], ids=["amphista", "medusa-mode"])
-def test_prepacked_weights_draft_as_the_plain_model(tiny_target, switches):
-    """pack_for_drafting (bf16 on a CPU) swaps every weight matrix, the vocabulary
-    projection included, for oneDNN's layout: the same logits, chunk after chunk. Medusa-
-    mode heads keep no parameter once packed: the cache still takes the packed dtype."""
+def test_prepacked_weights_draft_as_the_plain_model(tiny_target, switches, dtype, tolerance):
+    """pack_for_drafting (on a CPU) swaps every weight matrix, the vocabulary projection
+    included, for oneDNN's layout: the same logits, chunk after chunk. Medusa-mode heads
+    keep no parameter once packed: the cache still takes the packed dtype."""
     plain = draft_model(tiny_target, randomised=True, draft_vocab_size=100,
-                        **switches).to(torch.bfloat16)
+                        **switches).to(dtype)
     packed = copy.deepcopy(plain)
     assert packed.pack_for_drafting()
     assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    assert packed.new_cache().keys.dtype == dtype
     hidden, tokens = _inputs(tiny_target, b=1, t=12)
-    hidden = hidden[0].to(torch.bfloat16)
+    hidden = hidden[0].to(dtype)
     caches = {model: model.new_cache() for model in (plain, packed)}
     for rows in (slice(0, 7), slice(7, 8), slice(8, 12)):
         want, got = (model.extend(caches[model], hidden[rows], tokens[0, rows],
                                   [rows.stop - rows.start]) for model in (plain, packed))
-        torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
-    assert not draft_model(tiny_target).pack_for_drafting()  # fp32: nothing to gain
+        torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)

@@ -1,12 +1,14 @@
-"""bf16 linear layers with their weights prepacked for oneDNN, for drafting on a CPU.
+"""Linear layers with their weights prepacked for oneDNN, for drafting on a CPU.
 
 A draft pass multiplies a few rows by ~16M parameters: it is bound by reading weights.
-PyTorch's bf16 `F.linear` on CPU hands oneDNN a plain row-major weight every call;
-oneDNN's own blocked layout, made once, reads faster (AMD EPYC with avx512_bf16, one
-thread, the SmolLM2 heads, interleaved runs: a draft pass 10.3 -> 6.8 ms at one request,
-21.4 -> 17.1 ms at 16; the 8192-row vocabulary projection alone 1.65 -> 1.0 ms). It is
-what PyTorch's inductor does for frozen CPU models; here it is done directly, because the
-draft pass's shapes change every step. Inference only: packed weights have no gradient.
+PyTorch's `F.linear` on CPU hands a plain row-major weight to oneDNN (bf16) or BLAS
+(fp32) every call; oneDNN's own blocked layout, made once, reads faster. bf16, AMD EPYC
+with avx512_bf16, one thread, the SmolLM2 heads, interleaved runs: a draft pass 10.3 ->
+6.8 ms at one request, 21.4 -> 17.1 ms at 16. fp32, AMD EPYC with AVX2 only, two
+threads: 11.4 -> 8.8 ms at one request, 16.6 -> 13.7 at 4, 28.6 -> 20.3 at 16; the
+8192-row vocabulary projection of 4 head rows alone 3.3 -> 0.5 ms. It is what PyTorch's
+inductor does for frozen CPU models; here it is done directly, because the draft pass's
+shapes change every step. Inference only: packed weights have no gradient.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ _OPS = torch.ops.mkldnn
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    """bf16 on a CPU whose PyTorch has oneDNN and the two packing ops, and whose
-    instructions oneDNN's bf16 path needs (AVX-512 BW/VL/DQ or AVX-NE-CONVERT: on an
-    AVX2-only CPU the reorder raises)."""
-    return (dtype == torch.bfloat16 and device.type == "cpu"
-            and torch.backends.mkldnn.is_available()
-            and all(hasattr(_OPS, op) for op in ("_reorder_linear_weight", "_linear_pointwise",
-                                                  "_is_mkldnn_bf16_supported"))
-            and _OPS._is_mkldnn_bf16_supported())
+    """fp32 or bf16 on a CPU whose PyTorch has oneDNN and the two packing ops; bf16 also
+    needs the instructions oneDNN's bf16 path needs (AVX-512 BW/VL/DQ or AVX-NE-CONVERT:
+    on an AVX2-only CPU the reorder raises)."""
+    if (dtype not in (torch.float32, torch.bfloat16) or device.type != "cpu"
+            or not torch.backends.mkldnn.is_available()
+            or not all(hasattr(_OPS, op) for op in ("_reorder_linear_weight",
+                                                     "_linear_pointwise",
+                                                     "_is_mkldnn_bf16_supported"))):
+        return False
+    return dtype == torch.float32 or _OPS._is_mkldnn_bf16_supported()
 
 
 class PackedLinear(nn.Module):

@@ -86,7 +86,7 @@ class AmphistaDraftModel(nn.Module):
 
     def pack_for_drafting(self) -> bool:
         """Prepack every weight matrix, the vocabulary projection included, for faster
-        bf16 drafting on a CPU (kernels/packed_linear.py); no-op elsewhere. After this
+        drafting on a CPU (kernels/packed_linear.py); no-op elsewhere. After this
         the model drafts (extend, forward without grad) but cannot be trained."""
         weight = self._a_weight()
         if not can_pack(weight.dtype, weight.device) or self.lm_head_weight is None:
