@@ -306,6 +306,24 @@ def test_draft_lengths_follow_the_step_cost(heads_dir, tiny_target, tiny_target_
     assert [len(t) for t in cut] == want and want != [3, 3, 3]
     full = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "free.json"))
     assert [len(t) for t in full.propose_from_step(rows).tokens] == [3, 3, 3]
+    # Sampled requests: drafts are drawn, and q built, only where they are verified. A
+    # cost that cuts the drafts unevenly, none to all three.
+    chance = confidence(logits)
+    mixed = next(cost for cost in (StepCost.linear(10.0, 10.0 ** e, 0.0)
+                                   for e in np.linspace(-4, 1, 2001))
+                 if 0 < (n := choose_lengths(chance, cost)).max() < 3 and n.min() < n.max())
+    mixed.save(tmp_path / "mixed.json")
+    want = choose_lengths(chance, mixed).tolist()
+    rows.sampling = RequestSampling(temperature=torch.ones(3), top_p=None, top_k=None,
+                                    generators={})
+    sampled = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "mixed.json"))
+    proposal = sampled.propose_from_step(rows)
+    assert [len(t) for t in proposal.tokens] == want
+    q = proposal.draft_probs
+    assert q.shape == (3, max(want), tiny_target.vocab_size)
+    for i, n in enumerate(want):
+        torch.testing.assert_close(q[i, :n].sum(-1), torch.ones(n))
+        assert not q[i, n:].any()
 
 
 def test_auto_step_cost_is_this_machines_else_the_one_shipped_with_the_heads(

@@ -161,11 +161,17 @@ class AmphistaProposer(StepDrafter):
         if not drafting:
             return Proposal(drafts)
         logits = logits[drafting, : self.num_speculative_tokens]
-        ids, draft_probs = self._choose(logits, step, drafting)
         lengths = self._lengths(logits)
-        for i, tokens, n in zip(drafting, self.model.to_target_ids(ids).tolist(), lengths,
+        # Drafts (and their q) only where some will be verified, up to the longest.
+        kept = [j for j, n in enumerate(lengths) if n]
+        if not kept:
+            return Proposal(drafts)
+        rows = [drafting[j] for j in kept]
+        ids, draft_probs = self._choose(logits[kept, : max(lengths[j] for j in kept)], step,
+                                        rows)
+        for i, tokens, j in zip(rows, self.model.to_target_ids(ids).tolist(), kept,
                                 strict=True):
-            drafts[i] = tokens[:n]
+            drafts[i] = tokens[: lengths[j]]
         return Proposal(drafts, draft_probs)
 
     def _paused(self, decoding: int) -> bool:

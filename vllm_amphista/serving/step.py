@@ -52,8 +52,9 @@ class StepRows:
 @dataclass
 class Proposal:
     tokens: list[list[int]]  # per request, in the step's order; [] = no draft
-    # [num_reqs, K, vocab] the q each sampled draft was drawn from, zeros for the other
-    # requests; None when every draft is an argmax (vLLM then treats drafts as one-hot).
+    # [num_reqs, longest draft, vocab] the q each sampled draft was drawn from, zeros for
+    # the other requests; None when every draft is an argmax (vLLM then treats drafts as
+    # one-hot).
     draft_probs: torch.Tensor | None = None
 
 
