@@ -60,7 +60,9 @@ def profile_one(target: str, heads: str | None, prompts: list[str], max_tokens: 
 
     spec = {"method": "amphista", "model": heads} if heads else None
     llm = start_llm(target, speculative_config=spec)
-    params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
+    # Sampled answers differ between methods: the same length for all (see eval/bench.py).
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens,
+                            ignore_eos=temperature > 0)
     llm.chat([[{"role": "user", "content": prompts[0]}]], params, use_tqdm=False)  # warm-up
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
     totals: dict[str, float] = {}

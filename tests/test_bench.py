@@ -11,6 +11,7 @@ import pytest
 
 from tests.engine_helpers import IN_PROCESS, engine_env
 from vllm_amphista.cli import demo_verdict
+from vllm_amphista.eval import bench
 from vllm_amphista.eval.bench import Run, markdown, percentile, spec_counters, summarise
 
 METRICS_PAGE = """\
@@ -28,6 +29,24 @@ vllm:num_requests_running{engine="0",model_name="m"} 0.0
 def test_spec_counters_reads_drafts_and_positions_in_order():
     assert spec_counters(METRICS_PAGE) == (172, [16, 1])
     assert spec_counters("vllm:num_requests_running 0.0\n") == (0, [])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_sampled_runs_generate_max_tokens_for_every_method(monkeypatch, temperature):
+    """Sampled answers differ from run to run and method to method, and so would their
+    lengths: at T > 0 every request runs to max_tokens; greedy ones stop where they end."""
+    sent = []
+
+    def post_json(url, payload, timeout):
+        sent.append(payload)
+        return {"choices": [{"token_ids": [1] * payload["max_tokens"]}]}
+
+    monkeypatch.setattr(bench, "post_json", post_json)
+    monkeypatch.setattr(bench, "get_text", lambda url: METRICS_PAGE)
+    run = bench.measure("http://server", ["a", "b", "c"], 2, temperature, 8)
+    assert len(sent) == 3 and len(run.outputs) == 3
+    assert all(p["ignore_eos"] is (temperature > 0) and p["max_tokens"] == 8
+               and p["temperature"] == temperature for p in sent)
 
 
 def test_percentile():

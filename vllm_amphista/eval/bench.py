@@ -11,9 +11,12 @@ All servers are started first (warmed up, then left idle); the measured runs are
 interleaved (repeat -> temperature -> concurrency -> method), so a drift in the
 machine's speed hits every method alike. Each run sends the whole prompt file with
 `concurrency` requests in flight, identical sampling parameters and max_tokens for every
-method. Tokens/s is completion tokens over the run's wall time; latency is per request,
-end to end; tau and per-position acceptance come from the server's spec-decode counters
-read before and after the run. At temperature 0 every method's tokens are compared with
+method. At temperature > 0 every request generates exactly max_tokens (`ignore_eos`):
+each run samples other answers, and their lengths would otherwise differ from method to
+method and run to run (a batch's last long answer sets its wall time). Tokens/s is
+completion tokens over the run's wall time; latency is per request, end to end; tau and
+per-position acceptance come from the server's spec-decode counters read before and
+after the run. At temperature 0 every method's tokens are compared with
 vanilla's at concurrency 1.
 """
 
@@ -122,7 +125,8 @@ def measure(base: str, prompts: list[str], concurrency: int, temperature: float,
         started = time.perf_counter()
         reply = post_json(f"{base}/v1/chat/completions", {
             "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": temperature, "return_token_ids": True}, timeout=1800)
+            "temperature": temperature, "ignore_eos": temperature > 0,
+            "return_token_ids": True}, timeout=1800)
         return time.perf_counter() - started, reply["choices"][0]["token_ids"]
 
     drafts_before, accepted_before = spec_counters(get_text(f"{base}/metrics"))
