@@ -6,6 +6,8 @@ speculative settings differ:
   amphista     our proposer with the Amphista heads
   medusa       our proposer with the Medusa-mode heads (same pipeline, same data)
   vllm-medusa  vLLM 0.32's built-in Medusa with those heads exported to its format
+  vanilla-sync vanilla without async scheduling, which vLLM 0.32 turns off for every
+               custom_class proposer (ours): how much of a gap that alone makes
 
 All servers are started first (warmed up, then left idle); the measured runs are then
 interleaved (repeat -> temperature -> concurrency -> method), so a drift in the
@@ -51,7 +53,7 @@ from vllm_amphista.prompts import first_turns
 from vllm_amphista.serving.patches import engine_version
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("vanilla", "amphista", "medusa", "vllm-medusa")
+METHODS = ("vanilla", "amphista", "medusa", "vllm-medusa", "vanilla-sync")
 
 
 @dataclass
@@ -88,6 +90,8 @@ def server_args(method: str, args: argparse.Namespace) -> list[str]:
         ours["disable_by_batch_size"] = args.disable_by_batch_size
     if method == "vanilla":
         return common
+    if method == "vanilla-sync":
+        return [*common, "--no-async-scheduling"]
     if method in ("amphista", "medusa"):
         heads = args.amphista_heads if method == "amphista" else args.medusa_heads
         return [*common, "--speculative-config", json.dumps({**ours, "model": str(heads)})]
@@ -249,7 +253,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "to the cache if missing)")
     parser.add_argument("--amphista-heads", type=Path, default=SHIPPED_HEADS / "amphista")
     parser.add_argument("--medusa-heads", type=Path, default=SHIPPED_HEADS / "medusa")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", choices=METHODS,
+                        default=[m for m in METHODS if m != "vanilla-sync"],  # a diagnostic
+                        help="default: all but vanilla-sync")
     parser.add_argument("--prompts", help="FastChat question.jsonl (default: MT-Bench)")
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
