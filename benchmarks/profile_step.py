@@ -11,7 +11,8 @@ rejection sampler under speculation), the draft model (`AmphistaDraftModel.exten
 proposer glue around it (the runner patch's row bookkeeping in `propose_from_step`), and
 everything else vLLM does in the step (scheduling, output handling). It counts the
 drafts proposed. The timers are plain wrappers on this engine's objects, installed by
-this script only. JSON + table."""
+this script only. JSON + table.
+"""
 
 from __future__ import annotations
 
