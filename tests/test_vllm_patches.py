@@ -246,6 +246,8 @@ def test_recovered_tokens_draw_noise_only_for_drafting_requests(seeded):
     got = rejection_sampler.sample_recovered_tokens(*_recovered_case(seeded))
     assert torch.equal(got, expected)
     assert torch.equal(torch.rand(4), after_expected)  # no noise drawn for anyone else
+    if {0, 2, 4} <= set(seeded):  # every drafting request seeded: vLLM's own full-batch
+        assert torch.equal(got, engine(*_recovered_case(seeded)))  # answer, unchanged
     # A step where nobody drafts draws nothing at all.
     state = torch.get_rng_state()
     *_, ids, _, target_probs, metadata, device = _recovered_case(seeded)
