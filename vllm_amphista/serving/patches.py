@@ -379,7 +379,7 @@ def patch_recovered_token_noise() -> None:
     speculative decoding every step with a sampled request calls it, drafts or not, and it
     draws one exponential per vocabulary entry for every request in the batch, though only
     requests with drafts read theirs: at 16 requests and SmolLM2's 49,152 entries 22 ms of
-    a ~145 ms step on a 2-core CPU, paid even when no request has a draft. Called here
+    a ~165 ms step on a 2-core CPU, paid even when no request has a draft. Called here
     with the drafting requests only (their offsets and seeded generators): the noise they
     read is drawn as before, seeded requests' from their own generators, and nobody else's.
     """
