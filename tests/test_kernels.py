@@ -11,6 +11,7 @@ import torch
 
 from benchmarks.bench_kernels import main
 from tests.conftest import needs_bf16_packing
+from vllm_amphista.kernels import packed_linear
 from vllm_amphista.kernels.head_attention import head_attention_reference
 from vllm_amphista.kernels.packed_linear import PackedLinear, can_pack
 from vllm_amphista.kernels.tree_attention import tree_attention_reference
@@ -128,17 +129,27 @@ def test_gpu_benchmark_script_smoke(tmp_path):
     assert all(r["ok"] for r in report["rows"])
 
 
-@pytest.mark.parametrize("dtype", [
-    torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16_packing)])
+@pytest.mark.parametrize("dtype, half_weights", [
+    (torch.float32, True), (torch.float32, False),
+    pytest.param(torch.bfloat16, False, marks=needs_bf16_packing)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("leading", [(1,), (4,), (3, 5), (2, 1, 7)])
-def test_packed_linear_is_f_linear(dtype, bias, leading):
+def test_packed_linear_is_f_linear(dtype, half_weights, bias, leading, monkeypatch):
+    """fp32 weights are read in fp16 where FBGEMM has that product (then the result is
+    x times the fp16-rounded weight, in fp32), else packed as they are."""
     assert can_pack(dtype, torch.device("cpu"))
     assert not can_pack(torch.float16, torch.device("cpu"))
+    if half_weights:
+        assert packed_linear.has_half_weight_gemm()  # x86 with AVX2: every CI machine
+    else:
+        monkeypatch.setattr(packed_linear, "has_half_weight_gemm", lambda: False)
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 40, generator=g).to(dtype)
     b = torch.randn(96, generator=g).to(dtype) if bias else None
     x = torch.randn(*leading, 40, generator=g).to(dtype)
-    got = PackedLinear(weight, b)(x)
+    linear = PackedLinear(weight, b)
+    assert (linear.half_weight is not None) == half_weights
+    got = linear(x)
     assert got.shape == (*leading, 96) and got.dtype == dtype
-    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b))
+    read = weight.half().float() if half_weights else weight
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, read, b))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import draft_model, needs_bf16_packing
+from vllm_amphista.kernels.packed_linear import has_half_weight_gemm
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.sal_cache import SALCache
@@ -179,12 +180,19 @@ def test_impossible_configs_are_named(bad, message):
 @pytest.mark.parametrize("switches", [{}, MEDUSA_SWITCHES], ids=["amphista", "medusa-mode"])
 def test_prepacked_weights_draft_as_the_plain_model(tiny_target, switches, dtype, tolerance):
     """pack_for_drafting (on a CPU) swaps every weight matrix, the vocabulary projection
-    included, for oneDNN's layout: the same logits, chunk after chunk. Medusa-mode heads
-    keep no parameter once packed: the cache still takes the packed dtype."""
+    included, for a packed layout: the same logits, chunk after chunk, as the plain model
+    with the weights as the packed one reads them (fp32 ones in fp16 where FBGEMM has that
+    product). Medusa-mode heads keep no parameter once packed: the cache still takes the
+    packed dtype."""
     plain = draft_model(tiny_target, randomised=True, draft_vocab_size=100,
                         **switches).to(dtype)
     packed = copy.deepcopy(plain)
     assert packed.pack_for_drafting()
+    if dtype == torch.float32 and has_half_weight_gemm():
+        with torch.no_grad():
+            for linear in (m for m in plain.modules() if isinstance(m, torch.nn.Linear)):
+                linear.weight.copy_(linear.weight.half())
+        plain.lm_head_weight = plain.lm_head_weight.half().float()
     assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
     assert packed.new_cache().keys.dtype == dtype
     hidden, tokens = _inputs(tiny_target, b=1, t=12)
