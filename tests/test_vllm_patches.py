@@ -255,3 +255,84 @@ def test_recovered_tokens_draw_noise_only_for_drafting_requests(seeded):
         0, [0] * 5, torch.zeros(5, dtype=torch.int32), ids[:0], None, target_probs[:0],
         metadata, device)
     assert nothing.shape == (0,) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_engine_rejection_sampler_still_samples_bonus_tokens_first():
+    """Tripwire: vLLM 0.32's rejection sampler samples every request's bonus token with its
+    plain sampler before rejecting anything, asking for full logprobs. The day this fails,
+    re-check patch_draftless_rejection_sampling."""
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+
+    engine = getattr(RejectionSampler.forward, "_amphista_original", RejectionSampler.forward)
+    assert tuple(inspect.signature(engine).parameters) == \
+        vllm_patches.REJECTION_SAMPLER_FORWARD_PARAMS
+    source = inspect.getsource(engine)
+    for step in ("bonus_logits = logits[bonus_logits_indices]", "max_num_logprobs=-1",
+                 "predict_bonus_token=True", "bonus_token_ids = bonus_sampler_output"):
+        assert step in source
+
+
+def _draftless_case(kind: str, batch: int = 6, vocab: int = 50):
+    """Logits of a step where no request has drafts, and sampling metadata of one kind."""
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(batch, vocab, generator=gen) * 3
+    temperature = torch.full((batch,), 0.8)
+    if kind in ("greedy", "mixed"):
+        temperature[: batch if kind == "greedy" else batch // 2] = 0.0
+    penalties = kind == "penalties"
+    metadata = SamplingMetadata(
+        temperature=temperature, all_greedy=kind == "greedy",
+        all_random=kind not in ("greedy", "mixed"),
+        top_k=torch.full((batch,), 5) if kind == "top_k" else None,
+        top_p=torch.full((batch,), 0.7) if kind == "top_p" else None,
+        generators={i: torch.Generator().manual_seed(20 + i) for i in range(0, batch, 2)},
+        max_num_logprobs=2 if kind == "logprobs" else None, no_penalties=not penalties,
+        prompt_token_ids=torch.randint(0, vocab, (batch, 4), generator=gen),
+        frequency_penalties=torch.full((batch,), 0.5 if penalties else 0.0),
+        presence_penalties=torch.full((batch,), 0.3 if penalties else 0.0),
+        repetition_penalties=torch.full((batch,), 1.2 if penalties else 1.0),
+        output_token_ids=[[1, 2, 3]] * batch, allowed_token_ids_mask=None,
+        bad_words_token_ids={}, logitsprocs=LogitsProcessors(),
+        spec_token_ids=[[] for _ in range(batch)])
+    spec = SpecDecodeMetadata.make_dummy([[] for _ in range(batch)], torch.device("cpu"))
+    spec.bonus_logits_indices = torch.arange(batch, dtype=torch.int32)
+    return spec, logits, metadata
+
+
+@pytest.mark.parametrize("kind", ["greedy", "mixed", "random", "top_k", "top_p",
+                                  "penalties", "logprobs"])
+def test_draftless_steps_sample_as_the_rejection_sampler(kind, monkeypatch):
+    """A step with no drafts anywhere: the same tokens (seeded requests from their own
+    generators, the others from the global one, left in the same state) as vLLM's
+    rejection sampler, without its rejection pass; logprobs keep vLLM's path."""
+    from vllm.platforms import current_platform
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.sample import rejection_sampler
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.sample.sampler import Sampler
+
+    load_general_plugins()
+    current_platform.import_kernels()
+    current_platform.register_triton_kernel_overrides()
+    engine = RejectionSampler.forward._amphista_original
+    sampler = RejectionSampler(Sampler())
+    spec, logits, metadata = _draftless_case(kind)
+    torch.manual_seed(5)
+    expected = engine(sampler, spec, None, logits.clone(), metadata)
+    after_expected = torch.rand(4)
+    spec, logits, metadata = _draftless_case(kind)
+    if kind != "logprobs":  # the rejection pass is skipped, not run on zero rows
+        monkeypatch.setattr(rejection_sampler, "rejection_sample", None)
+    torch.manual_seed(5)
+    got = sampler(spec, None, logits, metadata)
+    assert got.sampled_token_ids.dtype == expected.sampled_token_ids.dtype == torch.int32
+    assert torch.equal(got.sampled_token_ids, expected.sampled_token_ids)
+    assert torch.equal(torch.rand(4), after_expected)
+    assert (got.logprobs_tensors is None) == (kind != "logprobs")
+    if kind == "logprobs":
+        for mine, theirs in zip(got.logprobs_tensors, expected.logprobs_tensors, strict=True):
+            assert (mine is None and theirs is None) or torch.equal(mine, theirs)

@@ -411,3 +411,42 @@ def patch_recovered_token_noise() -> None:
                         draft_probs, target_probs, sampling_metadata, device, use_fp64_gumbel)
 
     rejection_sampler.sample_recovered_tokens = _mark(sample_recovered_tokens, original)
+
+
+# The method's parameters as of vLLM 0.32.0; test_vllm_patches checks them.
+REJECTION_SAMPLER_FORWARD_PARAMS = (
+    "self", "metadata", "draft_probs", "logits", "sampling_metadata")
+
+
+def patch_draftless_rejection_sampling() -> None:
+    """Steps in which no request carries a draft: only the bonus tokens, on vLLM's CPU build.
+
+    Wraps (vLLM 0.32.0): vllm.v1.sample.rejection_sampler.RejectionSampler.forward. With
+    speculative decoding every step goes through it, also the many where the step cost
+    left every request without drafts. Its answer there is the bonus tokens, which it
+    samples first with the plain sampler (`predict_bonus_token=True`); the rest is work
+    for nobody: a copy of every request's logits for logprobs (asked for with
+    max_num_logprobs=-1 whatever the requests want) and a rejection pass over zero rows
+    that draws no random numbers. Here such a step makes that same sampler call and
+    returns its tokens; steps that want logprobs keep vLLM's path.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.outputs import SamplerOutput
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+
+    if _is_patched(RejectionSampler.forward):
+        return
+    original = RejectionSampler.forward
+
+    def forward(self, metadata, draft_probs, logits, sampling_metadata):
+        if (metadata.max_spec_len or sampling_metadata.max_num_logprobs is not None
+                or sampling_metadata.logprob_token_ids):
+            return original(self, metadata, draft_probs, logits, sampling_metadata)
+        bonus = self.sampler(logits=logits[metadata.bonus_logits_indices],
+                             sampling_metadata=sampling_metadata, predict_bonus_token=True)
+        return SamplerOutput(sampled_token_ids=bonus.sampled_token_ids, logprobs_tensors=None)
+
+    RejectionSampler.forward = _mark(functools.wraps(original)(forward), original)

@@ -13,6 +13,7 @@ from vllm_amphista.model.config import ARCHITECTURE
 from vllm_amphista.serving.patches import (
     patch_cpu_expand_kernel,
     patch_cpu_generator_rewind,
+    patch_draftless_rejection_sampling,
     patch_empty_draft_constraints,
     patch_engine_args,
     patch_model_runner,
@@ -37,7 +38,8 @@ def register() -> None:
     # Every speculative method on the CPU build needs these, not only ours.
     patch_cpu_expand_kernel()
     patch_empty_draft_constraints()
-    patch_recovered_token_noise()  # speed only: the others are correctness
+    patch_recovered_token_noise()  # speed only, these two: the others are correctness
+    patch_draftless_rejection_sampling()
     # Every seeded request on the CPU build needs this one, speculating or not.
     patch_cpu_generator_rewind()
     _registered = True
