@@ -21,6 +21,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vllm_amphista.eval.acceptance import measure
@@ -35,6 +36,7 @@ from vllm_amphista.training.loop import train
 from vllm_amphista.training.settings import TrainSettings
 
 SHARD = 256  # conversations per recorded shard
+TAU_GOAL, RATIO_GOAL = 1.8, 1.25  # the heads issue's goals (vLLM tau, Amphista / Medusa)
 
 
 def run(mode: str, shards: int, plan, held_out: tuple[list, list[int]],
@@ -83,6 +85,34 @@ def finished_points(runs: Path) -> list[dict]:
             "vllm_tau": vllm.get("tau"), "vllm_acceptance": vllm.get("acceptance_per_position"),
             "tokens_per_second": metrics.get("tokens_per_second")})
     return sorted(rows, key=lambda r: (r["mode"], r["train_tokens"]))
+
+
+def log_linear(points: list[tuple[float, float]], goal: float) -> dict | None:
+    """Least-squares y = intercept + slope * ln(x) through (x, y) points, and the x where it
+    reaches `goal` (None if it never does: a flat or falling line). None for < 2 points."""
+    if len(points) < 2:
+        return None
+    x = np.log([p[0] for p in points])
+    slope, intercept = np.polyfit(x, [p[1] for p in points], 1)
+    reach = float(np.exp((goal - intercept) / slope)) if slope > 0 else None
+    return {"slope_per_e_fold": float(slope), "intercept": float(intercept), "goal": goal,
+            "tokens_at_goal": reach}
+
+
+def extrapolate(rows: list[dict], tau_goal: float, ratio_goal: float) -> dict:
+    """Where the measured vLLM tau of each family, and the Amphista / Medusa ratio at
+    equal data, would reach the issue's goals if they kept their log-linear trend."""
+    measured = [r for r in rows if r["vllm_tau"] is not None]
+    fits = {label: log_linear([(r["train_tokens"], r["vllm_tau"]) for r in measured
+                               if family(r) == label], tau_goal)
+            for label in sorted({family(r) for r in measured})}
+    medusa = {(r["train_tokens"], family(r).replace("medusa", "")): r["vllm_tau"]
+              for r in measured if r["mode"] == "medusa"}
+    ratios = [(r["train_tokens"], r["vllm_tau"] / medusa[key])
+              for r in measured if r["mode"] == "amphista"
+              and (key := (r["train_tokens"], family(r).replace("amphista", ""))) in medusa]
+    return {"vllm_tau": fits, "amphista_over_medusa": log_linear(ratios, ratio_goal),
+            "ratios": ratios}
 
 
 def family(row: dict) -> str:
@@ -171,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} done ({time.perf_counter() - started:.0f}s)", flush=True)
             rows = finished_points(args.runs)
             write_report(args.out, {"held_out_conversations": len(held_out),
-                                    "held_out_shards": held_out_shards, "rows": rows})
+                                    "held_out_shards": held_out_shards, "rows": rows,
+                                    "extrapolation": extrapolate(rows, TAU_GOAL, RATIO_GOAL)})
             plot(rows, args.out.with_suffix(".png"))
     print(machine_line(target=TARGET_DTYPE, training=compute_dtype()))
     print(markdown_table(
@@ -183,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
           r["settings"]["head_decay"], f"{r['heldout_chain_tau']:.3f}",
           "-" if r["vllm_tau"] is None else f"{r['vllm_tau']:.3f}"]
          for r in finished_points(args.runs)]))
+    trend = extrapolate(finished_points(args.runs), TAU_GOAL, RATIO_GOAL)
+    fits = [*trend["vllm_tau"].items(), ("amphista / medusa", trend["amphista_over_medusa"])]
+    for label, fit in fits:
+        if fit is not None:
+            reach = ("never" if fit["tokens_at_goal"] is None
+                     else f"at ~{fit['tokens_at_goal']:,.0f} training tokens")
+            print(f"{label}: +{fit['slope_per_e_fold']:.3f} per e-fold of data; "
+                  f"{fit['goal']} {reach} if the trend held")
     return 0
 
 

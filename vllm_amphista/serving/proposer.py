@@ -117,7 +117,7 @@ class AmphistaProposer(StepDrafter):
     # -- vLLM's custom_class interface ---------------------------------------------------
     def load_model(self, target_model: torch.nn.Module) -> None:
         """Attach the target's frozen embedding and lm_head (called by the runner), then
-        prepack the draft model's weights where that drafts faster (bf16 on a CPU)."""
+        prepack the draft model's weights for drafting on a CPU (kernels/packed_linear.py)."""
         target = None
         if self.tensor_parallel_size == 1:
             target = self._weights_from_vllm_model(target_model)
