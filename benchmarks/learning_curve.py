@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "held_out_shards": held_out_shards, "rows": rows,
                                     "extrapolation": extrapolate(rows, TAU_GOAL, RATIO_GOAL)})
             plot(rows, args.out.with_suffix(".png"))
+    rows = finished_points(args.runs)
     print(machine_line(target=TARGET_DTYPE, training=compute_dtype()))
     print(markdown_table(
         ["run", "training tokens", "epochs", "batch", "lr", "lm weight", "head decay",
@@ -213,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
           r["settings"]["learning_rate"], r["settings"]["lm_weight"],
           r["settings"]["head_decay"], f"{r['heldout_chain_tau']:.3f}",
           "-" if r["vllm_tau"] is None else f"{r['vllm_tau']:.3f}"]
-         for r in finished_points(args.runs)]))
-    trend = extrapolate(finished_points(args.runs), TAU_GOAL, RATIO_GOAL)
+         for r in rows]))
+    trend = extrapolate(rows, TAU_GOAL, RATIO_GOAL)
     fits = [*trend["vllm_tau"].items(), ("amphista / medusa", trend["amphista_over_medusa"])]
     for label, fit in fits:
         if fit is not None:
