@@ -20,7 +20,7 @@ from vllm_amphista.model.target import TargetWeights
 from vllm_amphista.training.data import Conversation, read_prompt_file
 from vllm_amphista.training.heads import build_token_map, check_inputs
 from vllm_amphista.training.loop import train
-from vllm_amphista.training.objective import evaluate, head_losses, head_positions, make_batch
+from vllm_amphista.training.objective import evaluate, head_losses, head_positions, make_batch, walk
 from vllm_amphista.training.settings import STATE_FILE, TrainingInputError, TrainSettings
 
 WORDS = [f"w{i}" for i in range(40)] + list("abcdefgh")
@@ -170,7 +170,7 @@ def test_train_command_end_to_end(tiny_target_dir, tmp_path):
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors",
                                               "metrics.json", "accuracy.png", "MODEL_CARD.md"}
     card = (out / "MODEL_CARD.md").read_text()
-    assert "| 4 |" in card and "Held-out chain tau" in card
+    assert "| 4 |" in card and "when a speculative loop walks each answer" in card
     assert f"Wall time on {cpu_info().model} (" in card  # names the machine it ran on
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mode"] == "amphista" and metrics["eval_conversations"] == 1
@@ -231,6 +231,20 @@ def test_chain_tau_counts_leading_right_heads(tiny_target, conversations, wrong)
              for t in range(len(c.tokens) - 2) if t + 1 >= c.prompt_len]
     assert got["chain_tau"] == pytest.approx(1 + sum(steps) / len(steps))
     assert got["top1"][0] == (0.0 if 0 in wrong else 1.0)
+    # A greedy loop drafts at the last prompt position, then after each step's bonus token.
+    walked = []
+    for c in conversations:
+        t = c.prompt_len - 1
+        while t < len(c.tokens) - 2:
+            walked.append(min(first_wrong, len(c.tokens) - 2 - t))
+            t += 1 + walked[-1]
+    assert got["walk_tau"] == pytest.approx(1 + sum(walked) / len(walked))
+
+
+def test_walk_drafts_after_each_bonus_token():
+    assert walk([2, 0, 0, 1, 0, 3]) == (6, 3)  # drafts at 0, 3 and 5
+    assert walk([0, 0, 0]) == (0, 3)
+    assert walk([]) == (0, 0)
 
 
 def test_batches_are_built_on_the_lm_heads_device(tiny_target, conversations):

@@ -110,7 +110,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     final = metrics["history"][-1]["eval"]
-    print("held-out top-1 per head: " + " ".join(f"{a:.3f}" for a in final["top1"]))
+    print("held-out top-1 per head: " + " ".join(f"{a:.3f}" for a in final["top1"])
+          + f"; held-out tau (a T=0 loop, K={len(final['top1'])}): {final['walk_tau']:.3f}")
     print(f"heads written to {args.out} ({metrics['total_seconds']:.0f}s)")
     return 0
 

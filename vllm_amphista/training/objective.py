@@ -116,15 +116,17 @@ def evaluate(model: AmphistaDraftModel, conversations: list[Conversation], lm_he
              batch_conversations: int, max_positions: int) -> dict:
     """At the positions serving drafts from (Batch.drafted): per-head top-1 / top-5
     accuracy against the target's greedy token where that token is an answer token, and
-    chain_tau: 1 + the mean number of leading heads whose top-1 is right, i.e. the tokens
-    per target step a K-token chain would give at temperature 0 (what vLLM measures),
-    read off the held-out conversations without an engine. lm_head must sit on the
+    chain_tau: 1 + the mean number of leading heads whose top-1 is right over every
+    drafted position; walk_tau: the same over the positions a greedy speculative loop
+    drafts from (`walk`), i.e. the tokens per target step vLLM gets at temperature 0 on
+    such answers. walk_tau is the lower: a loop drafts right after a rejected draft,
+    where the heads are wrong more often than on average. lm_head must sit on the
     model's device."""
     model.eval()
     device = lm_head.device
     k_heads = model.config.num_heads
     hits1, hits5, total = (torch.zeros(k_heads, device=device) for _ in range(3))
-    chain_accepted, chain_steps = 0, 0
+    chain_accepted, chain_steps, walk_accepted, walk_steps = 0, 0, 0, 0
     for start in range(0, len(conversations), batch_conversations):
         batch = make_batch(conversations[start: start + batch_conversations], max_positions,
                            lm_head)
@@ -145,10 +147,26 @@ def evaluate(model: AmphistaDraftModel, conversations: list[Conversation], lm_he
             hits1[k] += right[:, k].sum()
             hits5[k] += ((top5[:, k] == label[:, None]).any(-1) & counted[:, k]).sum()
             total[k] += counted[:, k].sum()
-        chain_accepted += int(right.cumprod(-1).sum(-1)[counted[:, 0]].sum())
+        leading = right.int().cumprod(-1).sum(-1)
+        chain_accepted += int(leading[counted[:, 0]].sum())
         chain_steps += int(counted[:, 0].sum())
+        for row in range(len(batch.hidden)):  # drafted positions are row-major, in order
+            accepted, steps = walk(leading[rows == row].tolist())
+            walk_accepted, walk_steps = walk_accepted + accepted, walk_steps + steps
     model.train()
     hits1, hits5, total = hits1.cpu(), hits5.cpu(), total.cpu()
     return {"top1": (hits1 / total.clamp(min=1)).tolist(),
             "top5": (hits5 / total.clamp(min=1)).tolist(), "positions": total.tolist(),
-            "chain_tau": tau(chain_accepted, chain_steps)}
+            "chain_tau": tau(chain_accepted, chain_steps),
+            "walk_tau": tau(walk_accepted, walk_steps)}
+
+
+def walk(leading: list[int]) -> tuple[int, int]:
+    """A temperature-0 speculative loop over one answer: leading[i] is how many leading
+    drafts are right when drafting from the i-th position; that step accepts them, and the
+    next drafts from the bonus token's position, i + 1 + leading[i]. -> (accepted, steps)."""
+    position = accepted = steps = 0
+    while position < len(leading):
+        accepted, steps = accepted + leading[position], steps + 1
+        position += 1 + leading[position]
+    return accepted, steps

@@ -92,8 +92,11 @@ vocabulary {cfg['draft_vocab_size'] or cfg['vocab_size']} tokens
 | --- | ---: | ---: |
 {rows}
 
-Held-out chain tau (1 + the mean number of leading heads whose top-1 is right: what a
-K = {cfg['num_heads']} chain gets at temperature 0): {final.get('chain_tau', float('nan')):.3f}.
+Held-out tau at temperature 0 with K = {cfg['num_heads']}: {final.get('walk_tau', float('nan')):.3f}
+when a speculative loop walks each answer (it drafts after every bonus token, as vLLM does:
+the number to expect from vLLM on such prompts), {final.get('chain_tau', float('nan')):.3f}
+averaged over every answer position (1 + the mean number of leading heads whose top-1 is
+right; higher, because a loop drafts right after a rejection, where heads miss more).
 
 `metrics.json` has every number; `accuracy.png` plots the table.
 """
