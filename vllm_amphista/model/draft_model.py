@@ -28,6 +28,7 @@ from vllm_amphista.model.layers import (
     RMSNorm,
     RotaryTable,
     StagedAdaptationLayer,
+    SwiGLU,
 )
 from vllm_amphista.model.sal_cache import SALCache
 from vllm_amphista.model.target import TargetWeights
@@ -86,11 +87,14 @@ class AmphistaDraftModel(nn.Module):
 
     def pack_for_drafting(self) -> bool:
         """Prepack every weight matrix, the vocabulary projection included, for faster
-        drafting on a CPU (kernels/packed_linear.py); no-op elsewhere. After this
+        drafting on a CPU (kernels/packed_linear.py), the products that read the same input
+        fused into one (q/k/v, gate/up); no-op elsewhere. After this
         the model drafts (extend, forward without grad) but cannot be trained."""
         weight = self._a_weight()
         if not can_pack(weight.dtype, weight.device) or self.lm_head_weight is None:
             return False
+        for layer in [m for m in self.modules() if isinstance(m, (StagedAdaptationLayer, SwiGLU))]:
+            layer.fuse_for_drafting()
         pack_linears(self)
         self.packed_lm_head = PackedLinear(self.lm_head_weight)
         return True
