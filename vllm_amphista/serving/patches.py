@@ -74,6 +74,13 @@ def _is_patched(attribute) -> bool:
     return hasattr(getattr(attribute, "__func__", attribute), "_amphista_original")
 
 
+def _on_cpu() -> bool:
+    """The CPU-only patches apply on vLLM's CPU platform (CUDA runs vLLM's own code)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def patch_engine_args() -> None:
     """`method: "amphista"` in speculative_config, and the --speculative-model flag.
 
@@ -99,10 +106,7 @@ def patch_engine_args() -> None:
                 and names_amphista_heads(str(spec["model"]), spec.get("revision"))):
             spec = {**spec, "method": "amphista"}
         if isinstance(spec, dict) and spec.get("method") == "amphista":
-            from vllm.platforms import current_platform
-
-            warning = (emulated_bf16_warning(target_model_config.dtype)
-                       if current_platform.is_cpu() else None)
+            warning = emulated_bf16_warning(target_model_config.dtype) if _on_cpu() else None
             if warning:  # the user's --dtype stands; we only say what it costs
                 logger.warning(warning)
             hf = target_model_config.hf_text_config
@@ -271,9 +275,7 @@ def patch_cpu_expand_kernel() -> None:
     plugin hook does (vLLM's worker loads plugins first); if the overrides are already in
     place, ours is registered over them.
     """
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
+    if not _on_cpu():
         return
     from vllm.triton_utils import dispatcher
     from vllm.utils import cpu_triton_utils
@@ -296,9 +298,7 @@ def patch_empty_draft_constraints() -> None:
     kills the engine ("max(): Expected reduction dim to be specified for input.numel() ==
     0"). With no rows there is nothing to constrain: return them as they are.
     """
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
+    if not _on_cpu():
         return
     from vllm.v1.sample import rejection_sampler
 
@@ -329,9 +329,7 @@ def patch_cpu_generator_rewind() -> None:
       seeded request's prompt is prefilled in chunks.
     Only on the CPU platform; CUDA generators keep vLLM's own rewind.
     """
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
+    if not _on_cpu():
         return
     import numpy as np
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -383,9 +381,7 @@ def patch_recovered_token_noise() -> None:
     with the drafting requests only (their offsets and seeded generators): the noise they
     read is drawn as before, seeded requests' from their own generators, and nobody else's.
     """
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
+    if not _on_cpu():
         return
     from vllm.v1.sample import rejection_sampler
 
@@ -430,9 +426,7 @@ def patch_draftless_rejection_sampling() -> None:
     that draws no random numbers. Here such a step makes that same sampler call and
     returns its tokens; steps that want logprobs keep vLLM's path.
     """
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
+    if not _on_cpu():
         return
     from vllm.v1.outputs import SamplerOutput
     from vllm.v1.sample.rejection_sampler import RejectionSampler
