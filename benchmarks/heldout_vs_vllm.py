@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vllm_amphista.eval.acceptance import spec_decode_counts
+from vllm_amphista.eval.acceptance import acceptance, drafting_llm
 from vllm_amphista.eval.report import machine_line, write_report
-from vllm_amphista.eval.tau import acceptance_per_position, tau
 from vllm_amphista.machine import TARGET_DTYPE, compute_dtype
 from vllm_amphista.model.checkpoint import load_checkpoint
 from vllm_amphista.model.target import TargetWeights, export_smollm2
@@ -36,16 +35,10 @@ def answer_prefix(conversation: Conversation, max_tokens: int) -> Conversation:
 def vllm_tau(target_dir: Path, heads: str, prompts: list[list[int]], max_tokens: int) -> dict:
     from vllm import SamplingParams  # heavy: only where an engine starts
 
-    from vllm_amphista.engine import start_llm
-
-    llm = start_llm(target_dir, disable_log_stats=False,
-                    speculative_config={"method": "amphista", "model": heads,
-                                        "step_cost": "off"})
+    llm = drafting_llm(str(target_dir), heads)
     llm.generate([{"prompt_token_ids": ids} for ids in prompts],
                  SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
-    drafts, per_position = spec_decode_counts(llm)
-    return {"vllm_tau": tau(sum(per_position), drafts), "vllm_drafts": drafts,
-            "vllm_acceptance_per_position": acceptance_per_position(per_position, drafts)}
+    return {f"vllm_{name}": value for name, value in acceptance(llm).items()}
 
 
 def main(argv: list[str] | None = None) -> int:

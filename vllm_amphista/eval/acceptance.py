@@ -31,25 +31,33 @@ def spec_decode_counts(llm) -> tuple[int, list[int]]:
             list(metrics.get("vllm:spec_decode_num_accepted_tokens_per_pos") or []))
 
 
+def drafting_llm(target: str, heads: str, draft_sampling: str = "sample"):
+    """An engine drafting all K tokens every step ("step_cost": "off"): tau of the heads,
+    not of the engine's choice of draft lengths on this machine."""
+    return start_llm(target, disable_log_stats=False,
+                     speculative_config={"method": "amphista", "model": heads,
+                                         "draft_sampling": draft_sampling, "step_cost": "off"})
+
+
+def acceptance(llm) -> dict:
+    """drafts, tau and acceptance per draft position of everything `llm` generated."""
+    drafts, per_position = spec_decode_counts(llm)
+    return {"drafts": drafts, "tau": tau(sum(per_position), drafts),
+            "acceptance_per_position": acceptance_per_position(per_position, drafts)}
+
+
 def measure(target: str, heads: str, questions: list[str], max_tokens: int,
             batch: bool = False, temperature: float = 0.0,
             draft_sampling: str = "sample") -> dict:
     from vllm import SamplingParams  # heavy: only where an engine starts
 
-    # All K drafts every step ("step_cost": "off"): tau of the heads, not of the engine's
-    # choice of draft lengths on this machine.
-    llm = start_llm(target, disable_log_stats=False,
-                    speculative_config={"method": "amphista", "model": heads,
-                                        "draft_sampling": draft_sampling, "step_cost": "off"})
+    llm = drafting_llm(target, heads, draft_sampling)
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
     conversations = [[{"role": "user", "content": q}] for q in questions]
     for group in [conversations] if batch else [[c] for c in conversations]:
         llm.chat(group, params, use_tqdm=False)
-    drafts, per_position = spec_decode_counts(llm)
     return {"heads": heads, "temperature": temperature, "draft_sampling": draft_sampling,
-            "drafts": drafts,
-            "tau": tau(sum(per_position), drafts),
-            "acceptance_per_position": acceptance_per_position(per_position, drafts)}
+            **acceptance(llm)}
 
 
 def main(argv: list[str] | None = None) -> int:
