@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     target_dir = args.target or export_smollm2()
     target = TargetWeights.from_folder(target_dir)
     settings = TrainSettings()
-    _, held_out = split(record_dataset(sharegpt_plan(target_dir, args.num_prompts, 256)),
-                        settings.eval_fraction, settings.seed)
+    # The set `train` records by default (its --dtype auto, 256-token answers).
+    plan = sharegpt_plan(target_dir, args.num_prompts, 256, dtype=compute_dtype())
+    _, held_out = split(record_dataset(plan), settings.eval_fraction, settings.seed)
     held_out = [answer_prefix(c, args.max_tokens) for c in held_out[: args.conversations]]
     rows = []
     for heads in args.heads:
