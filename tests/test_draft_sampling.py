@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from vllm_amphista.serving.draft_sampling import (
-    CANDIDATES,
     DraftQ,
     RequestSampling,
     draft_distribution,
     sample_drafts,
 )
+from vllm_amphista.serving.top_k_top_p import CANDIDATES
 
 
 def _sampling(temperature, top_k=None, top_p=None, generators=None) -> RequestSampling:
@@ -45,21 +45,18 @@ def test_top_k_and_top_p_keep_the_right_tokens():
 
 
 def _full_sort_q(logits: torch.Tensor, sampling: RequestSampling) -> torch.Tensor:
-    """The definition, by sorting every row whole: temperature, then top-k, then top-p
-    over what top-k keeps."""
-    logits = logits.float() / sampling.temperature[:, None, None]
-    ranked, order = logits.sort(-1, descending=True)
-    rank = torch.arange(logits.shape[-1])
-    drop = rank >= sampling.top_k[:, None, None] if sampling.top_k is not None else (
-        torch.zeros_like(ranked, dtype=torch.bool))
-    if sampling.top_p is not None:
-        probs = ranked.masked_fill(drop, float("-inf")).softmax(-1)
-        drop = drop | (probs.cumsum(-1) - probs >= sampling.top_p[:, None, None])
-    return logits.scatter(-1, order, ranked.masked_fill(drop, float("-inf"))).softmax(-1)
+    """The definition: vLLM's own cut (it sorts every row whole) at each row's temperature."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    n, k, v = logits.shape
+    logits = (logits.float() / sampling.temperature[:, None, None]).reshape(n * k, v)
+    top_k, top_p = (None if x is None else x.repeat_interleave(k)
+                    for x in (sampling.top_k, sampling.top_p))
+    return apply_top_k_top_p_pytorch(logits, top_k, top_p).softmax(-1).view(n, k, v)
 
 
 @pytest.mark.parametrize("case", [
-    dict(top_k=[20, 5, 1], width=20),  # top-k within the candidates: a partial sort
+    dict(top_k=[20, 5, 1], width=21),  # the top max(k) + 1: a partial sort
     dict(top_k=[20, 300, 4096], width=4096),  # one row wider than the candidates: the full sort
     # peaked rows: the candidates hold the top-p mass
     dict(top_p=[0.9, 0.5, 0.95], width=CANDIDATES),

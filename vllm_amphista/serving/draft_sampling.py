@@ -19,6 +19,8 @@ from typing import Literal
 
 import torch
 
+from vllm_amphista.serving.top_k_top_p import leading_cut
+
 # "sample": sampled requests draw drafts from q and send q; "argmax": every request drafts
 # its heads' argmax and vLLM treats it as one-hot.
 DraftSampling = Literal["sample", "argmax"]
@@ -49,12 +51,6 @@ class RequestSampling:
             generators={position[i]: g for i, g in self.generators.items() if i in position})
 
 
-# A cut (top-k, or top-p whose mass the leading tokens already hold) is looked for among
-# this many leading tokens per row and head: ranking them is a partial sort, ~25x cheaper
-# than sorting the whole draft vocabulary at batch 256.
-CANDIDATES = 256
-
-
 @dataclass
 class DraftQ:
     """q on its support: probs [n, K, c] of draft-vocabulary ids [n, K, c], zero elsewhere."""
@@ -78,47 +74,16 @@ class DraftQ:
 
 
 def draft_distribution(logits: torch.Tensor, sampling: RequestSampling) -> DraftQ:
-    """logits [n, K, V'] -> q at each row's temperature, top-k, top-p. Rows must not be
-    greedy (temperature > 0)."""
+    """logits [n, K, V'] -> q at each row's temperature, top-k, top-p (vLLM's cut). Rows
+    must not be greedy (temperature > 0)."""
     logits = logits.float() / sampling.temperature.float()[:, None, None]
     n, k, v = logits.shape
     if sampling.top_k is None and sampling.top_p is None:
         return DraftQ(logits.softmax(-1), torch.arange(v, device=logits.device).expand(n, k, v))
-    top_k = (torch.full((n,), v) if sampling.top_k is None
-             else sampling.top_k.clamp(max=v)).to(logits.device)[:, None, None]
-    # Top-p weighs each token against the tokens top-k keeps: all of them where it keeps all.
-    full_norm = None if sampling.top_p is None else logits.logsumexp(-1, keepdim=True)
-    ranked, order = _leading(logits, top_k, sampling.top_p, full_norm)
-    rank = torch.arange(ranked.shape[-1], device=ranked.device)
-    drop = rank >= top_k
-    if sampling.top_p is not None:
-        kept = ranked.masked_fill(drop, float("-inf"))
-        norm = torch.where(top_k >= v, full_norm, kept.logsumexp(-1, keepdim=True))
-        probs = (kept - norm).exp()
-        mass_before = probs.cumsum(-1) - probs  # the most likely token is always kept
-        drop = drop | (mass_before >= sampling.top_p.to(ranked.device)[:, None, None])
-    return DraftQ(ranked.masked_fill(drop, float("-inf")).softmax(-1), order)
-
-
-def _leading(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor | None,
-             full_norm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The leading tokens of every row and head, most likely first, enough to hold each
-    row's cut: the top max(top_k) when that is at most CANDIDATES, or the top CANDIDATES
-    when they already hold each uncut row's top_p mass; otherwise the whole sorted row."""
-    v = logits.shape[-1]
-    width = int(top_k.max())
-    if width <= CANDIDATES:
-        return logits.topk(width, -1)
-    if top_p is not None and full_norm is not None and CANDIDATES < v:
-        ranked, order = logits.topk(CANDIDATES, -1)
-        mass = (ranked - full_norm).exp().sum(-1, keepdim=True)
-        # Rows cut by top-k renormalise over their top-k; only rows top-k leaves whole
-        # can use the full-vocabulary mass, so any other wide row takes the full sort.
-        holds = torch.where(top_k > CANDIDATES, (top_k >= v) & (mass >= top_p.to(
-            mass.device)[:, None, None]), torch.ones_like(mass, dtype=torch.bool))
-        if bool(holds.all()):
-            return ranked, order
-    return logits.sort(-1, descending=True)
+    top_k, top_p = (None if x is None else x[:, None].expand(n, k)  # each head, its row's
+                    for x in (sampling.top_k, sampling.top_p))
+    ranked, order, kept = leading_cut(logits, top_k, top_p)
+    return DraftQ(ranked.masked_fill(~kept, float("-inf")).softmax(-1), order)
 
 
 def sample_drafts(q: DraftQ, generators: dict[int, torch.Generator]) -> torch.Tensor:

@@ -25,6 +25,7 @@ from vllm_amphista.serving.spec_config import (
     resolve_speculative_config,
 )
 from vllm_amphista.serving.step import StepDrafter, StepRows
+from vllm_amphista.serving.top_k_top_p import cut_logits
 
 PINNED_VLLM_VERSION = "0.32.0"
 logger = logging.getLogger("vllm.amphista")
@@ -313,6 +314,39 @@ def patch_empty_draft_constraints() -> None:
         return original(logits, cu_num_draft_tokens, sampling_metadata)
 
     rejection_sampler.apply_sampling_constraints = _mark(apply_sampling_constraints, original)
+
+
+# The function's parameters as of vLLM 0.32.0; test_vllm_patches checks them.
+APPLY_TOP_K_TOP_P_PARAMS = ("logits", "k", "p")
+
+
+def patch_verified_top_p() -> None:
+    """Top-p at verified positions without sorting every row, on vLLM's CPU build.
+
+    Wraps (vLLM 0.32.0): vllm.v1.sample.rejection_sampler.apply_top_k_top_p, the name
+    `apply_sampling_constraints` calls to cut the target's logits at every verified
+    position of a sampled request: K+1 rows a request where a plain step samples one.
+    With a top-p, vLLM's CPU version sorts each row whole, ~5 ms for SmolLM2's 49,152
+    entries on a 2-core CPU: 24 ms a step for one request at K=4, half a plain step. Here
+    `top_k_top_p.cut_logits` makes the same cut from each row's leading tokens. Top-k
+    alone keeps vLLM's path (it sorts nothing); the plain sampler, vanilla's and the
+    bonus tokens', keeps vLLM's own.
+    """
+    if not _on_cpu():
+        return
+    from vllm.v1.sample import rejection_sampler
+
+    if _is_patched(rejection_sampler.apply_top_k_top_p):
+        return
+    original = rejection_sampler.apply_top_k_top_p
+
+    @functools.wraps(original)
+    def apply_top_k_top_p(logits, k, p):
+        if p is None:
+            return original(logits, k, p)
+        return cut_logits(logits, k, p)
+
+    rejection_sampler.apply_top_k_top_p = _mark(apply_top_k_top_p, original)
 
 
 def patch_cpu_generator_rewind() -> None:

@@ -18,6 +18,7 @@ from vllm_amphista.serving.patches import (
     patch_engine_args,
     patch_model_runner,
     patch_recovered_token_noise,
+    patch_verified_top_p,
 )
 
 _registered = False
@@ -38,8 +39,9 @@ def register() -> None:
     # Every speculative method on the CPU build needs these, not only ours.
     patch_cpu_expand_kernel()
     patch_empty_draft_constraints()
-    patch_recovered_token_noise()  # speed only, these two: the others are correctness
+    patch_recovered_token_noise()  # speed only, these three: the others are correctness
     patch_draftless_rejection_sampling()
+    patch_verified_top_p()
     # Every seeded request on the CPU build needs this one, speculating or not.
     patch_cpu_generator_rewind()
     _registered = True
