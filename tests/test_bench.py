@@ -43,10 +43,11 @@ def test_sampled_runs_generate_max_tokens_for_every_method(monkeypatch, temperat
 
     monkeypatch.setattr(bench, "post_json", post_json)
     monkeypatch.setattr(bench, "get_text", lambda url: METRICS_PAGE)
-    run = bench.measure("http://server", ["a", "b", "c"], 2, temperature, 8)
+    run = bench.measure("http://server", ["a", "b", "c"], 2, temperature, 8, top_p=0.9)
     assert len(sent) == 3 and len(run.outputs) == 3
     assert all(p["ignore_eos"] is (temperature > 0) and p["max_tokens"] == 8
                and p["temperature"] == temperature for p in sent)
+    assert all(p["top_p"] == (0.9 if temperature > 0 else 1.0) for p in sent)
 
 
 def test_percentile():

@@ -124,12 +124,15 @@ def spec_counters(metrics_text: str) -> tuple[int, list[int]]:
 
 
 def measure(base: str, prompts: list[str], concurrency: int, temperature: float,
-            max_tokens: int) -> Run:
+            max_tokens: int, top_p: float = 1.0) -> Run:
+    """Every prompt at `concurrency` at once; sampled requests (temperature > 0) with
+    `top_p`."""
     def one(prompt: str) -> tuple[float, list[int]]:
         started = time.perf_counter()
         reply = post_json(f"{base}/v1/chat/completions", {
             "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": temperature, "ignore_eos": temperature > 0,
+            "top_p": top_p if temperature > 0 else 1.0,
             "return_token_ids": True}, timeout=1800)
         return time.perf_counter() - started, reply["choices"][0]["token_ids"]
 
@@ -261,6 +264,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--temperature", type=float, nargs="+", default=[0.0, 0.7])
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="top-p of the sampled requests (1: none)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--k", type=int, default=0, help="drafts per step (0: the heads' K)")
     parser.add_argument("--disable-by-batch-size", type=int, default=0,
@@ -303,13 +308,14 @@ def main(args: argparse.Namespace) -> int:
                 for concurrency in args.concurrency:
                     for method in args.methods:
                         run = measure(bases[method], prompts, concurrency, temperature,
-                                      args.max_tokens)
+                                      args.max_tokens, args.top_p)
                         runs.setdefault((method, temperature, concurrency), []).append(run)
                         print(f"{method:>12} T={temperature:g} c={concurrency:<3} "
                               f"{run.tokens_per_s:7.1f} tok/s", flush=True)
     rows = summarise(runs)
     report = {"target": str(args.target), "prompts": args.prompts or "MT-Bench",
               "num_prompts": len(prompts), "max_tokens": args.max_tokens,
+              "sampled_top_p": args.top_p,
               "repeats": args.repeats, "methods": args.methods, "k": args.k or None,
               "disable_by_batch_size": args.disable_by_batch_size or None,
               "heads": {"amphista": str(args.amphista_heads), "medusa": str(args.medusa_heads)},
@@ -318,7 +324,8 @@ def main(args: argparse.Namespace) -> int:
               "wall_s": time.perf_counter() - started,
               "rows": rows}
     write_report(args.out / "bench.json", report)
-    table = machine_line(target=args.dtype, draft=report["draft_dtype"]) + "\n\n" + markdown(rows)
+    table = machine_line(target=args.dtype, draft=report["draft_dtype"], **(
+        {"sampled top-p": args.top_p} if args.top_p < 1 else {})) + "\n\n" + markdown(rows)
     (args.out / "bench.md").write_text(table + "\n")
     plot(rows, args.out / "bench.png")
     print(table)
