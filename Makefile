@@ -42,7 +42,7 @@ PYTEST_PARALLEL := -n 2 --dist worksteal
 
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q $(PYTEST_PARALLEL) --durations=15
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) --durations=30
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not engine and not slow"
