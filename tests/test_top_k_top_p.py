@@ -3,13 +3,10 @@ rejection sampler uses on CPU."""
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
 
-from vllm_amphista.serving import patches as vllm_patches
 from vllm_amphista.serving.top_k_top_p import CANDIDATES, cut_logits, leading_cut
 
 V = 4096
@@ -91,21 +88,6 @@ def test_cut_logits_leaves_uncut_rows_and_sorts_only_undecided_ones(monkeypatch)
     cut = [1, 2, 4, 5]
     assert torch.equal(torch.isfinite(ours[cut]), torch.isfinite(theirs[cut]))
     torch.testing.assert_close(ours.softmax(-1), theirs.softmax(-1), rtol=0, atol=1e-7)
-
-
-def test_engine_rejection_sampler_cuts_through_apply_top_k_top_p():
-    """Tripwire: vLLM 0.32 cuts the verified rows by calling the module's
-    `apply_top_k_top_p(logits, k, p)`. The day this fails, re-check
-    patch_verified_top_p."""
-    from vllm.v1.sample import rejection_sampler
-
-    engine = getattr(rejection_sampler.apply_top_k_top_p, "_amphista_original",
-                     rejection_sampler.apply_top_k_top_p)
-    assert tuple(inspect.signature(engine).parameters) == \
-        vllm_patches.APPLY_TOP_K_TOP_P_PARAMS
-    constraints = getattr(rejection_sampler.apply_sampling_constraints, "_amphista_original",
-                          rejection_sampler.apply_sampling_constraints)
-    assert "return apply_top_k_top_p(logits, top_k, top_p)" in inspect.getsource(constraints)
 
 
 def test_patched_rejection_sampler_cuts_top_p_rows_from_leading_tokens(monkeypatch):

@@ -144,6 +144,21 @@ def test_patched_constraints_pass_zero_rows_through():
     assert torch.isfinite(logits).sum(-1).tolist() == [5, 5, 3]
 
 
+def test_engine_rejection_sampler_cuts_through_apply_top_k_top_p():
+    """Tripwire: vLLM 0.32 cuts the verified rows by calling the module's
+    `apply_top_k_top_p(logits, k, p)`. The day this fails, re-check
+    patch_verified_top_p."""
+    from vllm.v1.sample import rejection_sampler
+
+    engine = getattr(rejection_sampler.apply_top_k_top_p, "_amphista_original",
+                     rejection_sampler.apply_top_k_top_p)
+    assert tuple(inspect.signature(engine).parameters) == \
+        vllm_patches.APPLY_TOP_K_TOP_P_PARAMS
+    constraints = getattr(rejection_sampler.apply_sampling_constraints, "_amphista_original",
+                          rejection_sampler.apply_sampling_constraints)
+    assert "return apply_top_k_top_p(logits, top_k, top_p)" in inspect.getsource(constraints)
+
+
 def test_engine_cpu_generators_still_have_no_offset():
     """Tripwire: vLLM rewinds a discarded draw with set_offset, which CPU generators lack.
     The day this fails, both have changed: re-check patch_cpu_generator_rewind."""
