@@ -61,8 +61,9 @@ def cut_logits(logits: torch.Tensor, top_k: torch.Tensor | None,
     if cut.width < v:
         ranked, order = sub.topk(cut.width, -1)
         sort = ~cut.decided(ranked).squeeze(-1)
-        cut_ranked = ranked.masked_fill(~cut.kept(ranked), float("-inf"))
-        out[~sort] = out[~sort].scatter_(-1, order[~sort], cut_ranked[~sort])
+        held = ranked[~sort]  # only the rows the leading tokens decide
+        cut_ranked = held.masked_fill(~cut.rows(~sort).kept(held), float("-inf"))
+        out[~sort] = out[~sort].scatter_(-1, order[~sort], cut_ranked)
     if bool(sort.any()):
         ranked, order = sub[sort].sort(-1, descending=True)
         cut_ranked = ranked.masked_fill(~cut.rows(sort).kept(ranked), float("-inf"))
