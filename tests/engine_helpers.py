@@ -10,7 +10,11 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
+from filelock import FileLock
 
 from vllm_amphista.eval import server
 
@@ -48,6 +52,20 @@ def run_scenarios(spec: dict, *speculative_configs: dict | None,
         print((config or {}).get("method", "plain"), {
             name: round(s, 1) for name, s in result["seconds"].items()})
     return results
+
+
+def computed_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+                  compute: Callable[[], dict]) -> dict:
+    """compute() once per pytest run, shared by every xdist worker: the first worker to
+    ask writes it as JSON into the run's common temporary folder under a lock, the others
+    wait for it and read it. (A reference engine run several tests compare with.)"""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return compute()
+    path = tmp_path_factory.getbasetemp().parent / f"{name}.json"
+    with FileLock(f"{path}.lock"):
+        if not path.is_file():
+            path.write_text(json.dumps(compute()))
+        return json.loads(path.read_text())
 
 
 def _run_for_result(cmd: list[str], timeout: float,
