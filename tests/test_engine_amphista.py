@@ -379,19 +379,21 @@ def urllib_open(url: str):
 
 
 def test_engine_answers_json_for_bad_requests(smollm2, smollm2_heads):
-    """A malformed request gets a 400 and the engine keeps serving."""
-    with vllm_server([smollm2, "--enforce-eager", "--max-model-len", "1024",
-                      "--speculative-model", str(smollm2_heads["random"])],
+    """A malformed request gets a 400 and the engine keeps serving: the next request gets
+    the target's own answer (random heads: every draft rejected)."""
+    # fp32: the CPU engine's default bf16 flips this prompt's first-token near-tie
+    # (-1.88 vs -1.97 logprob in fp32), see README "Limits".
+    with vllm_server([smollm2, "--enforce-eager", "--max-model-len", "1024", "--dtype",
+                      "float32", "--speculative-model", str(smollm2_heads["random"])],
                      in_process=True) as (base, _):
         with pytest.raises(urllib.error.HTTPError) as bad:
             post_json(f"{base}/v1/chat/completions", {"model": smollm2, "max_tokens": -3,
                                                       "messages": "not a list"})
         assert bad.value.code == 400
         reply = post_json(f"{base}/v1/chat/completions", {
-            "model": smollm2, "max_tokens": 8, "temperature": 0,
-            "messages": [{"role": "user", "content": "Hello"}]})
-        assert reply["usage"]["completion_tokens"] >= 1
-        assert isinstance(reply["choices"][0]["message"]["content"], str)
+            "model": smollm2, "max_tokens": 24, "temperature": 0, "messages": [
+                {"role": "user", "content": "What is the capital of France?"}]})
+        assert "Paris" in reply["choices"][0]["message"]["content"]
 
 
 @pytest.mark.slow
