@@ -304,7 +304,7 @@ def test_server_speculative_model_flag_load_and_metrics(smollm2, smollm2_heads, 
     are on /metrics, and the draft caches are emptied once traffic stops."""
     questions = _prompts()
     lengths = [8 + (i * 5) % (PLAIN_TOKENS - 7) for i in range(32)]
-    plain = [plain["uniform"][i % len(questions)] for i in range(32)]
+    greedy = [plain["uniform"][i % len(questions)] for i in range(32)]
     sampled = [{"temperature": 0.8, "top_k": 20}, {"temperature": 0.7, "top_p": 0.9},
                {"temperature": 1.0, "top_k": 40, "top_p": 0.8, "seed": 11},
                {"temperature": 0.8, "n": 2, "seed": 5}]
@@ -324,7 +324,7 @@ def test_server_speculative_model_flag_load_and_metrics(smollm2, smollm2_heads, 
         # Sequential greedy answers match the plain engine's.
         for i in range(4):
             reply = chat(i, 32 - 7 * i, timeout=120)
-            assert reply["choices"][0]["token_ids"] == plain[i][: 32 - 7 * i], i
+            assert reply["choices"][0]["token_ids"] == greedy[i][: 32 - 7 * i], i
         with pytest.raises(urllib.error.HTTPError) as refused:
             chat(0, 8, timeout=60, temperature=0.8, min_p=0.1)
         assert refused.value.code == 400
@@ -353,7 +353,7 @@ def test_server_speculative_model_flag_load_and_metrics(smollm2, smollm2_heads, 
             choices = results[i]["choices"]
             assert [len(c["token_ids"]) for c in choices] == [lengths[i]] * len(choices), i
             if i % 2 == 0:
-                assert choices[0]["token_ids"] == plain[i][: lengths[i]], i
+                assert choices[0]["token_ids"] == greedy[i][: lengths[i]], i
             elif sampled[i // 2 % len(sampled)].get("n"):
                 assert len(choices) == 2, i
         with urllib_open(f"{base}/metrics") as response:
