@@ -346,6 +346,10 @@ def test_auto_step_cost_is_this_machines_else_the_one_shipped_with_the_heads(
         assert _proposer(heads_dir, tiny_target_dir, step_cost="auto").step_cost == shipped
         assert "shipped with the heads" in caplog.text
         assert "measured on Reference CPU (avx512_bf16)" in caplog.text
+        # Measured with another thread count: not this engine's.
+        StepCost.linear(30.0, 5.0, 6.0).save(step_cost_path(
+            tiny_target_dir, "torch.float32", threads=torch.get_num_threads() + 1))
+        assert _proposer(heads_dir, tiny_target_dir, step_cost="auto").step_cost == shipped
         own = StepCost.linear(20.0, 3.0, 4.0)
         own.save(step_cost_path(tiny_target_dir, "torch.float32"))
         assert _proposer(heads_dir, tiny_target_dir, step_cost="auto").step_cost == own

@@ -28,7 +28,7 @@ from vllm_amphista.training.data import (
 from vllm_amphista.training.heads import train_heads
 from vllm_amphista.training.settings import TrainingInputError, TrainSettings
 
-set_engine_environment(in_process=False)  # `bench` starts servers; the rest in-process
+set_engine_environment(in_process=False)  # bench, demo, calibrate: engines as served
 
 
 def _export_target(args: argparse.Namespace) -> int:
@@ -43,7 +43,8 @@ def _export_target(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """Answer MT-Bench questions with the embedded default target, plainly and with the
-    shipped Amphista heads, checking the tokens agree and timing both."""
+    shipped Amphista heads, checking the tokens agree and timing both. Both engines run
+    as `vllm serve` runs them (as_served), so the speedup is a server's."""
     target = export_smollm2()
     prompts = first_turns(args.prompts, limit=args.num_prompts)
     from vllm import SamplingParams  # heavy: only where an engine starts
@@ -54,7 +55,8 @@ def _demo(args: argparse.Namespace) -> int:
     modes = [("plain", None), ("amphista", {"method": "amphista", "model": args.heads})]
     for mode, spec in modes:
         try:
-            llm = start_llm(target, speculative_config=spec, disable_log_stats=spec is None)
+            llm = start_llm(target, speculative_config=spec, disable_log_stats=spec is None,
+                            as_served=True)
         except AmphistaSetupError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

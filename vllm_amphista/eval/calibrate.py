@@ -1,11 +1,13 @@
 """`vllm-amphista calibrate`: measure this engine's step cost for the draft-length choice.
 
-Runs the target in vLLM with a drafter that proposes a fixed number of throw-away drafts
-(so every step verifies exactly that many tokens per request), for a few batch sizes and
-draft counts, and times the draft pass of the heads at the same batch sizes. The fitted
-`StepCost` is written where the proposer looks for it: one file per CPU, target and
-target dtype under ~/.cache/vllm-amphista/step_cost/, or with --ship into the heads
-folder (the calibration that travels with the heads).
+Runs the target in vLLM as `vllm serve` runs it (engine core and worker in processes of
+their own, the worker's threads bound by vLLM) with a drafter that proposes a fixed number
+of throw-away drafts (so every step verifies exactly that many tokens per request), for a
+few batch sizes and draft counts, and times the draft pass of the heads at the same batch
+sizes inside that worker, with its threads. The fitted `StepCost` is written where the
+proposer looks for it: one file per CPU, target, target dtype and thread count under
+~/.cache/vllm-amphista/step_cost/, or with --ship into the heads folder (the calibration
+that travels with the heads).
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from vllm_amphista.serving.draft_length import (
 from vllm_amphista.serving.step import Proposal, StepDrafter, StepRows
 
 FIXED_DRAFTER_PATH = f"{__name__}.FixedDrafter"
+CALIBRATION_WORKER_PATH = f"{__name__}.CalibrationWorker"
 
 
 class FixedDrafter(StepDrafter):
     """Proposes `drafts` copies of token 0 for every request that sampled."""
 
-    drafts = 0  # set between runs through LLM.collective_rpc
+    drafts = 0  # set between runs by CalibrationWorker.set_drafts
 
     def __init__(self, vllm_config) -> None:
         pass
@@ -43,25 +46,36 @@ class FixedDrafter(StepDrafter):
         return Proposal([[0] * FixedDrafter.drafts if s else [] for s in step.sampled_token_ids])
 
 
-def _set_drafts(worker, drafts: int) -> None:
-    type(worker.model_runner.drafter).drafts = drafts
+class CalibrationWorker:
+    """Mixed into vLLM's worker (engine arg worker_extension_cls); its methods are called
+    by name through LLM.collective_rpc, which runs them in the worker process, with the
+    threads vLLM bound there."""
+
+    def set_drafts(self, drafts: int) -> None:
+        type(self.model_runner.drafter).drafts = drafts
+
+    def torch_threads(self) -> int:
+        return torch.get_num_threads()
+
+    def measure_draft_pass(self, target_dir: str, heads: str, dtype: str,
+                           batch_sizes: list[int]) -> list[dict]:
+        # Plain values only: vLLM's RPC serialises no Path or torch.dtype.
+        return measure_draft_pass(Path(target_dir), Path(heads), getattr(torch, dtype),
+                                  batch_sizes)
 
 
-def measure_steps(target_dir: Path, dtype: str, batch_sizes: list[int],
-                  draft_counts: list[int], tokens: int = 32) -> list[dict]:
+def measure_steps(llm, batch_sizes: list[int], draft_counts: list[int],
+                  tokens: int = 32) -> list[dict]:
     """Median engine step time (ms) per (batch size, drafts per request)."""
     from vllm import SamplingParams  # heavy: only where an engine starts
 
-    llm = start_llm(target_dir, dtype=dtype, max_num_seqs=max(batch_sizes),
-                    speculative_config={"method": "custom_class", "model": FIXED_DRAFTER_PATH,
-                                        "num_speculative_tokens": max(draft_counts)})
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     prompts = [f"Tell me about topic number {i}." for i in range(max(batch_sizes))]
     llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
     rows = []
     for requests in batch_sizes:
         for drafts in draft_counts:
-            llm.collective_rpc(_set_drafts, args=(drafts,))
+            llm.collective_rpc("set_drafts", args=(drafts,))
             times = []
             for _ in range(3):
                 started = time.perf_counter()
@@ -102,12 +116,22 @@ def calibrate(target_dir: Path, heads: Path, target_dtype: str, draft_dtype: tor
               ship: bool = False) -> tuple[StepCost, Path]:
     """Measure, fit and save for this machine; ship=True saves into the heads folder
     instead, as the calibration machines without their own start from."""
-    steps = measure_steps(target_dir, target_dtype, batch_sizes, draft_counts)
-    drafts = measure_draft_pass(target_dir, heads, draft_dtype, batch_sizes)
+    dtype_name = str(draft_dtype).removeprefix("torch.")
+    llm = start_llm(target_dir, dtype=target_dtype, max_num_seqs=max(batch_sizes),
+                    as_served=True, worker_extension_cls=CALIBRATION_WORKER_PATH,
+                    speculative_config={"method": "custom_class", "model": FIXED_DRAFTER_PATH,
+                                        "num_speculative_tokens": max(draft_counts)})
+    steps = measure_steps(llm, batch_sizes, draft_counts)
+    drafts = llm.collective_rpc("measure_draft_pass",
+                                args=(str(target_dir), str(heads), dtype_name,
+                                      batch_sizes))[0]
+    threads = llm.collective_rpc("torch_threads")[0]
+    del llm
     cost = StepCost.fit(steps, drafts)
     path = (shipped_step_cost_path(heads, target_dtype) if ship
-            else step_cost_path(target_dir, target_dtype))
-    cost.save(path, machine=describe(), target=Path(target_dir).name,
-              target_dtype=target_dtype, draft_dtype=str(draft_dtype).removeprefix("torch."),
+            else step_cost_path(target_dir, target_dtype, threads))
+    cost.save(path, machine={**describe(), "torch_threads": threads},
+              target=Path(target_dir).name,
+              target_dtype=target_dtype, draft_dtype=dtype_name,
               steps=steps, drafts=drafts)
     return cost, path

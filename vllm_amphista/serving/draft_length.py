@@ -36,11 +36,14 @@ STEP_COST_DIR = CACHE_DIR / "step_cost"
 PROBE_SHARE = 0.02
 
 
-def step_cost_path(target_dir: str | Path, target_dtype: str) -> Path:
+def step_cost_path(target_dir: str | Path, target_dtype: str, threads: int | None = None) -> Path:
     """Where `vllm-amphista calibrate` keeps the step cost of this CPU serving this target
-    in this dtype."""
+    in this dtype with this many compute threads (default: this process's). Threads are
+    part of the key: on 2 cores one thread verifies a token in ~1.5-1.7x the time two do, and
+    an in-process engine computes with all cores while a served one gets one less."""
     key = json.dumps([cpu_info().model, Path(target_dir).name,
-                      str(target_dtype).removeprefix("torch.")])
+                      str(target_dtype).removeprefix("torch."),
+                      threads or torch.get_num_threads()])
     return STEP_COST_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -109,8 +112,9 @@ class StepCost:
 
     @staticmethod
     def measured_on(path: Path) -> str:
-        """The CPU a calibration file was measured on, with its bf16 flags."""
-        return cpu_label(json.loads(path.read_text()).get("machine", {}))
+        """The CPU a calibration file was measured on, with its bf16 flags and threads."""
+        machine = json.loads(path.read_text()).get("machine", {})
+        return f"{cpu_label(machine)} with {machine.get('torch_threads', '?')} threads"
 
     @classmethod
     def linear(cls, fixed_ms: float, per_token_ms: float, draft_ms: float) -> StepCost:

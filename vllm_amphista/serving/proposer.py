@@ -102,9 +102,10 @@ class AmphistaProposer(StepDrafter):
             shipped = shipped_step_cost_path(self.heads_dir, str(target_dtype))
             if not path.is_file() and shipped.is_file():
                 logger.info("amphista: draft lengths chosen per step from the step cost "
-                            "shipped with the heads (%s, measured on %s); `vllm-amphista "
-                            "calibrate` measures this machine's", shipped,
-                            StepCost.measured_on(shipped))
+                            "shipped with the heads (%s, measured on %s; this engine "
+                            "computes with %d); `vllm-amphista calibrate` measures this "
+                            "machine's", shipped, StepCost.measured_on(shipped),
+                            torch.get_num_threads())
                 return StepCost.load(shipped)
         if not path.is_file():
             logger.info("amphista: no step-cost calibration for this machine and target "
