@@ -9,6 +9,7 @@ import pytest
 
 from vllm_amphista.serving.draft_length import (
     PROBE_SHARE,
+    AcceptanceTracker,
     StepCost,
     choose_lengths,
     pays_at,
@@ -79,3 +80,29 @@ def test_probes_while_paused_cost_at_most_their_share(requests):
     plain_ms = float(cost.step_ms(requests, requests))
     assert cost.draft_ms(requests) <= PROBE_SHARE * interval * plain_ms
     assert cost.draft_ms(requests) > PROBE_SHARE * (interval - 1) * plain_ms
+
+
+def test_pays_at_judges_requests_by_their_own_chances_not_the_mean():
+    """Half the requests confident, half not: drafting for the confident half pays, while
+    every request at the mean chance would not."""
+    cost = StepCost.linear(40.0, 8.0, 4.0)
+    rows = np.array([[0.9, 0.5], [0.02, 0.0]] * 8)
+    assert pays_at(4, rows, cost)
+    assert not pays_at(4, rows.mean(0), cost)
+
+
+def test_acceptance_tracker_learns_how_far_confidence_is_off_per_position():
+    """Heads twice as confident as the target's acceptance at position 1 and too shy at
+    position 2: the chance for a confidence converges to what was accepted, and stays
+    non-increasing along the drafts."""
+    rng = np.random.default_rng(0)
+    tracker = AcceptanceTracker(2)
+    assert tracker.chance(np.array([[0.6, 0.1]])) == pytest.approx(np.array([[0.6, 0.1]]))
+    for _ in range(2000):
+        first = rng.random() < 0.3  # confidence 0.6: half
+        second = first and rng.random() < 0.5  # 0.15 in all for confidence 0.1: 1.5x
+        tracker.record(np.array([[0.6, 0.1]]), np.array([2]),
+                       np.array([int(first) + int(second)]))
+    chance = tracker.chance(np.array([[0.6, 0.1], [0.2, 0.2]]))
+    assert chance[0] == pytest.approx([0.3, 0.15], abs=0.04)
+    assert chance[1] == pytest.approx([0.1, 0.1], abs=0.02)  # 0.3 at position 2, capped

@@ -173,9 +173,10 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
             req_ids=["a"], sampled_token_ids=[[5]], hidden_states=torch.randn(1, d),
             query_start_loc=np.array([0, 1]), start_positions=np.array([position]),
             num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
-        chances.append(proposer.typical_chance.copy())
+        chances.append(proposer.recent_chance.copy())
     assert len(passes) == 1 + 3
-    assert not np.allclose(chances[0], chances[-1])  # re-measured by the probes
+    assert len(chances[-1]) == 1 + 3  # one row per pass: re-measured by the probes
+    assert not np.allclose(chances[0][-1], chances[-1][-1])
 
 
 def test_sampled_requests_draft_from_q_greedy_ones_argmax(heads_dir, tiny_target,
@@ -356,3 +357,33 @@ def test_auto_step_cost_is_this_machines_else_the_one_shipped_with_the_heads(
         assert _proposer(heads_dir, tiny_target_dir, step_cost="off").step_cost is None
     finally:
         logging.getLogger("vllm.amphista").removeHandler(caplog.handler)
+
+
+@pytest.mark.parametrize("accepted", [0, 3])
+def test_the_drafts_the_target_verified_correct_the_chances(heads_dir, tiny_target,
+                                                            tiny_target_dir, tmp_path,
+                                                            accepted):
+    """A step proposes 3 drafts for "a"; the next step reports how many of them the target
+    accepted, and the proposer's chance for that confidence moves towards it: down where
+    all were rejected, up where all were accepted."""
+    StepCost.linear(10.0, 0.0, 0.0).save(tmp_path / "free.json")  # all K every step
+    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "free.json"))
+    d = tiny_target.hidden_size
+    table = np.arange(64, dtype=np.int32)[None] % tiny_target.vocab_size
+    hidden = torch.randn(8, d, generator=torch.Generator().manual_seed(5))
+    drafts = proposer.propose_from_step(StepRows(
+        req_ids=["a"], sampled_token_ids=[[8]], hidden_states=hidden,
+        query_start_loc=np.array([0, 8]), start_positions=np.zeros(1, np.int64),
+        num_draft_tokens=np.zeros(1, np.int64), token_ids=table)).tokens
+    assert len(drafts[0]) == 3
+    confident = proposer.draft_confidence[:1].copy()
+    before = proposer.acceptance.chance(confident)
+    proposer.propose_from_step(StepRows(
+        req_ids=["a"], sampled_token_ids=[list(range(9, 10 + accepted))],
+        hidden_states=hidden[:4], query_start_loc=np.array([0, 4]),
+        start_positions=np.array([8]), num_draft_tokens=np.array([3]), token_ids=table))
+    after = proposer.acceptance.chance(confident)
+    if accepted:
+        assert (after > before).all()
+    else:
+        assert (after < before).all()

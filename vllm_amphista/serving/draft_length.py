@@ -1,16 +1,18 @@
 """How many drafts to verify: per request, per step, from a cost model of this engine.
 
 Verifying a draft costs target time whether or not it is accepted. With c[i, k] the
-chance that request i's first k + 1 drafts are all accepted (the running product of its
-heads' top probabilities) a step that verifies m drafts in all is expected to yield
+chance that request i's first k + 1 drafts are all accepted (from the running product
+of its heads' top probabilities) a step that verifies m drafts in all is expected to yield
     tokens(m) = B + (the m largest c, summed)          [B = requests in the step]
 in time
     time(m)   = step_ms(B, B + m) + draft_ms(B)
 and the best m maximises tokens(m) / time(m) (m = 0 included: the draft pass has run
 by then, so a draft is verified only if it pays for its own verification). Taking the
 largest c first keeps every request's drafts a prefix (c is non-increasing in k).
-Whether to run the draft pass at all compares the best such step, draft pass included,
-with a plain step, B / step_ms(B, B) (`pays_at`). `StepCost` is fitted to measured engine steps
+Whether to run the draft pass at all compares the best such steps over recent requests'
+chances, draft pass included, with a plain step, B / step_ms(B, B) (`pays_at`). The
+chances are the heads' confidence corrected by what the target accepted so far
+(`AcceptanceTracker`). `StepCost` is fitted to measured engine steps
 (`vllm-amphista calibrate`), so the threshold and the batch size where drafting stops
 follow from this machine's numbers, not from constants. While drafting is paused the
 chances are re-measured by an occasional probe pass, spaced so that probing costs at
@@ -128,30 +130,72 @@ def confidence(logits: torch.Tensor) -> np.ndarray:
     return top.cumprod(-1).cpu().numpy()
 
 
+def _best_steps(chances: np.ndarray, cost: StepCost):
+    """chances [S, B, K]: S steps of B requests -> per step its drafts by falling chance
+    (flat indices [S, B*K]), how many of them to verify [S], and that step's expected
+    tokens [S] and time [S], draft pass included."""
+    steps, requests, k = chances.shape
+    flat = chances.reshape(steps, -1)
+    order = np.argsort(-flat, axis=1, kind="stable")
+    gains = np.concatenate((np.zeros((steps, 1)),
+                            np.cumsum(np.take_along_axis(flat, order, 1), 1)), 1)
+    time = (cost.step_ms(requests, requests + np.arange(requests * k + 1))
+            + cost.draft_ms(requests))
+    best = ((requests + gains) / time).argmax(1)  # the first maximum: no draft unless one pays
+    return order, best, requests + gains[np.arange(steps), best], time[best]
+
+
 def choose_lengths(chance: np.ndarray, cost: StepCost) -> np.ndarray:
     """chance [B, K] (non-increasing along K) -> drafts to verify per request [B], for a
     step whose draft pass has already run (its time is spent whatever is verified)."""
     requests, k = chance.shape
-    order = np.argsort(-chance, axis=None, kind="stable")
-    gains = np.concatenate(([0.0], np.cumsum(chance.reshape(-1)[order])))
-    verified = requests + np.arange(len(gains))
-    rate = (requests + gains) / (cost.step_ms(requests, verified) + cost.draft_ms(requests))
-    best = int(np.argmax(rate))  # the first maximum: no draft unless one pays
+    order, best, _, _ = _best_steps(chance[None], cost)
     lengths = np.zeros(requests, np.int64)
-    np.add.at(lengths, order[:best] // k, 1)
+    np.add.at(lengths, order[0, : best[0]] // k, 1)
     return lengths
 
 
-def pays_at(requests: int, chance: np.ndarray, cost: StepCost) -> bool:
-    """Whether running the draft pass at all pays with this many requests, given a typical
-    request's chances [K]: the best choice of drafts must beat a plain step, draft pass
-    included."""
-    chances = np.tile(chance, (requests, 1))
-    lengths = choose_lengths(chances, cost)
-    gained = sum(chances[i, :n].sum() for i, n in enumerate(lengths))
-    drafting = ((requests + gained) / (cost.step_ms(requests, requests + lengths.sum())
-                                       + cost.draft_ms(requests)))
-    return bool(drafting > requests / cost.step_ms(requests, requests))
+def pays_at(requests: int, recent: np.ndarray, cost: StepCost) -> bool:
+    """Whether running the draft pass at all pays with this many requests, given recent
+    drafting requests' chances [n, K] (or one typical row [K]): steps of `requests` rows
+    taken from them in turn, each verifying its best choice of drafts, must beat plain
+    steps, draft pass included. Rows, not their mean: a step drafts only for its confident
+    requests, which a mean chance would hide."""
+    recent = np.atleast_2d(recent)
+    steps = max(1, len(recent) // requests)
+    rows = recent[np.arange(steps * requests) % len(recent)].reshape(steps, requests, -1)
+    _, _, tokens, time = _best_steps(rows, cost)
+    return bool(tokens.sum() / time.sum() > requests / cost.step_ms(requests, requests))
+
+
+class AcceptanceTracker:
+    """How often the target accepted the drafts it verified, per draft position, against
+    the heads' confidence in them: the factor that turns confidence into the chance the
+    cost model needs (on MT-Bench the heads' confidence runs ~8% under the acceptance at
+    position 1, ~25% at position 2). Sums decay by DECAY per recorded step so the factor
+    follows the traffic; PRIOR pseudo-drafts keep it 1 until drafts are measured."""
+
+    DECAY = 0.99
+    PRIOR = 2.0
+
+    def __init__(self, k: int) -> None:
+        self.expected = np.full(k, self.PRIOR)  # decayed sums of confidence, verified drafts
+        self.accepted = np.full(k, self.PRIOR)  # decayed counts of accepted drafts
+
+    def record(self, confidence: np.ndarray, verified: np.ndarray,
+               accepted: np.ndarray) -> None:
+        """confidence [n, K] of n requests' drafts, of which verified [n] were verified
+        and accepted [n] accepted."""
+        position = np.arange(confidence.shape[1])
+        checked = position < verified[:, None]
+        self.expected = self.DECAY * self.expected + (confidence * checked).sum(0)
+        self.accepted = (self.DECAY * self.accepted
+                         + (checked & (position < accepted[:, None])).sum(0))
+
+    def chance(self, confidence: np.ndarray) -> np.ndarray:
+        """[B, K] confidence -> chance of acceptance, still non-increasing along K."""
+        scaled = np.clip(confidence * (self.accepted / self.expected), 0.0, 1.0)
+        return np.minimum.accumulate(scaled, axis=-1)
 
 
 def probe_interval(requests: int, cost: StepCost) -> int:

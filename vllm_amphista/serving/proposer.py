@@ -31,6 +31,7 @@ from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.sal_cache import SALCache
 from vllm_amphista.model.target import TargetWeights
 from vllm_amphista.serving.draft_length import (
+    AcceptanceTracker,
     StepCost,
     choose_lengths,
     confidence,
@@ -49,6 +50,8 @@ from vllm_amphista.serving.step import Proposal, StepDrafter, StepRows
 
 # A child of vLLM's logger, so our lines appear with vLLM's own, formatted alike.
 logger = logging.getLogger("vllm.amphista")
+# Drafting requests' chances kept to judge whether drafting pays at a batch size.
+RECENT_ROWS = 32
 
 
 class AmphistaProposer(StepDrafter):
@@ -83,13 +86,17 @@ class AmphistaProposer(StepDrafter):
         logger.info("amphista: drafting %d tokens per step with the heads in %s (draft "
                     "dtype %s)", self.num_speculative_tokens, self.heads_dir,
                     str(self.dtype).removeprefix("torch."))
-        # Running mean of a drafting request's acceptance chances per head: what tells a
-        # paused proposer whether drafting would pay at the current batch size.
-        self.typical_chance: np.ndarray | None = None
+        # Recent drafting requests' chances (rows, newest last): what tells a paused
+        # proposer whether drafting would pay at the current batch size.
+        self.recent_chance = np.zeros((0, self.num_speculative_tokens))
+        self.acceptance = AcceptanceTracker(self.num_speculative_tokens)
         self.steps_paused = 0  # plain steps since drafting paused or last probed
         self.cache: SALCache | None = None  # created at the first step, dropped when idle
         self.slot_reqs: list[str | None] = []  # the request in each slot
         self.next_position = np.zeros(0, np.int64)  # per slot: where its next rows start
+        # Per slot: the heads' confidence in the drafts proposed last step, scored against
+        # what the target accepted in the next.
+        self.draft_confidence = np.zeros((0, self.num_speculative_tokens))
 
     def _step_cost(self, setting: str, target_dtype) -> StepCost | None:
         """"auto": this machine's calibration, else the one shipped with the heads."""
@@ -148,6 +155,8 @@ class AmphistaProposer(StepDrafter):
             # rows start, so it restarts when drafting resumes.
             return Proposal(drafts)
         cache = self._follow_batch(step.req_ids)
+        if self.step_cost is not None:
+            self._score_drafts(step)
         counts = step.accepted_counts()
         starts = np.asarray(step.start_positions[:num_reqs], np.int64)
         restart = np.flatnonzero(starts != self.next_position[:num_reqs])
@@ -162,7 +171,7 @@ class AmphistaProposer(StepDrafter):
         if not drafting:
             return Proposal(drafts)
         logits = logits[drafting, : self.num_speculative_tokens]
-        lengths = self._lengths(logits)
+        lengths = self._lengths(logits, drafting)
         # Drafts (and their q) only where some will be verified, up to the longest.
         kept = [j for j, n in enumerate(lengths) if n]
         if not kept:
@@ -181,9 +190,9 @@ class AmphistaProposer(StepDrafter):
         probe now and then that measures the chances again."""
         if self.disable_by_batch_size is not None:
             return decoding > self.disable_by_batch_size
-        if self.step_cost is None or self.typical_chance is None or decoding == 0:
+        if self.step_cost is None or not len(self.recent_chance) or decoding == 0:
             return False
-        if pays_at(decoding, self.typical_chance, self.step_cost):
+        if pays_at(decoding, self.recent_chance, self.step_cost):
             self.steps_paused = 0
             return False
         self.steps_paused += 1
@@ -192,15 +201,27 @@ class AmphistaProposer(StepDrafter):
             return False  # a probe: its drafts are still cut to what pays
         return True
 
-    def _lengths(self, logits: torch.Tensor) -> list[int]:
-        """Drafts to verify per drafting request: all K, or the step cost's choice."""
+    def _lengths(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
+        """Drafts to verify per drafting request (batch rows `rows`): all K, or the step
+        cost's choice."""
         if self.step_cost is None:
             return [self.num_speculative_tokens] * logits.shape[0]
-        chance = confidence(logits)
-        mean = chance.mean(0)
-        self.typical_chance = (mean if self.typical_chance is None
-                               else 0.9 * self.typical_chance + 0.1 * mean)
+        confident = confidence(logits)
+        self.draft_confidence[rows] = confident
+        chance = self.acceptance.chance(confident)
+        self.recent_chance = np.concatenate((self.recent_chance, chance))[-RECENT_ROWS:]
         return choose_lengths(chance, self.step_cost).tolist()
+
+    def _score_drafts(self, step: StepRows) -> None:
+        """Tell the acceptance tracker how the drafts verified in this step fared (slot i
+        holds row i's confidence from the step that proposed them)."""
+        num_reqs = len(step.req_ids)
+        verified = np.asarray(step.num_draft_tokens[:num_reqs], np.int64)
+        rows = np.flatnonzero(verified)
+        if len(rows):
+            sampled = np.fromiter(map(len, step.sampled_token_ids), np.int64, num_reqs)
+            self.acceptance.record(self.draft_confidence[rows], verified[rows],
+                                   np.maximum(sampled[rows] - 1, 0))
 
     def _follow_batch(self, req_ids: list[str]) -> SALCache:
         """Make slot i hold request req_ids[i]: move the slots of requests vLLM moved,
@@ -220,11 +241,15 @@ class AmphistaProposer(StepDrafter):
                 src.append(old)
         self.cache.reserve(len(req_ids), 1)
         if len(self.next_position) < self.cache.slots:
-            self.next_position = np.concatenate((self.next_position, np.full(
-                self.cache.slots - len(self.next_position), -1, np.int64)))
+            grown = self.cache.slots - len(self.next_position)
+            self.next_position = np.concatenate((self.next_position,
+                                                 np.full(grown, -1, np.int64)))
+            self.draft_confidence = np.concatenate((self.draft_confidence, np.zeros(
+                (grown, self.num_speculative_tokens))))
         if dest:
             self.cache.move(dest, src)
             self.next_position[dest] = self.next_position[src]
+            self.draft_confidence[dest] = self.draft_confidence[src]
         self.next_position[fresh] = -1  # forces a restart of the slot
         self.slot_reqs = list(req_ids)
         return self.cache
@@ -257,6 +282,7 @@ class AmphistaProposer(StepDrafter):
         if self.cache is not None and not any(self.slot_reqs):
             self.cache, self.slot_reqs = None, []
             self.next_position = np.zeros(0, np.int64)
+            self.draft_confidence = self.draft_confidence[:0]
             logger.info("amphista: draft caches empty (all requests released)")
 
     def cached_positions(self, req_id: str) -> int:
