@@ -118,7 +118,7 @@ def scenario_distribution(llm, prompts, max_tokens):
     at T=0.8, top-k 20, top-p 0.9."""
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9,
+    params = SamplingParams(temperature=1.2, top_k=20, top_p=0.95,
                             max_tokens=DISTRIBUTION_TOKENS, ignore_eos=True)
     return [_ids(llm.generate([p] * DISTRIBUTION_SAMPLES, params, use_tqdm=False))
             for p in prompts]
