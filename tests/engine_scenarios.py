@@ -115,7 +115,7 @@ DISTRIBUTION_SAMPLES, DISTRIBUTION_TOKENS = 1000, 3
 
 def scenario_distribution(llm, prompts, max_tokens):
     """DISTRIBUTION_SAMPLES samples of the first DISTRIBUTION_TOKENS tokens of each prompt
-    at T=0.8, top-k 20, top-p 0.9."""
+    at T=1.2, top-k 20, top-p 0.95."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=1.2, top_k=20, top_p=0.95,

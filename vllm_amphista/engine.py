@@ -26,10 +26,12 @@ def start_llm(target, *, speculative_config: dict | None = None, dtype: str = TA
     In-process (the default) the engine computes with OpenMP's default threads, one per
     core. as_served=True runs the engine core and its worker in processes of their own, as
     `vllm serve` does, where vLLM binds the worker's threads (on 2 cores: 1 thread, the
-    other core left to the front end): what timings meant for serving must use."""
+    other core left to the front end): what timings meant for serving must use. A
+    VLLM_ENABLE_V1_MULTIPROCESSING the user set wins either way (the tests set 0: one
+    process instead of three starts sooner)."""
     set_engine_environment(in_process=not as_served)
     if as_served:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     from vllm import LLM  # heavy: only where an engine starts
 
     settings = {"enforce_eager": True, "max_model_len": MAX_MODEL_LEN, "seed": 0,
