@@ -12,7 +12,15 @@ import pytest
 from tests.engine_helpers import IN_PROCESS, engine_env
 from vllm_amphista.cli import demo_verdict
 from vllm_amphista.eval import bench
-from vllm_amphista.eval.bench import Run, markdown, percentile, spec_counters, summarise
+from vllm_amphista.eval.bench import (
+    Run,
+    greedy_verdict,
+    markdown,
+    percentile,
+    spec_counters,
+    summarise,
+)
+from vllm_amphista.eval.server import worker_cores
 
 METRICS_PAGE = """\
 # HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.
@@ -50,6 +58,20 @@ def test_sampled_runs_generate_max_tokens_for_every_method(monkeypatch, temperat
     assert all(p["top_p"] == (0.9 if temperature > 0 else 1.0) for p in sent)
 
 
+# What vLLM 0.32's CPU worker logs as `vllm serve` starts on a 2-core machine.
+BINDING_LOG = """\
+(EngineCore pid=3016) INFO [ompmultiprocessing.py:185] \tlocal_world_size=1, reserve_cpu_num=1
+(EngineCore pid=3016) INFO [ompmultiprocessing.py:185] \tlocal_rank=0, core ids=[0]
+(EngineCore pid=3016) INFO [ompmultiprocessing.py:185] \treserved_cpus=[1]
+"""
+
+
+def test_worker_cores_reads_the_binding_vllm_logged():
+    assert worker_cores(BINDING_LOG) == 1
+    assert worker_cores(BINDING_LOG.replace("core ids=[0]", "core ids=[0, 1, 2]")) == 3
+    assert worker_cores("no binding here") is None
+
+
 def test_percentile():
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0], 0.9) == 9.0
@@ -83,6 +105,23 @@ def test_summarise_speedup_tau_and_lossless_flag():
     assert "NO (1 prompts)" in table and "| amphista | 0 | 1 | 16.5 ± 2.1 | 1.50x |" in table
 
 
+def test_greedy_verdict_holds_bf16_to_vanillas_own_flips():
+    """bf16: vanilla at 4 requests flips 2 prompts against vanilla alone, so a method may
+    flip 2, not 3; float32: not one."""
+    alone, batched, worse = [[1], [2], [3]], [[9], [9], [3]], [[9], [9], [9]]
+    runs = {("vanilla", 0.0, 1): [_run(10.0, alone)],
+            ("vanilla", 0.0, 4): [_run(30.0, batched)],
+            ("amphista", 0.0, 1): [_run(12.0, batched)]}
+    assert greedy_verdict(summarise(runs), "bfloat16")[0] is True
+    assert greedy_verdict(summarise(runs), "float32")[0] is False
+    runs[("amphista", 0.0, 4)] = [_run(30.0, worse)]
+    ok, line = greedy_verdict(summarise(runs), "bfloat16")
+    assert not ok and "up to 3 prompts" in line and "flips: 2" in line
+    same = {("vanilla", 0.0, 1): [_run(10.0, alone)], ("amphista", 0.0, 1): [_run(9.0, alone)]}
+    assert greedy_verdict(summarise(same), "float32") == (
+        True, "temperature 0: every method produced vanilla's tokens")
+
+
 def test_table_without_vanilla_has_no_speedup():
     """`bench --methods amphista`: no vanilla row to compare with, the table still prints."""
     rows = summarise({("amphista", 0.0, 1): [_run(15.0, [[1]], 10, (5, 2))]})
@@ -111,6 +150,10 @@ def test_bench_command_end_to_end(tmp_path):
     assert machine.startswith(report["machine"]["cpu"]) and machine.endswith(
         "; target float32; draft " + report["draft_dtype"])
     assert blank == "" and header.startswith("| method |")
+    # The servers' threads, as vLLM bound them (logged), not the bench process's own.
+    logs = "".join(log.read_text() for log in out.glob("vllm-amphista-server-*.log"))
+    assert report["machine"]["torch_threads"] == worker_cores(logs) is not None
+    assert f"{worker_cores(logs)} torch threads" in machine
     assert report["environment"]["vllm"].startswith("0.32.0")
     rows = {(r["method"], r["temperature"]): r for r in report["rows"]}
     assert set(rows) == {(m, t) for m in ("vanilla", "amphista") for t in (0.0, 0.7)}

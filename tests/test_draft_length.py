@@ -10,6 +10,7 @@ import pytest
 from vllm_amphista.serving.draft_length import (
     PROBE_SHARE,
     AcceptanceTracker,
+    StepClock,
     StepCost,
     choose_lengths,
     pays_at,
@@ -106,3 +107,36 @@ def test_acceptance_tracker_learns_how_far_confidence_is_off_per_position():
     chance = tracker.chance(np.array([[0.6, 0.1], [0.2, 0.2]]))
     assert chance[0] == pytest.approx([0.3, 0.15], abs=0.04)
     assert chance[1] == pytest.approx([0.1, 0.1], abs=0.02)  # 0.3 at position 2, capped
+
+
+def test_step_clock_measures_drafting_steps_against_plain_ones():
+    """Drafting steps that run 1.5x what the step cost predicts while plain steps run as
+    predicted: the overhead converges to 1.5; a machine twice as slow for both kinds
+    leaves it at 1; a stall counts as MAX_RATIO; pausing keeps the drafting figure."""
+    clock = StepClock()
+    assert clock.overhead() == 1.0
+    for _ in range(300):
+        clock.record(True, 15.0, 10.0)
+        clock.record(False, 10.0, 10.0)
+    assert clock.overhead() == pytest.approx(1.5, abs=0.01)
+    for _ in range(300):
+        clock.record(False, 10.0, 10.0)  # paused: plain steps only
+    assert clock.overhead() == pytest.approx(1.5, abs=0.01)
+    slower = StepClock()
+    for _ in range(300):
+        slower.record(True, 20.0, 10.0)
+        slower.record(False, 20.0, 10.0)
+    assert slower.overhead() == pytest.approx(1.0)
+    stalled = StepClock()
+    stalled.record(True, 1000.0, 10.0)
+    prior = StepClock.DECAY * StepClock.PRIOR
+    assert stalled.overhead() == pytest.approx((prior + StepClock.MAX_RATIO) / (prior + 1))
+
+
+def test_pays_at_charges_the_measured_overhead_of_drafting_steps():
+    """Chances that pay by ~10% under the step cost alone stop paying once drafting steps
+    are seen to run 20% over it."""
+    cost = StepCost.linear(40.0, 2.0, 4.0)
+    chance = np.array([0.25, 0.02, 0.0])  # one draft: 1.25 tokens in 48 ms vs 1 in 42
+    assert pays_at(1, chance, cost) and pays_at(1, chance, cost, overhead=1.05)
+    assert not pays_at(1, chance, cost, overhead=1.2)

@@ -14,6 +14,7 @@ from vllm_amphista.kernels import packed_linear
 from vllm_amphista.machine import CpuInfo, cpu_info
 from vllm_amphista.model.checkpoint import save_checkpoint
 from vllm_amphista.serving import draft_length
+from vllm_amphista.serving import proposer as proposer_module
 from vllm_amphista.serving.draft_length import (
     StepCost,
     choose_lengths,
@@ -37,7 +38,7 @@ def heads_dir(tiny_target, tmp_path):
 
 def _proposer(heads_dir, target_dir, num_tokens=3, pause=None,
               draft_sampling="sample", step_cost="off",
-              draft_dtype="float32") -> AmphistaProposer:
+              draft_dtype="float32", timed=False) -> AmphistaProposer:
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=num_tokens),
         additional_config={"amphista": {"heads": str(heads_dir),
@@ -51,6 +52,10 @@ def _proposer(heads_dir, target_dir, num_tokens=3, pause=None,
     )
     proposer = AmphistaProposer(config)
     proposer.load_model(torch.nn.Module())
+    if not timed:
+        # Synthetic steps take no engine time, which the proposer's clock would read as
+        # an engine far faster than its step cost; tests of the clock fake the time.
+        proposer.clock.record = lambda *args: None
     return proposer
 
 
@@ -177,6 +182,38 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
     assert len(passes) == 1 + 3
     assert len(chances[-1]) == 1 + 3  # one row per pass: re-measured by the probes
     assert not np.allclose(chances[0][-1], chances[-1][-1])
+
+
+@pytest.mark.parametrize("drafting_ms", [12.0, 30.0])
+def test_drafting_pauses_when_drafting_steps_run_slower_than_the_step_cost(
+        heads_dir, tiny_target, tiny_target_dir, tmp_path, monkeypatch, drafting_ms):
+    """Heads right half the time at position 1 pay under this step cost (1.7 tokens in
+    14 ms against 1 in 11), and they draft every step while the steps after a pass take
+    the predicted 12 ms (11 + the 1 ms pass). When those take 30 ms (a cost the
+    calibration did not see), the proposer's clock notices and drafting pauses, with
+    only a probe pass now and then."""
+    StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
+    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
+                         timed=True)
+    proposer.acceptance.chance = lambda confident: np.tile([0.5, 0.2, 0.05],
+                                                           (len(confident), 1))
+    now = [0.0]
+    monkeypatch.setattr(proposer_module, "perf_counter", lambda: now[0])
+    d = tiny_target.hidden_size
+    table = np.arange(128, dtype=np.int32)[None] % tiny_target.vocab_size
+    passes = 0
+    for position in range(8, 68):
+        drafted = proposer.last_call is not None and proposer.last_call[2]
+        now[0] += 1e-3 * (drafting_ms if drafted else 11.0)
+        proposer.propose_from_step(StepRows(
+            req_ids=["a"], sampled_token_ids=[[5]], hidden_states=torch.randn(1, d),
+            query_start_loc=np.array([0, 1]), start_positions=np.array([position]),
+            num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
+        passes += proposer.last_call[2]
+    if drafting_ms == 12.0:
+        assert passes == 60 and proposer.clock.overhead() == pytest.approx(1.0)
+    else:
+        assert passes < 20 and proposer.clock.overhead() > 1.5
 
 
 def test_sampled_requests_draft_from_q_greedy_ones_argmax(heads_dir, tiny_target,

@@ -65,8 +65,11 @@ class CalibrationWorker:
 
 
 def measure_steps(llm, batch_sizes: list[int], draft_counts: list[int],
-                  tokens: int = 32) -> list[dict]:
-    """Median engine step time (ms) per (batch size, drafts per request)."""
+                  tokens: int = 32, repeats: int = 5) -> list[dict]:
+    """Median engine step time (ms) per (batch size, drafts per request). The draft counts
+    take turns within each repeat, so a drift in the machine's speed (a neighbour, the
+    clock) moves them alike instead of tilting the fitted per-token cost: measured one
+    after the other, one token per request once came out slower than three."""
     from vllm import SamplingParams  # heavy: only where an engine starts
 
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
@@ -74,15 +77,15 @@ def measure_steps(llm, batch_sizes: list[int], draft_counts: list[int],
     llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
     rows = []
     for requests in batch_sizes:
-        for drafts in draft_counts:
-            llm.collective_rpc("set_drafts", args=(drafts,))
-            times = []
-            for _ in range(3):
+        times: dict[int, list[float]] = {drafts: [] for drafts in draft_counts}
+        for _ in range(repeats):
+            for drafts in draft_counts:
+                llm.collective_rpc("set_drafts", args=(drafts,))
                 started = time.perf_counter()
                 llm.generate(prompts[:requests], params, use_tqdm=False)
-                times.append(1e3 * (time.perf_counter() - started) / tokens)
-            rows.append({"requests": requests, "tokens": requests * (1 + drafts),
-                         "ms": statistics.median(times)})
+                times[drafts].append(1e3 * (time.perf_counter() - started) / tokens)
+        rows += [{"requests": requests, "tokens": requests * (1 + drafts),
+                  "ms": statistics.median(times[drafts])} for drafts in draft_counts]
     return rows
 
 

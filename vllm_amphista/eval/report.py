@@ -9,22 +9,23 @@ from pathlib import Path
 from vllm_amphista.machine import cpu_label, describe
 
 
-def write_report(path: str | Path, report: dict) -> None:
-    """`report` as JSON, with the machine (machine.describe()) first."""
+def write_report(path: str | Path, report: dict, machine: dict | None = None) -> None:
+    """`report` as JSON, with the machine (default: machine.describe()) first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": describe(), **report}, indent=2) + "\n")
+    path.write_text(json.dumps({"machine": machine or describe(), **report}, indent=2) + "\n")
 
 
-def machine_line(**dtypes: str) -> str:
+def machine_line(machine: dict | None = None, **dtypes: str) -> str:
     """The line above a printed table: the CPU, its bf16 flags, cores, torch threads and
-    the dtypes given (machine_line(target="float32", draft="float32"))."""
-    machine = describe()
+    the dtypes given (machine_line(target="float32", draft="float32")), of `machine`
+    (default: machine.describe())."""
+    machine = machine or describe()
     gpu = f", GPU {machine['gpu']}" if machine["gpu"] else ""
     named = "".join(f"; {name} {str(value).removeprefix('torch.')}"
                     for name, value in dtypes.items())
     return (f"{cpu_label(machine)}, {machine['cores']} cores, "
-            f"{machine['torch_threads']} torch threads{gpu}{named}")
+            f"{machine['torch_threads'] or '?'} torch threads{gpu}{named}")
 
 
 def markdown_table(columns: list[str], rows: list[list[object]]) -> str:

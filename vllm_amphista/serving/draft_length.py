@@ -155,17 +155,50 @@ def choose_lengths(chance: np.ndarray, cost: StepCost) -> np.ndarray:
     return lengths
 
 
-def pays_at(requests: int, recent: np.ndarray, cost: StepCost) -> bool:
+def pays_at(requests: int, recent: np.ndarray, cost: StepCost,
+            overhead: float = 1.0) -> bool:
     """Whether running the draft pass at all pays with this many requests, given recent
     drafting requests' chances [n, K] (or one typical row [K]): steps of `requests` rows
     taken from them in turn, each verifying its best choice of drafts, must beat plain
     steps, draft pass included. Rows, not their mean: a step drafts only for its confident
-    requests, which a mean chance would hide."""
+    requests, which a mean chance would hide. `overhead`: how much slower drafting steps
+    run than the step cost says, relative to plain steps (StepClock)."""
     recent = np.atleast_2d(recent)
     steps = max(1, len(recent) // requests)
     rows = recent[np.arange(steps * requests) % len(recent)].reshape(steps, requests, -1)
     _, _, tokens, time = _best_steps(rows, cost)
-    return bool(tokens.sum() / time.sum() > requests / cost.step_ms(requests, requests))
+    return bool(tokens.sum() / (overhead * time.sum())
+                > requests / cost.step_ms(requests, requests))
+
+
+class StepClock:
+    """How long this engine's steps really take against what the step cost predicts,
+    for steps after a draft pass and for plain ones: the calibration times the draft
+    pass alone and the engine with throw-away drafts, so the proposer's own work around
+    the pass, and whatever else runs on the machine while serving, is only seen here.
+    `overhead()` is the drafting steps' ratio over the plain steps' (1 until both kinds
+    are measured). Each kind's ratio decays by DECAY only when that kind is timed, so a
+    long pause keeps what the last drafting steps showed (probes refresh it); PRIOR
+    pseudo-steps at ratio 1 keep a few odd steps from swinging it, and one step counts
+    at most MAX_RATIO (a stall is not the engine's speed)."""
+
+    DECAY = 0.98
+    PRIOR = 4.0
+    MAX_RATIO = 3.0
+
+    def __init__(self) -> None:
+        self.observed = np.full(2, self.PRIOR)  # [plain, drafting]: sums of measured/predicted
+        self.steps = np.full(2, self.PRIOR)  # [plain, drafting]: decayed step counts
+
+    def record(self, drafted: bool, measured_ms: float, predicted_ms: float) -> None:
+        kind = int(drafted)
+        ratio = min(measured_ms / predicted_ms, self.MAX_RATIO)
+        self.observed[kind] = self.DECAY * self.observed[kind] + ratio
+        self.steps[kind] = self.DECAY * self.steps[kind] + 1.0
+
+    def overhead(self) -> float:
+        plain, drafting = self.observed / self.steps
+        return float(drafting / plain)
 
 
 class AcceptanceTracker:

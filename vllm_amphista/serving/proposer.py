@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from time import perf_counter
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from vllm_amphista.model.sal_cache import SALCache
 from vllm_amphista.model.target import TargetWeights
 from vllm_amphista.serving.draft_length import (
     AcceptanceTracker,
+    StepClock,
     StepCost,
     choose_lengths,
     confidence,
@@ -91,6 +93,9 @@ class AmphistaProposer(StepDrafter):
         self.recent_chance = np.zeros((0, self.num_speculative_tokens))
         self.acceptance = AcceptanceTracker(self.num_speculative_tokens)
         self.steps_paused = 0  # plain steps since drafting paused or last probed
+        self.clock = StepClock()
+        # The last call: when it started, its decoding requests, whether it ran the pass.
+        self.last_call: tuple[float, int, bool] | None = None
         self.cache: SALCache | None = None  # created at the first step, dropped when idle
         self.slot_reqs: list[str | None] = []  # the request in each slot
         self.next_position = np.zeros(0, np.int64)  # per slot: where its next rows start
@@ -150,7 +155,13 @@ class AmphistaProposer(StepDrafter):
     def propose_from_step(self, step: StepRows) -> Proposal:
         num_reqs = len(step.req_ids)
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
-        if self._paused(sum(1 for s in step.sampled_token_ids if s)):
+        decoding = sum(1 for s in step.sampled_token_ids if s)
+        now = perf_counter()
+        if self.step_cost is not None:
+            self._time_last_step(step, now)
+        paused = self._paused(decoding)
+        self.last_call = (now, decoding, not paused)
+        if paused:
             # No draft pass at all. A paused request's slot no longer ends where its next
             # rows start, so it restarts when drafting resumes.
             return Proposal(drafts)
@@ -192,7 +203,7 @@ class AmphistaProposer(StepDrafter):
             return decoding > self.disable_by_batch_size
         if self.step_cost is None or not len(self.recent_chance) or decoding == 0:
             return False
-        if pays_at(decoding, self.recent_chance, self.step_cost):
+        if pays_at(decoding, self.recent_chance, self.step_cost, self.clock.overhead()):
             self.steps_paused = 0
             return False
         self.steps_paused += 1
@@ -211,6 +222,22 @@ class AmphistaProposer(StepDrafter):
         chance = self.acceptance.chance(confident)
         self.recent_chance = np.concatenate((self.recent_chance, chance))[-RECENT_ROWS:]
         return choose_lengths(chance, self.step_cost).tolist()
+
+    def _time_last_step(self, step: StepRows, now: float) -> None:
+        """Time the last call's work and the engine step that followed it (this step)
+        against the step cost's prediction, if this step only decoded (a prefill chunk
+        riding along is not in the step cost)."""
+        if self.last_call is None or not step.req_ids:
+            return
+        started, decoded, drafted = self.last_call
+        num_reqs = len(step.req_ids)
+        scheduled = np.diff(step.query_start_loc[: num_reqs + 1])
+        if (scheduled != 1 + np.asarray(step.num_draft_tokens[:num_reqs])).any():
+            return
+        predicted = float(self.step_cost.step_ms(num_reqs, int(scheduled.sum())))
+        if drafted:
+            predicted += self.step_cost.draft_ms(max(decoded, 1))
+        self.clock.record(drafted, 1e3 * (now - started), predicted)
 
     def _score_drafts(self, step: StepRows) -> None:
         """Tell the acceptance tracker how the drafts verified in this step fared (slot i
@@ -281,6 +308,7 @@ class AmphistaProposer(StepDrafter):
             self.slot_reqs[self.slot_reqs.index(req_id)] = None
         if self.cache is not None and not any(self.slot_reqs):
             self.cache, self.slot_reqs = None, []
+            self.last_call = None  # the engine idles until the next request: not a step
             self.next_position = np.zeros(0, np.int64)
             self.draft_confidence = self.draft_confidence[:0]
             logger.info("amphista: draft caches empty (all requests released)")
