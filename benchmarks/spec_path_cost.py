@@ -19,7 +19,11 @@ import time
 from pathlib import Path
 
 from vllm_amphista.engine import start_llm
-from vllm_amphista.eval.calibrate import CALIBRATION_WORKER_PATH, FIXED_DRAFTER_PATH
+from vllm_amphista.eval.calibrate import (
+    CALIBRATION_WORKER_PATH,
+    FIXED_DRAFTER_PATH,
+    generate_ms,
+)
 from vllm_amphista.eval.report import machine_line, markdown_table, write_report
 from vllm_amphista.machine import describe
 from vllm_amphista.model.target import export_smollm2
@@ -29,13 +33,7 @@ IDLE_S = 1.5  # an idle engine core keeps polling for 1 s: let it settle between
 
 
 def step_ms(llm, requests: int) -> float:
-    from vllm import SamplingParams  # heavy: only where an engine starts
-
-    params = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)
-    prompts = [f"Tell me about topic number {i}." for i in range(requests)]
-    started = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    elapsed = 1e3 * (time.perf_counter() - started) / TOKENS
+    elapsed = generate_ms(llm, requests, TOKENS)
     time.sleep(IDLE_S)
     return elapsed
 
@@ -54,7 +52,7 @@ def main() -> None:
     spec = start_llm(target, dtype=args.dtype, max_num_seqs=largest, as_served=True,
                      worker_extension_cls=CALIBRATION_WORKER_PATH,
                      speculative_config={"method": "custom_class", "model": FIXED_DRAFTER_PATH,
-                                         "num_speculative_tokens": max(args.drafts)})
+                                         "num_speculative_tokens": max(1, *args.drafts)})
     step_ms(vanilla, 2), step_ms(spec, 2)  # warm-up
     times: dict[tuple[int, str], list[float]] = {}
     for _ in range(args.rounds):

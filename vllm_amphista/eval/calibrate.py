@@ -64,26 +64,31 @@ class CalibrationWorker:
                                   batch_sizes)
 
 
+def generate_ms(llm, requests: int, tokens: int = 32) -> float:
+    """ms per engine step for `requests` prompts decoding `tokens` greedy tokens at once."""
+    from vllm import SamplingParams  # heavy: only where an engine starts
+
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    prompts = [f"Tell me about topic number {i}." for i in range(requests)]
+    started = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    return 1e3 * (time.perf_counter() - started) / tokens
+
+
 def measure_steps(llm, batch_sizes: list[int], draft_counts: list[int],
                   tokens: int = 32, repeats: int = 5) -> list[dict]:
     """Median engine step time (ms) per (batch size, drafts per request). The draft counts
     take turns within each repeat, so a drift in the machine's speed (a neighbour, the
     clock) moves them alike instead of tilting the fitted per-token cost: measured one
     after the other, one token per request once came out slower than three."""
-    from vllm import SamplingParams  # heavy: only where an engine starts
-
-    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    prompts = [f"Tell me about topic number {i}." for i in range(max(batch_sizes))]
-    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+    generate_ms(llm, 2, tokens)  # warm-up
     rows = []
     for requests in batch_sizes:
         times: dict[int, list[float]] = {drafts: [] for drafts in draft_counts}
         for _ in range(repeats):
             for drafts in draft_counts:
                 llm.collective_rpc("set_drafts", args=(drafts,))
-                started = time.perf_counter()
-                llm.generate(prompts[:requests], params, use_tqdm=False)
-                times[drafts].append(1e3 * (time.perf_counter() - started) / tokens)
+                times[drafts].append(generate_ms(llm, requests, tokens))
         rows += [{"requests": requests, "tokens": requests * (1 + drafts),
                   "ms": statistics.median(times[drafts])} for drafts in draft_counts]
     return rows
