@@ -21,20 +21,28 @@ def test_recorded_rows_are_the_targets_hidden_states_and_shards_resume(tiny_targ
                                                                        tmp_path):
     """Three prompts, shards of two, chunked prefill (16 tokens a step): every recorded
     conversation's rows equal transformers' final hidden states on it; deleting a shard
-    and building again re-records that shard only."""
+    and building again re-records that shard only. Given replies (ShareGPT's own) are
+    read, not answered: the conversation is the prompt and that reply, no sampled token,
+    its answer starting where the prompt alone ends; a prompt without a reply is left
+    out; they land in another folder."""
     result = run_engine_script(f"""
-import json, torch
+import dataclasses, json, torch
 from pathlib import Path
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from vllm_amphista.paths import DATA_DIR
-from vllm_amphista.training.data import RecordingPlan, record_dataset
+from vllm_amphista.training.data import RecordingPlan, _read_reply, record_dataset
 target = Path({str(tiny_target_dir)!r})
 plan = RecordingPlan(target, "tiny", ["w1 w2 w3 a b c", "c d " * 20, "w7 w8"], max_tokens=12,
                      shard_size=2)
 convs = record_dataset(plan, max_num_seqs=8, max_model_len=512, max_num_batched_tokens=16)
 hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+read_plan = dataclasses.replace(plan, replies=["w4 w5 w6 " * 3, None, "a b c " * 30])
+read = record_dataset(read_plan, max_num_seqs=8, max_model_len=512, max_num_batched_tokens=16)
+tokenizer = AutoTokenizer.from_pretrained(target)
+expected = [_read_reply(tokenizer, p, r) for p, r in zip(plan.prompts, read_plan.replies)]
+expected = [e for e in expected if e is not None]
 diffs = []
-for c in convs:
+for c in convs + read:
     with torch.no_grad():
         ref = hf(c.tokens[None], output_hidden_states=True).hidden_states[-1][0]
     diffs.append(float((c.hidden.float() - ref[: len(c.hidden)]).abs().max()))
@@ -45,10 +53,16 @@ print("RESULT " + json.dumps({{
     "rows": [[len(c.tokens), len(c.hidden), c.prompt_len] for c in convs],
     "diffs": diffs, "under_cache": str(plan.folder).startswith(str(DATA_DIR)),
     "shard0_kept": plan.shard_path(0).stat().st_mtime_ns == first,
-    "same_tokens": [c.tokens.tolist() for c in again] == [c.tokens.tolist() for c in convs]}}))
+    "same_tokens": [c.tokens.tolist() for c in again] == [c.tokens.tolist() for c in convs],
+    "read": [[c.tokens.tolist(), len(c.hidden), c.prompt_len] for c in read],
+    "expected_read": expected, "read_folder_differs": read_plan.folder != plan.folder}}))
 """, env_extra={"VLLM_AMPHISTA_CACHE": str(tmp_path / "cache")})
     assert len(result["rows"]) == 3
     for tokens, hidden, prompt_len in result["rows"]:
         assert hidden == tokens - 1 and 0 < prompt_len < tokens
     assert max(result["diffs"]) < 2e-2  # rows stored in bf16
     assert result["under_cache"] and result["shard0_kept"] and result["same_tokens"]
+    assert len(result["read"]) == 2 and result["read_folder_differs"]
+    for (tokens, hidden, prompt_len), (ids, start) in zip(
+            sorted(result["read"]), sorted(result["expected_read"]), strict=True):
+        assert tokens == ids and prompt_len == start and hidden == len(tokens) - 1

