@@ -75,6 +75,7 @@ VARIANTS: dict[str, Variant] = {
     "amphista-lr3e-4": Variant(settings={"learning_rate": 3e-4}),
     "amphista-lr3e-3": Variant(settings={"learning_rate": 3e-3}),
     "amphista-2-epochs": Variant(settings={"epochs": 2}),
+    "amphista-4-epochs": Variant(settings={"epochs": 4}),
     "amphista-lm0": Variant(settings={"lm_weight": 0.0}),
     "amphista-lm1": Variant(settings={"lm_weight": 1.0}),
     "amphista-decay1": Variant(settings={"head_decay": 1.0}),
@@ -111,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="*", default=["amphista", "medusa"],
                         choices=sorted(VARIANTS))
     parser.add_argument("--evaluate", nargs="*", default=[], help="finished heads folders")
-    parser.add_argument("--num-prompts", type=int, default=600, help="as the shipped heads")
-    parser.add_argument("--max-tokens", type=int, default=192, help="as the shipped heads")
+    parser.add_argument("--num-prompts", type=int, default=600,
+                        help="600: the README's architecture ablations")
+    parser.add_argument("--max-tokens", type=int, default=192,
+                        help="answer length (192: the architecture ablations)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=TrainSettings.batch_conversations,
                         help="conversations per step")
