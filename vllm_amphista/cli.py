@@ -172,9 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="new folder for the heads")
     _add_recording_args(train)
     train.add_argument("--medusa", action="store_true", help="train the Medusa-1 baseline")
-    train.add_argument("--epochs", type=int, default=2)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--batch", type=int, default=8, help="conversations per step")
+    train.add_argument("--epochs", type=int, default=TrainSettings.epochs)
+    train.add_argument("--lr", type=float, default=TrainSettings.learning_rate)
+    train.add_argument("--batch", type=int, default=TrainSettings.batch_conversations,
+                       help="conversations per step")
     train.add_argument("--draft-vocab", type=int, default=8192, help="0 = full vocabulary")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--num-workers", type=int, default=1,
