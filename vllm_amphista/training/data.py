@@ -1,6 +1,7 @@
 """Self-distillation data: the target answers chat prompts with vLLM while
 HiddenStateRecorder (recorder.py) keeps the final hidden states vLLM computed for every
-row, the vectors serving hands the draft model; no second target pass.
+row, the vectors serving hands the draft model; no second target pass. A plan may give
+the answers instead (ShareGPT's own replies): the target then reads them in its prefill.
 
 A dataset is a list of conversations, each a token sequence [T] and the target's
 final-normed hidden states [T - 1, d] (the vector its lm_head reads, as in serving).
