@@ -174,8 +174,7 @@ class RecordingPlan:
         return self.prompts[index * self.shard_size: (index + 1) * self.shard_size]
 
     def shard_replies(self, index: int) -> list[str | None]:
-        if self.replies is None:
-            return [None] * len(self.shard_prompts(index))
+        assert self.replies is not None
         return self.replies[index * self.shard_size: (index + 1) * self.shard_size]
 
     def shard_path(self, index: int) -> Path:
@@ -238,9 +237,7 @@ def _record_shards(plan: RecordingPlan, shards: list[int], max_num_seqs: int,
               desc="recording", unit="conv") as bar:
         for index in shards:
             if plan.replies is None:
-                chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                                       tokenize=False, add_generation_prompt=True)
-                         for p in plan.shard_prompts(index)]
+                chats = [_question(tokenizer, p) for p in plan.shard_prompts(index)]
                 chats = [c for c in chats if len(tokenizer(c).input_ids) <= 1024]
                 answer_starts = None
             else:
@@ -264,15 +261,19 @@ def _record_shards(plan: RecordingPlan, shards: list[int], max_num_seqs: int,
     del llm
 
 
+def _question(tokenizer, prompt: str) -> str:
+    """The chat text that asks the target `prompt` (ending where its answer starts)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         tokenize=False, add_generation_prompt=True)
+
+
 def _read_reply(tokenizer, prompt: str, reply: str | None) -> tuple[list[int], int] | None:
     """Token ids of the prompt with the given reply after it, and where the reply starts;
     None without a reply, or where the template writes the prompt otherwise inside a
     conversation than alone (then the reply would not start where an answer does)."""
     if reply is None:
         return None
-    question = tokenizer(tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False,
-        add_generation_prompt=True)).input_ids
+    question = tokenizer(_question(tokenizer, prompt)).input_ids
     conversation = tokenizer(tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}],
         tokenize=False)).input_ids
