@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,14 +14,15 @@ import torch
 from tests.conftest import draft_model
 from tests.engine_helpers import engine_env
 from vllm_amphista.machine import cpu_info
-from vllm_amphista.model.checkpoint import load_checkpoint
+from vllm_amphista.model.checkpoint import load_checkpoint, save_checkpoint
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights
 from vllm_amphista.training.data import Conversation, read_prompt_file
-from vllm_amphista.training.heads import build_token_map, check_inputs
+from vllm_amphista.training.heads import build_token_map, check_inputs, continued_model
 from vllm_amphista.training.loop import train
 from vllm_amphista.training.objective import evaluate, head_losses, head_positions, make_batch, walk
+from vllm_amphista.training.report import write_metrics
 from vllm_amphista.training.settings import STATE_FILE, TrainingInputError, TrainSettings
 
 WORDS = [f"w{i}" for i in range(40)] + list("abcdefgh")
@@ -120,6 +122,39 @@ def test_medusa_and_token_map_train(tiny_target, conversations, tmp_path):
     assert len(set(model.draft_to_target.tolist())) == 64
 
 
+def test_init_from_keeps_the_heads_and_refuses_another_split(tiny_target, tiny_target_dir,
+                                                              conversations, tmp_path):
+    heads = tmp_path / "heads"
+    earlier = draft_model(tiny_target, randomised=True, draft_vocab_size=64)
+    save_checkpoint(earlier.to(torch.bfloat16), heads)
+    settings = TrainSettings(epochs=2, seed=3)
+    train_set, eval_set = conversations[:10], conversations[10:]
+    write_metrics({"settings": asdict(settings), "train_conversations": 10,
+                   "eval_conversations": 2, "earlier_epochs": 1}, heads / "metrics.json")
+    model, epochs = continued_model(heads, tiny_target, medusa=False, settings=settings,
+                                    train_set=train_set, eval_set=eval_set)
+    assert epochs == 3 and model.training
+    for name, tensor in earlier.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor.float()), name
+    with pytest.raises(TrainingInputError, match="holds Amphista heads; this run trains Medusa"):
+        continued_model(heads, tiny_target, medusa=True, settings=settings,
+                        train_set=train_set, eval_set=eval_set)
+    for other in (TrainSettings(seed=4), TrainSettings(seed=3, eval_fraction=0.2)):
+        with pytest.raises(TrainingInputError, match="trained on another split"):
+            continued_model(heads, tiny_target, medusa=False, settings=other,
+                            train_set=train_set, eval_set=eval_set)
+    with pytest.raises(TrainingInputError, match="trained on another split"):
+        continued_model(heads, tiny_target, medusa=False, settings=settings,
+                        train_set=conversations[:9], eval_set=eval_set)
+    (heads / "metrics.json").unlink()
+    with pytest.raises(TrainingInputError, match=r"has no metrics\.json"):
+        continued_model(heads, tiny_target, medusa=False, settings=settings,
+                        train_set=train_set, eval_set=eval_set)
+    with pytest.raises(TrainingInputError, match=r"--init-from: heads folder .* does not exist"):
+        continued_model(tmp_path / "nowhere", tiny_target, medusa=False, settings=settings,
+                        train_set=train_set, eval_set=eval_set)
+
+
 def test_bad_inputs_destroy_nothing(tiny_target_dir, tmp_path):
     not_causal = tmp_path / "encoder"
     not_causal.mkdir()
@@ -180,6 +215,19 @@ def test_train_command_end_to_end(tiny_target_dir, tmp_path):
     # The same folder again: refused, nothing touched.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 2 and "already holds finished heads" in again.stderr
+    # Continued (--init-from) at learning rate 0: the same weights, epochs counted on.
+    continued = tmp_path / "heads-continued"
+    epochs_at = cmd.index("--epochs") + 1
+    continue_cmd = [continued if a == str(out) else a for a in cmd[:epochs_at]]
+    continue_cmd = [*map(str, continue_cmd), "1", *cmd[epochs_at + 1:], "--lr", "0",
+                    "--init-from", str(out)]
+    proc = subprocess.run(continue_cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((continued / "metrics.json").read_text())["earlier_epochs"] == 2
+    assert "1, continuing heads trained 2 epoch(s)" in (continued / "MODEL_CARD.md").read_text()
+    kept = load_checkpoint(continued, TargetWeights.from_folder(tiny_target_dir))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(kept.state_dict()[name], tensor), name
     # Two Ray workers on the cached data: the same training, epoch by epoch.
     ray_out = tmp_path / "heads-ray"
     cmd[cmd.index(str(out))] = str(ray_out)

@@ -107,7 +107,8 @@ def _train(args: argparse.Namespace) -> int:
                               plan=_recording_plan(args, Path(args.target)),
                               medusa=args.medusa, draft_vocab=args.draft_vocab,
                               settings=settings, num_workers=args.num_workers,
-                              use_gpu=args.gpu)
+                              use_gpu=args.gpu,
+                              init_dir=Path(args.init_from) if args.init_from else None)
     except (TrainingInputError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -178,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="conversations per step")
     train.add_argument("--draft-vocab", type=int, default=8192, help="0 = full vocabulary")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--init-from", metavar="HEADS",
+                       help="continue training these heads (same target, mode and data) "
+                       "instead of fresh ones; they keep their config and draft vocabulary")
     train.add_argument("--num-workers", type=int, default=1,
                        help="data-parallel workers on Ray Train (torch DDP); 1 = no Ray")
     train.add_argument("--gpu", action="store_true", help="one GPU per Ray worker")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from vllm_amphista.machine import describe, resolve_dtype
-from vllm_amphista.model.checkpoint import save_checkpoint
+from vllm_amphista.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights
@@ -81,13 +81,45 @@ def draft_model_for(target_dir: Path, target, train_set: list[Conversation], *, 
     return model
 
 
+def continued_model(init_dir: Path, target: TargetWeights, *, medusa: bool,
+                    settings: TrainSettings, train_set: list[Conversation],
+                    eval_set: list[Conversation]) -> tuple[AmphistaDraftModel, int]:
+    """The heads `train --init-from` continues (fp32, their config and draft vocabulary)
+    and the epochs they have had. They must be this target's, of this mode, and trained
+    on a split of the same size with the same seed and held-out fraction: the same split,
+    so that no held-out conversation becomes training data."""
+    try:
+        model = load_checkpoint(init_dir, target)
+    except CheckpointError as e:
+        raise TrainingInputError(f"--init-from: {e}") from e
+    if model.config.is_medusa != medusa:
+        raise TrainingInputError(
+            f"--init-from {init_dir} holds {'Medusa' if model.config.is_medusa else 'Amphista'}"
+            f" heads; this run trains {'Medusa' if medusa else 'Amphista'} heads")
+    metrics_path = init_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise TrainingInputError(f"--init-from {init_dir} has no metrics.json: its data split "
+                                 "cannot be checked")
+    earlier = json.loads(metrics_path.read_text())
+    theirs = (earlier["settings"]["seed"], earlier["settings"]["eval_fraction"],
+              earlier["train_conversations"], earlier["eval_conversations"])
+    ours = (settings.seed, settings.eval_fraction, len(train_set), len(eval_set))
+    if theirs != ours:
+        raise TrainingInputError(
+            f"--init-from {init_dir} was trained on another split (seed, held-out fraction, "
+            f"training and held-out conversations: {theirs}; this run: {ours}): its "
+            "held-out conversations would not stay held out")
+    return model.train(), earlier["settings"]["epochs"] + earlier.get("earlier_epochs", 0)
+
+
 def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa: bool,
                 draft_vocab: int, settings: TrainSettings,
                 model_overrides: dict | None = None, num_workers: int = 1,
-                use_gpu: bool = False) -> dict:
+                use_gpu: bool = False, init_dir: Path | None = None) -> dict:
     """The whole job: data (recorded per `plan`, or reused from its shards), training,
     held-out evaluation, export, metrics and plot. num_workers > 1 trains data-parallel
-    on Ray Train (training/ray_launcher.py)."""
+    on Ray Train (training/ray_launcher.py). init_dir: continue these heads
+    (`continued_model`) instead of fresh ones."""
     if num_workers < 1:
         raise TrainingInputError(f"--num-workers must be >= 1, got {num_workers}")
     check_inputs(target_dir, out_dir)
@@ -99,9 +131,15 @@ def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa:
     data_s = time.perf_counter() - started
     train_set, eval_set = split(conversations, settings.eval_fraction, settings.seed)
 
-    model = draft_model_for(target_dir, target, train_set, medusa=medusa,
-                            draft_vocab=draft_vocab, seed=settings.seed,
-                            overrides=model_overrides)
+    earlier_epochs = 0
+    if init_dir is None:
+        model = draft_model_for(target_dir, target, train_set, medusa=medusa,
+                                draft_vocab=draft_vocab, seed=settings.seed,
+                                overrides=model_overrides)
+    else:
+        model, earlier_epochs = continued_model(init_dir, target, medusa=medusa,
+                                                settings=settings, train_set=train_set,
+                                                eval_set=eval_set)
     config = model.config
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +165,7 @@ def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa:
                    machine=describe(), compute_dtype=str(resolve_dtype(
                        settings.compute_dtype)).removeprefix("torch."),
                    data_seconds=data_s, total_seconds=time.perf_counter() - started,
-                   draft_vocab_coverage_heldout=coverage,
+                   draft_vocab_coverage_heldout=coverage, earlier_epochs=earlier_epochs,
                    parameters=sum(p.numel() for p in model.parameters()))
     save_checkpoint(model.to(torch.bfloat16), out_dir)  # bf16: small enough to ship
     write_metrics(metrics, out_dir / "metrics.json")

