@@ -224,7 +224,8 @@ def test_train_command_end_to_end(tiny_target_dir, tmp_path):
     proc = subprocess.run(continue_cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((continued / "metrics.json").read_text())["earlier_epochs"] == 2
-    assert "1, continuing heads trained 2 epoch(s)" in (continued / "MODEL_CARD.md").read_text()
+    card = (continued / "MODEL_CARD.md").read_text()
+    assert "1, continuing heads trained 2 epoch(s)" in card and "for this run's epochs" in card
     kept = load_checkpoint(continued, TargetWeights.from_folder(tiny_target_dir))
     for name, tensor in model.state_dict().items():
         assert torch.equal(kept.state_dict()[name], tensor), name

@@ -62,6 +62,10 @@ def _epochs(metrics: dict) -> str:
             f"(`--init-from`): {epochs + earlier} in all, two learning-rate schedules")
 
 
+def _span(metrics: dict) -> str:
+    return "for this run's epochs" if metrics.get("earlier_epochs") else "in all"
+
+
 def write_model_card(metrics: dict, out_dir: Path) -> None:
     """MODEL_CARD.md beside the heads: data, budget, time, hyper-parameters, accuracy."""
     cfg, final = metrics["config"], metrics["history"][-1]["eval"]
@@ -89,7 +93,7 @@ vocabulary {cfg['draft_vocab_size'] or cfg['vocab_size']} tokens
   weighted {settings['head_decay']}^k; AdamW, lr {settings['learning_rate']}, cosine,
   {settings['batch_conversations']} conversations per step, max {settings['max_positions']}
   positions.
-- Wall time on {_machine(metrics)}: {metrics['total_seconds'] / 60:.1f} min in all (data
+- Wall time on {_machine(metrics)}: {metrics['total_seconds'] / 60:.1f} min {_span(metrics)} (data
   {metrics['data_seconds'] / 60:.1f} min of it: recording, or reading the shards an earlier
   `vllm-amphista data` or `train` left in the cache; training at
   {metrics.get('tokens_per_second') or 0:,.0f} tokens/s in {metrics.get('compute_dtype', '?')}).
