@@ -217,10 +217,9 @@ def test_train_command_end_to_end(tiny_target_dir, tmp_path):
     assert again.returncode == 2 and "already holds finished heads" in again.stderr
     # Continued (--init-from) at learning rate 0: the same weights, epochs counted on.
     continued = tmp_path / "heads-continued"
-    epochs_at = cmd.index("--epochs") + 1
-    continue_cmd = [continued if a == str(out) else a for a in cmd[:epochs_at]]
-    continue_cmd = [*map(str, continue_cmd), "1", *cmd[epochs_at + 1:], "--lr", "0",
-                    "--init-from", str(out)]
+    continue_cmd = [str(continued) if a == str(out) else a for a in cmd]
+    continue_cmd[cmd.index("--epochs") + 1] = "1"
+    continue_cmd += ["--lr", "0", "--init-from", str(out)]
     proc = subprocess.run(continue_cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((continued / "metrics.json").read_text())["earlier_epochs"] == 2
