@@ -114,7 +114,7 @@ def continued_model(init_dir: Path, target: TargetWeights, *, medusa: bool,
 
 def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa: bool,
                 draft_vocab: int, settings: TrainSettings,
-                model_overrides: dict | None = None, num_workers: int = 1,
+                num_workers: int = 1,
                 use_gpu: bool = False, init_dir: Path | None = None) -> dict:
     """The whole job: data (recorded per `plan`, or reused from its shards), training,
     held-out evaluation, export, metrics and plot. num_workers > 1 trains data-parallel
@@ -134,8 +134,7 @@ def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa:
     earlier_epochs = 0
     if init_dir is None:
         model = draft_model_for(target_dir, target, train_set, medusa=medusa,
-                                draft_vocab=draft_vocab, seed=settings.seed,
-                                overrides=model_overrides)
+                                draft_vocab=draft_vocab, seed=settings.seed)
     else:
         model, earlier_epochs = continued_model(init_dir, target, medusa=medusa,
                                                 settings=settings, train_set=train_set,
