@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                         choices=sorted(VARIANTS))
     parser.add_argument("--evaluate", nargs="*", default=[], help="finished heads folders")
     parser.add_argument("--num-prompts", type=int, default=600,
-                        help="600: the README's architecture ablations")
+                        help="600: the architecture ablations in docs/results.md")
     parser.add_argument("--max-tokens", type=int, default=192,
                         help="answer length (192: the architecture ablations)")
     parser.add_argument("--epochs", type=int, default=1)

@@ -96,7 +96,7 @@ def demo_verdict(speedup: float, drafts: int, accepted: list[int]) -> str:
         return line + "Amphista was faster than plain decoding here."
     return line + ("Amphista was SLOWER than plain decoding here: its drafts are accepted "
                    "too rarely to pay for the draft pass and the wider verification on "
-                   "this CPU (README, \"Results\", has the step breakdown).")
+                   "this CPU (docs/results.md has the step breakdown).")
 
 
 def _train(args: argparse.Namespace) -> int:

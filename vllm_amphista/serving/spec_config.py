@@ -21,7 +21,7 @@ from vllm_amphista.serving.draft_sampling import DRAFT_SAMPLING_MODES, DraftSamp
 from vllm_amphista.serving.heads_source import HeadsNotFound, find_heads
 
 ADDITIONAL_CONFIG_KEY = "amphista"
-# How sampled requests draft (draft_sampling.py); chosen by measurement, see README.
+# How sampled requests draft (draft_sampling.py); chosen by measurement (docs/results.md, T=0.7).
 DEFAULT_DRAFT_SAMPLING: DraftSampling = "sample"
 PROPOSER_CLASS_PATH = "vllm_amphista.serving.proposer.AmphistaProposer"
 
