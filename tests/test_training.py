@@ -225,6 +225,7 @@ def test_train_command_end_to_end(tiny_target_dir, tmp_path):
     assert json.loads((continued / "metrics.json").read_text())["earlier_epochs"] == 2
     card = (continued / "MODEL_CARD.md").read_text()
     assert "1, continuing heads trained 2 epoch(s)" in card and "for this run's epochs" in card
+    assert "3 in all, each run on its own learning-rate schedule" in card
     kept = load_checkpoint(continued, TargetWeights.from_folder(tiny_target_dir))
     for name, tensor in model.state_dict().items():
         assert torch.equal(kept.state_dict()[name], tensor), name

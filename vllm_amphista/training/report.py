@@ -59,7 +59,8 @@ def _epochs(metrics: dict) -> str:
     if not earlier:
         return str(epochs)
     return (f"{epochs}, continuing heads trained {earlier} epoch(s) on the same data "
-            f"(`--init-from`): {epochs + earlier} in all, two learning-rate schedules")
+            f"(`--init-from`): {epochs + earlier} in all, each run on its own learning-rate "
+            "schedule")
 
 
 def _span(metrics: dict) -> str:
