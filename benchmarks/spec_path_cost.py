@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from vllm_amphista.engine import start_llm
+from vllm_amphista.engine import ENGINE_SETTLE_S, start_llm
 from vllm_amphista.eval.calibrate import (
     CALIBRATION_WORKER_PATH,
     FIXED_DRAFTER_PATH,
@@ -29,12 +29,11 @@ from vllm_amphista.machine import describe
 from vllm_amphista.model.target import export_smollm2
 
 TOKENS = 32  # per request and run
-IDLE_S = 1.5  # an idle engine core keeps polling for 1 s: let it settle between engines
 
 
 def step_ms(llm, requests: int) -> float:
     elapsed = generate_ms(llm, requests, TOKENS)
-    time.sleep(IDLE_S)
+    time.sleep(ENGINE_SETTLE_S)
     return elapsed
 
 

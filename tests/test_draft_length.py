@@ -109,28 +109,68 @@ def test_acceptance_tracker_learns_how_far_confidence_is_off_per_position():
     assert chance[1] == pytest.approx([0.1, 0.1], abs=0.02)  # 0.3 at position 2, capped
 
 
+def test_acceptance_tracker_learns_per_band_of_confidence():
+    """Heads right about their unsure drafts (0.2 -> 0.2 accepted) and 20% too sure of
+    their sure ones (0.9 -> 0.72), the unsure three times as common, as at one request:
+    the chance of a sure draft is what sure drafts achieved, not a factor averaged over
+    both, which would put it at 0.79 (what a load that verifies only sure drafts pays
+    for) and the unsure at 0.18."""
+    rng = np.random.default_rng(1)
+    tracker = AcceptanceTracker(1)
+    for step in range(4000):
+        sure = step % 4 == 0
+        accepted = rng.random() < (0.72 if sure else 0.2)
+        tracker.record(np.array([[0.9 if sure else 0.2]]), np.array([1]),
+                       np.array([int(accepted)]))
+    chance = tracker.chance(np.array([[0.9], [0.2], [0.55]]))[:, 0]
+    assert chance[0] == pytest.approx(0.72, abs=0.04)
+    assert chance[1] == pytest.approx(0.2, abs=0.02)
+    assert chance[2] == pytest.approx(0.55 * 0.86, abs=0.05)  # no evidence: the position's
+
+
 def test_step_clock_measures_drafting_steps_against_plain_ones():
     """Drafting steps that run 1.5x what the step cost predicts while plain steps run as
     predicted: the overhead converges to 1.5; a machine twice as slow for both kinds
     leaves it at 1; a stall counts as MAX_RATIO; pausing keeps the drafting figure."""
     clock = StepClock()
-    assert clock.overhead() == 1.0
+    assert clock.overhead(1) == 1.0
     for _ in range(300):
-        clock.record(True, 15.0, 10.0)
-        clock.record(False, 10.0, 10.0)
-    assert clock.overhead() == pytest.approx(1.5, abs=0.01)
+        clock.record(1, True, 15.0, 10.0)
+        clock.record(1, False, 10.0, 10.0)
+    assert clock.overhead(1) == pytest.approx(1.5, abs=0.01)
     for _ in range(300):
-        clock.record(False, 10.0, 10.0)  # paused: plain steps only
-    assert clock.overhead() == pytest.approx(1.5, abs=0.01)
+        clock.record(1, False, 10.0, 10.0)  # paused: plain steps only
+    assert clock.overhead(1) == pytest.approx(1.5, abs=0.01)
     slower = StepClock()
     for _ in range(300):
-        slower.record(True, 20.0, 10.0)
-        slower.record(False, 20.0, 10.0)
-    assert slower.overhead() == pytest.approx(1.0)
+        slower.record(1, True, 20.0, 10.0)
+        slower.record(1, False, 20.0, 10.0)
+    assert slower.overhead(1) == pytest.approx(1.0)
     stalled = StepClock()
-    stalled.record(True, 1000.0, 10.0)
+    stalled.record(1, True, 1000.0, 10.0)
     prior = StepClock.DECAY * StepClock.PRIOR
-    assert stalled.overhead() == pytest.approx((prior + StepClock.MAX_RATIO) / (prior + 1))
+    assert stalled.overhead(1) == pytest.approx((prior + StepClock.MAX_RATIO) / (prior + 1))
+
+
+def test_step_clock_compares_kinds_at_one_batch_size():
+    """One request drafts every step and runs 10% under the step cost; 16 requests never
+    draft and run 20% over it. Each size keeps its own figures, so neither moves the
+    other's overhead, nor that of 4 requests (nothing timed there: 1); a size where only
+    one kind was timed sets it against the prior's ratio 1 until the other is timed there
+    too. Sizes between go to the nearest calibrated one on a log scale (3 -> 4, 9 -> 16)."""
+    clock = StepClock((1, 4, 16))
+    for _ in range(300):
+        clock.record(1, True, 9.0, 10.0)
+        clock.record(16, False, 12.0, 10.0)
+    assert clock.overhead(1) == pytest.approx(0.9, abs=0.01)
+    assert clock.overhead(16) == pytest.approx(1 / 1.2, abs=0.01)
+    assert clock.overhead(4) == 1.0
+    for _ in range(300):
+        clock.record(3, True, 15.0, 10.0)
+        clock.record(9, True, 24.0, 10.0)
+    assert clock.overhead(4) == pytest.approx(1.5, abs=0.01)
+    assert clock.overhead(12) == pytest.approx(2.0, abs=0.01)
+    assert clock.overhead(1) == pytest.approx(0.9, abs=0.01)
 
 
 def test_pays_at_charges_the_measured_overhead_of_drafting_steps():

@@ -10,6 +10,10 @@ from vllm_amphista.machine import TARGET_DTYPE
 # On CPU, vLLM reserves almost all memory for KV cache unless told otherwise (GiB).
 DEFAULT_KV_CACHE_GIB = "2"
 MAX_MODEL_LEN = 2048
+# After its last step an engine core keeps polling its queue for 1 s (sched_yield in a
+# loop, a whole core): a measurement that starts right after another engine's ends shares
+# the CPU with that spin, so timings of engines taking turns wait this long first.
+ENGINE_SETTLE_S = 1.5
 
 
 def set_engine_environment(in_process: bool = True) -> None:

@@ -11,11 +11,13 @@ speculative settings differ:
 
 All servers are started first (warmed up, then left idle); the measured runs are then
 interleaved (repeat -> temperature -> concurrency -> method), so a drift in the
-machine's speed hits every method alike. Each run sends the whole prompt file with
-`concurrency` requests in flight, identical sampling parameters and max_tokens for every
-method. At temperature > 0 every request generates exactly max_tokens (`ignore_eos`):
-each run samples other answers, and their lengths would otherwise differ from method to
-method and run to run (a batch's last long answer sets its wall time). Tokens/s is
+machine's speed hits every method alike, each run starting ENGINE_SETTLE_S after the
+last one ended, so it does not share the CPU with the last engine's polling. Each run
+sends the whole prompt file with `concurrency` requests in flight, identical sampling
+parameters and max_tokens for every method. At temperature > 0 every request generates
+exactly max_tokens (`ignore_eos`): each run samples other answers, and their lengths
+would otherwise differ from method to method and run to run (a batch's last long answer
+sets its wall time). Tokens/s is
 completion tokens over the run's wall time; latency is per request, end to end; tau and
 per-position acceptance come from the server's spec-decode counters read before and
 after the run. At temperature 0 every method's tokens are compared with
@@ -41,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from vllm_amphista.convert.medusa import export_vllm_medusa
-from vllm_amphista.engine import set_engine_environment
+from vllm_amphista.engine import ENGINE_SETTLE_S, set_engine_environment
 from vllm_amphista.eval.report import machine_line, write_report
 from vllm_amphista.eval.server import get_text, post_json, vllm_server, worker_cores
 from vllm_amphista.eval.tau import acceptance_per_position, tau
@@ -332,6 +334,7 @@ def main(args: argparse.Namespace) -> int:
             for temperature in args.temperature:
                 for concurrency in args.concurrency:
                     for method in args.methods:
+                        time.sleep(ENGINE_SETTLE_S)  # the last run's engine core spins on
                         run = measure(bases[method], prompts, concurrency, temperature,
                                       args.max_tokens, args.top_p)
                         runs.setdefault((method, temperature, concurrency), []).append(run)

@@ -173,61 +173,93 @@ def pays_at(requests: int, recent: np.ndarray, cost: StepCost,
 
 class StepClock:
     """How long this engine's steps really take against what the step cost predicts,
-    for steps after a draft pass and for plain ones: the calibration times the draft
-    pass alone and the engine with throw-away drafts, so the proposer's own work around
-    the pass, and whatever else runs on the machine while serving, is only seen here.
-    `overhead()` is the drafting steps' ratio over the plain steps' (1 until both kinds
-    are measured). Each kind's ratio decays by DECAY only when that kind is timed, so a
-    long pause keeps what the last drafting steps showed (probes refresh it); PRIOR
-    pseudo-steps at ratio 1 keep a few odd steps from swinging it, and one step counts
-    at most MAX_RATIO (a stall is not the engine's speed)."""
+    for steps after a draft pass and for plain ones, per calibrated batch size: the
+    calibration times the draft pass alone and the engine with throw-away drafts, so the
+    proposer's own work around the pass, and whatever else runs on the machine while
+    serving, is only seen here. `overhead(requests)` is the drafting steps' ratio over the
+    plain steps' at the calibrated batch size nearest `requests` (1 until both kinds are
+    measured there). Per batch size because the calibration's error differs between them
+    (one request may run 10% under its fit while 16 run 20% over): a drafting ratio from
+    one request set against a plain one from 16 would price neither. Each ratio decays
+    by DECAY only when its kind is timed at its size, so a long pause keeps what the last
+    drafting steps showed (probes refresh it); PRIOR pseudo-steps at ratio 1 keep a few
+    odd steps from swinging it, and one step counts at most MAX_RATIO (a stall is not the
+    engine's speed)."""
 
     DECAY = 0.98
     PRIOR = 4.0
     MAX_RATIO = 3.0
 
-    def __init__(self) -> None:
-        self.observed = np.full(2, self.PRIOR)  # [plain, drafting]: sums of measured/predicted
-        self.steps = np.full(2, self.PRIOR)  # [plain, drafting]: decayed step counts
+    def __init__(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        self.log_sizes = np.log(np.asarray(batch_sizes, float))
+        # Per batch size, [plain, drafting]: decayed sums of measured / predicted, and
+        # decayed step counts.
+        self.observed = np.full((len(batch_sizes), 2), self.PRIOR)
+        self.steps = np.full((len(batch_sizes), 2), self.PRIOR)
 
-    def record(self, drafted: bool, measured_ms: float, predicted_ms: float) -> None:
-        kind = int(drafted)
+    def _size(self, requests: int) -> int:
+        """The calibrated batch size nearest `requests`, on a log scale."""
+        return int(np.abs(self.log_sizes - np.log(max(requests, 1))).argmin())
+
+    def record(self, requests: int, drafted: bool, measured_ms: float,
+               predicted_ms: float) -> None:
+        at = (self._size(requests), int(drafted))
         ratio = min(measured_ms / predicted_ms, self.MAX_RATIO)
-        self.observed[kind] = self.DECAY * self.observed[kind] + ratio
-        self.steps[kind] = self.DECAY * self.steps[kind] + 1.0
+        self.observed[at] = self.DECAY * self.observed[at] + ratio
+        self.steps[at] = self.DECAY * self.steps[at] + 1.0
 
-    def overhead(self) -> float:
-        plain, drafting = self.observed / self.steps
+    def overhead(self, requests: int) -> float:
+        size = self._size(requests)
+        plain, drafting = self.observed[size] / self.steps[size]
         return float(drafting / plain)
 
 
 class AcceptanceTracker:
-    """How often the target accepted the drafts it verified, per draft position, against
-    the heads' confidence in them: the factor that turns confidence into the chance the
-    cost model needs (on MT-Bench the heads' confidence runs ~8% under the acceptance at
-    position 1, ~25% at position 2). Sums decay by DECAY per recorded step so the factor
-    follows the traffic; PRIOR pseudo-drafts keep it 1 until drafts are measured."""
+    """How often the target accepted the drafts it verified, per draft position and per
+    band of the heads' confidence in them: the factor that turns confidence into the
+    chance the cost model needs. Per band because the heads are off by different amounts
+    at different confidences (on MT-Bench at position 1: right at 0.3, 10% too sure above
+    0.7), and which drafts get verified depends on the load: at one request nearly all, at
+    16 only the most confident. One factor for all would be learnt on the first and
+    applied to the second. A band's factor starts from its position's (PRIOR pseudo-drafts
+    of confidence mass at that factor) and the position's from 1, so sparse bands borrow
+    from their neighbours' evidence. Sums decay by DECAY per recorded step so the factors
+    follow the traffic."""
 
-    DECAY = 0.99
+    DECAY = 0.998
     PRIOR = 2.0
+    BANDS = 10  # equal widths of confidence in [0, 1]
 
     def __init__(self, k: int) -> None:
-        self.expected = np.full(k, self.PRIOR)  # decayed sums of confidence, verified drafts
-        self.accepted = np.full(k, self.PRIOR)  # decayed counts of accepted drafts
+        self.expected = np.zeros((k, self.BANDS))  # decayed sums of confidence, verified drafts
+        self.accepted = np.zeros((k, self.BANDS))  # decayed counts of accepted drafts
+
+    def _band(self, confidence: np.ndarray) -> np.ndarray:
+        return np.minimum((confidence * self.BANDS).astype(np.int64), self.BANDS - 1)
 
     def record(self, confidence: np.ndarray, verified: np.ndarray,
                accepted: np.ndarray) -> None:
         """confidence [n, K] of n requests' drafts, of which verified [n] were verified
         and accepted [n] accepted."""
-        position = np.arange(confidence.shape[1])
+        position = np.broadcast_to(np.arange(confidence.shape[1]), confidence.shape)
         checked = position < verified[:, None]
-        self.expected = self.DECAY * self.expected + (confidence * checked).sum(0)
-        self.accepted = (self.DECAY * self.accepted
-                         + (checked & (position < accepted[:, None])).sum(0))
+        at = (position[checked], self._band(confidence[checked]))
+        self.expected *= self.DECAY
+        self.accepted *= self.DECAY
+        np.add.at(self.expected, at, confidence[checked])
+        np.add.at(self.accepted, at, (position < accepted[:, None])[checked])
+
+    def factors(self) -> np.ndarray:
+        """[K, BANDS]: accepted over expected per position and band, drawn to the
+        position's own factor where a band has little evidence."""
+        position = ((self.accepted.sum(1) + self.PRIOR)
+                    / (self.expected.sum(1) + self.PRIOR))[:, None]
+        return (self.accepted + self.PRIOR * position) / (self.expected + self.PRIOR)
 
     def chance(self, confidence: np.ndarray) -> np.ndarray:
         """[B, K] confidence -> chance of acceptance, still non-increasing along K."""
-        scaled = np.clip(confidence * (self.accepted / self.expected), 0.0, 1.0)
+        factor = self.factors()[np.arange(confidence.shape[-1]), self._band(confidence)]
+        scaled = np.clip(confidence * factor, 0.0, 1.0)
         return np.minimum.accumulate(scaled, axis=-1)
 
 

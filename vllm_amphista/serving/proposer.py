@@ -93,7 +93,7 @@ class AmphistaProposer(StepDrafter):
         self.recent_chance = np.zeros((0, self.num_speculative_tokens))
         self.acceptance = AcceptanceTracker(self.num_speculative_tokens)
         self.steps_paused = 0  # plain steps since drafting paused or last probed
-        self.clock = StepClock()
+        self.clock = StepClock(self.step_cost.batch_sizes if self.step_cost else (1,))
         # The last call: when it started, its decoding requests, whether it ran the pass.
         self.last_call: tuple[float, int, bool] | None = None
         self.cache: SALCache | None = None  # created at the first step, dropped when idle
@@ -203,7 +203,8 @@ class AmphistaProposer(StepDrafter):
             return decoding > self.disable_by_batch_size
         if self.step_cost is None or not len(self.recent_chance) or decoding == 0:
             return False
-        if pays_at(decoding, self.recent_chance, self.step_cost, self.clock.overhead()):
+        if pays_at(decoding, self.recent_chance, self.step_cost,
+                   self.clock.overhead(decoding)):
             self.steps_paused = 0
             return False
         self.steps_paused += 1
@@ -237,7 +238,7 @@ class AmphistaProposer(StepDrafter):
         predicted = float(self.step_cost.step_ms(num_reqs, int(scheduled.sum())))
         if drafted:
             predicted += self.step_cost.draft_ms(max(decoded, 1))
-        self.clock.record(drafted, 1e3 * (now - started), predicted)
+        self.clock.record(num_reqs, drafted, 1e3 * (now - started), predicted)
 
     def _score_drafts(self, step: StepRows) -> None:
         """Tell the acceptance tracker how the drafts verified in this step fared (slot i
