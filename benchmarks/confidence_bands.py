@@ -2,11 +2,11 @@
 
     python -m benchmarks.confidence_bands [--temperature 0.7] [--out results/confidence_bands.json]
 
-One in-process engine, the prompts (default: MT-Bench first turns) in one batch at
-one temperature (default 0), every draft verified (a step cost that makes verifying free). Each
-verified draft's confidence (the running product of its heads' top probabilities, the
-proposer's `confidence`) is paired with whether the target accepted it, as the proposer's
-`AcceptanceTracker.record` sees them, and binned by confidence. This is the evidence for
+One in-process engine, the prompts (default: MT-Bench first turns) in one batch at one
+temperature (default 0), every draft verified (a step cost that makes verifying free).
+Each verified draft's confidence (the running product of its heads' top probabilities,
+the proposer's `confidence`) is paired with whether the target accepted it, as the
+proposer's `AcceptanceTracker.record` sees them, and binned by confidence. This is the evidence for
 learning the tracker's factor per band rather than one per position: which drafts get
 verified depends on the load. JSON + table.
 """

@@ -17,11 +17,10 @@ sends the whole prompt file with `concurrency` requests in flight, identical sam
 parameters and max_tokens for every method. At temperature > 0 every request generates
 exactly max_tokens (`ignore_eos`): each run samples other answers, and their lengths
 would otherwise differ from method to method and run to run (a batch's last long answer
-sets its wall time). Tokens/s is
-completion tokens over the run's wall time; latency is per request, end to end; tau and
-per-position acceptance come from the server's spec-decode counters read before and
-after the run. At temperature 0 every method's tokens are compared with
-vanilla's at concurrency 1.
+sets its wall time). Tokens/s is completion tokens over the run's wall time; latency is
+per request, end to end; tau and per-position acceptance come from the server's
+spec-decode counters read before and after the run. At temperature 0 every method's
+tokens are compared with vanilla's at concurrency 1.
 """
 
 from __future__ import annotations

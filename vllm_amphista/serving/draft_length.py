@@ -222,9 +222,9 @@ class AcceptanceTracker:
     0.7), and which drafts get verified depends on the load: at one request nearly all, at
     16 only the most confident. One factor for all would be learnt on the first and
     applied to the second. A band's factor starts from its position's (PRIOR pseudo-drafts
-    of confidence mass at that factor) and the position's from 1, so sparse bands borrow
-    from their neighbours' evidence. Sums decay by DECAY per recorded step so the factors
-    follow the traffic."""
+    of confidence mass at that factor) and the position's from 1, so a sparse band
+    borrows from the rest of its position's evidence. Sums decay by DECAY per recorded
+    step so the factors follow the traffic."""
 
     DECAY = 0.998
     PRIOR = 2.0
