@@ -34,12 +34,12 @@ def record_verified_drafts(sink: list[tuple[np.ndarray, np.ndarray]]) -> None:
     accepted [n, K] as 0/1, NaN where not verified) to `sink`."""
     original = AcceptanceTracker.record
 
-    def record(self, confidence, verified, accepted):
+    def record(self, confidence, verified, accepted, sampled=None):
         position = np.arange(confidence.shape[1])
         outcome = (position < accepted[:, None]).astype(float)
         outcome[position >= verified[:, None]] = np.nan
         sink.append((confidence.copy(), outcome))
-        original(self, confidence, verified, accepted)
+        original(self, confidence, verified, accepted, sampled)
 
     draft_length.AcceptanceTracker.record = record
 

@@ -128,6 +128,23 @@ def test_acceptance_tracker_learns_per_band_of_confidence():
     assert chance[2] == pytest.approx(0.55 * 0.86, abs=0.05)  # no evidence: the position's
 
 
+def test_acceptance_tracker_keeps_greedy_and_sampled_requests_apart():
+    """Mixed traffic: greedy requests accept 85% of their 0.9-confident drafts, sampled
+    ones 50% (the target's probability of the draft, not whether it is the argmax). Each
+    kind's chance is its own; one factor for both would price both at ~0.68."""
+    rng = np.random.default_rng(2)
+    tracker = AcceptanceTracker(1)
+    for step in range(4000):
+        sampled = step % 2 == 1
+        accepted = rng.random() < (0.5 if sampled else 0.85)
+        tracker.record(np.array([[0.9]]), np.array([1]), np.array([int(accepted)]),
+                       np.array([sampled]))
+    both = np.array([[0.9], [0.9]])
+    chance = tracker.chance(both, np.array([False, True]))[:, 0]
+    assert chance == pytest.approx([0.85, 0.5], abs=0.04)
+    assert tracker.chance(both)[:, 0] == pytest.approx([0.85, 0.85], abs=0.04)  # default: greedy
+
+
 def test_step_clock_measures_drafting_steps_against_plain_ones():
     """Drafting steps that run 1.5x what the step cost predicts while plain steps run as
     predicted: the overhead converges to 1.5; a machine twice as slow for both kinds

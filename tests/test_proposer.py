@@ -195,7 +195,7 @@ def test_drafting_pauses_when_drafting_steps_run_slower_than_the_step_cost(
     StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
                          timed=True)
-    proposer.acceptance.chance = lambda confident: np.tile([0.5, 0.2, 0.05],
+    proposer.acceptance.chance = lambda confident, sampled: np.tile([0.5, 0.2, 0.05],
                                                            (len(confident), 1))
     now = [0.0]
     monkeypatch.setattr(proposer_module, "perf_counter", lambda: now[0])
@@ -424,3 +424,35 @@ def test_the_drafts_the_target_verified_correct_the_chances(heads_dir, tiny_targ
         assert (after > before).all()
     else:
         assert (after < before).all()
+
+
+def test_greedy_and_sampled_requests_teach_their_own_chances(heads_dir, tiny_target,
+                                                             tiny_target_dir, tmp_path):
+    """A greedy and a sampled request in one batch each draft 3 tokens; the next step
+    reports all of the greedy one's accepted and none of the sampled one's. The greedy
+    chance for that confidence rises and the sampled one falls: the verdicts land on
+    their own kind."""
+    StepCost.linear(10.0, 0.0, 0.0).save(tmp_path / "free.json")  # all K every step
+    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "free.json"))
+    d, vocab = tiny_target.hidden_size, tiny_target.vocab_size
+    hidden = torch.randn(16, d, generator=torch.Generator().manual_seed(6))
+    table = np.arange(2 * 64, dtype=np.int32).reshape(2, 64) % vocab
+    sampling = RequestSampling(temperature=torch.tensor([0.0, 0.7]), top_p=None, top_k=None,
+                               generators={})
+    drafts = proposer.propose_from_step(StepRows(
+        req_ids=["greedy", "sampled"], sampled_token_ids=[[5], [6]], hidden_states=hidden,
+        query_start_loc=np.array([0, 8, 16]), start_positions=np.zeros(2, np.int64),
+        num_draft_tokens=np.zeros(2, np.int64), token_ids=table, sampling=sampling)).tokens
+    assert [len(t) for t in drafts] == [3, 3]
+    confident = proposer.draft_confidence[:2].copy()
+    kinds = np.array([False, True])
+    before = [proposer.acceptance.chance(confident, np.full(2, kind)) for kind in kinds]
+    proposer.propose_from_step(StepRows(
+        req_ids=["greedy", "sampled"], sampled_token_ids=[[9, 10, 11, 12], [13]],
+        hidden_states=hidden[:8], query_start_loc=np.array([0, 4, 8]),
+        start_positions=np.array([8, 8]), num_draft_tokens=np.array([3, 3]),
+        token_ids=table, sampling=sampling))
+    greedy, sampled = (proposer.acceptance.chance(confident, np.full(2, kind))
+                       for kind in kinds)
+    assert (greedy > before[0]).all()
+    assert (sampled < before[1]).all()

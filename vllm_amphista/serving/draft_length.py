@@ -223,42 +223,58 @@ class AcceptanceTracker:
     16 only the most confident. One factor for all would be learnt on the first and
     applied to the second. A band's factor starts from its position's (PRIOR pseudo-drafts
     of confidence mass at that factor) and the position's from 1, so a sparse band
-    borrows from the rest of its position's evidence. Sums decay by DECAY per recorded
-    step so the factors follow the traffic."""
+    borrows from the rest of its position's evidence. Greedy and sampled requests keep
+    separate factors: a greedy request accepts a draft that is the target's argmax, a
+    sampled one with the target's probability of it (min(1, p/q) where drafts are sampled
+    from q), so the same confidence is worth less there, and mixed traffic would otherwise
+    price each kind by the other's. Sums decay by DECAY per recorded step so the factors
+    follow the traffic."""
 
     DECAY = 0.998
     PRIOR = 2.0
     BANDS = 10  # equal widths of confidence in [0, 1]
 
     def __init__(self, k: int) -> None:
-        self.expected = np.zeros((k, self.BANDS))  # decayed sums of confidence, verified drafts
-        self.accepted = np.zeros((k, self.BANDS))  # decayed counts of accepted drafts
+        # Per kind (0 greedy, 1 sampled), position and band: decayed sums of the verified
+        # drafts' confidence, and decayed counts of the accepted ones.
+        self.expected = np.zeros((2, k, self.BANDS))
+        self.accepted = np.zeros((2, k, self.BANDS))
 
     def _band(self, confidence: np.ndarray) -> np.ndarray:
         return np.minimum((confidence * self.BANDS).astype(np.int64), self.BANDS - 1)
 
-    def record(self, confidence: np.ndarray, verified: np.ndarray,
-               accepted: np.ndarray) -> None:
+    @staticmethod
+    def _kind(confidence: np.ndarray, sampled: np.ndarray | None) -> np.ndarray:
+        """[n, K] kind index of each draft (0 greedy, 1 sampled); None: all greedy."""
+        kind = np.zeros(len(confidence), np.int64) if sampled is None else sampled.astype(np.int64)
+        return np.broadcast_to(kind[:, None], confidence.shape)
+
+    def record(self, confidence: np.ndarray, verified: np.ndarray, accepted: np.ndarray,
+               sampled: np.ndarray | None = None) -> None:
         """confidence [n, K] of n requests' drafts, of which verified [n] were verified
-        and accepted [n] accepted."""
+        and accepted [n] accepted; sampled [n]: which requests sample (None: none)."""
         position = np.broadcast_to(np.arange(confidence.shape[1]), confidence.shape)
         checked = position < verified[:, None]
-        at = (position[checked], self._band(confidence[checked]))
+        at = (self._kind(confidence, sampled)[checked], position[checked],
+              self._band(confidence[checked]))
         self.expected *= self.DECAY
         self.accepted *= self.DECAY
         np.add.at(self.expected, at, confidence[checked])
         np.add.at(self.accepted, at, (position < accepted[:, None])[checked])
 
     def factors(self) -> np.ndarray:
-        """[K, BANDS]: accepted over expected per position and band, drawn to the
-        position's own factor where a band has little evidence."""
-        position = ((self.accepted.sum(1) + self.PRIOR)
-                    / (self.expected.sum(1) + self.PRIOR))[:, None]
+        """[2, K, BANDS]: per kind, accepted over expected per position and band, drawn
+        to the position's own factor where a band has little evidence."""
+        position = ((self.accepted.sum(-1) + self.PRIOR)
+                    / (self.expected.sum(-1) + self.PRIOR))[..., None]
         return (self.accepted + self.PRIOR * position) / (self.expected + self.PRIOR)
 
-    def chance(self, confidence: np.ndarray) -> np.ndarray:
-        """[B, K] confidence -> chance of acceptance, still non-increasing along K."""
-        factor = self.factors()[np.arange(confidence.shape[-1]), self._band(confidence)]
+    def chance(self, confidence: np.ndarray, sampled: np.ndarray | None = None) -> np.ndarray:
+        """[B, K] confidence (sampled [B]: which requests sample) -> chance of
+        acceptance, still non-increasing along K."""
+        position = np.broadcast_to(np.arange(confidence.shape[-1]), confidence.shape)
+        factor = self.factors()[self._kind(confidence, sampled), position,
+                                self._band(confidence)]
         scaled = np.clip(confidence * factor, 0.0, 1.0)
         return np.minimum.accumulate(scaled, axis=-1)
 

@@ -182,7 +182,7 @@ class AmphistaProposer(StepDrafter):
         if not drafting:
             return Proposal(drafts)
         logits = logits[drafting, : self.num_speculative_tokens]
-        lengths = self._lengths(logits, drafting)
+        lengths = self._lengths(logits, drafting, step.sampled_requests()[drafting])
         # Drafts (and their q) only where some will be verified, up to the longest.
         kept = [j for j, n in enumerate(lengths) if n]
         if not kept:
@@ -213,14 +213,14 @@ class AmphistaProposer(StepDrafter):
             return False  # a probe: its drafts are still cut to what pays
         return True
 
-    def _lengths(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
-        """Drafts to verify per drafting request (batch rows `rows`): all K, or the step
-        cost's choice."""
+    def _lengths(self, logits: torch.Tensor, rows: list[int], sampled: np.ndarray) -> list[int]:
+        """Drafts to verify per drafting request (batch rows `rows`, `sampled` saying
+        which of them sample): all K, or the step cost's choice."""
         if self.step_cost is None:
             return [self.num_speculative_tokens] * logits.shape[0]
         confident = confidence(logits)
         self.draft_confidence[rows] = confident
-        chance = self.acceptance.chance(confident)
+        chance = self.acceptance.chance(confident, sampled)
         self.recent_chance = np.concatenate((self.recent_chance, chance))[-RECENT_ROWS:]
         return choose_lengths(chance, self.step_cost).tolist()
 
@@ -247,9 +247,10 @@ class AmphistaProposer(StepDrafter):
         verified = np.asarray(step.num_draft_tokens[:num_reqs], np.int64)
         rows = np.flatnonzero(verified)
         if len(rows):
-            sampled = np.fromiter(map(len, step.sampled_token_ids), np.int64, num_reqs)
+            emitted = np.fromiter(map(len, step.sampled_token_ids), np.int64, num_reqs)
             self.acceptance.record(self.draft_confidence[rows], verified[rows],
-                                   np.maximum(sampled[rows] - 1, 0))
+                                   np.maximum(emitted[rows] - 1, 0),
+                                   step.sampled_requests()[rows])
 
     def _follow_batch(self, req_ids: list[str]) -> SALCache:
         """Make slot i hold request req_ids[i]: move the slots of requests vLLM moved,

@@ -37,6 +37,13 @@ class StepRows:
         kept = scheduled - np.asarray(self.num_draft_tokens[:num_reqs], np.int64)
         return np.where(sampled == 0, kept, kept + sampled - 1)
 
+    def sampled_requests(self) -> np.ndarray:
+        """[num_reqs] bool: which requests sample (temperature > 0)."""
+        num_reqs = len(self.req_ids)
+        if self.sampling is None:
+            return np.zeros(num_reqs, bool)
+        return (~self.sampling.is_greedy[:num_reqs]).cpu().numpy()
+
     def accepted_row_index(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For the kept rows of every request, slot by slot: their index into
         hidden_states, and the token each pairs with (x_{t+1}, from the token table)."""
