@@ -22,7 +22,7 @@ from vllm_amphista.training.data import Conversation, read_prompt_file
 from vllm_amphista.training.heads import build_token_map, check_inputs, continued_model
 from vllm_amphista.training.loop import train
 from vllm_amphista.training.objective import evaluate, head_losses, head_positions, make_batch, walk
-from vllm_amphista.training.report import write_metrics
+from vllm_amphista.training.report import GREEDY_ANSWERS, write_metrics, write_model_card
 from vllm_amphista.training.settings import STATE_FILE, TrainingInputError, TrainSettings
 
 WORDS = [f"w{i}" for i in range(40)] + list("abcdefgh")
@@ -131,9 +131,9 @@ def test_init_from_keeps_the_heads_and_refuses_another_split(tiny_target, tiny_t
     train_set, eval_set = conversations[:10], conversations[10:]
     write_metrics({"settings": asdict(settings), "train_conversations": 10,
                    "eval_conversations": 2, "earlier_epochs": 1}, heads / "metrics.json")
-    model, epochs = continued_model(heads, tiny_target, medusa=False, settings=settings,
-                                    train_set=train_set, eval_set=eval_set)
-    assert epochs == 3 and model.training
+    model, runs = continued_model(heads, tiny_target, medusa=False, settings=settings,
+                                  train_set=train_set, eval_set=eval_set)
+    assert runs == [{"epochs": 3, "answers": GREEDY_ANSWERS}] and model.training
     for name, tensor in earlier.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor.float()), name
     with pytest.raises(TrainingInputError, match="holds Amphista heads; this run trains Medusa"):
@@ -179,6 +179,23 @@ def test_bad_inputs_destroy_nothing(tiny_target_dir, tmp_path):
     wrong.write_text('{"text": "no prompt field"}\n')
     with pytest.raises(ValueError, match="no prompt"):
         read_prompt_file(wrong)
+
+
+def test_model_card_names_the_answers_of_every_run(tmp_path):
+    """Heads trained 4 epochs on greedy answers, then 1 on T=0.7 answers to the same
+    prompts: the card says what answered the prompts in each run, not "the same data"."""
+    shipped = Path(__file__).parents[1] / "vllm_amphista/heads/SmolLM2-135M-Instruct/amphista"
+    metrics = json.loads((shipped / "metrics.json").read_text())
+    sampled = "answered by the target with vLLM at temperature 0.7"
+    metrics.update(earlier_epochs=4, settings={**metrics["settings"], "epochs": 1},
+                   data_runs=[{"epochs": 4, "answers": GREEDY_ANSWERS},
+                              {"epochs": 1, "answers": sampled}])
+    write_model_card(metrics, tmp_path)
+    card = " ".join((tmp_path / "MODEL_CARD.md").read_text().split())
+    assert f"seed 0) {sampled};" in card
+    assert (f"1, continuing heads trained 4 epoch(s) on the same prompts {GREEDY_ANSWERS} "
+            "(4 epoch(s)) (`--init-from`): 5 in all") in card
+    assert "the same data" not in card
 
 
 @pytest.mark.engine

@@ -163,6 +163,13 @@ class RecordingPlan:
     replies: list[str | None] | None = None
 
     @property
+    def answers(self) -> str:
+        """What answers the prompts, for model cards."""
+        if self.replies is not None:
+            return "with ShareGPT's own replies, read by the target in vLLM"
+        return f"answered by the target with vLLM at temperature {self.temperature:g}"
+
+    @property
     def folder(self) -> Path:
         answers = ("given replies" if self.replies is not None
                    else [self.max_tokens, self.temperature])

