@@ -193,6 +193,7 @@ def test_model_card_names_the_answers_of_every_run(tmp_path):
     write_model_card(metrics, tmp_path)
     card = " ".join((tmp_path / "MODEL_CARD.md").read_text().split())
     assert f"seed 0) {sampled};" in card
+    assert f"held-out conversations of this run's data (prompts {sampled})" in card
     assert (f"1, continuing heads trained 4 epoch(s) on the same prompts {GREEDY_ANSWERS} "
             "(4 epoch(s)) (`--init-from`): 5 in all") in card
     assert "the same data" not in card

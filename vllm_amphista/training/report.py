@@ -120,6 +120,9 @@ vocabulary {cfg['draft_vocab_size'] or cfg['vocab_size']} tokens
 
 ## Held-out accuracy against the target's greedy token (answer positions)
 
+On the {metrics['eval_conversations']} held-out conversations of this run's data (prompts
+{data_runs(metrics)[-1]['answers']}).
+
 | head (predicts t+1+k) | top-1 | top-5 |
 | --- | ---: | ---: |
 {rows}
