@@ -166,8 +166,9 @@ class AmphistaProposer(StepDrafter):
             # rows start, so it restarts when drafting resumes.
             return Proposal(drafts)
         cache = self._follow_batch(step.req_ids)
+        sampled = step.sampled_requests()
         if self.step_cost is not None:
-            self._score_drafts(step)
+            self._score_drafts(step, sampled)
         counts = step.accepted_counts()
         starts = np.asarray(step.start_positions[:num_reqs], np.int64)
         restart = np.flatnonzero(starts != self.next_position[:num_reqs])
@@ -182,7 +183,7 @@ class AmphistaProposer(StepDrafter):
         if not drafting:
             return Proposal(drafts)
         logits = logits[drafting, : self.num_speculative_tokens]
-        lengths = self._lengths(logits, drafting, step.sampled_requests()[drafting])
+        lengths = self._lengths(logits, drafting, sampled[drafting])
         # Drafts (and their q) only where some will be verified, up to the longest.
         kept = [j for j, n in enumerate(lengths) if n]
         if not kept:
@@ -240,9 +241,10 @@ class AmphistaProposer(StepDrafter):
             predicted += self.step_cost.draft_ms(max(decoded, 1))
         self.clock.record(num_reqs, drafted, 1e3 * (now - started), predicted)
 
-    def _score_drafts(self, step: StepRows) -> None:
+    def _score_drafts(self, step: StepRows, sampled: np.ndarray) -> None:
         """Tell the acceptance tracker how the drafts verified in this step fared (slot i
-        holds row i's confidence from the step that proposed them)."""
+        holds row i's confidence from the step that proposed them; sampled [num_reqs]:
+        which requests sample)."""
         num_reqs = len(step.req_ids)
         verified = np.asarray(step.num_draft_tokens[:num_reqs], np.int64)
         rows = np.flatnonzero(verified)
@@ -250,7 +252,7 @@ class AmphistaProposer(StepDrafter):
             emitted = np.fromiter(map(len, step.sampled_token_ids), np.int64, num_reqs)
             self.acceptance.record(self.draft_confidence[rows], verified[rows],
                                    np.maximum(emitted[rows] - 1, 0),
-                                   step.sampled_requests()[rows])
+                                   sampled[rows])
 
     def _follow_batch(self, req_ids: list[str]) -> SALCache:
         """Make slot i hold request req_ids[i]: move the slots of requests vLLM moved,
