@@ -139,8 +139,8 @@ def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa:
                                 draft_vocab=draft_vocab, seed=settings.seed)
     else:
         model, earlier_runs = continued_model(init_dir, target, medusa=medusa,
-                                                settings=settings, train_set=train_set,
-                                                eval_set=eval_set)
+                                              settings=settings, train_set=train_set,
+                                              eval_set=eval_set)
     config = model.config
 
     out_dir.mkdir(parents=True, exist_ok=True)
