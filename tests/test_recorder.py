@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.engine_helpers import run_engine_script
-from vllm_amphista.training.data import without_mt_bench
+from vllm_amphista.training.data import RecordingPlan, without_mt_bench
 
 
 def test_mt_bench_questions_never_reach_the_training_prompts():
@@ -16,6 +18,19 @@ def test_mt_bench_questions_never_reach_the_training_prompts():
     assert without_mt_bench(prompts, [question]) == ["How do I bake bread?"]
 
 
+def test_an_answer_seed_names_its_own_answer_set_and_needs_sampling(tmp_path):
+    plan = RecordingPlan(tmp_path, "tiny", ["a", "b", "c"], max_tokens=8, temperature=0.7,
+                         shard_size=2)
+    one, two = (dataclasses.replace(plan, answer_seed=s) for s in (1, 2))
+    assert len({plan.folder, one.folder, two.folder}) == 3
+    # Distinct seeds for every prompt of every set.
+    seeds = [s for p in (one, two) for i in range(p.num_shards) for s in p.answer_seeds(i)]
+    assert len(set(seeds)) == 6 and plan.answer_seeds(1) == [None]
+    assert "answer seed 2" in two.answers
+    with pytest.raises(ValueError, match="temperature > 0"):
+        dataclasses.replace(plan, temperature=0.0, answer_seed=1)
+
+
 @pytest.mark.engine
 def test_recorded_rows_are_the_targets_hidden_states_and_shards_resume(tiny_target_dir,
                                                                        tmp_path):
@@ -24,7 +39,8 @@ def test_recorded_rows_are_the_targets_hidden_states_and_shards_resume(tiny_targ
     and building again re-records that shard only. Given replies (ShareGPT's own) are
     read, not answered: the conversation is the prompt and that reply, no sampled token,
     its answer starting where the prompt alone ends; a prompt without a reply is left
-    out; they land in another folder."""
+    out; they land in another folder. Sampled answers with an answer seed are the same
+    when recorded again and others under another seed, each set in its own folder."""
     result = run_engine_script(f"""
 import dataclasses, json, torch
 from pathlib import Path
@@ -49,13 +65,22 @@ for c in convs + read:
 first = plan.shard_path(0).stat().st_mtime_ns
 plan.shard_path(1).unlink()
 again = record_dataset(plan, max_num_seqs=8, max_model_len=512, max_num_batched_tokens=16)
+sampled = {{}}
+for seed in (1, 2, 1):
+    seeded = dataclasses.replace(plan, temperature=1.0, answer_seed=seed)
+    for path in seeded.shard_paths():
+        path.unlink(missing_ok=True)
+    sampled.setdefault(seed, []).append(
+        [c.tokens.tolist() for c in record_dataset(seeded, max_num_seqs=8, max_model_len=512)])
+    sampled.setdefault("folders", set()).add(str(seeded.folder))
 print("RESULT " + json.dumps({{
     "rows": [[len(c.tokens), len(c.hidden), c.prompt_len] for c in convs],
     "diffs": diffs, "under_cache": str(plan.folder).startswith(str(DATA_DIR)),
     "shard0_kept": plan.shard_path(0).stat().st_mtime_ns == first,
     "same_tokens": [c.tokens.tolist() for c in again] == [c.tokens.tolist() for c in convs],
     "read": [[c.tokens.tolist(), len(c.hidden), c.prompt_len] for c in read],
-    "expected_read": expected, "read_folder_differs": read_plan.folder != plan.folder}}))
+    "expected_read": expected, "read_folder_differs": read_plan.folder != plan.folder,
+    "seed1": sampled[1], "seed2": sampled[2], "sampled_folders": len(sampled["folders"])}}))
 """, env_extra={"VLLM_AMPHISTA_CACHE": str(tmp_path / "cache")})
     assert len(result["rows"]) == 3
     for tokens, hidden, prompt_len in result["rows"]:
@@ -63,6 +88,9 @@ print("RESULT " + json.dumps({{
     assert max(result["diffs"]) < 2e-2  # rows stored in bf16
     assert result["under_cache"] and result["shard0_kept"] and result["same_tokens"]
     assert len(result["read"]) == 2 and result["read_folder_differs"]
+    first, again = result["seed1"]
+    assert first == again and result["seed2"][0] != first
+    assert result["sampled_folders"] == 2
     for (tokens, hidden, prompt_len), (ids, start) in zip(
             sorted(result["read"]), sorted(result["expected_read"]), strict=True):
         assert tokens == ids and prompt_len == start and hidden == len(tokens) - 1

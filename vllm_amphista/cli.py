@@ -122,7 +122,7 @@ def _train(args: argparse.Namespace) -> int:
 def _recording_plan(args: argparse.Namespace, target: Path) -> RecordingPlan:
     """The distillation set `data` records and `train` trains on (the same shards)."""
     options = dict(temperature=args.temperature, dtype=resolve_dtype(args.dtype),
-                   shard_size=args.shard_size)
+                   shard_size=args.shard_size, answer_seed=args.answer_seed)
     if args.data:
         return prompt_plan(target, read_prompt_file(args.data), args.num_prompts,
                            args.max_tokens, **options)
@@ -131,7 +131,11 @@ def _recording_plan(args: argparse.Namespace, target: Path) -> RecordingPlan:
 
 def _data(args: argparse.Namespace) -> int:
     target = Path(args.target) if args.target else export_smollm2()
-    plan = _recording_plan(args, target)
+    try:
+        plan = _recording_plan(args, target)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     conversations = record_dataset(plan, max_num_seqs=args.max_num_seqs)
     tokens = sum(len(c.tokens) for c in conversations)
@@ -155,6 +159,8 @@ def _add_recording_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=8192)
     parser.add_argument("--max-tokens", type=int, default=256, help="answer length")
     parser.add_argument("--temperature", type=float, default=0.0, help="answers' temperature")
+    parser.add_argument("--answer-seed", type=int, help="seed sampled answers (temperature > "
+                        "0) per prompt: each seed records another answer set to the prompts")
     parser.add_argument("--shard-size", type=int, default=256, help="prompts per shard")
 
 

@@ -161,24 +161,41 @@ class RecordingPlan:
     # Given answers (ShareGPT's own replies), read by the target instead of answered by
     # it: one per prompt, None to skip that prompt. max_tokens and temperature unused.
     replies: list[str | None] | None = None
+    # Sampled answers (temperature > 0) seeded per prompt: one answer set per seed, so
+    # more sets of answers to the same prompts can be recorded, each reproducible.
+    answer_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.answer_seed is not None and self.temperature <= 0:
+            raise ValueError("an answer seed needs sampled answers (temperature > 0): "
+                             "at temperature 0 every seed gives the same answers")
 
     @property
     def answers(self) -> str:
         """What answers the prompts, for model cards."""
         if self.replies is not None:
             return "with ShareGPT's own replies, read by the target in vLLM"
-        return f"answered by the target with vLLM at temperature {self.temperature:g}"
+        seeded = f" (answer seed {self.answer_seed})" if self.answer_seed is not None else ""
+        return f"answered by the target with vLLM at temperature {self.temperature:g}{seeded}"
 
     @property
     def folder(self) -> Path:
         answers = ("given replies" if self.replies is not None
                    else [self.max_tokens, self.temperature])
+        if self.answer_seed is not None:  # unseeded sets keep their folders
+            answers = [*answers, "answer seed", self.answer_seed]
         key = _digest(["recorded-v2", self.target_fingerprint, *answers, str(self.dtype),
                        self.shard_size])
         return DATA_DIR / f"recorded-{key}"
 
     def shard_prompts(self, index: int) -> list[str]:
         return self.prompts[index * self.shard_size: (index + 1) * self.shard_size]
+
+    def answer_seeds(self, index: int) -> list[int | None]:
+        """Each prompt's sampling seed in shard `index`: distinct across prompts and sets."""
+        first = index * self.shard_size
+        return [None if self.answer_seed is None else self.answer_seed * 1_000_003 + first + i
+                for i in range(len(self.shard_prompts(index)))]
 
     def shard_replies(self, index: int) -> list[str | None]:
         assert self.replies is not None
@@ -234,18 +251,18 @@ def _record_shards(plan: RecordingPlan, shards: list[int], max_num_seqs: int,
                                         "model": RECORDER_CLASS_PATH,
                                         "num_speculative_tokens": 1})
     tokenizer = llm.get_tokenizer()
-    # Given replies are read, not answered: the engine computes their rows in the prefill
-    # and samples one token, which is dropped.
-    params = (SamplingParams(temperature=0.0, max_tokens=1) if plan.replies is not None
-              else SamplingParams(temperature=plan.temperature, max_tokens=plan.max_tokens,
-                                  seed=None))
     done = (plan.num_shards - len(shards)) * plan.shard_size
     with tqdm(total=len(plan.prompts), initial=min(done, len(plan.prompts)),
               desc="recording", unit="conv") as bar:
         for index in shards:
             if plan.replies is None:
-                chats = [_question(tokenizer, p) for p in plan.shard_prompts(index)]
-                chats = [c for c in chats if len(tokenizer(c).input_ids) <= 1024]
+                asked = [(_question(tokenizer, p), seed) for p, seed in
+                         zip(plan.shard_prompts(index), plan.answer_seeds(index), strict=True)]
+                asked = [(c, seed) for c, seed in asked if len(tokenizer(c).input_ids) <= 1024]
+                chats = [c for c, _ in asked]
+                params = [SamplingParams(temperature=plan.temperature,
+                                         max_tokens=plan.max_tokens, seed=seed)
+                          for _, seed in asked]
                 answer_starts = None
             else:
                 read = [_read_reply(tokenizer, p, r) for p, r in
@@ -254,6 +271,9 @@ def _record_shards(plan: RecordingPlan, shards: list[int], max_num_seqs: int,
                 read = [(ids[:1024], start) for ids, start in (r for r in read if r)
                         if start <= 1024 - 64]
                 chats = [{"prompt_token_ids": ids} for ids, _ in read]
+                # Read, not answered: the engine computes the reply's rows in the prefill
+                # and samples one token, which is dropped.
+                params = SamplingParams(temperature=0.0, max_tokens=1)
                 answer_starts = {tuple(ids): start for ids, start in read}
             llm.generate(chats, params, use_tqdm=False)
             conversations = []
@@ -291,10 +311,12 @@ def _read_reply(tokenizer, prompt: str, reply: str | None) -> tuple[list[int], i
 
 def sharegpt_plan(target_dir: Path, num_prompts: int, max_tokens: int, *,
                   temperature: float = 0.0, dtype: torch.dtype = torch.float32,
-                  shard_size: int = 256, seed: int = 0) -> RecordingPlan:
+                  shard_size: int = 256, seed: int = 0,
+                  answer_seed: int | None = None) -> RecordingPlan:
     """ShareGPT first turns (none of them an MT-Bench question), answered by the target."""
     return prompt_plan(target_dir, sharegpt_prompts(10 ** 9, seed=seed), num_prompts,
-                       max_tokens, temperature=temperature, dtype=dtype, shard_size=shard_size)
+                       max_tokens, temperature=temperature, dtype=dtype, shard_size=shard_size,
+                       answer_seed=answer_seed)
 
 
 def with_sharegpt_replies(plan: RecordingPlan) -> RecordingPlan:
@@ -304,9 +326,10 @@ def with_sharegpt_replies(plan: RecordingPlan) -> RecordingPlan:
 
 def prompt_plan(target_dir: Path, prompts: list[str], num_prompts: int, max_tokens: int, *,
                 temperature: float = 0.0, dtype: torch.dtype = torch.float32,
-                shard_size: int = 256) -> RecordingPlan:
+                shard_size: int = 256, answer_seed: int | None = None) -> RecordingPlan:
     """The first `num_prompts` of `prompts` that are not MT-Bench questions."""
     questions = [turn for q in load_questions() for turn in q["turns"]]
     kept = without_mt_bench(prompts, questions)[:num_prompts]
     return RecordingPlan(target_dir, TargetWeights.from_folder(target_dir).fingerprint,
-                         kept, max_tokens, temperature, dtype, shard_size)
+                         kept, max_tokens, temperature, dtype, shard_size,
+                         answer_seed=answer_seed)
