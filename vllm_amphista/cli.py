@@ -19,6 +19,7 @@ from vllm_amphista.prompts import first_turns
 from vllm_amphista.serving.heads_source import SHIPPED_NAME
 from vllm_amphista.serving.spec_config import AmphistaSetupError
 from vllm_amphista.training.data import (
+    SHAREGPT_TURNS,
     RecordingPlan,
     prompt_plan,
     read_prompt_file,
@@ -125,8 +126,10 @@ def _recording_plan(args: argparse.Namespace, target: Path) -> RecordingPlan:
                    shard_size=args.shard_size, answer_seed=args.answer_seed)
     if args.data:
         return prompt_plan(target, read_prompt_file(args.data), args.num_prompts,
-                           args.max_tokens, **options)
-    return sharegpt_plan(target, args.num_prompts, args.max_tokens, seed=args.seed, **options)
+                           args.max_tokens, source=f"prompts from {Path(args.data).name}",
+                           **options)
+    return sharegpt_plan(target, args.num_prompts, args.max_tokens, seed=args.seed,
+                         turns=args.turns, **options)
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -156,6 +159,10 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _add_recording_args(parser: argparse.ArgumentParser) -> None:
     """What names a distillation set: `data` and `train` share its shards."""
     parser.add_argument("--data", help="JSONL prompts (default: ShareGPT from PyPI)")
+    parser.add_argument("--turns", choices=sorted(SHAREGPT_TURNS), default="first",
+                        help="which ShareGPT human turns are the prompts: each record's first, "
+                        "or its later ones, each asked on its own (new prompts for heads "
+                        "already trained on the first)")
     parser.add_argument("--num-prompts", type=int, default=8192)
     parser.add_argument("--max-tokens", type=int, default=256, help="answer length")
     parser.add_argument("--temperature", type=float, default=0.0, help="answers' temperature")

