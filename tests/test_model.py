@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.draft_pass import measure
 from tests.conftest import draft_model, needs_bf16_packing
-from vllm_amphista.kernels.packed_linear import has_half_weight_gemm
+from vllm_amphista.kernels.packed_linear import PackedLinear, has_half_weight_gemm
+from vllm_amphista.machine import compute_dtype
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.sal_cache import SALCache
@@ -202,3 +204,22 @@ def test_prepacked_weights_draft_as_the_plain_model(tiny_target, switches, dtype
         want, got = (model.extend(caches[model], hidden[rows], tokens[0, rows],
                                   [rows.stop - rows.start]) for model in (plain, packed))
         torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_draft_pass_benchmark_times_every_product(tiny_target):
+    """benchmarks/draft_pass: every packed product is timed once per pass, and the bytes
+    it reads are its weight's (2 per parameter in bf16 or FBGEMM's fp16, 4 in oneDNN fp32)."""
+    model = draft_model(tiny_target, randomised=True, draft_vocab_size=100).to(compute_dtype())
+    dims = {name: m.weight.shape for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+    assert model.pack_for_drafting()
+    row = measure(model, requests=2, cached=8, passes=2)
+    products = {p["product"]: p for p in row["per_product"]}
+    assert set(products) == {name for name, m in model.named_modules()
+                             if isinstance(m, PackedLinear)}
+    d = tiny_target.hidden_size
+    per_parameter = 2 if compute_dtype() == torch.bfloat16 or has_half_weight_gemm() else 4
+    assert products["fusion"]["mb"] == pytest.approx(dims["fusion"].numel() * per_parameter / 1e6)
+    assert products["packed_lm_head"]["mb"] == pytest.approx(100 * d * per_parameter / 1e6)
+    assert row["whole_ms"] > 0 and row["without_products_ms"] > 0
+    assert row["products_ms"] == pytest.approx(sum(p["ms"] for p in products.values()))

@@ -57,6 +57,9 @@ class PackedLinear(nn.Module):
         self.half_weight = (torch.ops.quantized.linear_prepack_fp16(weight, bias)
                             if weight.dtype == torch.float32 and has_half_weight_gemm()
                             else None)
+        # What one product reads from memory (benchmarks/draft_pass.py).
+        self.weight_bytes = weight.numel() * (2 if self.half_weight is not None
+                                              else weight.element_size())
         self.register_buffer("packed_weight", None if self.half_weight is not None
                              else _OPS._reorder_linear_weight(weight))
         self.register_buffer("bias", bias)

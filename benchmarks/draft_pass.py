@@ -1,0 +1,116 @@
+"""Where the draft pass's time goes: each weight product, and everything around them.
+
+    python -m benchmarks.draft_pass [--heads H] [--requests 1 4 16] [--cached 200]
+                                    [--passes 60] [--out results/draft_pass.json]
+
+The heads' draft pass (`AmphistaDraftModel.extend`: one new row per request against
+`--cached` positions each) as the proposer runs it: weights packed, this machine's draft
+dtype, one thread. Before every pass a buffer twice the size of the last-level cache is
+rewritten, as in serving, where the target's forward reads ~0.5 GB between two passes, so
+the draft weights are read from memory every time. Three ways, taking turns pass by pass:
+the whole pass; the pass with each packed product timed (its bytes, ms, GB/s); the pass
+with every product replaced by an empty result of its shape (what the operations around
+the products cost). Medians. JSON + table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vllm_amphista.eval.report import machine_line, markdown_table, write_report
+from vllm_amphista.kernels.packed_linear import PackedLinear
+from vllm_amphista.machine import compute_dtype
+from vllm_amphista.model.checkpoint import load_checkpoint
+from vllm_amphista.model.target import TargetWeights, export_smollm2
+from vllm_amphista.paths import SHIPPED_HEADS
+
+FLUSH_BYTES = 64 << 20  # twice the 32 MB L3 of the 2-core EPYCs measured here
+MODES = ("whole", "products", "without products")
+
+
+def measure(model, requests: int, cached: int, passes: int) -> dict:
+    d, dtype = model.config.hidden_size, compute_dtype()
+    cache = model.new_cache()
+    model.extend(cache, torch.randn(requests * cached, d, dtype=dtype),
+                 torch.randint(0, model.config.vocab_size, (requests * cached,)),
+                 np.full(requests, cached))
+    names = {id(m): name for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    flush = torch.zeros(FLUSH_BYTES // 4)
+    product_ms: dict[str, list[float]] = defaultdict(list)
+    forward = PackedLinear.forward
+
+    def timed(self, x):
+        started = time.perf_counter()
+        try:
+            return forward(self, x)
+        finally:
+            product_ms[names[id(self)]].append(1e3 * (time.perf_counter() - started))
+
+    def skipped(self, x):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    try:
+        for _ in range(passes + 5):  # the first 5 of each are warm-up
+            for mode, product in zip(MODES, (forward, timed, skipped), strict=True):
+                PackedLinear.forward = product
+                cache.lengths[:requests] -= 1  # the same positions every pass
+                rows = torch.randn(requests, d, dtype=dtype)
+                tokens = torch.randint(0, model.config.vocab_size, (requests,))
+                flush.add_(1.0)
+                started = time.perf_counter()
+                model.extend(cache, rows, tokens, np.ones(requests, np.int64))
+                times[mode].append(1e3 * (time.perf_counter() - started))
+    finally:
+        PackedLinear.forward = forward
+    per_product = []
+    for name, module in ((names[id(m)], m) for m in model.modules()
+                         if isinstance(m, PackedLinear)):
+        ms = statistics.median(product_ms[name][5:])
+        per_product.append({"product": name, "mb": module.weight_bytes / 1e6, "ms": ms,
+                            "gb_per_s": module.weight_bytes / 1e6 / ms})
+    return {"requests": requests, "cached": cached,
+            **{f"{mode.replace(' ', '_')}_ms": statistics.median(times[mode][5:])
+               for mode in MODES},
+            "products_ms": sum(p["ms"] for p in per_product),
+            "weight_mb": sum(p["mb"] for p in per_product), "per_product": per_product}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--heads", type=Path, default=SHIPPED_HEADS / "amphista")
+    parser.add_argument("--requests", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--cached", type=int, default=200)
+    parser.add_argument("--passes", type=int, default=60)
+    parser.add_argument("--out", type=Path, default=Path("results/draft_pass.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as vLLM's worker runs on this kind of machine
+    model = load_checkpoint(args.heads, TargetWeights.from_folder(export_smollm2()),
+                            dtype=compute_dtype())
+    if not model.pack_for_drafting():
+        raise SystemExit("this machine cannot pack the draft weights: nothing to measure")
+    rows = [measure(model, n, args.cached, args.passes) for n in args.requests]
+    write_report(args.out, {"heads": str(args.heads), "passes": args.passes, "rows": rows})
+    print(machine_line(draft=compute_dtype()))
+    print(markdown_table(
+        ["requests", "pass ms", "products ms (sum)", "without products ms", "weights MB",
+         "GB/s"],
+        [[r["requests"], f"{r['whole_ms']:.2f}", f"{r['products_ms']:.2f}",
+          f"{r['without_products_ms']:.2f}", f"{r['weight_mb']:.1f}",
+          f"{r['weight_mb'] / r['products_ms']:.1f}"] for r in rows]))
+    print(f"\nproducts at {rows[0]['requests']} request(s):")
+    print(markdown_table(["product", "MB", "ms", "GB/s"],
+                         [[p["product"], f"{p['mb']:.2f}", f"{p['ms']:.3f}",
+                           f"{p['gb_per_s']:.1f}"] for p in rows[0]["per_product"]]))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
