@@ -124,10 +124,13 @@ class StepCost:
         return cls((1,), (fixed_ms,), (per_token_ms,), (draft_ms,))
 
 
-def confidence(logits: torch.Tensor) -> np.ndarray:
-    """logits [B, K, V'] -> [B, K]: running product of each head's top probability."""
-    top = (logits.float().amax(-1) - logits.float().logsumexp(-1)).exp()
-    return top.cumprod(-1).cpu().numpy()
+def confidence(logits: torch.Tensor, top: torch.Tensor | None = None) -> np.ndarray:
+    """logits [B, K, V'] -> [B, K]: running product of each head's top probability (top:
+    the logits' max over V', where the caller has it already)."""
+    logits = logits.float()
+    if top is None:
+        top = logits.amax(-1)
+    return (top - logits.logsumexp(-1)).exp().cumprod(-1).cpu().numpy()
 
 
 def _best_steps(chances: np.ndarray, cost: StepCost):
