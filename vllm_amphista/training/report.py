@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -73,8 +74,10 @@ def _epochs(metrics: dict) -> str:
         return str(this["epochs"])
     earlier = sum(run["epochs"] for run in earlier_runs)
     if any(run["prompts"] != this["prompts"] for run in earlier_runs):
-        data = ", then ".join(f"{run['prompts']} {run['answers']} ({run['epochs']} epoch(s))"
-                              for run in earlier_runs)
+        data = "; then ".join(
+            f"{prompts} " + ", then ".join(f"{run['answers']} ({run['epochs']} epoch(s))"
+                                           for run in runs)
+            for prompts, runs in itertools.groupby(earlier_runs, lambda run: run["prompts"]))
     elif all(run["answers"] == this["answers"] for run in earlier_runs):
         data = "the same data"
     else:
@@ -109,7 +112,7 @@ vocabulary {cfg['draft_vocab_size'] or cfg['vocab_size']} tokens
 ## Data and budget
 
 - Self-distillation: {metrics['train_conversations'] + metrics['eval_conversations']}
-  {data_runs(metrics)[-1]['prompts']} (seed {settings['seed']})
+  {data_runs(metrics)[-1]['prompts']}, seed {settings['seed']},
   {data_runs(metrics)[-1]['answers']}; {metrics['eval_conversations']} conversations held
   out. {metrics['train_tokens_per_epoch']:,} tokens per epoch, epochs: {_epochs(metrics)}.
 - Loss: KL to the target's next-token distribution + {settings['lm_weight']} x CE, head k
