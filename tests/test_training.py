@@ -164,6 +164,37 @@ def test_init_from_keeps_the_heads_and_refuses_another_split(tiny_target, tiny_t
         continued_model(heads, tiny_target, medusa=False, settings=settings,
                         train_set=train_set, eval_set=eval_set,
                         prompts="prompts from mine.jsonl")
+    # A run on the other ShareGPT set in between: the split of the first turns is checked
+    # against the last run on them, as that run recorded it, or refused where none did.
+    first, later = SHAREGPT_TURNS["first"], SHAREGPT_TURNS["later"]
+    ours = [3, settings.eval_fraction, 10, 2]
+    for runs, error in (
+            ([{"epochs": 1, "prompts": first, "answers": GREEDY_ANSWERS},
+              {"epochs": 1, "prompts": later, "answers": GREEDY_ANSWERS,
+               "split": [4, 0.1, 9, 2]}], "split of those is not recorded"),
+            ([{"epochs": 1, "prompts": first, "answers": GREEDY_ANSWERS, "split": [3, 0.2, 10, 2]},
+              {"epochs": 1, "prompts": later, "answers": GREEDY_ANSWERS}], "another split"),
+            ([{"epochs": 1, "prompts": first, "answers": GREEDY_ANSWERS, "split": ours},
+              {"epochs": 1, "prompts": later, "answers": GREEDY_ANSWERS}], None)):
+        write_metrics({"settings": asdict(TrainSettings(seed=4)), "train_conversations": 9,
+                       "eval_conversations": 2, "data_runs": runs}, heads / "metrics.json")
+        if error is None:
+            continued_model(heads, tiny_target, medusa=False, settings=settings,
+                            train_set=train_set, eval_set=eval_set, prompts=first)
+            continue
+        with pytest.raises(TrainingInputError, match=error):
+            continued_model(heads, tiny_target, medusa=False, settings=settings,
+                            train_set=train_set, eval_set=eval_set, prompts=first)
+    # Heads once trained on a file's prompts may have seen any ShareGPT turn.
+    write_metrics({"settings": asdict(settings), "train_conversations": 10,
+                   "eval_conversations": 2,
+                   "data_runs": [{"epochs": 1, "prompts": "prompts from mine.jsonl",
+                                  "answers": GREEDY_ANSWERS},
+                                 {"epochs": 1, "prompts": first, "answers": GREEDY_ANSWERS}]},
+                  heads / "metrics.json")
+    with pytest.raises(TrainingInputError, match="cannot be checked"):
+        continued_model(heads, tiny_target, medusa=False, settings=settings,
+                        train_set=train_set, eval_set=eval_set, prompts=later)
     (heads / "metrics.json").unlink()
     with pytest.raises(TrainingInputError, match=r"has no metrics\.json"):
         continued_model(heads, tiny_target, medusa=False, settings=settings,

@@ -88,18 +88,26 @@ def draft_model_for(target_dir: Path, target, train_set: list[Conversation], *, 
     return model
 
 
+def split_record(settings: TrainSettings, train_set: list[Conversation],
+                 eval_set: list[Conversation]) -> list:
+    """What names a run's held-out split: seed, held-out fraction, training and held-out
+    conversations."""
+    return [settings.seed, settings.eval_fraction, len(train_set), len(eval_set)]
+
+
 def continued_model(init_dir: Path, target: TargetWeights, *, medusa: bool,
                     settings: TrainSettings, train_set: list[Conversation],
                     eval_set: list[Conversation],
                     prompts: str = SHAREGPT_TURNS["first"]
                     ) -> tuple[AmphistaDraftModel, list[dict]]:
     """The heads `train --init-from` continues (fp32, their config and draft vocabulary)
-    and the runs they have had ({"epochs", "prompts", "answers"} each, oldest first:
-    `data_runs`). They must be this target's, of this mode, and, on the same `prompts`,
-    trained on a split of the same size with the same seed and held-out fraction: the same
-    split, so that no held-out conversation becomes training data. From one set of
-    ShareGPT turns to the other (disjoint prompts) any split is sound; from other prompts
-    none can be checked."""
+    and the runs they have had ({"epochs", "prompts", "answers", "split"} each, oldest
+    first: `data_runs`). They must be this target's, of this mode, and their last run on
+    these `prompts` must have had this run's split (the same seed, held-out fraction and
+    sizes), so that no held-out conversation becomes training data. Heads never trained
+    on these prompts may continue on them only where every run so far was on a ShareGPT
+    set of turns and this one is on the other (disjoint by construction); any other
+    change of prompts cannot be checked."""
     try:
         model = load_checkpoint(init_dir, target)
     except CheckpointError as e:
@@ -114,16 +122,21 @@ def continued_model(init_dir: Path, target: TargetWeights, *, medusa: bool,
                                  "cannot be checked")
     earlier = json.loads(metrics_path.read_text())
     runs = data_runs(earlier)
-    if runs[-1]["prompts"] != prompts:
-        if {runs[-1]["prompts"], prompts} <= set(SHAREGPT_TURNS.values()):
-            return model.train(), runs
+    same = [run for run in runs if run["prompts"] == prompts]
+    sharegpt = set(SHAREGPT_TURNS.values())
+    if not same and prompts in sharegpt and all(run["prompts"] in sharegpt for run in runs):
+        return model.train(), runs
+    # Runs recorded before runs kept their split: the folder's own is the last run's.
+    last_split = [earlier["settings"]["seed"], earlier["settings"]["eval_fraction"],
+                  earlier["train_conversations"], earlier["eval_conversations"]]
+    theirs = (None if not same
+              else same[-1].get("split") or (last_split if same[-1] is runs[-1] else None))
+    if theirs is None:
         raise TrainingInputError(
-            f"--init-from {init_dir} was trained on {runs[-1]['prompts']}, this run on "
-            f"{prompts}: whether this run's held-out prompts were its training data cannot "
-            "be checked")
-    theirs = (earlier["settings"]["seed"], earlier["settings"]["eval_fraction"],
-              earlier["train_conversations"], earlier["eval_conversations"])
-    ours = (settings.seed, settings.eval_fraction, len(train_set), len(eval_set))
+            f"--init-from {init_dir} was last trained on {runs[-1]['prompts']}, this run on "
+            f"{prompts}, and its split of those is not recorded: whether this run's held-out "
+            "prompts were its training data cannot be checked")
+    ours = split_record(settings, train_set, eval_set)
     if theirs != ours:
         raise TrainingInputError(
             f"--init-from {init_dir} was trained on another split (seed, held-out fraction, "
@@ -188,7 +201,9 @@ def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa:
                    earlier_epochs=sum(run["epochs"] for run in earlier_runs),
                    data_runs=[*earlier_runs, {"epochs": settings.epochs,
                                               "prompts": plan.prompt_source,
-                                              "answers": plan.answers}],
+                                              "answers": plan.answers,
+                                              "split": split_record(settings, train_set,
+                                                                    eval_set)}],
                    parameters=sum(p.numel() for p in model.parameters()))
     save_checkpoint(model.to(torch.bfloat16), out_dir)  # bf16: small enough to ship
     write_metrics(metrics, out_dir / "metrics.json")
