@@ -95,7 +95,7 @@ def _span(metrics: dict) -> str:
 def write_model_card(metrics: dict, out_dir: Path) -> None:
     """MODEL_CARD.md beside the heads: data, budget, time, hyper-parameters, accuracy."""
     cfg, final = metrics["config"], metrics["history"][-1]["eval"]
-    settings = metrics["settings"]
+    settings, this_run = metrics["settings"], data_runs(metrics)[-1]
     switches = ("Medusa-1 (no fusion, no SAL, no AEB)" if metrics["mode"] == "medusa" else
                 f"Amphista: token fusion, {cfg['num_stages']} staged adaptation layers, "
                 f"{cfg['num_aeb_layers']} auto-embedding layer(s)")
@@ -112,8 +112,8 @@ vocabulary {cfg['draft_vocab_size'] or cfg['vocab_size']} tokens
 ## Data and budget
 
 - Self-distillation: {metrics['train_conversations'] + metrics['eval_conversations']}
-  {data_runs(metrics)[-1]['prompts']}, seed {settings['seed']},
-  {data_runs(metrics)[-1]['answers']}; {metrics['eval_conversations']} conversations held
+  {this_run['prompts']}, seed {settings['seed']},
+  {this_run['answers']}; {metrics['eval_conversations']} conversations held
   out. {metrics['train_tokens_per_epoch']:,} tokens per epoch, epochs: {_epochs(metrics)}.
 - Loss: KL to the target's next-token distribution + {settings['lm_weight']} x CE, head k
   weighted {settings['head_decay']}^k; AdamW, lr {settings['learning_rate']}, cosine,
@@ -127,7 +127,7 @@ vocabulary {cfg['draft_vocab_size'] or cfg['vocab_size']} tokens
 ## Held-out accuracy against the target's greedy token (answer positions)
 
 On the {metrics['eval_conversations']} held-out conversations of this run's data
-({data_runs(metrics)[-1]['prompts']} {data_runs(metrics)[-1]['answers']}).
+({this_run['prompts']} {this_run['answers']}).
 
 | head (predicts t+1+k) | top-1 | top-5 |
 | --- | ---: | ---: |
