@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from tests.engine_helpers import run_engine_script
-from vllm_amphista.training.data import RecordingPlan, without_mt_bench
+from vllm_amphista.training.data import RecordingPlan, prompt_plan, without_mt_bench
 
 
 def test_mt_bench_questions_never_reach_the_training_prompts():
@@ -29,6 +29,23 @@ def test_an_answer_seed_names_its_own_answer_set_and_needs_sampling(tmp_path):
     assert "answer seed 2" in two.answers
     with pytest.raises(ValueError, match="temperature > 0"):
         dataclasses.replace(plan, temperature=0.0, answer_seed=1)
+
+
+def test_a_slice_of_the_prompts_shares_the_shards_of_the_whole_list(tiny_target_dir):
+    prompts = [f"prompt {i}" for i in range(7)]
+    whole = prompt_plan(tiny_target_dir, prompts, 6, 8, temperature=0.7, shard_size=2,
+                        answer_seed=1)
+    tail = prompt_plan(tiny_target_dir, prompts, 6, 8, temperature=0.7, shard_size=2,
+                       answer_seed=1, first_prompt=4)
+    # Prompts 4-6 of the list: their shards are the whole list's from the third on, with
+    # the same answer seeds, so the longer run reuses what the slice recorded.
+    assert tail.prompts == prompts[4:] and tail.prompt_range == [4, 7]
+    assert tail.shard_path(0) == whole.shard_path(2)
+    assert tail.answer_seeds(0) == whole.answer_seeds(2)
+    with pytest.raises(ValueError, match="must start a shard"):
+        prompt_plan(tiny_target_dir, prompts, 6, 8, shard_size=2, first_prompt=3)
+    with pytest.raises(ValueError, match="past the end of the 7 prompts from a file"):
+        prompt_plan(tiny_target_dir, prompts, 6, 8, shard_size=2, first_prompt=8)
 
 
 @pytest.mark.engine

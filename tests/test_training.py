@@ -134,39 +134,42 @@ def test_init_from_keeps_the_heads_and_refuses_another_split(tiny_target, tiny_t
     save_checkpoint(earlier.to(torch.bfloat16), heads)
     settings = TrainSettings(epochs=2, seed=3)
     train_set, eval_set = conversations[:10], conversations[10:]
+    first, later = SHAREGPT_TURNS["first"], SHAREGPT_TURNS["later"]
+
+    def continue_heads(settings=settings, train_set=train_set, prompts=first,
+                       prompt_range=(0, 12), medusa=False):
+        return continued_model(heads, tiny_target, medusa=medusa, settings=settings,
+                               train_set=train_set, eval_set=eval_set, prompts=prompts,
+                               prompt_range=list(prompt_range))
+
     write_metrics({"settings": asdict(settings), "train_conversations": 10,
                    "eval_conversations": 2, "earlier_epochs": 1}, heads / "metrics.json")
-    model, runs = continued_model(heads, tiny_target, medusa=False, settings=settings,
-                                  train_set=train_set, eval_set=eval_set)
-    assert runs == [{"epochs": 3, "prompts": SHAREGPT_TURNS["first"],
-                     "answers": GREEDY_ANSWERS}] and model.training
+    model, runs = continue_heads()
+    # The folder's own split is the last run's, recorded before runs kept theirs.
+    assert runs == [{"epochs": 3, "prompts": first, "answers": GREEDY_ANSWERS,
+                     "split": [3, settings.eval_fraction, 10, 2]}] and model.training
     for name, tensor in earlier.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor.float()), name
     with pytest.raises(TrainingInputError, match="holds Amphista heads; this run trains Medusa"):
-        continued_model(heads, tiny_target, medusa=True, settings=settings,
-                        train_set=train_set, eval_set=eval_set)
+        continue_heads(medusa=True)
     for other in (TrainSettings(seed=4), TrainSettings(seed=3, eval_fraction=0.2)):
         with pytest.raises(TrainingInputError, match="trained on another split"):
-            continued_model(heads, tiny_target, medusa=False, settings=other,
-                            train_set=train_set, eval_set=eval_set)
+            continue_heads(settings=other)
     with pytest.raises(TrainingInputError, match="trained on another split"):
-        continued_model(heads, tiny_target, medusa=False, settings=settings,
-                        train_set=conversations[:9], eval_set=eval_set)
+        continue_heads(train_set=conversations[:9])
+    # Its range was not recorded: it started at the first prompt, its end is unknown.
+    with pytest.raises(TrainingInputError, match=r"prompts from the first on .*: overlapping"):
+        continue_heads(prompt_range=(256, 512))
     # New prompts: ShareGPT's later turns never are its first ones, so any split is sound;
     # prompts from a file might be, and cannot be checked.
-    _, runs = continued_model(heads, tiny_target, medusa=False, settings=TrainSettings(seed=4),
-                              train_set=conversations[:9], eval_set=eval_set,
-                              prompts=SHAREGPT_TURNS["later"])
-    assert runs == [{"epochs": 3, "prompts": SHAREGPT_TURNS["first"],
-                     "answers": GREEDY_ANSWERS}]
+    _, runs = continue_heads(settings=TrainSettings(seed=4), train_set=conversations[:9],
+                             prompts=later)
+    assert [run["prompts"] for run in runs] == [first]
     with pytest.raises(TrainingInputError, match=r"trained on ShareGPT first-turn prompts.*"
                        r"cannot be checked"):
-        continued_model(heads, tiny_target, medusa=False, settings=settings,
-                        train_set=train_set, eval_set=eval_set,
-                        prompts="prompts from mine.jsonl")
+        continue_heads(prompts="prompts from mine.jsonl")
     # A run on the other ShareGPT set in between: the split of the first turns is checked
     # against the last run on them, as that run recorded it, or refused where none did.
-    first, later = SHAREGPT_TURNS["first"], SHAREGPT_TURNS["later"]
     ours = [3, settings.eval_fraction, 10, 2]
     for runs, error in (
             ([{"epochs": 1, "prompts": first, "answers": GREEDY_ANSWERS},
@@ -179,12 +182,26 @@ def test_init_from_keeps_the_heads_and_refuses_another_split(tiny_target, tiny_t
         write_metrics({"settings": asdict(TrainSettings(seed=4)), "train_conversations": 9,
                        "eval_conversations": 2, "data_runs": runs}, heads / "metrics.json")
         if error is None:
-            continued_model(heads, tiny_target, medusa=False, settings=settings,
-                            train_set=train_set, eval_set=eval_set, prompts=first)
+            continue_heads()
             continue
         with pytest.raises(TrainingInputError, match=error):
-            continued_model(heads, tiny_target, medusa=False, settings=settings,
-                            train_set=train_set, eval_set=eval_set, prompts=first)
+            continue_heads()
+    # Slices of one list (`--first-prompt`): a disjoint one continues with any split; an
+    # overlapping one must be the same range with the same split; another seed shuffles
+    # the list otherwise, so its ranges say nothing.
+    sliced = {"epochs": 1, "prompts": later, "answers": GREEDY_ANSWERS,
+              "prompt_range": [0, 256], "split": ours}
+    write_metrics({"settings": asdict(settings), "train_conversations": 10,
+                   "eval_conversations": 2, "data_runs": [sliced]}, heads / "metrics.json")
+    _, runs = continue_heads(settings=TrainSettings(seed=3, eval_fraction=0.2),
+                             prompts=later, prompt_range=(256, 512))
+    assert runs == [sliced]
+    continue_heads(prompts=later, prompt_range=(0, 256))
+    for prompt_range, other, error in (((0, 512), settings, "0-255; this run's are 0-511"),
+                                       ((128, 384), settings, "overlapping, not the same"),
+                                       ((256, 512), TrainSettings(seed=4), "another split")):
+        with pytest.raises(TrainingInputError, match=error):
+            continue_heads(settings=other, prompts=later, prompt_range=prompt_range)
     # Heads once trained on a file's prompts may have seen any ShareGPT turn.
     write_metrics({"settings": asdict(settings), "train_conversations": 10,
                    "eval_conversations": 2,
@@ -193,15 +210,14 @@ def test_init_from_keeps_the_heads_and_refuses_another_split(tiny_target, tiny_t
                                  {"epochs": 1, "prompts": first, "answers": GREEDY_ANSWERS}]},
                   heads / "metrics.json")
     with pytest.raises(TrainingInputError, match="cannot be checked"):
-        continued_model(heads, tiny_target, medusa=False, settings=settings,
-                        train_set=train_set, eval_set=eval_set, prompts=later)
+        continue_heads(prompts=later)
     (heads / "metrics.json").unlink()
     with pytest.raises(TrainingInputError, match=r"has no metrics\.json"):
-        continued_model(heads, tiny_target, medusa=False, settings=settings,
-                        train_set=train_set, eval_set=eval_set)
+        continue_heads()
     with pytest.raises(TrainingInputError, match=r"--init-from: heads folder .* does not exist"):
         continued_model(tmp_path / "nowhere", tiny_target, medusa=False, settings=settings,
-                        train_set=train_set, eval_set=eval_set)
+                        train_set=train_set, eval_set=eval_set, prompts=first,
+                        prompt_range=[0, 12])
 
 
 def test_bad_inputs_destroy_nothing(tiny_target_dir, tmp_path):
@@ -265,6 +281,17 @@ def test_model_card_names_the_prompts_of_every_run(tmp_path):
     assert (f"1, continuing heads trained 5 epoch(s) on {SHAREGPT_TURNS['first']} "
             f"{GREEDY_ANSWERS} (4 epoch(s)), then {sampled} (1 epoch(s)) (`--init-from`): "
             "6 in all") in card
+    # Then on a later slice of the later turns (`--first-prompt`): each run's range.
+    later = SHAREGPT_TURNS["later"]
+    metrics.update(earlier_epochs=6, data_runs=[
+        *metrics["data_runs"][:2],
+        {"epochs": 1, "prompts": later, "prompt_range": [0, 4096], "answers": sampled},
+        {"epochs": 1, "prompts": later, "prompt_range": [4096, 8192], "answers": sampled}])
+    write_model_card(metrics, tmp_path)
+    card = " ".join((tmp_path / "MODEL_CARD.md").read_text().split())
+    assert f"{later} (its prompts 4096-8191), seed 0, {sampled};" in card
+    assert (f"(1 epoch(s)); then {later} (its prompts 0-4095) {sampled} (1 epoch(s)) "
+            "(`--init-from`): 7 in all") in card
 
 
 def test_sharegpt_later_turns_are_new_prompts():

@@ -123,7 +123,8 @@ def _train(args: argparse.Namespace) -> int:
 def _recording_plan(args: argparse.Namespace, target: Path) -> RecordingPlan:
     """The distillation set `data` records and `train` trains on (the same shards)."""
     options = dict(temperature=args.temperature, dtype=resolve_dtype(args.dtype),
-                   shard_size=args.shard_size, answer_seed=args.answer_seed)
+                   shard_size=args.shard_size, answer_seed=args.answer_seed,
+                   first_prompt=args.first_prompt)
     if args.data:
         return prompt_plan(target, read_prompt_file(args.data), args.num_prompts,
                            args.max_tokens, source=f"prompts from {Path(args.data).name}",
@@ -164,6 +165,10 @@ def _add_recording_args(parser: argparse.ArgumentParser) -> None:
                         "or its later ones, each asked on its own (new prompts for heads "
                         "already trained on the first)")
     parser.add_argument("--num-prompts", type=int, default=8192)
+    parser.add_argument("--first-prompt", type=int, default=0,
+                        help="start at this prompt of the list (a multiple of --shard-size): "
+                        "heads trained on the prompts before it may continue on ones they "
+                        "never saw")
     parser.add_argument("--max-tokens", type=int, default=256, help="answer length")
     parser.add_argument("--temperature", type=float, default=0.0, help="answers' temperature")
     parser.add_argument("--answer-seed", type=int, help="seed sampled answers (temperature > "

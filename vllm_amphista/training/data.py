@@ -195,8 +195,14 @@ class RecordingPlan:
     answer_seed: int | None = None
     # Where the prompts come from, for model cards (data_runs).
     prompt_source: str = SHAREGPT_TURNS["first"]
+    # Where `prompts` start in that source's list. Shards are numbered from the list's
+    # start, so a slice and a longer run from 0 share their shards.
+    first_prompt: int = 0
 
     def __post_init__(self) -> None:
+        if self.first_prompt % self.shard_size:
+            raise ValueError(f"the first prompt ({self.first_prompt}) must start a shard: "
+                             f"a multiple of the shard size ({self.shard_size})")
         if self.answer_seed is not None and self.temperature <= 0:
             raise ValueError("an answer seed needs sampled answers (temperature > 0): "
                              "at temperature 0 every seed gives the same answers")
@@ -219,12 +225,17 @@ class RecordingPlan:
                        self.shard_size])
         return DATA_DIR / f"recorded-{key}"
 
+    @property
+    def prompt_range(self) -> list[int]:
+        """[start, end) of `prompts` in their source's list, for data_runs."""
+        return [self.first_prompt, self.first_prompt + len(self.prompts)]
+
     def shard_prompts(self, index: int) -> list[str]:
         return self.prompts[index * self.shard_size: (index + 1) * self.shard_size]
 
     def answer_seeds(self, index: int) -> list[int | None]:
         """Each prompt's sampling seed in shard `index`: distinct across prompts and sets."""
-        first = index * self.shard_size
+        first = self.first_prompt + index * self.shard_size
         return [None if self.answer_seed is None else self.answer_seed * 1_000_003 + first + i
                 for i in range(len(self.shard_prompts(index)))]
 
@@ -236,7 +247,8 @@ class RecordingPlan:
         content = self.shard_prompts(index)
         if self.replies is not None:
             content = [content, self.shard_replies(index)]
-        return self.folder / f"shard-{index:05d}-{_digest(content)}.safetensors"
+        number = self.first_prompt // self.shard_size + index
+        return self.folder / f"shard-{number:05d}-{_digest(content)}.safetensors"
 
     @property
     def num_shards(self) -> int:
@@ -343,13 +355,13 @@ def _read_reply(tokenizer, prompt: str, reply: str | None) -> tuple[list[int], i
 def sharegpt_plan(target_dir: Path, num_prompts: int, max_tokens: int, *,
                   temperature: float = 0.0, dtype: torch.dtype = torch.float32,
                   shard_size: int = 256, seed: int = 0, answer_seed: int | None = None,
-                  turns: str = "first") -> RecordingPlan:
+                  turns: str = "first", first_prompt: int = 0) -> RecordingPlan:
     """ShareGPT first (or later) turns, none of them an MT-Bench question, answered by
     the target."""
-    plan = prompt_plan(target_dir, sharegpt_prompts(10 ** 9, seed=seed, turns=turns),
+    return prompt_plan(target_dir, sharegpt_prompts(10 ** 9, seed=seed, turns=turns),
                        num_prompts, max_tokens, temperature=temperature, dtype=dtype,
-                       shard_size=shard_size, answer_seed=answer_seed)
-    return dataclasses.replace(plan, prompt_source=SHAREGPT_TURNS[turns])
+                       shard_size=shard_size, answer_seed=answer_seed,
+                       source=SHAREGPT_TURNS[turns], first_prompt=first_prompt)
 
 
 def with_sharegpt_replies(plan: RecordingPlan) -> RecordingPlan:
@@ -360,10 +372,15 @@ def with_sharegpt_replies(plan: RecordingPlan) -> RecordingPlan:
 def prompt_plan(target_dir: Path, prompts: list[str], num_prompts: int, max_tokens: int, *,
                 temperature: float = 0.0, dtype: torch.dtype = torch.float32,
                 shard_size: int = 256, answer_seed: int | None = None,
-                source: str = "prompts from a file") -> RecordingPlan:
-    """The first `num_prompts` of `prompts` that are not MT-Bench questions."""
+                source: str = "prompts from a file", first_prompt: int = 0) -> RecordingPlan:
+    """`num_prompts` of `prompts` that are not MT-Bench questions, from the
+    `first_prompt`-th of them on."""
     questions = [turn for q in load_questions() for turn in q["turns"]]
-    kept = without_mt_bench(prompts, questions)[:num_prompts]
+    candidates = without_mt_bench(prompts, questions)
+    if first_prompt >= len(candidates):
+        raise ValueError(f"the first prompt ({first_prompt}) is past the end of the "
+                         f"{len(candidates)} {source}")
     return RecordingPlan(target_dir, TargetWeights.from_folder(target_dir).fingerprint,
-                         kept, max_tokens, temperature, dtype, shard_size,
-                         answer_seed=answer_seed, prompt_source=source)
+                         candidates[first_prompt: first_prompt + num_prompts], max_tokens,
+                         temperature, dtype, shard_size, answer_seed=answer_seed,
+                         prompt_source=source, first_prompt=first_prompt)

@@ -97,17 +97,17 @@ def split_record(settings: TrainSettings, train_set: list[Conversation],
 
 def continued_model(init_dir: Path, target: TargetWeights, *, medusa: bool,
                     settings: TrainSettings, train_set: list[Conversation],
-                    eval_set: list[Conversation],
-                    prompts: str = SHAREGPT_TURNS["first"]
+                    eval_set: list[Conversation], prompts: str, prompt_range: list[int]
                     ) -> tuple[AmphistaDraftModel, list[dict]]:
     """The heads `train --init-from` continues (fp32, their config and draft vocabulary)
-    and the runs they have had ({"epochs", "prompts", "answers", "split"} each, oldest
-    first: `data_runs`). They must be this target's, of this mode, and their last run on
-    these `prompts` must have had this run's split (the same seed, held-out fraction and
-    sizes), so that no held-out conversation becomes training data. Heads never trained
-    on these prompts may continue on them only where every run so far was on a ShareGPT
-    set of turns and this one is on the other (disjoint by construction); any other
-    change of prompts cannot be checked."""
+    and the runs they have had ({"epochs", "prompts", "prompt_range", "answers", "split"}
+    each, oldest first: `data_runs`), so that no held-out conversation becomes training
+    data. They must be this target's, of this mode, and the last run that may have seen
+    any of this run's prompts (`_may_share_prompts`) must have had exactly these prompts
+    (`prompts`, `prompt_range`) and this run's split (seed, held-out fraction and sizes).
+    Where no earlier run can have seen them, the heads continue only if every run so far
+    was on ShareGPT (a file's prompts may be any of them); other cases cannot be
+    checked."""
     try:
         model = load_checkpoint(init_dir, target)
     except CheckpointError as e:
@@ -122,27 +122,57 @@ def continued_model(init_dir: Path, target: TargetWeights, *, medusa: bool,
                                  "cannot be checked")
     earlier = json.loads(metrics_path.read_text())
     runs = data_runs(earlier)
-    same = [run for run in runs if run["prompts"] == prompts]
-    sharegpt = set(SHAREGPT_TURNS.values())
-    if not same and prompts in sharegpt and all(run["prompts"] in sharegpt for run in runs):
-        return model.train(), runs
-    # Runs recorded before runs kept their split: the folder's own is the last run's.
-    last_split = [earlier["settings"]["seed"], earlier["settings"]["eval_fraction"],
-                  earlier["train_conversations"], earlier["eval_conversations"]]
-    theirs = (None if not same
-              else same[-1].get("split") or (last_split if same[-1] is runs[-1] else None))
-    if theirs is None:
+    if "split" not in runs[-1]:  # recorded before runs kept their split: the folder's own
+        runs[-1] = {**runs[-1], "split": [earlier["settings"]["seed"],
+                                          earlier["settings"]["eval_fraction"],
+                                          earlier["train_conversations"],
+                                          earlier["eval_conversations"]]}
+    ours = split_record(settings, train_set, eval_set)
+    sharing = [run for run in runs if _may_share_prompts(run, prompts, prompt_range, ours[0])]
+    if not sharing:
+        sharegpt = set(SHAREGPT_TURNS.values())
+        if prompts in sharegpt and all(run["prompts"] in sharegpt for run in runs):
+            return model.train(), runs
         raise TrainingInputError(
             f"--init-from {init_dir} was last trained on {runs[-1]['prompts']}, this run on "
-            f"{prompts}, and its split of those is not recorded: whether this run's held-out "
-            "prompts were its training data cannot be checked")
-    ours = split_record(settings, train_set, eval_set)
-    if theirs != ours:
+            f"{prompts}: whether this run's held-out prompts were its training data cannot "
+            "be checked")
+    last = sharing[-1]
+    if last.get("split") is None:
+        raise TrainingInputError(
+            f"--init-from {init_dir} was trained on {prompts} before, and its split of those is "
+            "not recorded: whether this run's held-out prompts were its training data cannot "
+            "be checked")
+    if last["split"] != ours:
         raise TrainingInputError(
             f"--init-from {init_dir} was trained on another split (seed, held-out fraction, "
-            f"training and held-out conversations: {theirs}; this run: {ours}): its "
+            f"training and held-out conversations: {last['split']}; this run: {ours}): its "
             "held-out conversations would not stay held out")
+    # Runs recorded before ranges all started at the list's first prompt.
+    theirs_range = last.get("prompt_range")
+    if theirs_range != prompt_range and (theirs_range is not None or prompt_range[0] != 0):
+        raise TrainingInputError(
+            f"--init-from {init_dir} was trained on {last['prompts']}, prompts "
+            f"{_range_text(theirs_range)}; this run's are {_range_text(prompt_range)}: "
+            "overlapping, not the same, so its held-out prompts would not stay held out")
     return model.train(), runs
+
+
+def _may_share_prompts(run: dict, prompts: str, prompt_range: list[int], seed: int) -> bool:
+    """Whether an earlier run may have trained on, or held out, a prompt of this run: it
+    was on the same list and is not known to be on a disjoint range of it in the same
+    order (ShareGPT's lists are shuffled by the seed)."""
+    if run["prompts"] != prompts:
+        return False
+    theirs, split = run.get("prompt_range"), run.get("split")
+    if theirs is None or split is None or split[0] != seed:
+        return True
+    return theirs[0] < prompt_range[1] and prompt_range[0] < theirs[1]
+
+
+def _range_text(prompt_range: list[int] | None) -> str:
+    return ("from the first on (how many not recorded)" if prompt_range is None
+            else f"{prompt_range[0]}-{prompt_range[1] - 1}")
 
 
 def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa: bool,
@@ -171,7 +201,8 @@ def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa:
     else:
         model, earlier_runs = continued_model(init_dir, target, medusa=medusa,
                                               settings=settings, train_set=train_set,
-                                              eval_set=eval_set, prompts=plan.prompt_source)
+                                              eval_set=eval_set, prompts=plan.prompt_source,
+                                              prompt_range=plan.prompt_range)
     config = model.config
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -201,6 +232,7 @@ def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa:
                    earlier_epochs=sum(run["epochs"] for run in earlier_runs),
                    data_runs=[*earlier_runs, {"epochs": settings.epochs,
                                               "prompts": plan.prompt_source,
+                                              "prompt_range": plan.prompt_range,
                                               "answers": plan.answers,
                                               "split": split_record(settings, train_set,
                                                                     eval_set)}],

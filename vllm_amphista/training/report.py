@@ -68,16 +68,24 @@ def data_runs(metrics: dict) -> list[dict]:
     return [{"prompts": SHAREGPT_TURNS["first"], **run} for run in runs]
 
 
+def _prompts(run: dict) -> str:
+    """A run's prompts, with their place in the list where a run records it."""
+    if "prompt_range" not in run:
+        return run["prompts"]
+    start, end = run["prompt_range"]
+    return f"{run['prompts']} (its prompts {start}-{end - 1})"
+
+
 def _epochs(metrics: dict) -> str:
     *earlier_runs, this = data_runs(metrics)
     if not earlier_runs:
         return str(this["epochs"])
     earlier = sum(run["epochs"] for run in earlier_runs)
-    if any(run["prompts"] != this["prompts"] for run in earlier_runs):
+    if any(_prompts(run) != _prompts(this) for run in earlier_runs):
         data = "; then ".join(
             f"{prompts} " + ", then ".join(f"{run['answers']} ({run['epochs']} epoch(s))"
                                            for run in runs)
-            for prompts, runs in itertools.groupby(earlier_runs, lambda run: run["prompts"]))
+            for prompts, runs in itertools.groupby(earlier_runs, _prompts))
     elif all(run["answers"] == this["answers"] for run in earlier_runs):
         data = "the same data"
     else:
@@ -112,7 +120,7 @@ vocabulary {cfg['draft_vocab_size'] or cfg['vocab_size']} tokens
 ## Data and budget
 
 - Self-distillation: {metrics['train_conversations'] + metrics['eval_conversations']}
-  {this_run['prompts']}, seed {settings['seed']},
+  {_prompts(this_run)}, seed {settings['seed']},
   {this_run['answers']}; {metrics['eval_conversations']} conversations held
   out. {metrics['train_tokens_per_epoch']:,} tokens per epoch, epochs: {_epochs(metrics)}.
 - Loss: KL to the target's next-token distribution + {settings['lm_weight']} x CE, head k
@@ -127,7 +135,7 @@ vocabulary {cfg['draft_vocab_size'] or cfg['vocab_size']} tokens
 ## Held-out accuracy against the target's greedy token (answer positions)
 
 On the {metrics['eval_conversations']} held-out conversations of this run's data
-({this_run['prompts']} {this_run['answers']}).
+({_prompts(this_run)} {this_run['answers']}).
 
 | head (predicts t+1+k) | top-1 | top-5 |
 | --- | ---: | ---: |
