@@ -152,19 +152,19 @@ def test_step_clock_measures_drafting_steps_against_plain_ones():
     clock = StepClock()
     assert clock.overhead(1) == 1.0
     for _ in range(300):
-        clock.record(1, True, 15.0, 10.0)
-        clock.record(1, False, 10.0, 10.0)
+        clock.record(1, True, 15.0, 10.0, 10.0, 1)
+        clock.record(1, False, 10.0, 10.0, 10.0, 1)
     assert clock.overhead(1) == pytest.approx(1.5, abs=0.01)
     for _ in range(300):
-        clock.record(1, False, 10.0, 10.0)  # paused: plain steps only
+        clock.record(1, False, 10.0, 10.0, 10.0, 1)  # paused: plain steps only
     assert clock.overhead(1) == pytest.approx(1.5, abs=0.01)
     slower = StepClock()
     for _ in range(300):
-        slower.record(1, True, 20.0, 10.0)
-        slower.record(1, False, 20.0, 10.0)
+        slower.record(1, True, 20.0, 10.0, 10.0, 1)
+        slower.record(1, False, 20.0, 10.0, 10.0, 1)
     assert slower.overhead(1) == pytest.approx(1.0)
     stalled = StepClock()
-    stalled.record(1, True, 1000.0, 10.0)
+    stalled.record(1, True, 1000.0, 10.0, 10.0, 1)
     prior = StepClock.DECAY * StepClock.PRIOR
     assert stalled.overhead(1) == pytest.approx((prior + StepClock.MAX_RATIO) / (prior + 1))
 
@@ -177,17 +177,43 @@ def test_step_clock_compares_kinds_at_one_batch_size():
     too. Sizes between go to the nearest calibrated one on a log scale (3 -> 4, 9 -> 16)."""
     clock = StepClock((1, 4, 16))
     for _ in range(300):
-        clock.record(1, True, 9.0, 10.0)
-        clock.record(16, False, 12.0, 10.0)
+        clock.record(1, True, 9.0, 10.0, 10.0, 1)
+        clock.record(16, False, 12.0, 10.0, 10.0, 16)
     assert clock.overhead(1) == pytest.approx(0.9, abs=0.01)
     assert clock.overhead(16) == pytest.approx(1 / 1.2, abs=0.01)
     assert clock.overhead(4) == 1.0
     for _ in range(300):
-        clock.record(3, True, 15.0, 10.0)
-        clock.record(9, True, 24.0, 10.0)
+        clock.record(3, True, 15.0, 10.0, 10.0, 3)
+        clock.record(9, True, 24.0, 10.0, 10.0, 9)
     assert clock.overhead(4) == pytest.approx(1.5, abs=0.01)
     assert clock.overhead(12) == pytest.approx(2.0, abs=0.01)
     assert clock.overhead(1) == pytest.approx(0.9, abs=0.01)
+
+
+def test_step_clock_checks_what_drafting_steps_yielded_against_plain_ones():
+    """Nothing to compare until both kinds are timed MIN_TIMED times at a size. Plain
+    steps of 3 requests emit 3 tokens in the predicted plain time; drafting steps of 3
+    emit 4.5 tokens in 1.2x that time: 1.25x. Steps of 4 that share the calibrated size
+    are counted per request and per unit of their own plain time, so they compare with
+    the steps of 3. Drafting steps that emit only the plain tokens in more time: < 1."""
+    clock = StepClock((1, 4))
+    for _ in range(8):
+        clock.record(3, False, 30.0, 30.0, 30.0, 3)
+        clock.record(3, True, 36.0, 40.0, 30.0, 5)
+    assert clock.realized_gain(3) is None and not clock.plain_timed(3)
+    clock.record(3, False, 30.0, 30.0, 30.0, 3)
+    assert clock.plain_timed(3) and clock.realized_gain(3) is None
+    clock.record(3, True, 36.0, 40.0, 30.0, 5)
+    assert clock.realized_gain(3) == pytest.approx(5 / 3 / 1.2)
+    gains = StepClock((1, 4))
+    for _ in range(50):
+        gains.record(3, False, 30.0, 30.0, 30.0, 3)
+        gains.record(4, True, 48.0, 50.0, 40.0, 6)
+    assert gains.realized_gain(4) == pytest.approx(1.25)
+    assert gains.realized_gain(1) is None
+    for _ in range(300):
+        gains.record(4, True, 44.0, 50.0, 40.0, 4)
+    assert gains.realized_gain(4) == pytest.approx(1 / 1.1, abs=0.01)
 
 
 def test_pays_at_charges_the_measured_overhead_of_drafting_steps():

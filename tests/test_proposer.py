@@ -55,7 +55,9 @@ def _proposer(heads_dir, target_dir, num_tokens=3, pause=None,
     if not timed:
         # Synthetic steps take no engine time, which the proposer's clock would read as
         # an engine far faster than its step cost; tests of the clock fake the time.
+        # Switched off, it asks for no plain steps to time.
         proposer.clock.record = lambda *args: None
+        proposer.clock.plain_timed = lambda requests: True
     return proposer
 
 
@@ -184,12 +186,39 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
     assert not np.allclose(chances[0][-1], chances[-1][-1])
 
 
-@pytest.mark.parametrize("drafting_ms", [12.0, 30.0])
+def _timed_steps(proposer, tiny_target, monkeypatch, extra_ms: float,
+                 accepted_every: int, steps: int = 200) -> list[bool]:
+    """One request decoding `steps` steps under StepCost.linear(10, 1, 1): each step
+    verifies the drafts proposed before it and takes what the step cost predicts, plus
+    `extra_ms` after a draft pass; the first draft is accepted every `accepted_every`
+    steps (0: never). Returns which steps ran the draft pass."""
+    now = [0.0]
+    monkeypatch.setattr(proposer_module, "perf_counter", lambda: now[0])
+    d = tiny_target.hidden_size
+    table = np.arange(1024, dtype=np.int32)[None] % tiny_target.vocab_size
+    passes, drafts, position = [], 0, 8
+    for index in range(steps):
+        drafted = proposer.last_call is not None and proposer.last_call[2]
+        now[0] += 1e-3 * (11.0 + drafts + (1.0 + extra_ms if drafted else 0.0))
+        accepted = int(drafts > 0 and accepted_every > 0 and index % accepted_every == 0)
+        proposal = proposer.propose_from_step(StepRows(
+            req_ids=["a"], sampled_token_ids=[[5] * (1 + accepted)],
+            hidden_states=torch.randn(1 + drafts, d),
+            query_start_loc=np.array([0, 1 + drafts]), start_positions=np.array([position]),
+            num_draft_tokens=np.array([drafts]), token_ids=table))
+        position += 1 + accepted
+        drafts = len(proposal.tokens[0])
+        passes.append(proposer.last_call[2])
+    return passes
+
+
+@pytest.mark.parametrize("extra_ms", [0.0, 18.0])
 def test_drafting_pauses_when_drafting_steps_run_slower_than_the_step_cost(
-        heads_dir, tiny_target, tiny_target_dir, tmp_path, monkeypatch, drafting_ms):
+        heads_dir, tiny_target, tiny_target_dir, tmp_path, monkeypatch, extra_ms):
     """Heads right half the time at position 1 pay under this step cost (1.7 tokens in
-    14 ms against 1 in 11), and they draft every step while the steps after a pass take
-    the predicted 12 ms (11 + the 1 ms pass). When those take 30 ms (a cost the
+    14 ms against 1 in 11), and they draft nearly every step while the steps after a
+    pass take what the step cost predicts and yield 1.5 tokens: only a plain step now and
+    then, until MIN_TIMED plain steps are timed. When those take 18 ms more (a cost the
     calibration did not see), the proposer's clock notices and drafting pauses, with
     only a probe pass now and then."""
     StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
@@ -197,23 +226,34 @@ def test_drafting_pauses_when_drafting_steps_run_slower_than_the_step_cost(
                          timed=True)
     proposer.acceptance.chance = lambda confident, sampled: np.tile([0.5, 0.2, 0.05],
                                                            (len(confident), 1))
-    now = [0.0]
-    monkeypatch.setattr(proposer_module, "perf_counter", lambda: now[0])
-    d = tiny_target.hidden_size
-    table = np.arange(128, dtype=np.int32)[None] % tiny_target.vocab_size
-    passes = 0
-    for position in range(8, 68):
-        drafted = proposer.last_call is not None and proposer.last_call[2]
-        now[0] += 1e-3 * (drafting_ms if drafted else 11.0)
-        proposer.propose_from_step(StepRows(
-            req_ids=["a"], sampled_token_ids=[[5]], hidden_states=torch.randn(1, d),
-            query_start_loc=np.array([0, 1]), start_positions=np.array([position]),
-            num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
-        passes += proposer.last_call[2]
-    if drafting_ms == 12.0:
-        assert passes == 60 and proposer.clock.overhead(1) == pytest.approx(1.0)
+    passes = _timed_steps(proposer, tiny_target, monkeypatch, extra_ms, accepted_every=2)
+    if extra_ms == 0.0:
+        # Plain steps among the first, every probe_interval-th (5 here), until timed.
+        assert sum(passes) == 200 - 9 and all(passes[60:])
+        assert proposer.clock.overhead(1) == pytest.approx(1.0)
+        assert proposer.clock.realized_gain(1) > 1.1
     else:
-        assert passes < 20 and proposer.clock.overhead(1) > 1.5
+        assert sum(passes) < 40 and proposer.clock.overhead(1) > 1.5
+
+
+def test_drafting_pauses_where_drafting_steps_yield_less_than_plain_ones(
+        heads_dir, tiny_target, tiny_target_dir, tmp_path, monkeypatch):
+    """The step cost says drafting pays (confident heads, steps as predicted), but the
+    target accepts a draft only every 20th step after a pass: drafting steps yield 1.05
+    tokens in over 12/11 of a plain step's time. Once plain steps are timed beside them, the
+    step clock's check pauses drafting (probes only); drafts accepted every second step
+    keep it drafting."""
+    StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
+    passes = {}
+    for every in (20, 2):
+        proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
+                             timed=True)
+        proposer.acceptance.chance = lambda confident, sampled: np.tile([0.9, 0.5, 0.2],
+                                                               (len(confident), 1))
+        passes[every] = _timed_steps(proposer, tiny_target, monkeypatch, 0.0, every)
+        assert proposer.clock.overhead(1) == pytest.approx(1.0)
+    assert sum(passes[20][100:]) < 20
+    assert all(passes[2][100:])
 
 
 def test_sampled_requests_draft_from_q_greedy_ones_argmax(heads_dir, tiny_target,

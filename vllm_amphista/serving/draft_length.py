@@ -14,9 +14,12 @@ chances, draft pass included, with a plain step, B / step_ms(B, B) (`pays_at`). 
 chances are the heads' confidence corrected by what the target accepted so far
 (`AcceptanceTracker`). `StepCost` is fitted to measured engine steps
 (`vllm-amphista calibrate`), so the threshold and the batch size where drafting stops
-follow from this machine's numbers, not from constants. While drafting is paused the
-chances are re-measured by an occasional probe pass, spaced so that probing costs at
-most PROBE_SHARE of the plain steps' time (`probe_interval`).
+follow from this machine's numbers, not from constants. The proposer checks that model
+against its own steps (`StepClock`): where the drafting steps it timed at a batch size
+yielded fewer tokens per unit of time than the plain ones, drafting pauses there, as
+the model says or not. While drafting is paused the chances are re-measured by an
+occasional probe pass, spaced so that probing costs at most PROBE_SHARE of the plain
+steps' time (`probe_interval`).
 """
 
 from __future__ import annotations
@@ -175,45 +178,77 @@ def pays_at(requests: int, recent: np.ndarray, cost: StepCost,
 
 
 class StepClock:
-    """How long this engine's steps really take against what the step cost predicts,
-    for steps after a draft pass and for plain ones, per calibrated batch size: the
-    calibration times the draft pass alone and the engine with throw-away drafts, so the
-    proposer's own work around the pass, and whatever else runs on the machine while
-    serving, is only seen here. `overhead(requests)` is the drafting steps' ratio over the
-    plain steps' at the calibrated batch size nearest `requests` (1 until both kinds are
-    measured there). Per batch size because the calibration's error differs between them
-    (one request may run 10% under its fit while 16 run 20% over): a drafting ratio from
-    one request set against a plain one from 16 would price neither. Each ratio decays
-    by DECAY only when its kind is timed at its size, so a long pause keeps what the last
-    drafting steps showed (probes refresh it); PRIOR pseudo-steps at ratio 1 keep a few
-    odd steps from swinging it, and one step counts at most MAX_RATIO (a stall is not the
-    engine's speed)."""
+    """How this engine's steps really go, for steps after a draft pass and for plain ones,
+    per calibrated batch size: the calibration times the draft pass alone and the engine
+    with throw-away drafts, so the proposer's own work around the pass, and whatever else
+    runs on the machine while serving, is only seen here. Two readings:
+    - `overhead(requests)`: the drafting steps' time over the step cost's prediction,
+      against the plain steps' (1 until both kinds are timed), which `pays_at` charges.
+    - `realized_gain(requests)`: what drafting steps have actually yielded, tokens per
+      request per unit of time, against plain steps, time counted in units of a plain
+      step's prediction at the step's own batch size (so steps of 2 and 3 requests that
+      share a calibrated size compare fairly). This is the check of the model's
+      prediction: an overpriced chance or an underpriced verification both show here.
+    Per batch size (a step goes to the calibrated size nearest it, on a log scale)
+    because the calibration's error differs between them (one request may run 10% under
+    its fit while 16 run 20% over): a drafting reading from one request set against a
+    plain one from 16 would price neither. Each kind's sums decay by DECAY only when that
+    kind is timed at its size, so a long pause keeps what the last drafting steps showed
+    (probes refresh it); PRIOR pseudo-steps at ratio 1 keep a few odd steps from swinging
+    the overhead, and one step counts at most MAX_RATIO (a stall is not the engine's
+    speed)."""
 
     DECAY = 0.98
     PRIOR = 4.0
     MAX_RATIO = 3.0
+    # Steps of each kind timed at a size before their yields are compared there.
+    MIN_TIMED = 8.0
 
     def __init__(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         self.log_sizes = np.log(np.asarray(batch_sizes, float))
-        # Per batch size, [plain, drafting]: decayed sums of measured / predicted, and
-        # decayed step counts.
-        self.observed = np.full((len(batch_sizes), 2), self.PRIOR)
-        self.steps = np.full((len(batch_sizes), 2), self.PRIOR)
+        shape = (len(batch_sizes), 2)  # per batch size, [plain, drafting]
+        # Decayed sums of measured / predicted, and decayed step counts with the prior.
+        self.observed = np.full(shape, self.PRIOR)
+        self.steps = np.full(shape, self.PRIOR)
+        # Decayed step counts, tokens emitted per request, and time in units of a plain
+        # step's prediction.
+        self.timed = np.zeros(shape)
+        self.tokens = np.zeros(shape)
+        self.paced = np.zeros(shape)
 
     def _size(self, requests: int) -> int:
         """The calibrated batch size nearest `requests`, on a log scale."""
         return int(np.abs(self.log_sizes - np.log(max(requests, 1))).argmin())
 
-    def record(self, requests: int, drafted: bool, measured_ms: float,
-               predicted_ms: float) -> None:
+    def record(self, requests: int, drafted: bool, measured_ms: float, predicted_ms: float,
+               plain_ms: float, tokens: int) -> None:
+        """One step of `requests` that took measured_ms against the step cost's
+        predicted_ms (plain_ms for a plain step of that size) and emitted `tokens`."""
         at = (self._size(requests), int(drafted))
-        ratio = min(measured_ms / predicted_ms, self.MAX_RATIO)
-        self.observed[at] = self.DECAY * self.observed[at] + ratio
-        self.steps[at] = self.DECAY * self.steps[at] + 1.0
+        for sums in (self.observed, self.steps, self.timed, self.tokens, self.paced):
+            sums[at] *= self.DECAY
+        self.observed[at] += min(measured_ms / predicted_ms, self.MAX_RATIO)
+        self.steps[at] += 1.0
+        self.timed[at] += 1.0
+        self.tokens[at] += tokens / requests
+        self.paced[at] += min(measured_ms / plain_ms, self.MAX_RATIO)
 
     def overhead(self, requests: int) -> float:
         size = self._size(requests)
         plain, drafting = self.observed[size] / self.steps[size]
+        return float(drafting / plain)
+
+    def plain_timed(self, requests: int) -> bool:
+        """Whether plain steps were timed often enough at this size to be compared."""
+        return bool(self.timed[self._size(requests), 0] >= self.MIN_TIMED)
+
+    def realized_gain(self, requests: int) -> float | None:
+        """Drafting steps' tokens per unit of time over plain steps' at this size; None
+        until both kinds were timed MIN_TIMED times there."""
+        size = self._size(requests)
+        if (self.timed[size] < self.MIN_TIMED).any():
+            return None
+        plain, drafting = self.tokens[size] / self.paced[size]
         return float(drafting / plain)
 
 

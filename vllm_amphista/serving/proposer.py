@@ -93,6 +93,7 @@ class AmphistaProposer(StepDrafter):
         self.recent_chance = np.zeros((0, self.num_speculative_tokens))
         self.acceptance = AcceptanceTracker(self.num_speculative_tokens)
         self.steps_paused = 0  # plain steps since drafting paused or last probed
+        self.steps_drafting = 0  # steps drafting paid, for timing plain ones among them
         self.clock = StepClock(self.step_cost.batch_sizes if self.step_cost else (1,))
         # The last call: when it started, its decoding requests, whether it ran the pass.
         self.last_call: tuple[float, int, bool] | None = None
@@ -203,16 +204,23 @@ class AmphistaProposer(StepDrafter):
 
     def _paused(self, decoding: int) -> bool:
         """No draft pass this step: above the user's batch limit, or where the step cost
-        says drafting cannot pay at this batch size with typical chances, except for a
-        probe now and then that measures the chances again."""
+        says drafting cannot pay at this batch size with typical chances, or where the
+        drafting steps timed at this size yielded less than plain ones (the step clock's
+        check of the step cost), except for a probe now and then that measures the
+        chances again. While drafting pays, a plain step now and then times plain steps
+        at this size, until there are enough to check drafting against."""
         if self.disable_by_batch_size is not None:
             return decoding > self.disable_by_batch_size
         if self.step_cost is None or not len(self.recent_chance) or decoding == 0:
             return False
-        if pays_at(decoding, self.recent_chance, self.step_cost,
-                   self.clock.overhead(decoding)):
+        realized = self.clock.realized_gain(decoding)
+        if ((realized is None or realized >= 1.0)
+                and pays_at(decoding, self.recent_chance, self.step_cost,
+                            self.clock.overhead(decoding))):
             self.steps_paused = 0
-            return False
+            self.steps_drafting += 1
+            return (not self.clock.plain_timed(decoding)
+                    and self.steps_drafting % probe_interval(decoding, self.step_cost) == 0)
         self.steps_paused += 1
         if self.steps_paused > probe_interval(decoding, self.step_cost):
             self.steps_paused = 0
@@ -245,7 +253,9 @@ class AmphistaProposer(StepDrafter):
         predicted = float(self.step_cost.step_ms(num_reqs, int(scheduled.sum())))
         if drafted:
             predicted += self.step_cost.draft_ms(max(decoded, 1))
-        self.clock.record(num_reqs, drafted, 1e3 * (now - started), predicted)
+        self.clock.record(num_reqs, drafted, 1e3 * (now - started), predicted,
+                          float(self.step_cost.step_ms(num_reqs, num_reqs)),
+                          sum(map(len, step.sampled_token_ids[:num_reqs])))
 
     def _score_drafts(self, step: StepRows, sampled: np.ndarray) -> None:
         """Tell the acceptance tracker how the drafts verified in this step fared (slot i
