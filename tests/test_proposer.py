@@ -16,6 +16,7 @@ from vllm_amphista.model.checkpoint import save_checkpoint
 from vllm_amphista.serving import draft_length
 from vllm_amphista.serving import proposer as proposer_module
 from vllm_amphista.serving.draft_length import (
+    MAX_PROBE_BACKOFF,
     StepCost,
     choose_lengths,
     confidence,
@@ -162,28 +163,42 @@ def test_drafting_pauses_above_the_batch_limit(heads_dir, tiny_target, tiny_targ
 def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
                                                          tiny_target_dir, tmp_path):
     """With a step cost under which these heads never pay, the first decode step's draft
-    pass pauses drafting; after that only one probe pass per probe_interval plain steps
-    runs, and the probes measure the chances again."""
+    pass pauses drafting; after that only probe passes run, the first after
+    probe_interval plain steps and each next one twice as far (up to MAX_PROBE_BACKOFF
+    times), and the probes measure the chances again. Once drafting pays and pauses
+    again, the spacing starts over."""
     dear = StepCost.linear(fixed_ms=10.0, per_token_ms=10.0, draft_ms=1.0)
     dear.save(tmp_path / "dear.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "dear.json"))
     passes = []
-    extend = proposer.model.extend
-    proposer.model.extend = lambda *args: passes.append(1) or extend(*args)
     d = tiny_target.hidden_size
-    table = np.arange(64, dtype=np.int32)[None] % tiny_target.vocab_size
+    table = np.arange(1024, dtype=np.int32)[None] % tiny_target.vocab_size
     interval = probe_interval(1, dear)
-    assert interval > 1
+    assert interval > 1 and MAX_PROBE_BACKOFF == 8
     chances = []
-    for position in range(8, 8 + 1 + 3 * (interval + 1)):
-        proposer.propose_from_step(StepRows(
-            req_ids=["a"], sampled_token_ids=[[5]], hidden_states=torch.randn(1, d),
-            query_start_loc=np.array([0, 1]), start_positions=np.array([position]),
-            num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
-        chances.append(proposer.recent_chance.copy())
-    assert len(passes) == 1 + 3
-    assert len(chances[-1]) == 1 + 3  # one row per pass: re-measured by the probes
+    position = iter(range(8, 1024))
+
+    def steps(count):
+        for _ in range(count):
+            proposer.propose_from_step(StepRows(
+                req_ids=["a"], sampled_token_ids=[[5]], hidden_states=torch.randn(1, d),
+                query_start_loc=np.array([0, 1]), start_positions=np.array([next(position)]),
+                num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
+            passes.append(proposer.last_call[2])
+            chances.append(proposer.recent_chance.copy())
+
+    steps(1 + 16 * interval + 5)
+    gaps = np.diff(np.flatnonzero(passes)).tolist()
+    assert gaps == [interval + 1, 2 * interval + 1, 4 * interval + 1, 8 * interval + 1]
+    assert len(chances[-1]) == 1 + 4  # one row per pass: re-measured by the probes
     assert not np.allclose(chances[0][-1], chances[-1][-1])
+    proposer.step_cost = StepCost.linear(fixed_ms=10.0, per_token_ms=0.0, draft_ms=0.0)
+    steps(8 * interval + 2)  # the next probe finds drafting pays
+    assert passes[-1]
+    proposer.step_cost = dear
+    start = len(passes)
+    steps(3 * interval + 2)
+    assert np.flatnonzero(passes[start:]).tolist() == [interval, 3 * interval + 1]
 
 
 def _timed_steps(proposer, tiny_target, monkeypatch, extra_ms: float,

@@ -19,7 +19,7 @@ against its own steps (`StepClock`): where the drafting steps it timed at a batc
 yielded fewer tokens per unit of time than the plain ones, drafting pauses there, as
 the model says or not. While drafting is paused the chances are re-measured by an
 occasional probe pass, spaced so that probing costs at most PROBE_SHARE of the plain
-steps' time (`probe_interval`).
+steps' time (`probe_interval`), and less the longer the pause lasts.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ STEP_COST_DIR = CACHE_DIR / "step_cost"
 # The most of a paused proposer's time spent re-measuring the heads' chances: the price
 # of noticing that drafting pays again (another kind of text, better chances).
 PROBE_SHARE = 0.02
+# Each probe that finds drafting still not paying doubles the spacing of the next, up to
+# this factor, so a steady load where drafting never pays spends PROBE_SHARE / 8 on them.
+MAX_PROBE_BACKOFF = 8
 
 
 def step_cost_path(target_dir: str | Path, target_dtype: str, threads: int | None = None) -> Path:

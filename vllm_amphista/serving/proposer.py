@@ -32,6 +32,7 @@ from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.sal_cache import SALCache
 from vllm_amphista.model.target import TargetWeights
 from vllm_amphista.serving.draft_length import (
+    MAX_PROBE_BACKOFF,
     AcceptanceTracker,
     StepClock,
     StepCost,
@@ -93,6 +94,7 @@ class AmphistaProposer(StepDrafter):
         self.recent_chance = np.zeros((0, self.num_speculative_tokens))
         self.acceptance = AcceptanceTracker(self.num_speculative_tokens)
         self.steps_paused = 0  # plain steps since drafting paused or last probed
+        self.probe_backoff = 1  # the probe interval's multiple in this pause
         self.steps_drafting = 0  # steps drafting paid, for timing plain ones among them
         self.clock = StepClock(self.step_cost.batch_sizes if self.step_cost else (1,))
         # The last call: when it started, its decoding requests, whether it ran the pass.
@@ -218,12 +220,14 @@ class AmphistaProposer(StepDrafter):
                 and pays_at(decoding, self.recent_chance, self.step_cost,
                             self.clock.overhead(decoding))):
             self.steps_paused = 0
+            self.probe_backoff = 1
             self.steps_drafting += 1
             return (not self.clock.plain_timed(decoding)
                     and self.steps_drafting % probe_interval(decoding, self.step_cost) == 0)
         self.steps_paused += 1
-        if self.steps_paused > probe_interval(decoding, self.step_cost):
+        if self.steps_paused > self.probe_backoff * probe_interval(decoding, self.step_cost):
             self.steps_paused = 0
+            self.probe_backoff = min(2 * self.probe_backoff, MAX_PROBE_BACKOFF)
             return False  # a probe: its drafts are still cut to what pays
         return True
 
