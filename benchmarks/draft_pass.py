@@ -10,7 +10,8 @@ rewritten, as in serving, where the target's forward reads ~0.5 GB between two p
 the draft weights are read from memory every time. Three ways, taking turns pass by pass:
 the whole pass; the pass with each packed product timed (its bytes, ms, GB/s); the pass
 with every product replaced by an empty result of its shape (what the operations around
-the products cost). Medians. JSON + table.
+the products cost); the pass without logits (`logits=False`: the SAL caches only, what a
+paused proposer's warm-up before a probe costs). Medians. JSON + table.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
 
 FLUSH_BYTES = 64 << 20  # twice the 32 MB L3 of the 2-core EPYCs measured here
-MODES = ("whole", "products", "without products")
+MODES = ("whole", "products", "without products", "cache only")
 
 
 def measure(model, requests: int, cached: int, passes: int) -> dict:
@@ -59,14 +60,15 @@ def measure(model, requests: int, cached: int, passes: int) -> dict:
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     try:
         for _ in range(passes + 5):  # the first 5 of each are warm-up
-            for mode, product in zip(MODES, (forward, timed, skipped), strict=True):
+            for mode, product in zip(MODES, (forward, timed, skipped, forward), strict=True):
                 PackedLinear.forward = product
                 cache.lengths[:requests] -= 1  # the same positions every pass
                 rows = torch.randn(requests, d, dtype=dtype)
                 tokens = torch.randint(0, model.config.vocab_size, (requests,))
                 flush.add_(1.0)
                 started = time.perf_counter()
-                model.extend(cache, rows, tokens, np.ones(requests, np.int64))
+                model.extend(cache, rows, tokens, np.ones(requests, np.int64),
+                             logits=mode != "cache only")
                 times[mode].append(1e3 * (time.perf_counter() - started))
     finally:
         PackedLinear.forward = forward
@@ -100,10 +102,11 @@ def main() -> None:
     write_report(args.out, {"heads": str(args.heads), "passes": args.passes, "rows": rows})
     print(machine_line(draft=compute_dtype()))
     print(markdown_table(
-        ["requests", "pass ms", "products ms (sum)", "without products ms", "weights MB",
-         "GB/s"],
+        ["requests", "pass ms", "products ms (sum)", "without products ms",
+         "cache only ms", "weights MB", "GB/s"],
         [[r["requests"], f"{r['whole_ms']:.2f}", f"{r['products_ms']:.2f}",
-          f"{r['without_products_ms']:.2f}", f"{r['weight_mb']:.1f}",
+          f"{r['without_products_ms']:.2f}", f"{r['cache_only_ms']:.2f}",
+          f"{r['weight_mb']:.1f}",
           f"{r['weight_mb'] / r['products_ms']:.1f}"] for r in rows]))
     print(f"\nproducts at {rows[0]['requests']} request(s):")
     print(markdown_table(["product", "MB", "ms", "GB/s"],

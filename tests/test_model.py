@@ -88,7 +88,8 @@ def test_token_fusion_reads_the_sampled_token(tiny_target):
 def test_incremental_matches_full_forward(tiny_target, overrides):
     """Feeding positions in uneven chunks through the SAL cache (batched, with padding)
     gives the same last-position logits as the teacher-forced forward. Sequences join
-    and skip steps, as requests do in a serving batch."""
+    and skip steps, as requests do in a serving batch; a step without logits (the
+    proposer's tracking) leaves the cache as one with them does."""
     model = draft_model(tiny_target, **overrides, randomised=True)
     seqs = [_inputs(tiny_target, b=1, t=t, seed=t) for t in (11, 7, 13, 5)]
     # Rows consumed per step per sequence; 0 = not in that step's batch.
@@ -99,10 +100,12 @@ def test_incremental_matches_full_forward(tiny_target, overrides):
         counts = [chunks[i][step] for i in range(len(seqs))]
         hs = torch.cat([h[0, d: d + n] for (h, _), d, n in zip(seqs, done, counts, strict=True)])
         xs = torch.cat([x[0, d: d + n] for (_, x), d, n in zip(seqs, done, counts, strict=True)])
-        got = model.extend(cache, hs, xs, counts)
+        tracking = step == 1
+        got = model.extend(cache, hs, xs, counts, logits=not tracking)
+        assert (got is None) == tracking
         for i, n in enumerate(counts):
             done[i] += n
-            if n == 0:
+            if n == 0 or tracking:
                 continue
             hidden, tokens = seqs[i]
             want = model(hidden[:, : done[i]], tokens[:, : done[i]])[0, -1]

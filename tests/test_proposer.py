@@ -17,6 +17,7 @@ from vllm_amphista.serving import draft_length
 from vllm_amphista.serving import proposer as proposer_module
 from vllm_amphista.serving.draft_length import (
     MAX_PROBE_BACKOFF,
+    WARM_STEPS,
     StepCost,
     choose_lengths,
     confidence,
@@ -164,32 +165,46 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
                                                          tiny_target_dir, tmp_path):
     """With a step cost under which these heads never pay, the first decode step's draft
     pass pauses drafting; after that only probe passes run, the first after
-    probe_interval plain steps and each next one twice as far (up to MAX_PROBE_BACKOFF
-    times), and the probes measure the chances again. Once drafting pays and pauses
-    again, the spacing starts over."""
+    probe_interval plain steps (their share counting the warm-up) and each next one twice
+    as far (up to MAX_PROBE_BACKOFF times), and the probes measure the chances again. The
+    WARM_STEPS calls before each probe only advance the cache, so the probe drafts with
+    that much context, and so do the first WARM_STEPS calls of the pause that follows
+    drafting. Once drafting pays and pauses again, the spacing starts over."""
     dear = StepCost.linear(fixed_ms=10.0, per_token_ms=10.0, draft_ms=1.0)
     dear.save(tmp_path / "dear.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "dear.json"))
-    passes = []
+    proposer.clock.tracking_ms = lambda requests: 2.0
+    passes, tracked, cached = [], [], []
     d = tiny_target.hidden_size
-    table = np.arange(1024, dtype=np.int32)[None] % tiny_target.vocab_size
-    interval = probe_interval(1, dear)
-    assert interval > 1 and MAX_PROBE_BACKOFF == 8
+    table = np.arange(2048, dtype=np.int32)[None] % tiny_target.vocab_size
+    interval = probe_interval(1, dear, WARM_STEPS * 2.0)
+    assert interval > probe_interval(1, dear) > 1 and interval > 2 * WARM_STEPS
+    assert MAX_PROBE_BACKOFF == 8
     chances = []
-    position = iter(range(8, 1024))
+    position = iter(range(9, 2048))
+
+    def call(start, rows):
+        proposer.propose_from_step(StepRows(
+            req_ids=["a"], sampled_token_ids=[[5]], hidden_states=torch.randn(rows, d),
+            query_start_loc=np.array([0, rows]), start_positions=np.array([start]),
+            num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
+        passes.append(proposer.last_call[2])
+        tracked.append(proposer.last_call[3] > 0)
+        cached.append(proposer.cached_positions("a"))
+        chances.append(proposer.recent_chance.copy())
 
     def steps(count):
         for _ in range(count):
-            proposer.propose_from_step(StepRows(
-                req_ids=["a"], sampled_token_ids=[[5]], hidden_states=torch.randn(1, d),
-                query_start_loc=np.array([0, 1]), start_positions=np.array([next(position)]),
-                num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
-            passes.append(proposer.last_call[2])
-            chances.append(proposer.recent_chance.copy())
+            call(next(position), 1)
 
-    steps(1 + 16 * interval + 5)
-    gaps = np.diff(np.flatnonzero(passes)).tolist()
-    assert gaps == [interval + 1, 2 * interval + 1, 4 * interval + 1, 8 * interval + 1]
+    call(0, 9)  # the prompt, then decoding
+    steps(16 * interval + 5)
+    probes = np.flatnonzero(passes)
+    assert np.diff(probes).tolist() == [interval + 1, 2 * interval + 1, 4 * interval + 1,
+                                        8 * interval + 1]
+    assert np.flatnonzero(tracked).tolist() == [*range(1, 1 + WARM_STEPS), *(
+        step for probe in probes[1:] for step in range(probe - WARM_STEPS, probe))]
+    assert [cached[probe] for probe in probes[1:]] == [WARM_STEPS + 1] * 4
     assert len(chances[-1]) == 1 + 4  # one row per pass: re-measured by the probes
     assert not np.allclose(chances[0][-1], chances[-1][-1])
     proposer.step_cost = StepCost.linear(fixed_ms=10.0, per_token_ms=0.0, draft_ms=0.0)
@@ -199,6 +214,25 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
     start = len(passes)
     steps(3 * interval + 2)
     assert np.flatnonzero(passes[start:]).tolist() == [interval, 3 * interval + 1]
+    assert np.flatnonzero(tracked[start:]).tolist()[:WARM_STEPS] == list(range(WARM_STEPS))
+
+
+def test_only_slots_with_context_judge_the_heads(heads_dir, tiny_target, tiny_target_dir,
+                                                 tmp_path):
+    """A request whose slot restarted drafts from fewer than WARM_STEPS positions: its
+    chances are not kept for the pause decision until its slot holds more."""
+    StepCost.linear(fixed_ms=10.0, per_token_ms=0.0, draft_ms=0.0).save(tmp_path / "c.json")
+    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "c.json"))
+    d = tiny_target.hidden_size
+    table = np.arange(64, dtype=np.int32)[None] % tiny_target.vocab_size
+    kept = []
+    for position in range(20, 20 + WARM_STEPS + 2):  # no prompt: the slot starts here
+        proposer.propose_from_step(StepRows(
+            req_ids=["a"], sampled_token_ids=[[5]], hidden_states=torch.randn(1, d),
+            query_start_loc=np.array([0, 1]), start_positions=np.array([position]),
+            num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
+        kept.append(len(proposer.recent_chance))
+    assert kept == [0] * WARM_STEPS + [1, 2]
 
 
 def _timed_steps(proposer, tiny_target, monkeypatch, extra_ms: float,

@@ -163,9 +163,9 @@ class AmphistaDraftModel(nn.Module):
 
     @torch.no_grad()
     def extend(self, cache: SALCache, hidden_states: torch.Tensor, next_token_ids: torch.Tensor,
-               counts: np.ndarray) -> torch.Tensor:
+               counts: np.ndarray, logits: bool = True) -> torch.Tensor | None:
         """Consume new positions into cache slots 0..B-1; logits [B, K, V'] at each slot's
-        last new position.
+        last new position (logits=False: only the cache, about half the pass's time).
 
         hidden_states [N, d] and next_token_ids [N] are the new rows of every slot, slot by
         slot in order, counts[i] of them for slot i (0: slot i sits this step out; its
@@ -205,4 +205,4 @@ class AmphistaDraftModel(nn.Module):
                 x = stage.finish(x, attn)
                 features.append(x[rows, last])
             cache.lengths[:b] = past + counts
-        return self._head_logits(features)
+        return self._head_logits(features) if logits else None

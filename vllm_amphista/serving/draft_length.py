@@ -18,8 +18,9 @@ follow from this machine's numbers, not from constants. The proposer checks that
 against its own steps (`StepClock`): where the drafting steps it timed at a batch size
 yielded fewer tokens per unit of time than the plain ones, drafting pauses there, as
 the model says or not. While drafting is paused the chances are re-measured by an
-occasional probe pass, spaced so that probing costs at most PROBE_SHARE of the plain
-steps' time (`probe_interval`), and less the longer the pause lasts.
+occasional probe pass, after WARM_STEPS steps that only advance the SAL caches, spaced so
+that the two cost at most PROBE_SHARE of the plain steps' time (`probe_interval`), and
+less the longer the pause lasts.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ PROBE_SHARE = 0.02
 # Each probe that finds drafting still not paying doubles the spacing of the next, up to
 # this factor, so a steady load where drafting never pays spends PROBE_SHARE / 8 on them.
 MAX_PROBE_BACKOFF = 8
+# Paused steps before a probe whose rows go through the SAL layers (the cache follows,
+# no drafts): a paused request's cache restarts, and right after a restart the heads'
+# first draft is right 34% of the time, after 8 positions 45%, with the whole
+# conversation before it 51% (`python -m benchmarks.sal_context`). A probe without them
+# would price the heads a third too low and keep drafting paused where it pays.
+WARM_STEPS = 8
 
 
 def step_cost_path(target_dir: str | Path, target_dtype: str, threads: int | None = None) -> Path:
@@ -199,7 +206,9 @@ class StepClock:
     kind is timed at its size, so a long pause keeps what the last drafting steps showed
     (probes refresh it); PRIOR pseudo-steps at ratio 1 keep a few odd steps from swinging
     the overhead, and one step counts at most MAX_RATIO (a stall is not the engine's
-    speed)."""
+    speed). Steps after a call that only advanced the caches count as plain, that call's
+    own time taken out; its time is kept too (`tracking_ms`), to price a probe's
+    warm-up."""
 
     DECAY = 0.98
     PRIOR = 4.0
@@ -218,6 +227,9 @@ class StepClock:
         self.timed = np.zeros(shape)
         self.tokens = np.zeros(shape)
         self.paced = np.zeros(shape)
+        # Per batch size: the proposer's time for a call that only advanced the caches
+        # (ms, a running mean; 0 until one was timed).
+        self.tracking = np.zeros(len(batch_sizes))
 
     def _size(self, requests: int) -> int:
         """The calibrated batch size nearest `requests`, on a log scale."""
@@ -235,6 +247,15 @@ class StepClock:
         self.timed[at] += 1.0
         self.tokens[at] += tokens / requests
         self.paced[at] += min(measured_ms / plain_ms, self.MAX_RATIO)
+
+    def record_tracking(self, requests: int, ms: float) -> None:
+        size = self._size(requests)
+        self.tracking[size] = ms if not self.tracking[size] else (
+            self.DECAY * self.tracking[size] + (1 - self.DECAY) * ms)
+
+    def tracking_ms(self, requests: int) -> float | None:
+        """A call that only advances the caches at this size (ms); None until timed."""
+        return float(self.tracking[self._size(requests)]) or None
 
     def overhead(self, requests: int) -> float:
         size = self._size(requests)
@@ -320,8 +341,9 @@ class AcceptanceTracker:
         return np.minimum.accumulate(scaled, axis=-1)
 
 
-def probe_interval(requests: int, cost: StepCost) -> int:
-    """Plain steps per probe while paused: one draft pass per this many steps costs at
-    most PROBE_SHARE of their time."""
+def probe_interval(requests: int, cost: StepCost, warm_ms: float = 0.0) -> int:
+    """Plain steps per probe while paused: one draft pass, and the warm-up before it
+    (warm_ms in all), per this many steps costs at most PROBE_SHARE of their time."""
     plain_ms = float(cost.step_ms(requests, requests))
-    return max(1, int(np.ceil(cost.draft_ms(requests) / (PROBE_SHARE * plain_ms))))
+    return max(1, int(np.ceil((cost.draft_ms(requests) + warm_ms)
+                              / (PROBE_SHARE * plain_ms))))

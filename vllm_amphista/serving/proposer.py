@@ -14,7 +14,9 @@ chunk, or in a decode step the last sampled token plus the accepted drafts
 (StepRows.accepted_counts). Row t pairs with the next token x_{t+1}, read from the
 runner's token table, which already holds this step's accepted tokens. A request whose
 rows do not start where its slot ended (preemption, a prefix-cache hit, a pause)
-restarts its slot: RoPE attention is shift-invariant, so that is sound.
+restarts its slot: RoPE attention is shift-invariant, so that is sound, but its drafts
+are worse until the slot holds some context again, so a paused proposer advances the
+caches for a few steps before it probes (serving/draft_length.py, WARM_STEPS).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from vllm_amphista.model.sal_cache import SALCache
 from vllm_amphista.model.target import TargetWeights
 from vllm_amphista.serving.draft_length import (
     MAX_PROBE_BACKOFF,
+    WARM_STEPS,
     AcceptanceTracker,
     StepClock,
     StepCost,
@@ -55,6 +58,9 @@ from vllm_amphista.serving.step import Proposal, StepDrafter, StepRows
 logger = logging.getLogger("vllm.amphista")
 # Drafting requests' chances kept to judge whether drafting pays at a batch size.
 RECENT_ROWS = 32
+# What a call does (AmphistaProposer._plan): the draft pass and drafts; the SAL layers
+# only, so the caches follow the requests (about half the pass's time); nothing.
+DRAFT, TRACK, SKIP = "draft", "track", "skip"
 
 
 class AmphistaProposer(StepDrafter):
@@ -97,8 +103,9 @@ class AmphistaProposer(StepDrafter):
         self.probe_backoff = 1  # the probe interval's multiple in this pause
         self.steps_drafting = 0  # steps drafting paid, for timing plain ones among them
         self.clock = StepClock(self.step_cost.batch_sizes if self.step_cost else (1,))
-        # The last call: when it started, its decoding requests, whether it ran the pass.
-        self.last_call: tuple[float, int, bool] | None = None
+        # The last call: when it started, its decoding requests, whether it drafted, and
+        # its own time if it only tracked (ms; such a step is a plain one to the clock).
+        self.last_call: tuple[float, int, bool, float] | None = None
         self.cache: SALCache | None = None  # created at the first step, dropped when idle
         self.slot_reqs: list[str | None] = []  # the request in each slot
         self.next_position = np.zeros(0, np.int64)  # per slot: where its next rows start
@@ -162,11 +169,11 @@ class AmphistaProposer(StepDrafter):
         now = perf_counter()
         if self.step_cost is not None:
             self._time_last_step(step, now)
-        paused = self._paused(decoding)
-        self.last_call = (now, decoding, not paused)
-        if paused:
-            # No draft pass at all. A paused request's slot no longer ends where its next
-            # rows start, so it restarts when drafting resumes.
+        plan = self._plan(decoding)
+        self.last_call = (now, decoding, plan == DRAFT, 0.0)
+        if plan == SKIP:
+            # No pass at all. A skipped request's slot no longer ends where its next rows
+            # start, so it restarts when a pass runs again.
             return Proposal(drafts)
         cache = self._follow_batch(step.req_ids)
         sampled = step.sampled_requests()
@@ -179,8 +186,14 @@ class AmphistaProposer(StepDrafter):
         index, next_tokens = step.accepted_row_index(counts)
         hidden = step.hidden_states[torch.from_numpy(index).to(step.hidden_states.device)]
         logits = self.model.extend(cache, hidden.to(self.device, self.dtype),
-                                   torch.from_numpy(next_tokens).to(self.device), counts)
+                                   torch.from_numpy(next_tokens).to(self.device), counts,
+                                   logits=plan == DRAFT)
         self.next_position[:num_reqs] = starts + counts
+        if plan == TRACK:
+            own_ms = 1e3 * (perf_counter() - now)
+            self.last_call = (now, decoding, False, own_ms)
+            self.clock.record_tracking(decoding, own_ms)
+            return Proposal(drafts)
         # Requests past a partial prefill (they sampled a token) get drafts.
         drafting = [i for i in np.flatnonzero(counts).tolist() if step.sampled_token_ids[i]]
         if not drafting:
@@ -204,17 +217,22 @@ class AmphistaProposer(StepDrafter):
             drafts[i] = tokens[: lengths[j]]
         return Proposal(drafts, draft_probs)
 
-    def _paused(self, decoding: int) -> bool:
-        """No draft pass this step: above the user's batch limit, or where the step cost
-        says drafting cannot pay at this batch size with typical chances, or where the
-        drafting steps timed at this size yielded less than plain ones (the step clock's
-        check of the step cost), except for a probe now and then that measures the
-        chances again. While drafting pays, a plain step now and then times plain steps
-        at this size, until there are enough to check drafting against."""
+    def _plan(self, decoding: int) -> str:
+        """What this call does: DRAFT, TRACK or SKIP.
+        - Above the user's batch limit: SKIP.
+        - Where drafting pays (the step cost with recent chances, and the step clock's
+          check that drafting steps timed at this size yielded more than plain ones):
+          DRAFT, but TRACK every probe_interval-th step until plain steps are timed at
+          this size, so the check has plain steps to compare with.
+        - Elsewhere drafting is paused: SKIP, except a probe (DRAFT) now and then that
+          measures the chances again, the WARM_STEPS calls before it TRACK so that it
+          drafts with context. The first WARM_STEPS calls of a pause that follows
+          drafting TRACK as well: near the break-even the verdict may turn back within
+          a few steps (the step clock's noise), and drafting then resumes with context."""
         if self.disable_by_batch_size is not None:
-            return decoding > self.disable_by_batch_size
+            return SKIP if decoding > self.disable_by_batch_size else DRAFT
         if self.step_cost is None or not len(self.recent_chance) or decoding == 0:
-            return False
+            return DRAFT
         realized = self.clock.realized_gain(decoding)
         if ((realized is None or realized >= 1.0)
                 and pays_at(decoding, self.recent_chance, self.step_cost,
@@ -222,14 +240,20 @@ class AmphistaProposer(StepDrafter):
             self.steps_paused = 0
             self.probe_backoff = 1
             self.steps_drafting += 1
-            return (not self.clock.plain_timed(decoding)
-                    and self.steps_drafting % probe_interval(decoding, self.step_cost) == 0)
+            explore = (not self.clock.plain_timed(decoding) and self.steps_drafting
+                       % probe_interval(decoding, self.step_cost) == 0)
+            return TRACK if explore else DRAFT
         self.steps_paused += 1
-        if self.steps_paused > self.probe_backoff * probe_interval(decoding, self.step_cost):
+        if self.probe_backoff == 1 and self.steps_paused <= WARM_STEPS:
+            return TRACK  # no probe yet: this pause follows drafting
+        tracking_ms = self.clock.tracking_ms(decoding) or self.step_cost.draft_ms(decoding)
+        spacing = self.probe_backoff * probe_interval(decoding, self.step_cost,
+                                                      WARM_STEPS * tracking_ms)
+        if self.steps_paused > spacing:
             self.steps_paused = 0
             self.probe_backoff = min(2 * self.probe_backoff, MAX_PROBE_BACKOFF)
-            return False  # a probe: its drafts are still cut to what pays
-        return True
+            return DRAFT  # a probe: its drafts are still cut to what pays
+        return TRACK if self.steps_paused > spacing - WARM_STEPS else SKIP
 
     def _lengths(self, logits: torch.Tensor, top: torch.Tensor, rows: list[int],
                  sampled: np.ndarray) -> list[int]:
@@ -240,7 +264,11 @@ class AmphistaProposer(StepDrafter):
         confident = confidence(logits, top)
         self.draft_confidence[rows] = confident
         chance = self.acceptance.chance(confident, sampled)
-        self.recent_chance = np.concatenate((self.recent_chance, chance))[-RECENT_ROWS:]
+        # Only slots with context judge the heads: a restarted slot drafts worse for a
+        # few steps (WARM_STEPS), and its chances would keep drafting paused.
+        warm = (self.cache.lengths[rows] > WARM_STEPS if self.model.config.num_stages
+                else np.ones(len(rows), bool))
+        self.recent_chance = np.concatenate((self.recent_chance, chance[warm]))[-RECENT_ROWS:]
         return choose_lengths(chance, self.step_cost).tolist()
 
     def _time_last_step(self, step: StepRows, now: float) -> None:
@@ -249,7 +277,7 @@ class AmphistaProposer(StepDrafter):
         riding along is not in the step cost)."""
         if self.last_call is None or not step.req_ids:
             return
-        started, decoded, drafted = self.last_call
+        started, decoded, drafted, own_ms = self.last_call
         num_reqs = len(step.req_ids)
         scheduled = np.diff(step.query_start_loc[: num_reqs + 1])
         if (scheduled != 1 + np.asarray(step.num_draft_tokens[:num_reqs])).any():
@@ -257,7 +285,7 @@ class AmphistaProposer(StepDrafter):
         predicted = float(self.step_cost.step_ms(num_reqs, int(scheduled.sum())))
         if drafted:
             predicted += self.step_cost.draft_ms(max(decoded, 1))
-        self.clock.record(num_reqs, drafted, 1e3 * (now - started), predicted,
+        self.clock.record(num_reqs, drafted, 1e3 * (now - started) - own_ms, predicted,
                           float(self.step_cost.step_ms(num_reqs, num_reqs)),
                           sum(map(len, step.sampled_token_ids[:num_reqs])))
 

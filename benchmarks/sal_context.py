@@ -1,0 +1,94 @@
+"""How much the heads' drafts owe to the SAL cache's context.
+
+    python -m benchmarks.sal_context [--heads H] [--conversations 60]
+                                     [--windows 1 2 4 8 16 32] [--out results/sal_context.json]
+
+A request whose draft pass paused has no SAL cache when drafting resumes: its cache
+restarts from the step it resumes at. This measures what that costs: per-head top-1
+accuracy against the target's greedy token, and the chain tau (1 + the mean number of
+leading heads right), when the cache holds only the last W positions, against the whole
+conversation before them. Data: ShareGPT later turns 4096-4351 answered at T=0.7 (answer
+seed 0), prompts the shipped heads never saw (their later-turn run read 0-4095), recorded
+by vLLM as `vllm-amphista data --turns later --first-prompt 4096 --num-prompts 256
+--temperature 0.7 --answer-seed 0` records them (here, if not cached). Every window is
+scored at the same answer positions: those with at least max(windows) positions before.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from vllm_amphista.eval.report import machine_line, markdown_table, write_report
+from vllm_amphista.eval.tau import tau
+from vllm_amphista.machine import resolve_dtype
+from vllm_amphista.model.checkpoint import load_checkpoint
+from vllm_amphista.model.target import TargetWeights, export_smollm2
+from vllm_amphista.paths import SHIPPED_HEADS
+from vllm_amphista.training.data import Conversation, record_dataset, sharegpt_plan
+
+
+@torch.no_grad()
+def leading_right(model, conversation: Conversation, lm_head: torch.Tensor,
+                  window: int | None, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] bool twice: whether head k's top-1 is the target's greedy token, drafting
+    from each answer position t >= first with the cache holding the last `window`
+    positions up to t (None: all of them), and whether that token is in the
+    conversation."""
+    hidden, tokens = conversation.hidden.float(), conversation.tokens
+    length, k_heads = hidden.shape[0], model.config.num_heads
+    greedy = (hidden @ lm_head.T).argmax(-1)  # greedy[t]: the target's choice of x_{t+1}
+    # Position t reads h_t and x_{t+1}; head k predicts x_{t+2+k}, scored while in range.
+    positions = torch.arange(max(first, conversation.prompt_len - 1), length - 1)
+    if window is None:
+        logits = model(hidden[None], tokens[None, 1: length + 1])[0, positions]
+    else:
+        index = positions[:, None] - window + 1 + torch.arange(window)
+        logits = model(hidden[index], tokens[index + 1])[:, -1]
+    drafts = model.to_target_ids(logits.argmax(-1))  # [N, K]
+    target_at = (positions[:, None] + 1 + torch.arange(k_heads)).clamp(max=length - 1)
+    in_range = positions[:, None] + 1 + torch.arange(k_heads) < length
+    return (drafts == greedy[target_at]) & in_range, in_range
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--heads", type=Path, default=SHIPPED_HEADS / "amphista")
+    parser.add_argument("--conversations", type=int, default=60)
+    parser.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--out", type=Path, default=Path("results/sal_context.json"))
+    args = parser.parse_args()
+    target_dir = export_smollm2()
+    plan = sharegpt_plan(target_dir, 256, 256, temperature=0.7, dtype=resolve_dtype(None),
+                         answer_seed=0, turns="later", first_prompt=4096)
+    conversations = record_dataset(plan)[: args.conversations]
+    target = TargetWeights.from_folder(target_dir)
+    model = load_checkpoint(args.heads, target=target, dtype=torch.float32).eval()
+    lm_head = target.lm_head.float()
+    first = max(args.windows) - 1
+    rows = []
+    for window in [*args.windows, None]:
+        right, counted = zip(*(leading_right(model, c, lm_head, window, first)
+                               for c in conversations), strict=True)
+        right, counted = torch.cat(right), torch.cat(counted)
+        leading = right.int().cumprod(-1).sum(-1)
+        rows.append({"window": window,
+                     "top1": (right.sum(0) / counted.sum(0)).tolist(),
+                     "chain_tau": tau(int(leading.sum()), len(leading)),
+                     "positions": len(leading)})
+    write_report(args.out, {"heads": str(args.heads), "data": plan.prompt_source,
+                            "prompt_range": plan.prompt_range,
+                            "conversations": len(conversations), "rows": rows})
+    print(machine_line(draft="float32"))
+    print(markdown_table(
+        ["cached positions", *[f"head {k + 1} top-1" for k in range(len(rows[0]["top1"]))],
+         "chain tau"],
+        [[r["window"] or "all", *[f"{a:.3f}" for a in r["top1"]], f"{r['chain_tau']:.3f}"]
+         for r in rows]))
+    print(f"{rows[0]['positions']} answer positions; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
