@@ -107,12 +107,12 @@ extend, propose = drafter.model.extend, drafter.propose_from_step
 def recording_propose(step):
     order[:] = [r.split("-")[0] for r in step.req_ids]
     return propose(step)
-def recording_extend(cache, hs, xs, counts):
+def recording_extend(cache, hs, xs, counts, **options):
     first = 0
     for req, n in zip(order, counts):
         fed.setdefault(req, []).append((hs[first: first + n].clone(), xs[first: first + n].clone()))
         first += n
-    return extend(cache, hs, xs, counts)
+    return extend(cache, hs, xs, counts, **options)
 drafter.model.extend, drafter.propose_from_step = recording_extend, recording_propose
 outs = llm.generate(["w1 w2 w3 a b c d e", "c d", "w5 " * 40],
                     SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
