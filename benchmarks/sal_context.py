@@ -31,7 +31,7 @@ from vllm_amphista.training.data import Conversation, record_dataset, sharegpt_p
 
 
 @torch.no_grad()
-def leading_right(model, conversation: Conversation, lm_head: torch.Tensor,
+def heads_right(model, conversation: Conversation, lm_head: torch.Tensor,
                   window: int | None, first: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] bool twice: whether head k's top-1 is the target's greedy token, drafting
     from each answer position t >= first with the cache holding the last `window`
@@ -48,9 +48,9 @@ def leading_right(model, conversation: Conversation, lm_head: torch.Tensor,
         index = positions[:, None] - window + 1 + torch.arange(window)
         logits = model(hidden[index], tokens[index + 1])[:, -1]
     drafts = model.to_target_ids(logits.argmax(-1))  # [N, K]
-    target_at = (positions[:, None] + 1 + torch.arange(k_heads)).clamp(max=length - 1)
-    in_range = positions[:, None] + 1 + torch.arange(k_heads) < length
-    return (drafts == greedy[target_at]) & in_range, in_range
+    predicted_at = positions[:, None] + 1 + torch.arange(k_heads)  # the greedy[] index
+    in_range = predicted_at < length
+    return (drafts == greedy[predicted_at.clamp(max=length - 1)]) & in_range, in_range
 
 
 def main() -> None:
@@ -70,7 +70,7 @@ def main() -> None:
     first = max(args.windows) - 1
     rows = []
     for window in [*args.windows, None]:
-        right, counted = zip(*(leading_right(model, c, lm_head, window, first)
+        right, counted = zip(*(heads_right(model, c, lm_head, window, first)
                                for c in conversations), strict=True)
         right, counted = torch.cat(right), torch.cat(counted)
         leading = right.int().cumprod(-1).sum(-1)
