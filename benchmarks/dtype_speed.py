@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from vllm_amphista.eval.calibrate import measure_draft_pass
-from vllm_amphista.eval.report import machine_line, write_report
+from vllm_amphista.eval.report import machine_line, result_from, write_report
 from vllm_amphista.machine import DTYPE_NAMES, compute_dtype
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
@@ -68,10 +68,10 @@ print("RESULT", sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_coun
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=900)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if not lines:
+    result = result_from(proc.stdout)
+    if result is None:
         raise RuntimeError(f"vLLM run failed:\n{proc.stderr[-3000:]}")
-    return float(lines[-1].split()[1])
+    return float(result)
 
 
 def main(argv: list[str] | None = None) -> int:

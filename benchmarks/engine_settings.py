@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_amphista.eval.report import machine_line, write_report
+from vllm_amphista.eval.report import machine_line, result_from, write_report
 from vllm_amphista.machine import TARGET_DTYPE, compute_dtype
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
@@ -85,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
             proc = subprocess.run([sys.executable, "-m", "benchmarks.engine_settings", "--one",
                                    job], capture_output=True, text=True,
                                   env={**child_env, **env})
-            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if not found:
+            result = result_from(proc.stdout)
+            if result is None:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return 1
             rows.append({"setting": name, "env": env,
                          "method": f"amphista (step cost {step_cost})" if heads else "vanilla",
-                         **json.loads(found[-1][len("RESULT "):])})
+                         **result})
             print(rows[-1], flush=True)
     write_report(args.out, {"prompts": len(prompts), "max_tokens": args.max_tokens,
                             "rows": rows})

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from vllm_amphista.engine import start_llm
-from vllm_amphista.eval.report import machine_line, markdown_table, write_report
+from vllm_amphista.eval.report import machine_line, markdown_table, result_from, write_report
 from vllm_amphista.machine import TARGET_DTYPE, compute_dtype
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
@@ -124,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         proc = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--one", job],
                               capture_output=True, text=True, env=env)
-        result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if not result:
+        result = result_from(proc.stdout)
+        if result is None:
             print(proc.stderr[-4000:], file=sys.stderr)
             return 1
-        rows.append(json.loads(result[-1][len("RESULT "):]))
+        rows.append(result)
     write_report(args.out, {"target": target, "target_dtype": TARGET_DTYPE,
                             "draft_dtype": str(compute_dtype()).removeprefix("torch."),
                             "prompts": len(prompts),

@@ -17,6 +17,7 @@ import pytest
 from filelock import FileLock
 
 from vllm_amphista.eval import server
+from vllm_amphista.eval.report import result_from
 
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -73,9 +74,9 @@ def _run_for_result(cmd: list[str], timeout: float,
     env = engine_env(**ENGINE_ENV, **(env_extra or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
                           cwd=REPO_ROOT)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+    result = result_from(proc.stdout)
+    if result is not None:
+        return result
     raise AssertionError(f"engine script failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
 

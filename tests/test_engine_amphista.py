@@ -29,6 +29,7 @@ from tests.engine_helpers import (
     vllm_server,
 )
 from vllm_amphista.eval.bench import exported_medusa
+from vllm_amphista.eval.report import result_from
 from vllm_amphista.model.checkpoint import save_checkpoint
 from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
@@ -427,7 +428,6 @@ if __name__ == "__main__":
                               timeout=600, env=engine_env(
                                   TP=tp, VLLM_CPU_KVCACHE_SPACE="1",
                                   VLLM_CPU_OMP_THREADS_BIND="0|1" if tp == "2" else "auto"))
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        assert lines, proc.stderr[-3000:]
-        results[tp] = json.loads(lines[-1][len("RESULT "):])
+        results[tp] = result_from(proc.stdout)
+        assert results[tp] is not None, proc.stderr[-3000:]
     assert results["2"] == results["1"]

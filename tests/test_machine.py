@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vllm_amphista import machine
-from vllm_amphista.eval.report import machine_line, write_report
+from vllm_amphista.eval.report import machine_line, result_from, write_report
 
 AVX2_ONLY = """processor\t: 0
 model name\t: AMD EPYC 7B13
@@ -98,3 +98,12 @@ def test_every_report_and_table_names_the_machine(text, flags, tmp_path, monkeyp
     line = machine_line(target="float32", draft=torch.bfloat16)
     assert line.startswith(f"AMD EPYC 7B13 {flags}, ") and "torch threads" in line
     assert line.endswith("; target float32; draft bfloat16")
+
+
+def test_a_childs_result_survives_a_log_line_glued_to_it():
+    """The CI failure of stop 40: a TP worker's log line written into the RESULT line."""
+    stdout = ("INFO starting\nRESULT [[7, 7], [10, 27]](Worker_TP1 pid=29557) INFO 12-04 "
+              "[proposer.py:365] amphista: draft caches empty\nINFO bye\n")
+    assert result_from(stdout) == [[7, 7], [10, 27]]
+    assert result_from("RESULT 1\nRESULT {\"a\": 2}\n") == {"a": 2}
+    assert result_from("INFO no result\n") is None

@@ -28,6 +28,21 @@ def machine_line(machine: dict | None = None, **dtypes: str) -> str:
             f"{machine['torch_threads'] or '?'} torch threads{gpu}{named}")
 
 
+RESULT_MARKER = "RESULT "
+
+
+def result_from(stdout: str):
+    """The JSON value a child process printed after `RESULT ` (the last one), or None.
+    vLLM's engine and worker processes log to the same stdout and can write into that
+    line (seen: a TP worker's log line glued after the JSON), so the value is read up to
+    its own end, not the line's."""
+    start = stdout.rfind(RESULT_MARKER)
+    if start < 0:
+        return None
+    value, _ = json.JSONDecoder().raw_decode(stdout, start + len(RESULT_MARKER))
+    return value
+
+
 def markdown_table(columns: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
