@@ -217,12 +217,16 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
     assert np.flatnonzero(tracked[start:]).tolist()[:WARM_STEPS] == list(range(WARM_STEPS))
 
 
-def test_only_slots_with_context_judge_the_heads(heads_dir, tiny_target, tiny_target_dir,
+@pytest.mark.parametrize("num_stages", [2, 0])
+def test_only_slots_with_context_judge_the_heads(num_stages, tiny_target, tiny_target_dir,
                                                  tmp_path):
     """A request whose slot restarted drafts from fewer than WARM_STEPS positions: its
-    chances are not kept for the pause decision until its slot holds more."""
+    chances are not kept for the pause decision until its slot holds more. Stage-less
+    (Medusa-mode) heads keep no context, but count positions the same way."""
+    heads = tmp_path / "heads"
+    save_checkpoint(draft_model(tiny_target, randomised=True, num_stages=num_stages), heads)
     StepCost.linear(fixed_ms=10.0, per_token_ms=0.0, draft_ms=0.0).save(tmp_path / "c.json")
-    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "c.json"))
+    proposer = _proposer(heads, tiny_target_dir, step_cost=str(tmp_path / "c.json"))
     d = tiny_target.hidden_size
     table = np.arange(64, dtype=np.int32)[None] % tiny_target.vocab_size
     kept = []
@@ -233,6 +237,7 @@ def test_only_slots_with_context_judge_the_heads(heads_dir, tiny_target, tiny_ta
             num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
         kept.append(len(proposer.recent_chance))
     assert kept == [0] * WARM_STEPS + [1, 2]
+    assert proposer.cached_positions("a") == WARM_STEPS + 2
 
 
 def _timed_steps(proposer, tiny_target, monkeypatch, extra_ms: float,

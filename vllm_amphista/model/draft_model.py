@@ -186,11 +186,11 @@ class AmphistaDraftModel(nn.Module):
         x = fused.new_zeros(b, n_max, fused.shape[-1])
         x[slot_t, offset_t] = fused
         features = [x[rows, last]]
+        cache.reserve(b, 1)
+        past = cache.lengths[:b].copy()
+        total = int((past + counts).max())
+        cache.reserve(b, total)  # stage-less heads: positions counted, nothing stored
         if self.stages:
-            cache.reserve(b, 1)
-            past = cache.lengths[:b].copy()
-            total = int((past + counts).max())
-            cache.reserve(b, total)
             positions = torch.from_numpy(past[:, None] + np.arange(n_max)).to(device)
             cos, sin = self.rope.lookup(positions, int(past.max()) + n_max)
             # Key j of slot i is visible to new position p (cache-local) when j <= p.
@@ -204,5 +204,5 @@ class AmphistaDraftModel(nn.Module):
                                     cache.values[s, :b, :, :total], mask)
                 x = stage.finish(x, attn)
                 features.append(x[rows, last])
-            cache.lengths[:b] = past + counts
+        cache.lengths[:b] = past + counts
         return self._head_logits(features) if logits else None

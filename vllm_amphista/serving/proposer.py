@@ -266,8 +266,7 @@ class AmphistaProposer(StepDrafter):
         chance = self.acceptance.chance(confident, sampled)
         # Only slots with context judge the heads: a restarted slot drafts worse for a
         # few steps (WARM_STEPS), and its chances would keep drafting paused.
-        warm = (self.cache.lengths[rows] > WARM_STEPS if self.model.config.num_stages
-                else np.ones(len(rows), bool))
+        warm = self.cache.lengths[rows] > WARM_STEPS
         self.recent_chance = np.concatenate((self.recent_chance, chance[warm]))[-RECENT_ROWS:]
         return choose_lengths(chance, self.step_cost).tolist()
 
