@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from vllm_amphista.machine import cpu_label, describe
 
@@ -31,7 +32,7 @@ def machine_line(machine: dict | None = None, **dtypes: str) -> str:
 RESULT_MARKER = "RESULT "
 
 
-def result_from(stdout: str):
+def result_from(stdout: str) -> Any:
     """The JSON value a child process printed after `RESULT ` (the last one), or None.
     vLLM's engine and worker processes log to the same stdout and can write into that
     line (seen: a TP worker's log line glued after the JSON), so the value is read up to
