@@ -101,7 +101,7 @@ def test_every_report_and_table_names_the_machine(text, flags, tmp_path, monkeyp
 
 
 def test_a_childs_result_survives_a_log_line_glued_to_it():
-    """The CI failure of stop 40: a TP worker's log line written into the RESULT line."""
+    """A CI failure, verbatim: a TP worker's log line written into the RESULT line."""
     stdout = ("INFO starting\nRESULT [[7, 7], [10, 27]](Worker_TP1 pid=29557) INFO 12-04 "
               "[proposer.py:365] amphista: draft caches empty\nINFO bye\n")
     assert result_from(stdout) == [[7, 7], [10, 27]]
