@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_amphista.eval.report import machine_line, result_from, write_report
+from vllm_amphista.eval.report import machine_line, print_result, result_from, write_report
 from vllm_amphista.machine import TARGET_DTYPE, compute_dtype
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
     args = parser.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(run_one(**json.loads(args.one))), flush=True)
+        print_result(run_one(**json.loads(args.one)))
         return 0
     target = str(export_smollm2())
     prompts = first_turns(limit=args.num_prompts)

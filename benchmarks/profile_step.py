@@ -26,7 +26,13 @@ import time
 from pathlib import Path
 
 from vllm_amphista.engine import start_llm
-from vllm_amphista.eval.report import machine_line, markdown_table, result_from, write_report
+from vllm_amphista.eval.report import (
+    machine_line,
+    markdown_table,
+    print_result,
+    result_from,
+    write_report,
+)
 from vllm_amphista.machine import TARGET_DTYPE, compute_dtype
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.one:
         job = json.loads(args.one)
-        print("RESULT " + json.dumps(profile_one(**job)), flush=True)
+        print_result(profile_one(**job))
         return 0
 
     target = args.target or str(export_smollm2())

@@ -177,5 +177,7 @@ def main(spec: dict) -> list[dict]:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(json.loads(sys.argv[1]))), flush=True)
+    from vllm_amphista.eval.report import print_result
+
+    print_result(main(json.loads(sys.argv[1])))
     sys.exit(0)

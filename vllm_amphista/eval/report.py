@@ -32,6 +32,12 @@ def machine_line(machine: dict | None = None, **dtypes: str) -> str:
 RESULT_MARKER = "RESULT "
 
 
+def print_result(value: Any) -> None:
+    """What a child process hands its parent: `value` as JSON after RESULT_MARKER, on
+    one line, flushed at once (read back with result_from)."""
+    print(RESULT_MARKER + json.dumps(value), flush=True)
+
+
 def result_from(stdout: str) -> Any:
     """The JSON value a child process printed after `RESULT ` (the last one), or None.
     vLLM's engine and worker processes log to the same stdout and can write into that
