@@ -55,6 +55,7 @@ def vllm_decode_tokens_per_s(target: Path, dtype: str, batch: int, max_tokens: i
     code = f"""
 import time
 from vllm import LLM, SamplingParams
+from vllm_amphista.eval.report import print_result
 from vllm_amphista.prompts import first_turns
 llm = LLM(model={str(target)!r}, dtype={dtype!r}, enforce_eager=True, max_model_len=2048,
           seed=0)
@@ -63,7 +64,7 @@ params = SamplingParams(temperature=0.0, max_tokens={max_tokens}, ignore_eos=Tru
 llm.chat(prompts[:1], SamplingParams(max_tokens=8), use_tqdm=False)
 start = time.perf_counter()
 outs = llm.chat(prompts, params, use_tqdm=False)
-print("RESULT", sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start))
+print_result(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start))
 """
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

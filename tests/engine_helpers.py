@@ -38,7 +38,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def run_engine_script(code: str, timeout: float = 600,
                       env_extra: dict[str, str] | None = None) -> dict:
-    """Run `code` in a fresh Python; it must print one line `RESULT <json>`."""
+    """Run `code` in a fresh Python; it hands its result over with
+    `vllm_amphista.eval.report.print_result`."""
     return _run_for_result([sys.executable, "-c", code], timeout, env_extra)
 
 

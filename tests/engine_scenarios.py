@@ -2,9 +2,9 @@
 
 `python -m tests.engine_scenarios '<json spec>'` builds one LLM per entry of the spec's
 speculative_configs (null: plain), one after the other, runs every listed scenario on
-each, and prints `RESULT <json>`: per engine, the generated token ids, spec-decode metrics,
-the proposer's cache state and the seconds each part took. Tests compare plain and
-Amphista runs of the same spec.
+each, and hands back (report.print_result), per engine, the generated token ids,
+spec-decode metrics, the proposer's cache state and the seconds each part took. Tests
+compare plain and Amphista runs of the same spec.
 """
 
 from __future__ import annotations

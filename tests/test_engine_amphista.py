@@ -94,9 +94,10 @@ def test_proposer_sees_every_accepted_position(tiny_target_dir, tmp_path):
     heads = tmp_path / "heads"
     save_checkpoint(draft_model(TargetWeights.from_folder(tiny_target_dir), randomised=True), heads)
     result = run_engine_script(f"""
-import json, torch
+import torch
 from vllm import LLM, SamplingParams
 from transformers import AutoModelForCausalLM
+from vllm_amphista.eval.report import print_result
 target = {str(tiny_target_dir)!r}
 llm = LLM(model=target, enforce_eager=True, max_model_len=512, seed=0, dtype="float32",
           max_num_batched_tokens=16, speculative_config={{"method": "amphista",
@@ -127,7 +128,7 @@ for o in outs:
         ref = hf(torch.tensor([seq]), output_hidden_states=True).hidden_states[-1][0]
     report.append({{"length": len(seq), "fed": len(x), "tokens": x.tolist() == seq[1:],
                     "max_diff": float((h - ref[:len(x)]).abs().max())}})
-print("RESULT " + json.dumps(report))
+print_result(report)
 """)
     for row in result:
         assert row["fed"] == row["length"] - 1 and row["tokens"], row
@@ -287,7 +288,8 @@ def test_bad_heads_fail_at_startup_with_one_line(smollm2, smollm2_heads, tiny_ta
     outcomes = {"missing": [2, proc.stderr.strip().splitlines()[-1]]}
     # The others through the script's main() in one process (one vLLM import, not three).
     outcomes |= run_engine_script(f"""
-import contextlib, io, json, sys
+import contextlib, io, sys
+from vllm_amphista.eval.report import print_result
 from vllm_amphista.serving.vllm_command import main
 outcomes = {{}}
 for name, argv in {json.dumps({k: v for k, v in argv.items() if k != "missing"})}.items():
@@ -295,7 +297,7 @@ for name, argv in {json.dumps({k: v for k, v in argv.items() if k != "missing"})
     with contextlib.redirect_stderr(err):
         code = main()
     outcomes[name] = [code, (err.getvalue().strip().splitlines() or [""])[-1]]
-print("RESULT " + json.dumps(outcomes))
+print_result(outcomes)
 """)
     for name, (_, _, message) in cases.items():
         code, last = outcomes[name]
@@ -410,15 +412,16 @@ def test_tensor_parallel_two_workers_is_lossless(tiny_target_dir, tmp_path):
     heads = tmp_path / "heads"
     save_checkpoint(draft_model(TargetWeights.from_folder(tiny_target_dir), randomised=True), heads)
     code = f"""
-import json, os
+import os
 from vllm import LLM, SamplingParams
+from vllm_amphista.eval.report import print_result
 if __name__ == "__main__":
     spec = {{"method": "amphista", "model": {str(heads)!r}}} if os.environ["TP"] == "2" else None
     llm = LLM(model={str(tiny_target_dir)!r}, tensor_parallel_size=int(os.environ["TP"]),
               enforce_eager=True, max_model_len=512, dtype="float32", speculative_config=spec)
     outs = llm.generate(["w1 w2 w3 a b", "c d e"], SamplingParams(temperature=0, max_tokens=20,
                                                                  ignore_eos=True))
-    print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+    print_result([list(o.outputs[0].token_ids) for o in outs])
 """
     script = tmp_path / "tp.py"
     script.write_text(code)

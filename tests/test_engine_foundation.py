@@ -12,12 +12,12 @@ pytestmark = pytest.mark.engine
 
 def test_llm_runs_tiny_target_greedy(tiny_target_dir):
     result = run_engine_script(f"""
-import json
 from vllm import LLM, SamplingParams
+from vllm_amphista.eval.report import print_result
 llm = LLM(model={str(tiny_target_dir)!r}, enforce_eager=True, max_model_len=256, seed=0)
 out = llm.generate(["w1 w2 w3 a b", "c d"], SamplingParams(temperature=0, max_tokens=8,
                                                           ignore_eos=True))
-print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in out]))
+print_result([list(o.outputs[0].token_ids) for o in out])
 """)
     assert [len(ids) for ids in result] == [8, 8]
 

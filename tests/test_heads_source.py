@@ -127,8 +127,8 @@ def test_heads_by_hub_id_without_method_through_llm_and_the_error_lines(
     pinned = hub_snapshot(cache, "tester/tiny-heads", tmp_path / "tiny-heads", "c" * 40, False)
     hub_snapshot(cache, "tester/tiny-heads", SHIPPED_HEADS / "amphista", "d" * 40, True)
     result = run_engine_script(f"""
-import json
 from vllm import LLM, SamplingParams
+from vllm_amphista.eval.report import print_result
 target = {str(tiny_target_dir)!r}
 errors = {{}}
 for label, spec in [("unknown", {{"method": "amphista", "model": "no-such-heads"}}),
@@ -143,8 +143,8 @@ llm = LLM(model=target, enforce_eager=True, max_model_len=256, speculative_confi
     "model": "tester/tiny-heads", "revision": {"c" * 40!r}}})
 out = llm.generate(["w1 w2 w3"], SamplingParams(temperature=0, max_tokens=12))
 heads = llm.llm_engine.vllm_config.additional_config["amphista"]["heads"]
-print("RESULT " + json.dumps({{"errors": errors, "heads": heads,
-                               "tokens": len(out[0].outputs[0].token_ids)}}))
+print_result({{"errors": errors, "heads": heads,
+              "tokens": len(out[0].outputs[0].token_ids)}})
 """, env_extra={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
     assert result["heads"] == str(pinned)
     assert result["tokens"] == 12

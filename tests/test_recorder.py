@@ -59,9 +59,10 @@ def test_recorded_rows_are_the_targets_hidden_states_and_shards_resume(tiny_targ
     out; they land in another folder. Sampled answers with an answer seed are the same
     when recorded again and others under another seed, each set in its own folder."""
     result = run_engine_script(f"""
-import dataclasses, json, torch
+import dataclasses, torch
 from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from vllm_amphista.eval.report import print_result
 from vllm_amphista.paths import DATA_DIR
 from vllm_amphista.training.data import RecordingPlan, _read_reply, record_dataset
 target = Path({str(tiny_target_dir)!r})
@@ -90,14 +91,14 @@ for seed in (1, 2, 1):
     sampled.setdefault(seed, []).append(
         [c.tokens.tolist() for c in record_dataset(seeded, max_num_seqs=8, max_model_len=512)])
     sampled.setdefault("folders", set()).add(str(seeded.folder))
-print("RESULT " + json.dumps({{
+print_result({{
     "rows": [[len(c.tokens), len(c.hidden), c.prompt_len] for c in convs],
     "diffs": diffs, "under_cache": str(plan.folder).startswith(str(DATA_DIR)),
     "shard0_kept": plan.shard_path(0).stat().st_mtime_ns == first,
     "same_tokens": [c.tokens.tolist() for c in again] == [c.tokens.tolist() for c in convs],
     "read": [[c.tokens.tolist(), len(c.hidden), c.prompt_len] for c in read],
     "expected_read": expected, "read_folder_differs": read_plan.folder != plan.folder,
-    "seed1": sampled[1], "seed2": sampled[2], "sampled_folders": len(sampled["folders"])}}))
+    "seed1": sampled[1], "seed2": sampled[2], "sampled_folders": len(sampled["folders"])}})
 """, env_extra={"VLLM_AMPHISTA_CACHE": str(tmp_path / "cache")})
     assert len(result["rows"]) == 3
     for tokens, hidden, prompt_len in result["rows"]:

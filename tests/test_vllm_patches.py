@@ -181,15 +181,15 @@ def test_seeded_request_prefilled_in_chunks_lives_and_keeps_its_stream(tiny_targ
     from tests.engine_helpers import run_engine_script
 
     result = run_engine_script(f"""
-import json
 from vllm import LLM, SamplingParams
+from vllm_amphista.eval.report import print_result
 llm = LLM(model={str(tiny_target_dir)!r}, enforce_eager=True, max_model_len=512,
           max_num_batched_tokens=64, enable_prefix_caching=True, dtype="float32")
 prompt = " ".join(f"w{{i % 400}}" for i in range(300))
 params = SamplingParams(temperature=1.0, seed=7, max_tokens=16)
 runs = [llm.generate([prompt], params, use_tqdm=False)[0] for _ in range(2)]
-print("RESULT " + json.dumps({{"tokens": [list(r.outputs[0].token_ids) for r in runs],
-                              "cached": [r.num_cached_tokens for r in runs]}}))
+print_result({{"tokens": [list(r.outputs[0].token_ids) for r in runs],
+              "cached": [r.num_cached_tokens for r in runs]}})
 """)
     first, second = result["tokens"]
     assert result["cached"][0] == 0 and result["cached"][1] >= 300 - 64, result["cached"]
