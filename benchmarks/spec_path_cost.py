@@ -41,8 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--drafts", type=int, nargs="+", default=[0, 2],
-                        help="drafts per request")
+    parser.add_argument("--drafts", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("results/spec_path_cost.json"))
     args = parser.parse_args()
@@ -59,7 +58,7 @@ def main() -> None:
         for requests in args.batch_sizes:
             times.setdefault((requests, "vanilla"), []).append(step_ms(vanilla, requests))
             for drafts in args.drafts:
-                spec.collective_rpc("set_drafts", args=(drafts * requests,))
+                spec.collective_rpc("set_drafts", args=(drafts,))
                 times.setdefault((requests, f"{drafts} drafts"), []).append(
                     step_ms(spec, requests))
     served = {**describe(), "torch_threads": spec.collective_rpc("torch_threads")[0]}

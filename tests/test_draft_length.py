@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import itertools
-import json
 
 import numpy as np
 import pytest
 
-from vllm_amphista.eval.calibrate import spread
 from vllm_amphista.serving.draft_length import (
     PROBE_SHARE,
     AcceptanceTracker,
     StepClock,
     StepCost,
     choose_lengths,
-    non_decreasing,
     pays_at,
     probe_interval,
 )
@@ -29,18 +26,11 @@ def _rate(lengths, chance, cost):
                                   + cost.draft_ms(requests))
 
 
-# A measured table: at 3 requests the first two drafts cost nothing, the third a lot.
-KNEE = StepCost(batch_sizes=(3,), drafts=((0, 2, 3, 9),), step_ms_at=((30.0, 30.0, 34.0, 40.0),),
-                draft_ms_at=(2.0,))
-
-
-@pytest.mark.parametrize("cost", [
-    *(StepCost.lines(batch_sizes=(1, 16), fixed_ms=(20.0, 35.0),
-                     per_token_ms=(per_token, 2 * per_token), draft_ms_at=(1.2, 4.2))
-      for per_token in (0.05, 0.5, 2.0)),
-    KNEE])
-def test_choice_is_the_best_prefix_lengths(cost):
+@pytest.mark.parametrize("per_token", [0.05, 0.5, 2.0])
+def test_choice_is_the_best_prefix_lengths(per_token):
     rng = np.random.default_rng(0)
+    cost = StepCost(batch_sizes=(1, 16), fixed_ms=(20.0, 35.0),
+                    per_token_ms=(per_token, 2 * per_token), draft_ms_at=(1.2, 4.2))
     for _ in range(20):
         chance = np.cumprod(rng.uniform(0.0, 1.0, size=(3, 3)), axis=1)
         got = choose_lengths(chance, cost)
@@ -59,43 +49,23 @@ def test_nothing_is_proposed_when_no_draft_pays_for_its_verification():
     assert not pays_at(1, np.array([0.2, 0.01]), dear_pass)
 
 
-def test_the_table_is_what_was_measured_and_lines_between():
-    """Steps timed at a few draft counts per batch size: the table returns them, lines
-    between, continues the last slope past the last count, interpolates linearly between
-    batch sizes and continues the last two sizes' trend past the largest. Where noise
-    timed more drafts faster, the times are pooled into a non-decreasing table."""
-    steps = [{"requests": 1, "drafts": 0, "ms": 35.0}, {"requests": 1, "drafts": 4, "ms": 35.0},
-             {"requests": 4, "drafts": 0, "ms": 36.0}, {"requests": 4, "drafts": 2, "ms": 36.0},
-             {"requests": 4, "drafts": 4, "ms": 42.0}, {"requests": 4, "drafts": 16, "ms": 60.0}]
-    cost = StepCost.fit(steps, [{"requests": 1, "ms": 4.0}, {"requests": 4, "ms": 7.0}])
-    assert cost.step_ms_at == ((35.0, 35.0), (36.0, 36.0, 42.0, 60.0))
-    assert [float(cost.step_ms(4, 4 + n)) for n in (0, 1, 2, 3, 10, 20)] == pytest.approx(
-        [36.0, 36.0, 36.0, 39.0, 51.0, 66.0])
-    assert float(cost.step_ms(1, 9)) == pytest.approx(35.0)  # flat past its last count
-    assert float(cost.step_ms(2, 2 + 3)) == pytest.approx((2 * 35.0 + 39.0) / 3)
-    assert float(cost.step_ms(7, 7 + 3)) == pytest.approx(2 * 39.0 - 35.0)  # trend onwards
-    assert cost.draft_ms(2) == pytest.approx(5.0) and cost.draft_ms(7) == pytest.approx(10.0)
-
-
-def test_a_calibration_from_before_the_table_reads_as_its_lines(tmp_path):
-    """Files that hold a line per batch size (fixed_ms + per_token_ms * tokens), as
-    calibrations were written before the table, still load, as those lines."""
-    path = tmp_path / "old.json"
-    path.write_text(json.dumps({"cost": {"batch_sizes": [1, 4], "fixed_ms": [36.0, 29.0],
-                                         "per_token_ms": [0.0, 1.5],
-                                         "draft_ms_at": [4.0, 5.5]}}))
-    cost = StepCost.load(path)
-    assert float(cost.step_ms(4, 12)) == pytest.approx(29.0 + 1.5 * 12)
-    assert float(cost.step_ms(1, 5)) == pytest.approx(36.0)
-    assert cost.draft_ms(4) == pytest.approx(5.5)
-    cost.save(tmp_path / "new.json")
-    assert StepCost.load(tmp_path / "new.json") == cost
+def test_fit_recovers_the_engine_and_interpolates_between_batch_sizes():
+    truth = StepCost(batch_sizes=(1, 4, 16), fixed_ms=(40.0, 45.0, 60.0),
+                     per_token_ms=(0.5, 1.0, 2.5), draft_ms_at=(3.0, 4.0, 8.0))
+    steps = [{"requests": b, "tokens": b * n, "ms": float(truth.step_ms(b, b * n))}
+             for b in truth.batch_sizes for n in (1, 3, 5)]
+    drafts = [{"requests": b, "ms": truth.draft_ms(b)} for b in truth.batch_sizes]
+    fitted = StepCost.fit(steps, drafts)
+    for field, value in vars(truth).items():
+        assert getattr(fitted, field) == pytest.approx(value, abs=1e-6)
+    assert fitted.step_ms(10, 10) == pytest.approx(52.5 + 1.75 * 10)  # halfway 4..16
+    assert fitted.step_ms(28, 28) == pytest.approx(75.0 + 4.0 * 28)  # last slope onwards
 
 
 def test_drafting_stops_above_the_batch_size_where_it_cannot_pay():
     """Verification grows with the batch (per_token), the plain step does not as fast:
     the same chances pay at 1 request and not at 64."""
-    cost = StepCost.lines(batch_sizes=(1, 16), fixed_ms=(40.0, 45.0), per_token_ms=(0.8, 2.0),
+    cost = StepCost(batch_sizes=(1, 16), fixed_ms=(40.0, 45.0), per_token_ms=(0.8, 2.0),
                     draft_ms_at=(2.0, 6.5))
     chance = np.array([0.3, 0.05, 0.01])
     assert pays_at(1, chance, cost) and not pays_at(64, chance, cost)
@@ -105,7 +75,7 @@ def test_drafting_stops_above_the_batch_size_where_it_cannot_pay():
 def test_probes_while_paused_cost_at_most_their_share(requests):
     """The tightest spacing of probe passes whose time stays within PROBE_SHARE of the
     plain steps between them."""
-    cost = StepCost.lines(batch_sizes=(1, 16), fixed_ms=(55.8, 77.3), per_token_ms=(3.0, 3.5),
+    cost = StepCost(batch_sizes=(1, 16), fixed_ms=(55.8, 77.3), per_token_ms=(3.0, 3.5),
                     draft_ms_at=(14.9, 26.9))
     interval = probe_interval(requests, cost)
     plain_ms = float(cost.step_ms(requests, requests))
@@ -253,22 +223,3 @@ def test_pays_at_charges_the_measured_overhead_of_drafting_steps():
     chance = np.array([0.25, 0.02, 0.0])  # one draft: 1.25 tokens in 48 ms vs 1 in 42
     assert pays_at(1, chance, cost) and pays_at(1, chance, cost, overhead=1.05)
     assert not pays_at(1, chance, cost, overhead=1.2)
-
-
-def test_the_calibration_spreads_its_drafts_over_the_requests():
-    """The calibration times steps with n drafts in all, each request's first drafts
-    before any request's second, as the proposer picks them (the likeliest first)."""
-    assert spread(2, 4) == [1, 1, 0, 0]
-    assert spread(6, 4) == [2, 2, 1, 1]
-    assert spread(0, 3) == [0, 0, 0] and spread(8, 1) == [8]
-
-
-def test_noise_is_pooled_into_a_non_decreasing_table():
-    """A step timed faster with more drafts is noise (a step does not get cheaper with
-    more rows): least squares under that constraint pools each falling run with the
-    ones before it."""
-    assert non_decreasing([33.5, 37.3, 37.1, 35.2, 33.1]) == pytest.approx(
-        [33.5, 35.675, 35.675, 35.675, 35.675])
-    assert non_decreasing([34.0, 34.6, 34.0, 42.4, 46.3, 44.1, 48.7]) == pytest.approx(
-        [34.0, 34.3, 34.3, 42.4, 45.2, 45.2, 48.7])
-    assert non_decreasing([1.0, 2.0, 3.0]) == (1.0, 2.0, 3.0)

@@ -2,12 +2,12 @@
 
 Runs the target in vLLM as `vllm serve` runs it (engine core and worker in processes of
 their own, the worker's threads bound by vLLM) with a drafter that proposes a fixed number
-of throw-away drafts per step, spread over the requests (so every step verifies exactly
-that many), for a few batch sizes and draft counts, and times the draft pass of the heads
-at the same batch sizes inside that worker, with its threads. The `StepCost` table is
-written where the proposer looks for it: one file per CPU, target, target dtype and
-thread count under ~/.cache/vllm-amphista/step_cost/, or with --ship into the heads
-folder (the calibration that travels with the heads).
+of throw-away drafts (so every step verifies exactly that many tokens per request), for a
+few batch sizes and draft counts, and times the draft pass of the heads at the same batch
+sizes inside that worker, with its threads. The fitted `StepCost` is written where the
+proposer looks for it: one file per CPU, target, target dtype and thread count under
+~/.cache/vllm-amphista/step_cost/, or with --ship into the heads folder (the calibration
+that travels with the heads).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 from vllm_amphista.engine import start_llm
 from vllm_amphista.machine import describe
 from vllm_amphista.model.checkpoint import load_checkpoint
-from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.target import TargetWeights
 from vllm_amphista.serving.draft_length import (
     StepCost,
@@ -35,18 +34,8 @@ FIXED_DRAFTER_PATH = f"{__name__}.FixedDrafter"
 CALIBRATION_WORKER_PATH = f"{__name__}.CalibrationWorker"
 
 
-# Drafts verified per step that the calibration times (those up to batch size x K): fine
-# steps where a few more rows may cost nothing, coarse ones where each costs its share.
-DRAFT_COUNTS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
-
-
-def spread(drafts: int, requests: int) -> list[int]:
-    """`drafts` over `requests` as evenly as they go, the first requests taking the rest."""
-    return [drafts // requests + (i < drafts % requests) for i in range(requests)]
-
-
 class FixedDrafter(StepDrafter):
-    """Proposes `drafts` copies of token 0 in all, spread over the requests that sampled."""
+    """Proposes `drafts` copies of token 0 for every request that sampled."""
 
     drafts = 0  # set between runs by CalibrationWorker.set_drafts
 
@@ -54,11 +43,7 @@ class FixedDrafter(StepDrafter):
         pass
 
     def propose_from_step(self, step: StepRows) -> Proposal:
-        sampled = [i for i, s in enumerate(step.sampled_token_ids) if s]
-        tokens: list[list[int]] = [[] for _ in step.sampled_token_ids]
-        for i, n in zip(sampled, spread(FixedDrafter.drafts, len(sampled)), strict=True):
-            tokens[i] = [0] * n
-        return Proposal(tokens)
+        return Proposal([[0] * FixedDrafter.drafts if s else [] for s in step.sampled_token_ids])
 
 
 class CalibrationWorker:
@@ -90,24 +75,22 @@ def generate_ms(llm, requests: int, tokens: int = 32) -> float:
     return 1e3 * (time.perf_counter() - started) / tokens
 
 
-def measure_steps(llm, batch_sizes: list[int], draft_counts: list[int], k: int,
+def measure_steps(llm, batch_sizes: list[int], draft_counts: list[int],
                   tokens: int = 32, repeats: int = 5) -> list[dict]:
-    """Median engine step time (ms) per batch size and drafts verified per step (those of
-    draft_counts up to batch size x k). The draft counts take turns within each repeat,
-    so a drift in the machine's speed (a neighbour, the clock) moves them alike instead of
-    tilting the table: measured one after the other, one token per request once came out
-    slower than three."""
+    """Median engine step time (ms) per (batch size, drafts per request). The draft counts
+    take turns within each repeat, so a drift in the machine's speed (a neighbour, the
+    clock) moves them alike instead of tilting the fitted per-token cost: measured one
+    after the other, one token per request once came out slower than three."""
     generate_ms(llm, 2, tokens)  # warm-up
     rows = []
     for requests in batch_sizes:
-        counts = [n for n in draft_counts if n <= requests * k]
-        times: dict[int, list[float]] = {drafts: [] for drafts in counts}
+        times: dict[int, list[float]] = {drafts: [] for drafts in draft_counts}
         for _ in range(repeats):
-            for drafts in counts:
+            for drafts in draft_counts:
                 llm.collective_rpc("set_drafts", args=(drafts,))
                 times[drafts].append(generate_ms(llm, requests, tokens))
-        rows += [{"requests": requests, "drafts": drafts,
-                  "ms": statistics.median(times[drafts])} for drafts in counts]
+        rows += [{"requests": requests, "tokens": requests * (1 + drafts),
+                  "ms": statistics.median(times[drafts])} for drafts in draft_counts]
     return rows
 
 
@@ -137,17 +120,16 @@ def measure_draft_pass(target_dir: Path, heads: Path, dtype: torch.dtype,
 
 
 def calibrate(target_dir: Path, heads: Path, target_dtype: str, draft_dtype: torch.dtype,
-              batch_sizes: list[int], draft_counts: list[int] = DRAFT_COUNTS,
+              batch_sizes: list[int], draft_counts: list[int],
               ship: bool = False) -> tuple[StepCost, Path]:
     """Measure, fit and save for this machine; ship=True saves into the heads folder
     instead, as the calibration machines without their own start from."""
     dtype_name = str(draft_dtype).removeprefix("torch.")
-    k = AmphistaConfig.load(heads).num_heads
     llm = start_llm(target_dir, dtype=target_dtype, max_num_seqs=max(batch_sizes),
                     as_served=True, worker_extension_cls=CALIBRATION_WORKER_PATH,
                     speculative_config={"method": "custom_class", "model": FIXED_DRAFTER_PATH,
-                                        "num_speculative_tokens": k})
-    steps = measure_steps(llm, batch_sizes, draft_counts, k)
+                                        "num_speculative_tokens": max(draft_counts)})
+    steps = measure_steps(llm, batch_sizes, draft_counts)
     drafts = llm.collective_rpc("measure_draft_pass",
                                 args=(str(target_dir), str(heads), dtype_name,
                                       batch_sizes))[0]

@@ -72,75 +72,49 @@ def shipped_step_cost_path(heads_dir: str | Path, target_dtype: str,
     return Path(heads_dir) / f"step_cost-{str(target_dtype).removeprefix('torch.')}-{kind}.json"
 
 
-def non_decreasing(values: list[float]) -> tuple[float, ...]:
-    """The non-decreasing sequence nearest `values` (least squares): each run that falls
-    is replaced by its mean, pooled with the runs before it until the sequence rises."""
-    pools: list[list[float]] = []  # [sum, count] per pooled run
-    for value in values:
-        pools.append([value, 1.0])
-        while len(pools) > 1 and pools[-2][0] / pools[-2][1] > pools[-1][0] / pools[-1][1]:
-            total, count = pools.pop()
-            pools[-1][0] += total
-            pools[-1][1] += count
-    return tuple(float(total / count) for total, count in pools for _ in range(int(count)))
-
-
 @dataclass(frozen=True)
 class StepCost:
-    """Measured engine cost at a few batch sizes: per batch size B, a step's time at a few
-    numbers of drafts verified in it (spread over its requests, as the proposer spreads
-    them), linear between them and past the last with the last slope, and the draft
-    pass's time. Between and beyond the measured sizes every figure is interpolated
-    linearly in B. A table, not a line per B: the target's products cost the same for a
-    few more rows and then step up (AMD EPYC with AVX-512 BF16, bf16, 4 requests: 0, 1 or
-    2 drafts ~35 ms, 3 drafts 39, 4 drafts 41.5), and verifying is nearly free at B = 1
-    and not at B = 16."""
+    """Measured engine cost at a few batch sizes: per batch size B, a step takes
+    fixed_ms + per_token_ms * tokens verified, and the draft pass draft_ms; between and
+    beyond the measured sizes every figure is interpolated linearly in B (one line fitted
+    per B, because verifying is nearly free at B = 1 and not at B = 16)."""
 
     batch_sizes: tuple[int, ...]
-    drafts: tuple[tuple[int, ...], ...]  # per batch size: drafts verified, from 0 up
-    step_ms_at: tuple[tuple[float, ...], ...]  # per batch size: a step's ms at those
+    fixed_ms: tuple[float, ...]
+    per_token_ms: tuple[float, ...]
     draft_ms_at: tuple[float, ...]
 
-    def _weights(self, requests: int) -> np.ndarray:
-        """Per measured batch size, its weight in the figure at `requests` (interpolated
-        linearly; beyond the largest size the last segment's slope continues)."""
+    def _at(self, values: tuple[float, ...], requests) -> np.ndarray:
         sizes = np.asarray(self.batch_sizes, float)
-        weights = np.zeros(len(sizes))
-        if len(sizes) == 1 or requests <= sizes[0]:
-            weights[0] = 1.0
-            return weights
-        upper = min(int(np.searchsorted(sizes, requests)), len(sizes) - 1)
-        share = (requests - sizes[upper - 1]) / (sizes[upper] - sizes[upper - 1])
-        weights[upper - 1], weights[upper] = 1.0 - share, share
-        return weights
+        if len(sizes) == 1:
+            return np.full(np.shape(requests), values[0])
+        x = np.asarray(requests, float)
+        inside = np.interp(x, sizes, values)
+        # Beyond the largest size: continue the last segment's slope.
+        slope = (values[-1] - values[-2]) / (sizes[-1] - sizes[-2])
+        return np.where(x > sizes[-1], values[-1] + slope * (x - sizes[-1]), inside)
 
-    def step_ms(self, requests: int, tokens):
-        """A step of `requests` requests verifying `tokens` tokens in all (ms)."""
-        drafts = np.asarray(tokens, float) - requests
-        at_sizes = []
-        for counts, ms in zip(self.drafts, self.step_ms_at, strict=True):
-            slope = (ms[-1] - ms[-2]) / (counts[-1] - counts[-2]) if len(ms) > 1 else 0.0
-            at_sizes.append(np.where(drafts > counts[-1], ms[-1] + slope * (drafts - counts[-1]),
-                                     np.interp(drafts, counts, ms)))
-        return np.tensordot(self._weights(requests), np.asarray(at_sizes), axes=1)
+    def step_ms(self, requests, tokens):
+        return (self._at(self.fixed_ms, requests)
+                + self._at(self.per_token_ms, requests) * np.asarray(tokens, float))
 
-    def draft_ms(self, requests: int) -> float:
-        return float(self._weights(requests) @ np.asarray(self.draft_ms_at))
+    def draft_ms(self, requests) -> float:
+        return float(self._at(self.draft_ms_at, requests))
 
     @classmethod
     def fit(cls, steps: list[dict], drafts: list[dict]) -> StepCost:
-        """steps: {"requests", "drafts", "ms"} per measured engine step configuration;
-        drafts: {"requests", "ms"} per measured draft pass, at the same batch sizes. A
-        step's time never falls with more drafts: where noise timed more drafts faster,
-        the neighbours are pooled (`non_decreasing`)."""
+        """steps: {"requests", "tokens", "ms"} per measured engine step configuration;
+        drafts: {"requests", "ms"} per measured draft pass, at the same batch sizes."""
         sizes = sorted({s["requests"] for s in steps})
-        counts, times = [], []
+        fixed, per_token = [], []
         for size in sizes:
-            rows = sorted((s["drafts"], s["ms"]) for s in steps if s["requests"] == size)
-            counts.append(tuple(int(n) for n, _ in rows))
-            times.append(non_decreasing([ms for _, ms in rows]))
+            rows = [s for s in steps if s["requests"] == size]
+            a = np.array([[1.0, s["tokens"]] for s in rows])
+            line = np.linalg.lstsq(a, np.array([s["ms"] for s in rows]), rcond=None)[0]
+            fixed.append(float(line[0]))
+            per_token.append(max(0.0, float(line[1])))  # noise must not make tokens free
         draft = {d["requests"]: d["ms"] for d in drafts}
-        return cls(tuple(sizes), tuple(counts), tuple(times),
+        return cls(tuple(sizes), tuple(fixed), tuple(per_token),
                    tuple(float(draft[size]) for size in sizes))
 
     def save(self, path: Path, **context) -> None:
@@ -149,14 +123,7 @@ class StepCost:
 
     @classmethod
     def load(cls, path: Path) -> StepCost:
-        """A calibration file; one written before the table (a line per batch size:
-        fixed_ms, per_token_ms) is read as those lines."""
-        cost = json.loads(path.read_text())["cost"]
-        if "fixed_ms" in cost:
-            return cls.lines(cost["batch_sizes"], cost["fixed_ms"], cost["per_token_ms"],
-                             cost["draft_ms_at"])
-        return cls(tuple(cost["batch_sizes"]), tuple(map(tuple, cost["drafts"])),
-                   tuple(map(tuple, cost["step_ms_at"])), tuple(cost["draft_ms_at"]))
+        return cls(**{k: tuple(v) for k, v in json.loads(path.read_text())["cost"].items()})
 
     @staticmethod
     def measured_on(path: Path) -> str:
@@ -165,17 +132,9 @@ class StepCost:
         return f"{cpu_label(machine)} with {machine.get('torch_threads', '?')} threads"
 
     @classmethod
-    def lines(cls, batch_sizes, fixed_ms, per_token_ms, draft_ms_at) -> StepCost:
-        """Per batch size B a step of `tokens` tokens taking fixed + per_token * tokens."""
-        return cls(tuple(batch_sizes), tuple((0, 1) for _ in batch_sizes),
-                   tuple((f + p * b, f + p * (b + 1))
-                         for b, f, p in zip(batch_sizes, fixed_ms, per_token_ms, strict=True)),
-                   tuple(draft_ms_at))
-
-    @classmethod
     def linear(cls, fixed_ms: float, per_token_ms: float, draft_ms: float) -> StepCost:
-        """One engine at every batch size: fixed + per_token * tokens (tests, examples)."""
-        return cls.lines((1, 2), (fixed_ms,) * 2, (per_token_ms,) * 2, (draft_ms,) * 2)
+        """One engine at every batch size (tests, examples)."""
+        return cls((1,), (fixed_ms,), (per_token_ms,), (draft_ms,))
 
 
 def confidence(logits: torch.Tensor, top: torch.Tensor | None = None) -> np.ndarray:
