@@ -192,7 +192,8 @@ class AmphistaProposer(StepDrafter):
         if plan == TRACK:
             own_ms = 1e3 * (perf_counter() - now)
             self.last_call = (now, decoding, False, own_ms)
-            self.clock.record_tracking(decoding, own_ms)
+            if step.decode_only():  # a prefill chunk's rows would price a warm-up step
+                self.clock.record_tracking(decoding, own_ms)
             return Proposal(drafts)
         # Requests past a partial prefill (they sampled a token) get drafts.
         drafting = [i for i in np.flatnonzero(counts).tolist() if step.sampled_token_ids[i]]
@@ -277,11 +278,11 @@ class AmphistaProposer(StepDrafter):
         if self.last_call is None or not step.req_ids:
             return
         started, decoded, drafted, own_ms = self.last_call
-        num_reqs = len(step.req_ids)
-        scheduled = np.diff(step.query_start_loc[: num_reqs + 1])
-        if (scheduled != 1 + np.asarray(step.num_draft_tokens[:num_reqs])).any():
+        if not step.decode_only():
             return
-        predicted = float(self.step_cost.step_ms(num_reqs, int(scheduled.sum())))
+        num_reqs = len(step.req_ids)
+        tokens = int(step.query_start_loc[num_reqs] - step.query_start_loc[0])
+        predicted = float(self.step_cost.step_ms(num_reqs, tokens))
         if drafted:
             predicted += self.step_cost.draft_ms(max(decoded, 1))
         self.clock.record(num_reqs, drafted, 1e3 * (now - started) - own_ms, predicted,

@@ -37,6 +37,12 @@ class StepRows:
         kept = scheduled - np.asarray(self.num_draft_tokens[:num_reqs], np.int64)
         return np.where(sampled == 0, kept, kept + sampled - 1)
 
+    def decode_only(self) -> bool:
+        """Whether every request ran one row plus its verified drafts (no prefill chunk)."""
+        num_reqs = len(self.req_ids)
+        scheduled = np.diff(self.query_start_loc[: num_reqs + 1])
+        return bool((scheduled == 1 + np.asarray(self.num_draft_tokens[:num_reqs])).all())
+
     def sampled_requests(self) -> np.ndarray:
         """[num_reqs] bool: which requests sample (temperature > 0)."""
         num_reqs = len(self.req_ids)
