@@ -138,8 +138,9 @@ def test_slots_follow_vllm_reordering_its_batch(heads_dir, tiny_target, tiny_tar
 
 
 def test_drafting_pauses_above_the_batch_limit(heads_dir, tiny_target, tiny_target_dir):
-    """Three decoding requests with a limit of 2: no drafts, no draft pass; back to one
-    request: it drafts again, its cache restarted at the new rows."""
+    """Three decoding requests with a limit of 2: no drafts, no draft pass, and none for
+    their prompts either (they will decode three at a time); back to one request: it
+    drafts again, its cache restarted at the new rows. A lone prompt is fed."""
     proposer = _proposer(heads_dir, tiny_target_dir, pause=2)
     d = tiny_target.hidden_size
     table = np.arange(3 * 64, dtype=np.int32).reshape(3, 64) % tiny_target.vocab_size
@@ -154,11 +155,13 @@ def test_drafting_pauses_above_the_batch_limit(heads_dir, tiny_target, tiny_targ
             token_ids=table)).tokens
 
     assert step(["a", "b", "c"], 0, sampled=False) == [[], [], []]  # prompt chunks
-    assert proposer.cached_positions("a") == 8  # fed: partial prefills are not decoding
+    assert proposer.cached_positions("a") == 0
     assert step(["a", "b", "c"], 8, sampled=True) == [[], [], []]
-    assert proposer.cached_positions("a") == 8  # untouched while paused
+    assert proposer.cached_positions("a") == 0  # untouched while paused
     assert len(step(["a"], 9, sampled=True)[0]) == 3
-    assert proposer.cached_positions("a") == 1  # restarted: position 8 was never fed
+    assert proposer.cached_positions("a") == 1  # restarted: positions 0-8 were never fed
+    assert step(["d"], 0, sampled=False) == [[]]
+    assert proposer.cached_positions("d") == 8
 
 
 def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,

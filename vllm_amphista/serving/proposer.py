@@ -169,7 +169,9 @@ class AmphistaProposer(StepDrafter):
         now = perf_counter()
         if self.step_cost is not None:
             self._time_last_step(step, now)
-        plan = self._plan(decoding)
+        # A step of prompts only is judged at the size its requests will decode at:
+        # where drafting is paused there, caches filled now would restart unused.
+        plan = self._plan(decoding or num_reqs)
         self.last_call = (now, decoding, plan == DRAFT, 0.0)
         if plan == SKIP:
             # No pass at all. A skipped request's slot no longer ends where its next rows
