@@ -283,8 +283,7 @@ class AmphistaProposer(StepDrafter):
         if not step.decode_only():
             return
         num_reqs = len(step.req_ids)
-        tokens = int(step.query_start_loc[num_reqs] - step.query_start_loc[0])
-        predicted = float(self.step_cost.step_ms(num_reqs, tokens))
+        predicted = float(self.step_cost.step_ms(num_reqs, int(step.scheduled_rows().sum())))
         if drafted:
             predicted += self.step_cost.draft_ms(max(decoded, 1))
         self.clock.record(num_reqs, drafted, 1e3 * (now - started) - own_ms, predicted,

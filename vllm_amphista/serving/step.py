@@ -27,21 +27,23 @@ class StepRows:
     token_ids: np.ndarray  # [max_reqs, max_len] every known token of each request
     sampling: RequestSampling | None = None  # per request; None = every request greedy
 
+    def scheduled_rows(self) -> np.ndarray:
+        """[num_reqs] int64: the rows each request ran this step."""
+        return np.diff(self.query_start_loc[: len(self.req_ids) + 1]).astype(np.int64)
+
     def accepted_counts(self) -> np.ndarray:
         """How many of each request's rows the target kept, [num_reqs] int64: the prefill
         chunk, or in a decode step the last sampled token plus the accepted drafts
         (len(sampled) rows)."""
         num_reqs = len(self.req_ids)
-        scheduled = np.diff(self.query_start_loc[: num_reqs + 1]).astype(np.int64)
         sampled = np.fromiter(map(len, self.sampled_token_ids), np.int64, num_reqs)
-        kept = scheduled - np.asarray(self.num_draft_tokens[:num_reqs], np.int64)
+        kept = self.scheduled_rows() - np.asarray(self.num_draft_tokens[:num_reqs], np.int64)
         return np.where(sampled == 0, kept, kept + sampled - 1)
 
     def decode_only(self) -> bool:
         """Whether every request ran one row plus its verified drafts (no prefill chunk)."""
-        num_reqs = len(self.req_ids)
-        scheduled = np.diff(self.query_start_loc[: num_reqs + 1])
-        return bool((scheduled == 1 + np.asarray(self.num_draft_tokens[:num_reqs])).all())
+        verified = np.asarray(self.num_draft_tokens[: len(self.req_ids)])
+        return bool((self.scheduled_rows() == 1 + verified).all())
 
     def sampled_requests(self) -> np.ndarray:
         """[num_reqs] bool: which requests sample (temperature > 0)."""
