@@ -14,6 +14,7 @@ from vllm_amphista.kernels.packed_linear import PackedLinear, has_half_weight_ge
 from vllm_amphista.machine import compute_dtype
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
+from vllm_amphista.model.layers import attention_dtype
 from vllm_amphista.model.sal_cache import SALCache
 
 # Every Amphista switch off: Medusa-1 heads.
@@ -114,6 +115,24 @@ def test_incremental_matches_full_forward(tiny_target, overrides):
             assert cache.lengths[: len(seqs)].tolist() == done
 
 
+def test_bf16_drafting_on_a_cpu_keeps_its_cache_in_fp32_with_the_same_logits(tiny_target):
+    """A bf16 draft model on a CPU attends in fp32 (`attention_dtype`), so its cache is
+    fp32: the same logits, to the bit, as a bf16 cache cast at every pass, chunk after
+    chunk (the keys and values are rounded to bf16 either way)."""
+    model = draft_model(tiny_target, randomised=True).to(torch.bfloat16)
+    fp32_cache = model.new_cache()
+    assert fp32_cache.keys.dtype == fp32_cache.values.dtype == torch.float32
+    bf16_cache = SALCache(model.config, torch.bfloat16)
+    hidden, tokens = _inputs(tiny_target, b=1, t=12)
+    hidden = hidden[0].to(torch.bfloat16)
+    for rows in (slice(0, 7), slice(7, 8), slice(8, 12)):
+        want, got = (model.extend(cache, hidden[rows], tokens[0, rows],
+                                  [rows.stop - rows.start]) for cache in (bf16_cache, fp32_cache))
+        assert torch.equal(got, want)
+    torch.testing.assert_close(fp32_cache.keys.bfloat16().float(), fp32_cache.keys,
+                               rtol=0, atol=0)
+
+
 def test_sal_cache_growth_keeps_contents_and_moves_swap(tiny_target):
     model = draft_model(tiny_target, randomised=True)
     cache = SALCache(model.config, slots=2, capacity=4)
@@ -188,7 +207,7 @@ def test_prepacked_weights_draft_as_the_plain_model(tiny_target, switches, dtype
     included, for a packed layout: the same logits, chunk after chunk, as the plain model
     with the weights as the packed one reads them (fp32 ones in fp16 where FBGEMM has that
     product). Medusa-mode heads keep no parameter once packed: the cache still takes the
-    packed dtype."""
+    dtype of the packed model's attention."""
     plain = draft_model(tiny_target, randomised=True, draft_vocab_size=100,
                         **switches).to(dtype)
     packed = copy.deepcopy(plain)
@@ -199,7 +218,7 @@ def test_prepacked_weights_draft_as_the_plain_model(tiny_target, switches, dtype
                 linear.weight.copy_(linear.weight.half())
         plain.lm_head_weight = plain.lm_head_weight.half().float()
     assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
-    assert packed.new_cache().keys.dtype == dtype
+    assert packed.new_cache().keys.dtype == attention_dtype(dtype, "cpu")
     hidden, tokens = _inputs(tiny_target, b=1, t=12)
     hidden = hidden[0].to(dtype)
     caches = {model: model.new_cache() for model in (plain, packed)}

@@ -29,6 +29,7 @@ from vllm_amphista.model.layers import (
     RotaryTable,
     StagedAdaptationLayer,
     SwiGLU,
+    attention_dtype,
 )
 from vllm_amphista.model.sal_cache import SALCache
 from vllm_amphista.model.target import TargetWeights
@@ -157,9 +158,12 @@ class AmphistaDraftModel(nn.Module):
         return self._head_logits(features)
 
     # -- drafting: new rows against the SAL cache ---------------------------------------
-    def new_cache(self, dtype: torch.dtype | None = None, device=None) -> SALCache:
+    def new_cache(self) -> SALCache:
+        """An empty SAL cache on this model's device, in the dtype its attention against
+        the cache computes in (`attention_dtype`)."""
         weight = self._a_weight()
-        return SALCache(self.config, dtype or weight.dtype, device or weight.device)
+        return SALCache(self.config, attention_dtype(weight.dtype, weight.device),
+                        weight.device)
 
     @torch.no_grad()
     def extend(self, cache: SALCache, hidden_states: torch.Tensor, next_token_ids: torch.Tensor,
@@ -198,8 +202,8 @@ class AmphistaDraftModel(nn.Module):
             write_at = torch.from_numpy(past[row_slot] + row_offset).to(device)
             for s, stage in enumerate(self.stages):
                 q, k, v = stage.project(x, cos, sin)
-                cache.keys[s, slot_t, :, write_at] = k[slot_t, :, offset_t]
-                cache.values[s, slot_t, :, write_at] = v[slot_t, :, offset_t]
+                cache.keys[s, slot_t, :, write_at] = k[slot_t, :, offset_t].to(cache.keys.dtype)
+                cache.values[s, slot_t, :, write_at] = v[slot_t, :, offset_t].to(cache.values.dtype)
                 attn = stage.attend(q, cache.keys[s, :b, :, :total],
                                     cache.values[s, :b, :, :total], mask)
                 x = stage.finish(x, attn)

@@ -307,7 +307,7 @@ class AmphistaProposer(StepDrafter):
         """Make slot i hold request req_ids[i]: move the slots of requests vLLM moved,
         mark new requests for a restart. Nothing to do while the batch is unchanged."""
         if self.cache is None:
-            self.cache = self.model.new_cache(self.dtype, self.device)
+            self.cache = self.model.new_cache()
         if req_ids == self.slot_reqs[: len(req_ids)]:
             return self.cache
         where = {req_id: slot for slot, req_id in enumerate(self.slot_reqs) if req_id}
