@@ -16,6 +16,7 @@ from vllm_amphista.eval.bench import (
     Run,
     greedy_verdict,
     markdown,
+    methods_in_turn,
     percentile,
     spec_counters,
     summarise,
@@ -120,6 +121,28 @@ def test_greedy_verdict_holds_bf16_to_vanillas_own_flips():
     same = {("vanilla", 0.0, 1): [_run(10.0, alone)], ("amphista", 0.0, 1): [_run(9.0, alone)]}
     assert greedy_verdict(summarise(same), "float32") == (
         True, "temperature 0: every method produced vanilla's tokens")
+
+
+def test_greedy_outputs_are_held_to_vanilla_alone_without_concurrency_1():
+    """A bench of 4 and 16 requests only: vanilla's outputs with each prompt alone (run
+    apart) are the reference, so vanilla's own bf16 flips at 4 are counted and a method
+    with as many passes; without that reference vanilla at 4 would be compared with
+    itself and count none."""
+    alone, batched = [[1], [2], [3]], [[9], [2], [3]]
+    runs = {("vanilla", 0.0, 4): [_run(30.0, batched)],
+            ("amphista", 0.0, 4): [_run(31.0, [[1], [9], [3]])]}
+    rows = {r["method"]: r for r in summarise(runs, alone)}
+    assert rows["vanilla"]["mismatched_prompts"] == [0]
+    assert rows["amphista"]["mismatched_prompts"] == [1]
+    assert greedy_verdict(list(rows.values()), "bfloat16")[0] is True
+    assert greedy_verdict(summarise(runs), "bfloat16")[0] is False
+
+
+def test_methods_take_turns_at_running_first():
+    methods = ["vanilla", "amphista", "medusa"]
+    assert methods_in_turn(methods, 0) == methods
+    assert methods_in_turn(methods, 1) == ["medusa", "amphista", "vanilla"]
+    assert methods_in_turn(methods, 2) == methods and methods == ["vanilla", "amphista", "medusa"]
 
 
 def test_table_without_vanilla_has_no_speedup():

@@ -11,7 +11,8 @@ speculative settings differ:
 
 All servers are started first (warmed up, then left idle); the measured runs are then
 interleaved (repeat -> temperature -> concurrency -> method), so a drift in the
-machine's speed hits every method alike, each run starting ENGINE_SETTLE_S after the
+machine's speed hits every method alike, the methods' order reversed every other
+repeat, so no method always runs first, each run starting ENGINE_SETTLE_S after the
 last one ended, so it does not share the CPU with the last engine's polling. Each run
 sends the whole prompt file with `concurrency` requests in flight, identical sampling
 parameters and max_tokens for every method. At temperature > 0 every request generates
@@ -20,7 +21,9 @@ would otherwise differ from method to method and run to run (a batch's last long
 sets its wall time). Tokens/s is completion tokens over the run's wall time; latency is
 per request, end to end; tau and per-position acceptance come from the server's
 spec-decode counters read before and after the run. At temperature 0 every method's
-tokens are compared with vanilla's at concurrency 1.
+tokens are compared with vanilla's at concurrency 1, each prompt alone (run once more,
+unmeasured, where the bench has no concurrency 1), vanilla's own included: in bf16 those
+are the flips a method is held to.
 """
 
 from __future__ import annotations
@@ -104,6 +107,13 @@ def server_args(method: str, args: argparse.Namespace) -> list[str]:
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
+def methods_in_turn(methods: list[str], repeat: int) -> list[str]:
+    """The order the methods run in a repeat: reversed every other one, so that whatever
+    running first (or right after another method) does to a run, no method always gets
+    it."""
+    return list(methods) if repeat % 2 == 0 else list(reversed(methods))
+
+
 # -- one measured run -----------------------------------------------------------------------
 _COUNTER = re.compile(r'^(vllm:spec_decode_\w+?)_total(?:\{([^}]*)\})?\s+([0-9.eE+-]+)$')
 
@@ -156,12 +166,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def summarise(runs: dict[tuple[str, float, int], list[Run]]) -> list[dict]:
+def summarise(runs: dict[tuple[str, float, int], list[Run]],
+              alone: list[list[int]] | None = None) -> list[dict]:
     """One row per (method, temperature, concurrency); speedup against vanilla's row at
-    the same temperature and concurrency; greedy tokens against vanilla's first greedy
-    run at its lowest concurrency."""
+    the same temperature and concurrency; greedy tokens against `alone` (vanilla's
+    greedy outputs with each prompt alone), else vanilla's first greedy run at its
+    lowest concurrency."""
     greedy_vanilla = sorted(c for m, t, c in runs if m == "vanilla" and t == 0.0)
-    reference = runs[("vanilla", 0.0, greedy_vanilla[0])][0].outputs if greedy_vanilla else None
+    reference = alone
+    if reference is None and greedy_vanilla:
+        reference = runs[("vanilla", 0.0, greedy_vanilla[0])][0].outputs
     rows = []
     for (method, temperature, concurrency), reps in runs.items():
         speeds = [r.tokens_per_s for r in reps]
@@ -329,17 +343,21 @@ def main(args: argparse.Namespace) -> int:
             served_threads = worker_cores(log.read_text()) or served_threads
             # Warm-up, not measured: the first requests pay one-off allocation costs.
             measure(bases[method], prompts[:2], 2, 0.0, 16)
-        for _ in range(args.repeats):
+        alone = None
+        if "vanilla" in bases and 0.0 in args.temperature and 1 not in args.concurrency:
+            # Greedy outputs' reference (summarise): vanilla with each prompt alone.
+            alone = measure(bases["vanilla"], prompts, 1, 0.0, args.max_tokens).outputs
+        for repeat in range(args.repeats):
             for temperature in args.temperature:
                 for concurrency in args.concurrency:
-                    for method in args.methods:
+                    for method in methods_in_turn(args.methods, repeat):
                         time.sleep(ENGINE_SETTLE_S)  # the last run's engine core spins on
                         run = measure(bases[method], prompts, concurrency, temperature,
                                       args.max_tokens, args.top_p)
                         runs.setdefault((method, temperature, concurrency), []).append(run)
                         print(f"{method:>12} T={temperature:g} c={concurrency:<3} "
                               f"{run.tokens_per_s:7.1f} tok/s", flush=True)
-    rows = summarise(runs)
+    rows = summarise(runs, alone)
     report = {"target": str(args.target), "prompts": args.prompts or "MT-Bench",
               "num_prompts": len(prompts), "max_tokens": args.max_tokens,
               "sampled_top_p": args.top_p,
