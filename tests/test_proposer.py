@@ -26,7 +26,7 @@ from vllm_amphista.serving.draft_length import (
     step_cost_path,
 )
 from vllm_amphista.serving.draft_sampling import RequestSampling
-from vllm_amphista.serving.proposer import AmphistaProposer
+from vllm_amphista.serving.proposer import AmphistaProposer, Pause
 from vllm_amphista.serving.spec_config import AmphistaSetupError, resolve_speculative_config
 from vllm_amphista.serving.step import StepRows
 
@@ -171,8 +171,9 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
     probe_interval plain steps (their share counting the warm-up) and each next one twice
     as far (up to MAX_PROBE_BACKOFF times), and the probes measure the chances again. The
     WARM_STEPS calls before each probe only advance the cache, so the probe drafts with
-    that much context, and so do the first WARM_STEPS calls of the pause that follows
-    drafting. Once drafting pays and pauses again, the spacing starts over."""
+    that much context. Once drafting pays and pauses again, the spacing starts over, and
+    the first WARM_STEPS calls of that pause advance the caches too (the first pass,
+    which never paid, has none)."""
     dear = StepCost.linear(fixed_ms=10.0, per_token_ms=10.0, draft_ms=1.0)
     dear.save(tmp_path / "dear.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "dear.json"))
@@ -205,8 +206,8 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
     probes = np.flatnonzero(passes)
     assert np.diff(probes).tolist() == [interval + 1, 2 * interval + 1, 4 * interval + 1,
                                         8 * interval + 1]
-    assert np.flatnonzero(tracked).tolist() == [*range(1, 1 + WARM_STEPS), *(
-        step for probe in probes[1:] for step in range(probe - WARM_STEPS, probe))]
+    assert np.flatnonzero(tracked).tolist() == [
+        step for probe in probes[1:] for step in range(probe - WARM_STEPS, probe)]
     assert [cached[probe] for probe in probes[1:]] == [WARM_STEPS + 1] * 4
     assert len(chances[-1]) == 1 + 4  # one row per pass: re-measured by the probes
     assert not np.allclose(chances[0][-1], chances[-1][-1])
@@ -218,6 +219,45 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
     steps(3 * interval + 2)
     assert np.flatnonzero(passes[start:]).tolist() == [interval, 3 * interval + 1]
     assert np.flatnonzero(tracked[start:]).tolist()[:WARM_STEPS] == list(range(WARM_STEPS))
+
+
+def test_drafting_at_one_batch_size_leaves_the_pause_at_another(heads_dir, tiny_target,
+                                                               tiny_target_dir, tmp_path):
+    """Drafting pays at one request and never at two. Two requests decode, paused, with
+    a step of one between their probes now and then (as when a request ends before the
+    next comes in): drafting there leaves the pause at two as it was, so the probes at two
+    still back off and no warm-up follows the step of one."""
+    StepCost((1, 2), (10.0, 10.0), (0.0, 10.0), (0.0, 1.0)).save(tmp_path / "cost.json")
+    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"))
+    proposer.clock.tracking_ms = lambda requests: 2.0
+    interval = probe_interval(2, proposer.step_cost, WARM_STEPS * 2.0)
+    d = tiny_target.hidden_size
+    table = np.arange(4096, dtype=np.int32).reshape(2, 2048) % tiny_target.vocab_size
+    position = iter(range(1, 2048))
+    plans = []
+
+    def call(req_ids):
+        start = next(position)
+        proposer.propose_from_step(StepRows(
+            req_ids=req_ids, sampled_token_ids=[[5]] * len(req_ids),
+            hidden_states=torch.randn(len(req_ids), d),
+            query_start_loc=np.arange(len(req_ids) + 1), start_positions=np.full(
+                len(req_ids), start), num_draft_tokens=np.zeros(len(req_ids), np.int64),
+            token_ids=table))
+        drafted, tracked = proposer.last_call[2], proposer.last_call[3] > 0
+        plans.append("D" if drafted else "T" if tracked else "S")
+
+    for _ in range(WARM_STEPS + 2):  # warm slots, so their chances judge the heads
+        call(["a", "b"])
+    calls = 12 * interval
+    for i in range(calls):
+        call(["a"] if i % (interval // 2) == 0 else ["a", "b"])
+    pair = [p for i, p in enumerate(plans[WARM_STEPS + 2:]) if i % (interval // 2)]
+    alone = [p for i, p in enumerate(plans[WARM_STEPS + 2:]) if not i % (interval // 2)]
+    assert set(alone) == {"D"}
+    probes = np.flatnonzero(np.array(pair) == "D")
+    assert len(probes) >= 3 and (np.diff(probes) > 1.5 * np.diff(probes)[0]).any()
+    assert pair.count("T") == WARM_STEPS * len(probes)
 
 
 def test_only_decode_steps_price_the_warm_up_before_a_probe(heads_dir, tiny_target,
@@ -242,6 +282,8 @@ def test_only_decode_steps_price_the_warm_up_before_a_probe(heads_dir, tiny_targ
         return proposer.last_call[3] > 0  # the call only advanced the caches
 
     call(["a"], [[5]], [9], [0])  # a drafting pass, after which drafting pauses
+    # As where drafting paid right before: the pause's first calls advance the caches.
+    proposer.pauses = {size: Pause(after_drafting=True) for size in (1, 2)}
     assert call(["a", "b"], [[5], []], [1, 20], [9, 0]) and timed == []  # b's prompt
     assert call(["a", "b"], [[5], [6]], [1, 1], [10, 20]) and timed == [2]
 

@@ -22,6 +22,7 @@ caches for a few steps before it probes (serving/draft_length.py, WARM_STEPS).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
 
@@ -63,6 +64,16 @@ RECENT_ROWS = 32
 DRAFT, TRACK, SKIP = "draft", "track", "skip"
 
 
+@dataclass
+class Pause:
+    """Drafting paused at one batch size: plain steps there since it paused or last
+    probed, the probe interval's multiple, and whether drafting paid there right before."""
+
+    steps: int = 0
+    backoff: int = 1
+    after_drafting: bool = False
+
+
 class AmphistaProposer(StepDrafter):
     def __init__(self, vllm_config) -> None:
         spec = vllm_config.speculative_config
@@ -99,8 +110,7 @@ class AmphistaProposer(StepDrafter):
         # proposer whether drafting would pay at the current batch size.
         self.recent_chance = np.zeros((0, self.num_speculative_tokens))
         self.acceptance = AcceptanceTracker(self.num_speculative_tokens)
-        self.steps_paused = 0  # plain steps since drafting paused or last probed
-        self.probe_backoff = 1  # the probe interval's multiple in this pause
+        self.pauses: dict[int, Pause] = {}  # per number of decoding requests
         self.steps_drafting = 0  # steps drafting paid, for timing plain ones among them
         self.clock = StepClock(self.step_cost.batch_sizes if self.step_cost else (1,))
         # The last call: when it started, its decoding requests, whether it drafted, and
@@ -231,7 +241,12 @@ class AmphistaProposer(StepDrafter):
           measures the chances again, the WARM_STEPS calls before it TRACK so that it
           drafts with context. The first WARM_STEPS calls of a pause that follows
           drafting TRACK as well: near the break-even the verdict may turn back within
-          a few steps (the step clock's noise), and drafting then resumes with context."""
+          a few steps (the step clock's noise), and drafting then resumes with context.
+        A pause is kept per batch size: at 4 requests in flight the batch dips to 3
+        for a step or two whenever one request ends and the next one is not yet in,
+        and drafting there (where it pays) must not restart the pause at 4, its warm-up
+        and its probes' backoff (the bench's 4-request runs: every fifth call a
+        warm-up, each ~6 ms of SAL layers for nothing, while they shared one pause)."""
         if self.disable_by_batch_size is not None:
             return SKIP if decoding > self.disable_by_batch_size else DRAFT
         if self.step_cost is None or not len(self.recent_chance) or decoding == 0:
@@ -240,23 +255,22 @@ class AmphistaProposer(StepDrafter):
         if ((realized is None or realized >= 1.0)
                 and pays_at(decoding, self.recent_chance, self.step_cost,
                             self.clock.overhead(decoding))):
-            self.steps_paused = 0
-            self.probe_backoff = 1
+            self.pauses[decoding] = Pause(after_drafting=True)
             self.steps_drafting += 1
             explore = (not self.clock.plain_timed(decoding) and self.steps_drafting
                        % probe_interval(decoding, self.step_cost) == 0)
             return TRACK if explore else DRAFT
-        self.steps_paused += 1
-        if self.probe_backoff == 1 and self.steps_paused <= WARM_STEPS:
-            return TRACK  # no probe yet: this pause follows drafting
+        pause = self.pauses.setdefault(decoding, Pause())
+        pause.steps += 1
+        if pause.after_drafting and pause.steps <= WARM_STEPS:
+            return TRACK
         tracking_ms = self.clock.tracking_ms(decoding) or self.step_cost.draft_ms(decoding)
-        spacing = self.probe_backoff * probe_interval(decoding, self.step_cost,
-                                                      WARM_STEPS * tracking_ms)
-        if self.steps_paused > spacing:
-            self.steps_paused = 0
-            self.probe_backoff = min(2 * self.probe_backoff, MAX_PROBE_BACKOFF)
+        spacing = pause.backoff * probe_interval(decoding, self.step_cost,
+                                                 WARM_STEPS * tracking_ms)
+        if pause.steps > spacing:
+            self.pauses[decoding] = Pause(backoff=min(2 * pause.backoff, MAX_PROBE_BACKOFF))
             return DRAFT  # a probe: its drafts are still cut to what pays
-        return TRACK if self.steps_paused > spacing - WARM_STEPS else SKIP
+        return TRACK if pause.steps > spacing - WARM_STEPS else SKIP
 
     def _lengths(self, logits: torch.Tensor, top: torch.Tensor, rows: list[int],
                  sampled: np.ndarray) -> list[int]:
