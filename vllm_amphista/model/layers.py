@@ -79,9 +79,8 @@ def attention_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dty
     """The dtype drafting's attention against the SAL cache computes in, and so the
     cache's: fp32 for bf16 on a CPU, where PyTorch's attention kernel takes ~6x longer in
     bf16 at that shape (206 vs 32 us for 1 query against 200 keys, AMD EPYC with
-    avx512_bf16). A cache kept in fp32 is read as it is; one kept in bf16 was cast whole
-    at every pass (AMD EPYC with avx512_bf16, one thread, 16 requests x 800 positions:
-    a 20.3 ms draft pass, 17.1 with the cache in fp32, identical logits)."""
+    avx512_bf16). A cache kept in fp32 is read as it is; one kept in bf16 would be cast
+    whole at every pass (docs/decisions.md has the measurements)."""
     if dtype == torch.bfloat16 and torch.device(device).type == "cpu":
         return torch.float32
     return dtype

@@ -235,21 +235,16 @@ class AmphistaProposer(StepDrafter):
         - Above the user's batch limit: SKIP.
         - Where drafting pays (the step cost with recent chances, and the step clock's
           check that drafting steps timed at this size yielded more than plain ones):
-          DRAFT, but TRACK every second step until plain steps are timed at this size,
-          so the check soon has plain steps to compare with: once per size and
-          proposer, a few steps (every probe_interval-th step, as before, left a
-          4-request bench drafting ~100 steps at 0.87x plain's pace before the check
-          could pause it).
+          DRAFT, but TRACK every second step until plain steps are timed at this size
+          (once per size), so that the check soon has plain steps to compare with.
         - Elsewhere drafting is paused: SKIP, except a probe (DRAFT) now and then that
           measures the chances again, the WARM_STEPS calls before it TRACK so that it
           drafts with context. The first WARM_STEPS calls of a pause that follows
           drafting TRACK as well: near the break-even the verdict may turn back within
           a few steps (the step clock's noise), and drafting then resumes with context.
-        A pause is kept per batch size: at 4 requests in flight the batch dips to 3
-        for a step or two whenever one request ends and the next one is not yet in,
-        and drafting there (where it pays) must not restart the pause at 4, its warm-up
-        and its probes' backoff (the bench's 4-request runs: every fifth call a
-        warm-up, each ~6 ms of SAL layers for nothing, while they shared one pause)."""
+        A pause is kept per batch size: with 4 requests in flight the batch dips to 3
+        for a step or two whenever one ends before the next comes in, and drafting
+        there must not restart the pause at 4 with its warm-up and backoff."""
         if self.disable_by_batch_size is not None:
             return SKIP if decoding > self.disable_by_batch_size else DRAFT
         if self.step_cost is None or not len(self.recent_chance) or decoding == 0:
