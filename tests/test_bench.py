@@ -138,6 +138,18 @@ def test_greedy_outputs_are_held_to_vanilla_alone_without_concurrency_1():
     assert greedy_verdict(summarise(runs), "bfloat16")[0] is False
 
 
+def test_bf16_flips_of_vanilla_counted_apart_where_only_one_request_is_benched():
+    """A bf16 bench of one request at a time: vanilla's own flips come from its run at
+    another concurrency, counted apart (the bench runs it unmeasured)."""
+    alone = [[1], [2], [3]]
+    runs = {("vanilla", 0.0, 1): [_run(10.0, alone)],
+            ("amphista", 0.0, 1): [_run(14.0, [[9], [9], [3]])]}
+    assert greedy_verdict(summarise(runs), "bfloat16")[0] is False
+    assert greedy_verdict(summarise(runs), "bfloat16", vanilla_flips=2)[0] is True
+    assert greedy_verdict(summarise(runs), "bfloat16", vanilla_flips=1)[0] is False
+    assert greedy_verdict(summarise(runs), "float32", vanilla_flips=2)[0] is False
+
+
 def test_methods_take_turns_at_running_first():
     methods = ["vanilla", "amphista", "medusa"]
     assert methods_in_turn(methods, 0) == methods
