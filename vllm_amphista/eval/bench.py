@@ -352,11 +352,11 @@ def main(args: argparse.Namespace) -> int:
             # Warm-up, not measured: the first requests pay one-off allocation costs.
             measure(bases[method], prompts[:2], 2, 0.0, 16)
         alone = batched = None
-        if "vanilla" in bases and 0.0 in args.temperature and 1 not in args.concurrency:
+        greedy_vanilla = "vanilla" in bases and 0.0 in args.temperature
+        if greedy_vanilla and 1 not in args.concurrency:
             # Greedy outputs' reference (summarise): vanilla with each prompt alone.
             alone = measure(bases["vanilla"], prompts, 1, 0.0, args.max_tokens).outputs
-        if ("vanilla" in bases and 0.0 in args.temperature and args.dtype != "float32"
-                and max(args.concurrency) == 1):
+        if greedy_vanilla and args.dtype != "float32" and max(args.concurrency) == 1:
             # bf16: vanilla's own flips with another batch shape (greedy_verdict).
             batched = measure(bases["vanilla"], prompts, FLIP_CHECK_CONCURRENCY, 0.0,
                               args.max_tokens).outputs
