@@ -212,9 +212,11 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
     assert len(chances[-1]) == 1 + 4  # one row per pass: re-measured by the probes
     assert not np.allclose(chances[0][-1], chances[-1][-1])
     proposer.step_cost = StepCost.linear(fixed_ms=10.0, per_token_ms=0.0, draft_ms=0.0)
+    proposer.predicted_gain.clear()  # kept only while recent_chance and the cost stand
     steps(8 * interval + 2)  # the next probe finds drafting pays
     assert passes[-1]
     proposer.step_cost = dear
+    proposer.predicted_gain.clear()
     start = len(passes)
     steps(3 * interval + 2)
     assert np.flatnonzero(passes[start:]).tolist() == [interval, 3 * interval + 1]

@@ -10,7 +10,7 @@ and the best m maximises tokens(m) / time(m) (m = 0 included: the draft pass has
 by then, so a draft is verified only if it pays for its own verification). Taking the
 largest c first keeps every request's drafts a prefix (c is non-increasing in k).
 Whether to run the draft pass at all compares the best such steps over recent requests'
-chances, draft pass included, with a plain step, B / step_ms(B, B) (`pays_at`). The
+chances, draft pass included, with a plain step, B / step_ms(B, B) (`drafting_gain`). The
 chances are the heads' confidence corrected by what the target accepted so far
 (`AcceptanceTracker`). `StepCost` is fitted to measured engine steps
 (`vllm-amphista calibrate`), so the threshold and the batch size where drafting stops
@@ -25,6 +25,7 @@ less the longer the pause lasts.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -84,22 +85,24 @@ class StepCost:
     per_token_ms: tuple[float, ...]
     draft_ms_at: tuple[float, ...]
 
-    def _at(self, values: tuple[float, ...], requests) -> np.ndarray:
-        sizes = np.asarray(self.batch_sizes, float)
-        if len(sizes) == 1:
-            return np.full(np.shape(requests), values[0])
-        x = np.asarray(requests, float)
-        inside = np.interp(x, sizes, values)
-        # Beyond the largest size: continue the last segment's slope.
-        slope = (values[-1] - values[-2]) / (sizes[-1] - sizes[-2])
-        return np.where(x > sizes[-1], values[-1] + slope * (x - sizes[-1]), inside)
+    def _at(self, values: tuple[float, ...], requests: int) -> float:
+        """In plain Python: the proposer asks every engine step, and numpy's
+        interpolation costs ~10x as much for one value."""
+        sizes = self.batch_sizes
+        if len(sizes) == 1 or requests <= sizes[0]:
+            return values[0]
+        # Between two measured sizes, or beyond the largest on the last segment's slope.
+        upper = min(bisect.bisect_right(sizes, requests), len(sizes) - 1)
+        lower = upper - 1
+        slope = (values[upper] - values[lower]) / (sizes[upper] - sizes[lower])
+        return values[lower] + slope * (requests - sizes[lower])
 
-    def step_ms(self, requests, tokens):
+    def step_ms(self, requests: int, tokens: int | np.ndarray) -> float | np.ndarray:
         return (self._at(self.fixed_ms, requests)
-                + self._at(self.per_token_ms, requests) * np.asarray(tokens, float))
+                + self._at(self.per_token_ms, requests) * tokens)
 
-    def draft_ms(self, requests) -> float:
-        return float(self._at(self.draft_ms_at, requests))
+    def draft_ms(self, requests: int) -> float:
+        return self._at(self.draft_ms_at, requests)
 
     @classmethod
     def fit(cls, steps: list[dict], drafts: list[dict]) -> StepCost:
@@ -171,20 +174,17 @@ def choose_lengths(chance: np.ndarray, cost: StepCost) -> np.ndarray:
     return lengths
 
 
-def pays_at(requests: int, recent: np.ndarray, cost: StepCost,
-            overhead: float = 1.0) -> bool:
-    """Whether running the draft pass at all pays with this many requests, given recent
-    drafting requests' chances [n, K] (or one typical row [K]): steps of `requests` rows
-    taken from them in turn, each verifying its best choice of drafts, must beat plain
-    steps, draft pass included. Rows, not their mean: a step drafts only for its confident
-    requests, which a mean chance would hide. `overhead`: how much slower drafting steps
-    run than the step cost says, relative to plain steps (StepClock)."""
+def drafting_gain(requests: int, recent: np.ndarray, cost: StepCost) -> float:
+    """What running the draft pass at all would yield with this many requests, tokens per
+    unit of time over plain steps', given recent drafting requests' chances [n, K] (or one
+    typical row [K]): steps of `requests` rows taken from them in turn, each verifying its
+    best choice of drafts, draft pass included. Rows, not their mean: a step drafts only
+    for its confident requests, which a mean chance would hide."""
     recent = np.atleast_2d(recent)
     steps = max(1, len(recent) // requests)
     rows = recent[np.arange(steps * requests) % len(recent)].reshape(steps, requests, -1)
     _, _, tokens, time = _best_steps(rows, cost)
-    return bool(tokens.sum() / (overhead * time.sum())
-                > requests / cost.step_ms(requests, requests))
+    return float(tokens.sum() / time.sum() / (requests / cost.step_ms(requests, requests)))
 
 
 class StepClock:
@@ -193,7 +193,8 @@ class StepClock:
     with throw-away drafts, so the proposer's own work around the pass, and whatever else
     runs on the machine while serving, is only seen here. Two readings:
     - `overhead(requests)`: the drafting steps' time over the step cost's prediction,
-      against the plain steps' (1 until both kinds are timed), which `pays_at` charges.
+      against the plain steps' (1 until both kinds are timed), which the proposer holds
+      `drafting_gain` to.
     - `realized_gain(requests)`: what drafting steps have actually yielded, tokens per
       request per unit of time, against plain steps, time counted in units of a plain
       step's prediction at the step's own batch size (so steps of 2 and 3 requests that

@@ -42,7 +42,7 @@ from vllm_amphista.serving.draft_length import (
     StepCost,
     choose_lengths,
     confidence,
-    pays_at,
+    drafting_gain,
     probe_interval,
     shipped_step_cost_path,
     step_cost_path,
@@ -109,6 +109,9 @@ class AmphistaProposer(StepDrafter):
         # Recent drafting requests' chances (rows, newest last): what tells a paused
         # proposer whether drafting would pay at the current batch size.
         self.recent_chance = np.zeros((0, self.num_speculative_tokens))
+        # drafting_gain per number of decoding requests, from recent_chance as it is: a
+        # paused proposer asks every step, and recent_chance changes only when it drafts.
+        self.predicted_gain: dict[int, float] = {}
         self.acceptance = AcceptanceTracker(self.num_speculative_tokens)
         self.pauses: dict[int, Pause] = {}  # per number of decoding requests
         self.steps_drafting = 0  # steps drafting paid, for timing plain ones among them
@@ -250,9 +253,12 @@ class AmphistaProposer(StepDrafter):
         if self.step_cost is None or not len(self.recent_chance) or decoding == 0:
             return DRAFT
         realized = self.clock.realized_gain(decoding)
+        predicted = self.predicted_gain.get(decoding)
+        if predicted is None:
+            predicted = drafting_gain(decoding, self.recent_chance, self.step_cost)
+            self.predicted_gain[decoding] = predicted
         if ((realized is None or realized >= 1.0)
-                and pays_at(decoding, self.recent_chance, self.step_cost,
-                            self.clock.overhead(decoding))):
+                and predicted > self.clock.overhead(decoding)):
             self.pauses[decoding] = Pause(after_drafting=True)
             self.steps_drafting += 1
             explore = not self.clock.plain_timed(decoding) and self.steps_drafting % 2 == 0
@@ -282,6 +288,7 @@ class AmphistaProposer(StepDrafter):
         # few steps (WARM_STEPS), and its chances would keep drafting paused.
         warm = self.cache.lengths[rows] > WARM_STEPS
         self.recent_chance = np.concatenate((self.recent_chance, chance[warm]))[-RECENT_ROWS:]
+        self.predicted_gain.clear()
         return choose_lengths(chance, self.step_cost).tolist()
 
     def _time_last_step(self, step: StepRows, now: float) -> None:
