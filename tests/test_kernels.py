@@ -12,6 +12,7 @@ import torch
 from benchmarks.bench_kernels import main
 from tests.conftest import needs_bf16_packing
 from vllm_amphista.kernels import packed_linear
+from vllm_amphista.kernels.argmax import BLOCK, last_dim_argmax
 from vllm_amphista.kernels.head_attention import head_attention_reference
 from vllm_amphista.kernels.packed_linear import PackedLinear, can_pack
 from vllm_amphista.kernels.tree_attention import tree_attention_reference
@@ -153,3 +154,13 @@ def test_packed_linear_is_f_linear(dtype, half_weights, bias, leading, monkeypat
     assert got.shape == (*leading, 96) and got.dtype == dtype
     read = weight.half().float() if half_weights else weight
     torch.testing.assert_close(got, torch.nn.functional.linear(x, read, b))
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 8192), (3, 2, 8 * BLOCK), (5, 1000)])
+def test_last_dim_argmax_is_torch_argmax_ties_included(shape):
+    """Blocked where the vocabulary splits into blocks, plain argmax elsewhere; either way
+    torch.argmax's answer, the first maximum among ties (across and inside blocks)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    x[0, ..., [7, BLOCK + 3, 2 * BLOCK + 1]] = 100.0  # first of three, in three blocks
+    x[-1, ..., [2 * BLOCK + 5, 2 * BLOCK + 9]] = 50.0  # first of two, in one block
+    assert torch.equal(last_dim_argmax(x), x.argmax(-1))

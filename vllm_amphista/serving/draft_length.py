@@ -140,13 +140,11 @@ class StepCost:
         return cls((1,), (fixed_ms,), (per_token_ms,), (draft_ms,))
 
 
-def confidence(logits: torch.Tensor, top: torch.Tensor | None = None) -> np.ndarray:
-    """logits [B, K, V'] -> [B, K]: running product of each head's top probability (top:
-    the logits' max over V', where the caller has it already)."""
-    logits = logits.float()
-    if top is None:
-        top = logits.amax(-1)
-    return (top - logits.logsumexp(-1)).exp().cumprod(-1).cpu().numpy()
+def confidence(logits: torch.Tensor) -> np.ndarray:
+    """logits [B, K, V'] -> [B, K]: running product of each head's top probability.
+    Through softmax: on a CPU, in fp32, it is faster than logsumexp and max (AMD EPYC
+    with avx512_bf16, one thread, 4 x 4 x 8192 logits: 91 us against 440)."""
+    return torch.softmax(logits.float(), -1).amax(-1).cumprod(-1).cpu().numpy()
 
 
 def _best_steps(chances: np.ndarray, cost: StepCost):

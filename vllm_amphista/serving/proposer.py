@@ -29,6 +29,7 @@ from time import perf_counter
 import numpy as np
 import torch
 
+from vllm_amphista.kernels.argmax import last_dim_argmax
 from vllm_amphista.machine import resolve_dtype
 from vllm_amphista.model.checkpoint import check_target, load_checkpoint
 from vllm_amphista.model.draft_model import AmphistaDraftModel
@@ -214,12 +215,11 @@ class AmphistaProposer(StepDrafter):
         drafting = [i for i in np.flatnonzero(counts).tolist() if step.sampled_token_ids[i]]
         if not drafting:
             return Proposal(drafts)
-        # In fp32, and the heads' top logits with their argmax in one pass: CPU reductions
-        # over bf16 are slow (AMD EPYC, avx512_bf16, 16 x 4 x 8192 logits: ~2 ms for
-        # argmax alone, vs. ~1 ms for the cast, max and logsumexp together).
+        # In fp32: CPU reductions over bf16 are slow (AMD EPYC, avx512_bf16, 16 x 4 x
+        # 8192 logits: ~2 ms for argmax alone).
         logits = logits[drafting, : self.num_speculative_tokens].float()
-        top, top_ids = logits.max(-1)
-        lengths = self._lengths(logits, top, drafting, sampled[drafting])
+        top_ids = last_dim_argmax(logits)
+        lengths = self._lengths(logits, drafting, sampled[drafting])
         # Drafts (and their q) only where some will be verified, up to the longest.
         kept = [j for j, n in enumerate(lengths) if n]
         if not kept:
@@ -275,13 +275,13 @@ class AmphistaProposer(StepDrafter):
             return DRAFT  # a probe: its drafts are still cut to what pays
         return TRACK if pause.steps > spacing - WARM_STEPS else SKIP
 
-    def _lengths(self, logits: torch.Tensor, top: torch.Tensor, rows: list[int],
-                 sampled: np.ndarray) -> list[int]:
+    def _lengths(self, logits: torch.Tensor, rows: list[int], sampled: np.ndarray
+                 ) -> list[int]:
         """Drafts to verify per drafting request (batch rows `rows`, `sampled` saying
-        which of them sample; top: the logits' max): all K, or the step cost's choice."""
+        which of them sample): all K, or the step cost's choice."""
         if self.step_cost is None:
             return [self.num_speculative_tokens] * logits.shape[0]
-        confident = confidence(logits, top)
+        confident = confidence(logits)
         self.draft_confidence[rows] = confident
         chance = self.acceptance.chance(confident, sampled)
         # Only slots with context judge the heads: a restarted slot drafts worse for a
