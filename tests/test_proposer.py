@@ -99,6 +99,36 @@ def test_steps_feed_exactly_the_accepted_positions(heads_dir, tiny_target, tiny_
     assert proposer.cache_stats() == {"sequences": 0, "bytes": 0}
 
 
+def test_a_long_prompt_feeds_only_its_last_rows(heads_dir, tiny_target, tiny_target_dir,
+                                                monkeypatch):
+    """A chunk of more than PROMPT_TAIL rows restarts its slot with its last PROMPT_TAIL
+    rows, a chunk that follows the slot's last one included; shorter steps extend the
+    slot as usual: the draft is the model's prediction from the prompt's last rows on."""
+    monkeypatch.setattr(proposer_module, "PROMPT_TAIL", 5)
+    proposer = _proposer(heads_dir, tiny_target_dir)
+    d = tiny_target.hidden_size
+    g = torch.Generator().manual_seed(1)
+    sequence = torch.randint(0, tiny_target.vocab_size, (20,), generator=g)
+    hidden = torch.randn(20, d, generator=g)
+    table = sequence[None, :].numpy().astype(np.int32)
+
+    def step(start, rows, sampled, num_drafts):
+        return proposer.propose_from_step(StepRows(
+            req_ids=["r"], sampled_token_ids=[sampled],
+            hidden_states=hidden[start: start + rows],
+            query_start_loc=np.array([0, rows]), start_positions=np.array([start]),
+            num_draft_tokens=np.array([num_drafts]), token_ids=table)).tokens
+
+    step(0, 7, [], 0)  # 7 > 5 prompt rows: positions 2..6 only
+    assert proposer.cached_positions("r") == 5
+    step(7, 7, [int(sequence[14])], 0)  # the rest of the 14-token prompt: 9..13 only
+    assert proposer.cached_positions("r") == 5
+    draft = step(14, 2, sequence[15:17].tolist(), 1)  # the draft accepted, then the bonus
+    assert proposer.cached_positions("r") == 7
+    want = proposer.model(hidden[None, 9:16], sequence[None, 10:17])[0, -1].argmax(-1)[:3]
+    assert draft == [want.tolist()]
+
+
 def test_slots_follow_vllm_reordering_its_batch(heads_dir, tiny_target, tiny_target_dir):
     """vLLM moves requests between batch rows (a finished one's row is refilled, rows are
     swapped): each request's SAL slot must move with it, so that every draft still equals

@@ -16,7 +16,9 @@ runner's token table, which already holds this step's accepted tokens. A request
 rows do not start where its slot ended (preemption, a prefix-cache hit, a pause)
 restarts its slot: RoPE attention is shift-invariant, so that is sound, but its drafts
 are worse until the slot holds some context again, so a paused proposer advances the
-caches for a few steps before it probes (serving/draft_length.py, WARM_STEPS).
+caches for a few steps before it probes (serving/draft_length.py, WARM_STEPS). A chunk
+of more than PROMPT_TAIL rows (a long prompt) restarts its slot with only its last
+PROMPT_TAIL rows.
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ from vllm_amphista.serving.step import Proposal, StepDrafter, StepRows
 logger = logging.getLogger("vllm.amphista")
 # Drafting requests' chances kept to judge whether drafting pays at a batch size.
 RECENT_ROWS = 32
+# The most rows of one step a slot takes through the SAL layers: of a longer prompt (or
+# prefill chunk) only the last ones, the slot restarting there. The SAL layers over a
+# whole prompt cost more than linearly in its length (bf16, one thread, AMD EPYC with
+# avx512_bf16: 7 ms for 64 rows, 26 for 256, 452 for 2048), while the drafts gain little
+# from context that far back: the heads' chain tau with every position cached 1.770,
+# with only the last 32 1.715 (`python -m benchmarks.sal_context`, docs/results.md).
+PROMPT_TAIL = 128
 # What a call does (AmphistaProposer._plan): the draft pass and drafts; the SAL layers
 # only, so the caches follow the requests (about half the pass's time); nothing.
 DRAFT, TRACK, SKIP = "draft", "track", "skip"
@@ -197,13 +206,14 @@ class AmphistaProposer(StepDrafter):
             self._score_drafts(step, sampled)
         counts = step.accepted_counts()
         starts = np.asarray(step.start_positions[:num_reqs], np.int64)
-        restart = np.flatnonzero(starts != self.next_position[:num_reqs])
-        cache.lengths[restart] = 0
-        index, next_tokens = step.accepted_row_index(counts)
+        # More rows than PROMPT_TAIL (a prompt): the slot restarts with the last of them.
+        skip = np.maximum(counts - PROMPT_TAIL, 0)
+        cache.lengths[np.flatnonzero((starts != self.next_position[:num_reqs]) | (skip > 0))] = 0
+        index, next_tokens = step.accepted_row_index(counts, skip)
         hidden = step.hidden_states[torch.from_numpy(index).to(step.hidden_states.device)]
         logits = self.model.extend(cache, hidden.to(self.device, self.dtype),
-                                   torch.from_numpy(next_tokens).to(self.device), counts,
-                                   logits=plan == DRAFT)
+                                   torch.from_numpy(next_tokens).to(self.device),
+                                   counts - skip, logits=plan == DRAFT)
         self.next_position[:num_reqs] = starts + counts
         if plan == TRACK:
             own_ms = 1e3 * (perf_counter() - now)

@@ -52,14 +52,18 @@ class StepRows:
             return np.zeros(num_reqs, bool)
         return (~self.sampling.is_greedy[:num_reqs]).cpu().numpy()
 
-    def accepted_row_index(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For the kept rows of every request, slot by slot: their index into
-        hidden_states, and the token each pairs with (x_{t+1}, from the token table)."""
+    def accepted_row_index(self, counts: np.ndarray, skip: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """For the kept rows of every request, slot by slot, past its first skip[i] (if
+        given, less than counts[i]): their index into hidden_states, and the token each
+        pairs with (x_{t+1}, from the token table)."""
         num_reqs = len(counts)
         first = np.asarray(self.query_start_loc[:num_reqs], np.int64)
+        start = np.asarray(self.start_positions[:num_reqs], np.int64)
+        if skip is not None:
+            first, start, counts = first + skip, start + skip, counts - skip
         request = np.repeat(np.arange(num_reqs), counts)
         offset = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-        start = np.asarray(self.start_positions[:num_reqs], np.int64)
         tokens = self.token_ids[request, start[request] + 1 + offset].astype(np.int64)
         return first[request] + offset, tokens
 
