@@ -115,6 +115,13 @@ def test_incremental_matches_full_forward(tiny_target, overrides):
             assert cache.lengths[: len(seqs)].tolist() == done
 
 
+def test_extend_without_new_rows_is_refused(tiny_target):
+    model = draft_model(tiny_target)
+    with pytest.raises(ValueError, match="at least one new row"):
+        model.extend(model.new_cache(), torch.zeros(0, tiny_target.hidden_size),
+                     torch.zeros(0, dtype=torch.long), [0, 0])
+
+
 def test_bf16_drafting_on_a_cpu_keeps_its_cache_in_fp32_with_the_same_logits(tiny_target):
     """A bf16 draft model on a CPU attends in fp32 (`attention_dtype`), so its cache is
     fp32: the same logits, to the bit, as a bf16 cache cast at every pass, chunk after

@@ -173,40 +173,44 @@ class AmphistaDraftModel(nn.Module):
 
         hidden_states [N, d] and next_token_ids [N] are the new rows of every slot, slot by
         slot in order, counts[i] of them for slot i (0: slot i sits this step out; its
-        logits row is then meaningless). Position j of a slot attends to its cached
-        positions and to its new positions up to j.
+        logits row is then meaningless; at least one row in all). Position j of a slot
+        attends to its cached positions and to its new positions up to j.
         """
         counts = np.asarray(counts, np.int64)
+        if not counts.any():
+            raise ValueError("extend needs at least one new row")
         b, device = len(counts), hidden_states.device
         n_max = max(1, int(counts.max()))
-        starts = np.cumsum(counts) - counts
+        ends = np.cumsum(counts)
         row_slot = np.repeat(np.arange(b), counts)
-        row_offset = np.arange(len(row_slot)) - np.repeat(starts, counts)
+        row_offset = np.arange(len(row_slot)) - np.repeat(ends - counts, counts)
         slot_t, offset_t = (torch.from_numpy(a).to(device) for a in (row_slot, row_offset))
-        last = torch.from_numpy(np.maximum(counts - 1, 0)).to(device)
-        rows = torch.arange(b, device=device)
+        last = torch.from_numpy(np.maximum(ends - 1, 0)).to(device)  # each slot's last row
 
-        fused = self._fuse(hidden_states, next_token_ids)  # [N, d]
-        x = fused.new_zeros(b, n_max, fused.shape[-1])
-        x[slot_t, offset_t] = fused
-        features = [x[rows, last]]
+        # Everything but attention runs on the new rows alone, as one sequence [1, N, d]:
+        # padded to [B, n_max, d] a joining prompt would cost B times its length.
+        x = self._fuse(hidden_states, next_token_ids)[None]
+        features = [x[0, last]]
         cache.reserve(b, 1)
         past = cache.lengths[:b].copy()
         total = int((past + counts).max())
         cache.reserve(b, total)  # stage-less heads: positions counted, nothing stored
         if self.stages:
-            positions = torch.from_numpy(past[:, None] + np.arange(n_max)).to(device)
-            cos, sin = self.rope.lookup(positions, int(past.max()) + n_max)
-            # Key j of slot i is visible to new position p (cache-local) when j <= p.
-            mask = (torch.arange(total, device=device) <= positions[..., None])[:, None]
+            # Each row's position in its slot; key j of slot i is visible to the new
+            # position p of slot i (padded to [B, n_max]) when j <= p.
             write_at = torch.from_numpy(past[row_slot] + row_offset).to(device)
+            cos, sin = self.rope.lookup(write_at[None], total)
+            positions = torch.from_numpy(past[:, None] + np.arange(n_max)).to(device)
+            mask = (torch.arange(total, device=device) <= positions[..., None])[:, None]
             for s, stage in enumerate(self.stages):
-                q, k, v = stage.project(x, cos, sin)
-                cache.keys[s, slot_t, :, write_at] = k[slot_t, :, offset_t].to(cache.keys.dtype)
-                cache.values[s, slot_t, :, write_at] = v[slot_t, :, offset_t].to(cache.values.dtype)
-                attn = stage.attend(q, cache.keys[s, :b, :, :total],
+                q, k, v = (t[0].transpose(0, 1) for t in stage.project(x, cos, sin))
+                cache.keys[s, slot_t, :, write_at] = k.to(cache.keys.dtype)
+                cache.values[s, slot_t, :, write_at] = v.to(cache.values.dtype)
+                padded = q.new_zeros(b, n_max, *q.shape[1:])
+                padded[slot_t, offset_t] = q
+                attn = stage.attend(padded.transpose(1, 2), cache.keys[s, :b, :, :total],
                                     cache.values[s, :b, :, :total], mask)
-                x = stage.finish(x, attn)
-                features.append(x[rows, last])
+                x = stage.finish(x, attn[slot_t, :, offset_t].transpose(0, 1)[None])
+                features.append(x[0, last])
         cache.lengths[:b] = past + counts
         return self._head_logits(features) if logits else None

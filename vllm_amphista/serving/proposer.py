@@ -205,6 +205,8 @@ class AmphistaProposer(StepDrafter):
         if self.step_cost is not None:
             self._score_drafts(step, sampled)
         counts = step.accepted_counts()
+        if not counts.any():  # no request ran a row the target kept
+            return Proposal(drafts)
         starts = np.asarray(step.start_positions[:num_reqs], np.int64)
         # More rows than PROMPT_TAIL (a prompt): the slot restarts with the last of them.
         skip = np.maximum(counts - PROMPT_TAIL, 0)
