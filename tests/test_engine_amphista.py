@@ -305,6 +305,13 @@ print_result(outcomes)
         assert last.startswith("error: amphista:") and message in last, (name, last)
 
 
+def _metric(metrics: str, name: str) -> float:
+    """The value of a Prometheus counter on vLLM's /metrics page (its one series)."""
+    lines = [line for line in metrics.splitlines() if line.startswith(name + "{")]
+    assert len(lines) == 1, (name, lines)
+    return float(lines[0].rsplit(" ", 1)[1])
+
+
 def test_server_speculative_model_flag_load_and_metrics(smollm2, smollm2_heads, plain):
     """`vllm serve --speculative-model` under mixed traffic: 32 concurrent requests, greedy
     ones beside sampled ones (top-k, top-p, both with a seed, n=2) and some aborted by their
@@ -372,6 +379,12 @@ def test_server_speculative_model_flag_load_and_metrics(smollm2, smollm2_heads, 
                      "vllm:spec_decode_num_accepted_tokens_total",
                      "vllm:spec_decode_num_accepted_tokens_per_pos_total"):
             assert name in metrics, name
+        # The drafts reached the scheduler, each in the step after the one that drafted
+        # it (patch_drafts_with_sampled_tokens): a draft a step late is almost never
+        # accepted, where these heads' first draft is right about half the time.
+        drafts, accepted = (_metric(metrics, f"vllm:spec_decode_num_{name}_total")
+                            for name in ("drafts", "accepted_tokens"))
+        assert drafts > 100 and accepted > 0.25 * drafts, (drafts, accepted)
         chat(0, 4, timeout=60)
         # The engine's next (empty) step hands the finished ids to the worker, which
         # then logs that every draft cache is released.

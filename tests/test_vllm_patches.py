@@ -351,3 +351,50 @@ def test_draftless_steps_sample_as_the_rejection_sampler(kind, monkeypatch):
     if kind == "logprobs":
         for mine, theirs in zip(got.logprobs_tensors, expected.logprobs_tensors, strict=True):
             assert (mine is None and theirs is None) or torch.equal(mine, theirs)
+
+
+def test_engine_core_still_fetches_drafts_in_a_call_of_their_own():
+    """The shapes patch_drafts_with_sampled_tokens relies on: post_step asks the
+    executor for the drafts after every step, and the methods it wraps take these
+    parameters (the CPU runner inheriting sample_tokens)."""
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    assert "self.model_executor.take_draft_token_ids()" in inspect.getsource(
+        EngineCore.post_step)
+    for method, params in ((GPUModelRunner.sample_tokens, ("self", "grammar_output")),
+                           (MultiprocExecutor.sample_tokens,
+                            ("self", "grammar_output", "non_block")),
+                           (MultiprocExecutor.take_draft_token_ids, ("self",))):
+        original = getattr(method, "_amphista_original", method)
+        assert tuple(inspect.signature(original).parameters) == params, method
+    assert "sample_tokens" not in CPUModelRunner.__dict__
+    assert "__slots__" not in ModelRunnerOutput.__dict__  # it takes our attribute
+
+
+def test_drafts_sent_with_the_output_answer_the_executors_next_call_for_them():
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    vllm_patches.patch_drafts_with_sampled_tokens()
+    calls = []
+    replies = {"take_draft_token_ids": "asked"}
+
+    def collective_rpc(method, **options):
+        calls.append(method)
+        return replies[method]
+
+    executor = SimpleNamespace(collective_rpc=collective_rpc, output_rank=0,
+                               kv_output_aggregator=None, ec_output_aggregator=None)
+    replies["sample_tokens"] = SimpleNamespace(
+        **{vllm_patches.DRAFTS_ATTRIBUTE: "sent"})
+    MultiprocExecutor.sample_tokens(executor, None)
+    assert MultiprocExecutor.take_draft_token_ids(executor) == "sent"
+    assert calls == ["sample_tokens"]
+    # Once only; an output without drafts (another drafter, a future) keeps the call.
+    assert MultiprocExecutor.take_draft_token_ids(executor) == "asked"
+    replies["sample_tokens"] = SimpleNamespace()
+    MultiprocExecutor.sample_tokens(executor, None)
+    assert MultiprocExecutor.take_draft_token_ids(executor) == "asked"
+    assert calls == ["sample_tokens", "take_draft_token_ids", "sample_tokens",
+                     "take_draft_token_ids"]

@@ -478,3 +478,62 @@ def patch_draftless_rejection_sampling() -> None:
         return SamplerOutput(sampled_token_ids=bonus.sampled_token_ids, logprobs_tensors=None)
 
     RejectionSampler.forward = _mark(functools.wraps(original)(forward), original)
+
+
+# Set on a ModelRunnerOutput by the worker, read by the engine core's executor.
+DRAFTS_ATTRIBUTE = "amphista_draft_token_ids"
+_NOT_SENT = object()
+
+
+def patch_drafts_with_sampled_tokens() -> None:
+    """Our drafts travel back with the step's sampled tokens: one round trip a step less.
+
+    Wraps (vLLM 0.32.0):
+    - GPUModelRunner.sample_tokens (vllm/v1/worker/gpu_model_runner.py; the CPU runner
+      inherits it): after a step our drafter (a StepDrafter) drafted in, its drafts
+      (`take_draft_token_ids`) ride on the returned ModelRunnerOutput;
+    - MultiprocExecutor.sample_tokens and .take_draft_token_ids
+      (vllm/v1/executor/multiproc_executor.py): the engine core's `post_step` asks the
+      worker process for the drafts in a call of their own after every step
+      (`EngineCore.post_step`); where the step's output brought them, that call is
+      answered from it. Other drafters, and outputs that come back as futures, keep
+      vLLM's round trip.
+    As served on 2 cores (engine core and worker in processes of their own), that round
+    trip put a paused speculative step at 4 requests 1.3 ms (4%) behind vanilla's.
+    """
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if _is_patched(GPUModelRunner.sample_tokens):
+        return
+    original_sample = GPUModelRunner.sample_tokens
+
+    def sample_tokens(self, grammar_output):
+        output = original_sample(self, grammar_output)
+        if (isinstance(getattr(self, "drafter", None), StepDrafter)
+                and isinstance(output, ModelRunnerOutput)
+                and output is not EMPTY_MODEL_RUNNER_OUTPUT):
+            setattr(output, DRAFTS_ATTRIBUTE, self.take_draft_token_ids())
+        return output
+
+    GPUModelRunner.sample_tokens = _mark(functools.wraps(original_sample)(sample_tokens),
+                                         original_sample)
+
+    original_executor_sample = MultiprocExecutor.sample_tokens
+    original_take = MultiprocExecutor.take_draft_token_ids
+
+    def executor_sample_tokens(self, grammar_output, non_block=False):
+        output = original_executor_sample(self, grammar_output, non_block)
+        self._amphista_drafts = getattr(output, DRAFTS_ATTRIBUTE, _NOT_SENT)
+        return output
+
+    def take_draft_token_ids(self):
+        drafts, self._amphista_drafts = getattr(self, "_amphista_drafts", _NOT_SENT), _NOT_SENT
+        return original_take(self) if drafts is _NOT_SENT else drafts
+
+    MultiprocExecutor.sample_tokens = _mark(
+        functools.wraps(original_executor_sample)(executor_sample_tokens),
+        original_executor_sample)
+    MultiprocExecutor.take_draft_token_ids = _mark(
+        functools.wraps(original_take)(take_draft_token_ids), original_take)

@@ -14,6 +14,7 @@ from vllm_amphista.serving.patches import (
     patch_cpu_expand_kernel,
     patch_cpu_generator_rewind,
     patch_draftless_rejection_sampling,
+    patch_drafts_with_sampled_tokens,
     patch_empty_draft_constraints,
     patch_engine_args,
     patch_model_runner,
@@ -36,6 +37,7 @@ def register() -> None:
                                      "vllm_amphista.model.draft_model:AmphistaDraftModel")
     patch_engine_args()
     patch_model_runner()  # routes the runner's hidden states to our drafters
+    patch_drafts_with_sampled_tokens()  # speed only: one round trip a step less
     # Every speculative method on the CPU build needs these, not only ours.
     patch_cpu_expand_kernel()
     patch_empty_draft_constraints()
