@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -13,11 +14,14 @@ from tests.engine_helpers import IN_PROCESS, engine_env
 from vllm_amphista.cli import demo_verdict
 from vllm_amphista.eval import bench
 from vllm_amphista.eval.bench import (
+    FLIP_CHECK_CONCURRENCY,
     Run,
+    flip_check_concurrency,
     greedy_verdict,
     markdown,
     methods_in_turn,
     percentile,
+    server_args,
     spec_counters,
     summarise,
 )
@@ -148,6 +152,27 @@ def test_bf16_flips_of_vanilla_counted_apart_where_only_one_request_is_benched()
     assert greedy_verdict(summarise(runs), "bfloat16", vanilla_flips=2)[0] is True
     assert greedy_verdict(summarise(runs), "bfloat16", vanilla_flips=1)[0] is False
     assert greedy_verdict(summarise(runs), "float32", vanilla_flips=2)[0] is False
+
+
+def test_servers_of_a_bf16_bench_of_one_request_take_the_flip_checks_batch():
+    """vanilla's unmeasured run that counts its own bf16 flips sends FLIP_CHECK_CONCURRENCY
+    requests at once; servers that took one at a time (max-num-seqs 1, as a bench of
+    concurrency 1 started them) ran it as vanilla alone and counted no flips."""
+    args = argparse.Namespace(target="t", dtype="bfloat16", concurrency=[1],
+                              temperature=[0.0, 0.7], methods=["vanilla", "amphista"],
+                              step_cost="auto", draft_dtype="auto", k=0,
+                              disable_by_batch_size=0, amphista_heads="h", medusa_heads="m")
+
+    def max_num_seqs(**changes) -> int:
+        argv = server_args("amphista", argparse.Namespace(**{**vars(args), **changes}))
+        return int(argv[argv.index("--max-num-seqs") + 1])
+
+    assert flip_check_concurrency(args) == FLIP_CHECK_CONCURRENCY > 1
+    assert max_num_seqs() == FLIP_CHECK_CONCURRENCY
+    assert max_num_seqs(dtype="float32") == 1  # fp32: every token must match, no count
+    assert max_num_seqs(concurrency=[1, 16]) == 16
+    assert flip_check_concurrency(argparse.Namespace(**{**vars(args), "concurrency": [1, 4]}
+                                                     )) is None
 
 
 def test_methods_take_turns_at_running_first():

@@ -87,9 +87,20 @@ def exported_medusa(medusa_heads: Path, target: Path) -> Path:
     return out
 
 
+def flip_check_concurrency(args: argparse.Namespace) -> int | None:
+    """A bf16 bench of greedy requests one at a time has no vanilla run of another batch
+    shape to count vanilla's own near-tie flips from (greedy_verdict): vanilla runs once
+    more at this concurrency, unmeasured, and the servers must take that many."""
+    if ("vanilla" in args.methods and 0.0 in args.temperature and args.dtype != "float32"
+            and max(args.concurrency) == 1):
+        return FLIP_CHECK_CONCURRENCY
+    return None
+
+
 def server_args(method: str, args: argparse.Namespace) -> list[str]:
+    batch = max(*args.concurrency, flip_check_concurrency(args) or 1)
     common = [str(args.target), "--dtype", args.dtype, "--enforce-eager", "--seed", "0",
-              "--max-model-len", "2048", "--max-num-seqs", str(max(args.concurrency))]
+              "--max-model-len", "2048", "--max-num-seqs", str(batch)]
     ours = {"method": "amphista", "step_cost": args.step_cost, "draft_dtype": args.draft_dtype}
     if args.k:
         ours["num_speculative_tokens"] = args.k
@@ -352,13 +363,11 @@ def main(args: argparse.Namespace) -> int:
             # Warm-up, not measured: the first requests pay one-off allocation costs.
             measure(bases[method], prompts[:2], 2, 0.0, 16)
         alone = batched = None
-        greedy_vanilla = "vanilla" in bases and 0.0 in args.temperature
-        if greedy_vanilla and 1 not in args.concurrency:
+        if "vanilla" in bases and 0.0 in args.temperature and 1 not in args.concurrency:
             # Greedy outputs' reference (summarise): vanilla with each prompt alone.
             alone = measure(bases["vanilla"], prompts, 1, 0.0, args.max_tokens).outputs
-        if greedy_vanilla and args.dtype != "float32" and max(args.concurrency) == 1:
-            # bf16: vanilla's own flips with another batch shape (greedy_verdict).
-            batched = measure(bases["vanilla"], prompts, FLIP_CHECK_CONCURRENCY, 0.0,
+        if flip_check := flip_check_concurrency(args):
+            batched = measure(bases["vanilla"], prompts, flip_check, 0.0,
                               args.max_tokens).outputs
         for repeat in range(args.repeats):
             for temperature in args.temperature:
