@@ -58,9 +58,7 @@ from vllm_amphista.serving.patches import engine_version
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("vanilla", "amphista", "medusa", "vllm-medusa", "vanilla-sync")
-# A bf16 bench of one request at a time runs vanilla once at this many, unmeasured, to
-# count the near-ties vanilla itself flips with the batch's shape (greedy_verdict).
-FLIP_CHECK_CONCURRENCY = 4
+FLIP_CHECK_CONCURRENCY = 4  # see flip_check_concurrency
 
 
 @dataclass
