@@ -353,6 +353,77 @@ def test_draftless_steps_sample_as_the_rejection_sampler(kind, monkeypatch):
             assert (mine is None and theirs is None) or torch.equal(mine, theirs)
 
 
+def test_engine_greedy_verification_still_takes_torchs_argmax():
+    """Tripwire: vLLM 0.32's rejection_sample takes these parameters, and for greedy
+    requests torch's argmax of the verified rows, which vLLM's own greedy kernel then
+    rejects with; its plain sampler uses vLLM's CPU argmax. The day this fails, re-check
+    patch_greedy_verification_argmax."""
+    from vllm.v1.sample import rejection_sampler
+    from vllm.v1.sample.sampler import Sampler
+
+    engine = getattr(rejection_sampler.rejection_sample, "_amphista_original",
+                     rejection_sampler.rejection_sample)
+    assert tuple(inspect.signature(engine).parameters) == vllm_patches.REJECTION_SAMPLE_PARAMS
+    source = inspect.getsource(engine)
+    for step in ("target_argmax = target_logits.argmax(dim=-1)", "_rejection_greedy_sample(",
+                 "if sampling_metadata.all_greedy:\n            return output_token_ids"):
+        assert step in source
+    assert "torch.ops._C.greedy_argmax(logits)" in inspect.getsource(Sampler.greedy_sample)
+
+
+def _greedy_verification_case(all_greedy: bool):
+    """Verified rows of 4 requests (2, 0, 3 and 1 drafts), bf16-rounded logits with tied
+    maxima, drafts that match the target's first maximum, a later tied one, or neither."""
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+    gen = torch.Generator().manual_seed(7)
+    num_draft_tokens = [2, 0, 3, 1]
+    rows, vocab = sum(num_draft_tokens), 3000
+    logits = (torch.randn(rows, vocab, generator=gen) * 4).to(torch.bfloat16).float()
+    top = logits.amax(-1, keepdim=True)
+    logits[:, 100:103] = top  # ties: 100 is the first maximum of every row
+    draft = torch.tensor([100, 100, 100, 101, 100, 7], dtype=torch.int32)
+    temperature = torch.zeros(4) if all_greedy else torch.tensor([0.0, 0.8, 0.0, 0.8])
+    metadata = SamplingMetadata(
+        temperature=temperature, all_greedy=all_greedy, all_random=False, top_k=None,
+        top_p=None, generators={}, max_num_logprobs=None, no_penalties=True,
+        prompt_token_ids=None, frequency_penalties=torch.zeros(4),
+        presence_penalties=torch.zeros(4), repetition_penalties=torch.ones(4),
+        output_token_ids=[[1]] * 4, allowed_token_ids_mask=None, bad_words_token_ids={},
+        logitsprocs=LogitsProcessors(), spec_token_ids=[[] for _ in range(4)])
+    cu = torch.tensor(num_draft_tokens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    bonus = torch.tensor([[11], [12], [13], [14]], dtype=torch.int64)
+    return (draft, num_draft_tokens, 3, cu, None, logits, bonus, metadata)
+
+
+@pytest.mark.parametrize("all_greedy", [True, False])
+def test_greedy_verification_rejects_as_vllms_argmax_would(all_greedy, monkeypatch):
+    """An all-greedy batch: the same accepted drafts, target tokens (the first of tied
+    maxima) and bonus tokens as vLLM's rejection_sample; a batch with a sampled request
+    goes to vLLM's own path."""
+    from vllm.platforms import current_platform
+    from vllm.plugins import load_general_plugins
+    from vllm.v1.sample import rejection_sampler
+
+    load_general_plugins()
+    current_platform.import_kernels()
+    current_platform.register_triton_kernel_overrides()
+    engine = rejection_sampler.rejection_sample._amphista_original
+    case = _greedy_verification_case(all_greedy)
+    torch.manual_seed(5)
+    expected = engine(*case)
+    if all_greedy:  # torch's argmax is not taken
+        monkeypatch.setattr(torch.Tensor, "argmax", None)
+    torch.manual_seed(5)
+    got = rejection_sampler.rejection_sample(*case)
+    assert got.dtype == expected.dtype == torch.int32
+    assert torch.equal(got, expected)
+    if all_greedy:  # 0 takes both drafts and its bonus; 2 stops at the tie's 101, 3 at once
+        assert got.tolist() == [[100, 100, 11, -1], [12, -1, -1, -1],
+                                [100, 100, -1, -1], [100, -1, -1, -1]]
+
+
 def test_engine_core_still_fetches_drafts_in_a_call_of_their_own():
     """The shapes patch_drafts_with_sampled_tokens relies on: post_step asks the
     executor for the drafts after every step, and the methods it wraps take these

@@ -480,6 +480,57 @@ def patch_draftless_rejection_sampling() -> None:
     RejectionSampler.forward = _mark(functools.wraps(original)(forward), original)
 
 
+# The function's parameters as of vLLM 0.32.0; test_vllm_patches checks them.
+REJECTION_SAMPLE_PARAMS = (
+    "draft_token_ids", "num_draft_tokens", "max_spec_len", "cu_num_draft_tokens",
+    "draft_probs", "target_logits", "bonus_token_ids", "sampling_metadata",
+    "synthetic_mode", "synthetic_conditional_rates", "use_fp64_gumbel")
+
+
+def patch_greedy_verification_argmax() -> None:
+    """The target's choice at verified positions of greedy requests by vLLM's CPU argmax.
+
+    Wraps (vLLM 0.32.0): vllm.v1.sample.rejection_sampler.rejection_sample. For an
+    all-greedy batch it takes `target_logits.argmax(dim=-1)` over every verified row, where
+    vLLM's plain sampler on a CPU (`Sampler.greedy_sample`, vanilla's every step and the
+    bonus tokens') uses its own kernel, `torch.ops._C.greedy_argmax`: the same index, the
+    first of tied maxima included, 3-4x faster (one thread, 20 rows of SmolLM2's 49,152
+    logits: 1.42 against 0.49 ms; 64 rows: 4.6 against 1.3). Here such a batch runs that
+    branch with vLLM's kernel: its output buffer and its greedy rejection
+    (`_rejection_greedy_sample`), given the argmax from greedy_argmax. Batches with a
+    sampled request, and vLLM's synthetic acceptance mode, keep vLLM's path.
+    """
+    if not _on_cpu():
+        return
+    from vllm.v1.sample import rejection_sampler
+
+    if _is_patched(rejection_sampler.rejection_sample):
+        return
+    original = rejection_sampler.rejection_sample
+
+    @functools.wraps(original)
+    def rejection_sample(draft_token_ids, num_draft_tokens, max_spec_len, cu_num_draft_tokens,
+                         draft_probs, target_logits, bonus_token_ids, sampling_metadata,
+                         synthetic_mode=False, synthetic_conditional_rates=None,
+                         use_fp64_gumbel=False):
+        if (not sampling_metadata.all_greedy or synthetic_mode
+                or target_logits.dtype != torch.float32):
+            return original(draft_token_ids, num_draft_tokens, max_spec_len,
+                            cu_num_draft_tokens, draft_probs, target_logits,
+                            bonus_token_ids, sampling_metadata, synthetic_mode,
+                            synthetic_conditional_rates, use_fp64_gumbel)
+        output = torch.full((len(num_draft_tokens), max_spec_len + 1),
+                            rejection_sampler.PLACEHOLDER_TOKEN_ID, dtype=torch.int32,
+                            device=target_logits.device)
+        rejection_sampler._rejection_greedy_sample(
+            output, cu_num_draft_tokens, draft_token_ids,
+            torch.ops._C.greedy_argmax(target_logits), bonus_token_ids, None, max_spec_len,
+            None, None)
+        return output
+
+    rejection_sampler.rejection_sample = _mark(rejection_sample, original)
+
+
 # Set on a ModelRunnerOutput by the worker, read by the engine core's executor.
 DRAFTS_ATTRIBUTE = "amphista_draft_token_ids"
 _NOT_SENT = object()

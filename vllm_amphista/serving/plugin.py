@@ -17,6 +17,7 @@ from vllm_amphista.serving.patches import (
     patch_drafts_with_sampled_tokens,
     patch_empty_draft_constraints,
     patch_engine_args,
+    patch_greedy_verification_argmax,
     patch_model_runner,
     patch_recovered_token_noise,
     patch_verified_top_p,
@@ -41,8 +42,9 @@ def register() -> None:
     # Every speculative method on the CPU build needs these, not only ours.
     patch_cpu_expand_kernel()
     patch_empty_draft_constraints()
-    patch_recovered_token_noise()  # speed only, these three: the others are correctness
+    patch_recovered_token_noise()  # speed only, these four: the others are correctness
     patch_draftless_rejection_sampling()
+    patch_greedy_verification_argmax()
     patch_verified_top_p()
     # Every seeded request on the CPU build needs this one, speculating or not.
     patch_cpu_generator_rewind()
