@@ -197,8 +197,9 @@ print_result({{"tokens": [list(r.outputs[0].token_ids) for r in runs],
 
 
 def test_engine_recovered_tokens_still_draw_noise_for_every_request():
-    """Tripwire: vLLM 0.32 draws recovered-token noise for the whole batch. The day this
-    fails, re-check patch_recovered_token_noise (it may be redundant, or wrong)."""
+    """Tripwire: vLLM 0.32 draws recovered-token noise, exponentials, for the whole batch
+    and hands their reciprocals to its kernel. The day this fails, re-check
+    patch_recovered_token_noise (it may be redundant, or wrong)."""
     from vllm.v1.sample import rejection_sampler
 
     engine = getattr(rejection_sampler.sample_recovered_tokens, "_amphista_original",
@@ -206,7 +207,11 @@ def test_engine_recovered_tokens_still_draw_noise_for_every_request():
     assert tuple(inspect.signature(engine).parameters) == \
         vllm_patches.SAMPLE_RECOVERED_TOKENS_PARAMS
     source = inspect.getsource(engine)
-    assert "(batch_size, vocab_size)" in source and "q.exponential_()" in source
+    for step in ("(batch_size, vocab_size)", "q.exponential_()", "inv_q = q.reciprocal()",
+                 "_sample_recovered_tokens(\n        recovered_token_ids,\n"
+                 "        cu_num_draft_tokens,\n        draft_token_ids,\n        draft_probs,\n"
+                 "        target_probs,\n        inv_q,\n        max_spec_len=max_spec_len,"):
+        assert step in source
     assert "sample_recovered_tokens(" in inspect.getsource(rejection_sampler.rejection_sample)
 
 
@@ -241,35 +246,69 @@ def _drafting_only(case):
             dataclasses.replace(metadata, generators=generators), device)
 
 
-@pytest.mark.parametrize("seeded", [[], [0, 1, 4], [0, 1, 2, 3, 4]])
-def test_recovered_tokens_draw_noise_only_for_drafting_requests(seeded):
-    """Patched, a step draws exactly the noise of the same step without its draftless
-    requests: the same recovered tokens from the same seeds (unseeded ones from the
-    global generator, which the draftless requests no longer advance)."""
+def _patched_kernels():
     from vllm.platforms import current_platform
     from vllm.plugins import load_general_plugins
-    from vllm.v1.sample import rejection_sampler
 
     load_general_plugins()
     current_platform.import_kernels()
     current_platform.register_triton_kernel_overrides()
-    engine = rejection_sampler.sample_recovered_tokens._amphista_original
+
+
+@pytest.mark.parametrize("seeded", [[], [0, 1, 4], [0, 1, 2, 3, 4]])
+def test_recovered_tokens_draw_noise_only_for_drafting_requests(seeded):
+    """Patched, a step draws the noise of the same step without its draftless requests:
+    the same recovered tokens, seeded requests' from their own generators, unseeded
+    ones' from the global generator, which the draftless requests no longer advance."""
+    from vllm.v1.sample import rejection_sampler
+
+    _patched_kernels()
+    patched = rejection_sampler.sample_recovered_tokens
     torch.manual_seed(3)
-    expected = engine(*_drafting_only(_recovered_case(seeded)))
+    expected = patched(*_drafting_only(_recovered_case(seeded)))
     after_expected = torch.rand(4)
     torch.manual_seed(3)
-    got = rejection_sampler.sample_recovered_tokens(*_recovered_case(seeded))
+    got = patched(*_recovered_case(seeded))
     assert torch.equal(got, expected)
     assert torch.equal(torch.rand(4), after_expected)  # no noise drawn for anyone else
-    if {0, 2, 4} <= set(seeded):  # every drafting request seeded: vLLM's own full-batch
-        assert torch.equal(got, engine(*_recovered_case(seeded)))  # answer, unchanged
+    if {0, 2, 4} <= set(seeded):  # every drafting request seeded: the global draws
+        torch.manual_seed(4)     # change nothing
+        assert torch.equal(patched(*_recovered_case(seeded)), got)
     # A step where nobody drafts draws nothing at all.
     state = torch.get_rng_state()
     *_, ids, _, target_probs, metadata, device = _recovered_case(seeded)
-    nothing = rejection_sampler.sample_recovered_tokens(
-        0, [0] * 5, torch.zeros(5, dtype=torch.int32), ids[:0], None, target_probs[:0],
-        metadata, device)
+    nothing = patched(0, [0] * 5, torch.zeros(5, dtype=torch.int32), ids[:0], None,
+                      target_probs[:0], metadata, device)
     assert nothing.shape == (0,) and torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("draft_probs", [True, False])
+def test_recovered_tokens_follow_the_residual_distribution(draft_probs):
+    """4000 rejected positions (one draft each) of the same target p and draft q: the
+    recovered tokens pass a chi-square test against draws from max(p - q, 0) normalised
+    (without q: p with the draft token removed), as the rejection sampler's proof needs.
+    Tokens with no residual mass never come back."""
+    from vllm.v1.sample import rejection_sampler
+
+    from tests.chi_square import two_sample_chi_square
+
+    _patched_kernels()
+    p = torch.tensor([0.3, 0.25, 0.2, 0.1, 0.08, 0.05, 0.02, 0.0])
+    q = torch.tensor([0.5, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.0])
+    residual = (p - q).clamp_min(0) if draft_probs else p.clone()
+    if not draft_probs:
+        residual[0] = 0.0  # the draft token, 0, is what was rejected
+    rows = 4000
+    metadata = _recovered_case([])[-2]
+    torch.manual_seed(11)
+    got = rejection_sampler.sample_recovered_tokens(
+        1, [1] * rows, torch.arange(1, rows + 1, dtype=torch.int32),
+        torch.zeros(rows, dtype=torch.int32), q.repeat(rows, 1) if draft_probs else None,
+        p.repeat(rows, 1), dataclasses.replace(metadata, generators={}), "cpu").tolist()
+    assert not {t for t in got if residual[t] == 0}
+    exact = torch.multinomial(residual, rows, replacement=True,
+                              generator=torch.Generator().manual_seed(12)).tolist()
+    assert two_sample_chi_square(got, exact)[2] > 1e-3
 
 
 def test_engine_rejection_sampler_still_samples_bonus_tokens_first():
@@ -402,13 +441,9 @@ def test_greedy_verification_rejects_as_vllms_argmax_would(all_greedy, monkeypat
     """An all-greedy batch: the same accepted drafts, target tokens (the first of tied
     maxima) and bonus tokens as vLLM's rejection_sample; a batch with a sampled request
     goes to vLLM's own path."""
-    from vllm.platforms import current_platform
-    from vllm.plugins import load_general_plugins
     from vllm.v1.sample import rejection_sampler
 
-    load_general_plugins()
-    current_platform.import_kernels()
-    current_platform.register_triton_kernel_overrides()
+    _patched_kernels()
     engine = rejection_sampler.rejection_sample._amphista_original
     case = _greedy_verification_case(all_greedy)
     torch.manual_seed(5)

@@ -8,7 +8,6 @@ idempotent: vLLM runs the plugin hook in each of its processes, sometimes twice.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.metadata
 import inspect
@@ -404,16 +403,32 @@ SAMPLE_RECOVERED_TOKENS_PARAMS = (
     "draft_probs", "target_probs", "sampling_metadata", "device", "use_fp64_gumbel")
 
 
-def patch_recovered_token_noise() -> None:
-    """Gumbel noise only for the requests that carry drafts, on vLLM's CPU build.
+def recovered_token_noise(rows: int, vocab: int, generators: dict[int, torch.Generator],
+                          dtype: torch.dtype, device) -> torch.Tensor:
+    """[rows, vocab] of 1 / E with E ~ Exponential(1), the noise vLLM's recovered-token
+    kernel reads (argmax of prob / E is a draw from prob); row i from generators[i] where
+    given, else from the global generator. E is taken as -log(1 - U), U uniform in [0, 1):
+    what `exponential_` computes, 5x faster on a CPU (one thread, 4 x 49,152 in fp32: 0.68
+    against 3.3 ms). Like it, E is never 0 (a probability-0 token could win as 0 / 0)."""
+    u = torch.empty(rows, vocab, dtype=dtype, device=device).uniform_()
+    for i, generator in generators.items():
+        u[i].uniform_(generator=generator)
+    return u.neg_().log1p_().neg_().clamp_min_(torch.finfo(dtype).tiny).reciprocal_()
 
-    Wraps (vLLM 0.32.0): vllm.v1.sample.rejection_sampler.sample_recovered_tokens. With
-    speculative decoding every step with a sampled request calls it, drafts or not, and it
-    draws one exponential per vocabulary entry for every request in the batch, though only
-    requests with drafts read theirs: at 16 requests and SmolLM2's 49,152 entries 22 ms of
-    a ~165 ms step on a 2-core CPU, paid even when no request has a draft. Called here
-    with the drafting requests only (their offsets and seeded generators): the noise they
-    read is drawn as before, seeded requests' from their own generators, and nobody else's.
+
+def patch_recovered_token_noise() -> None:
+    """Recovered-token noise only for the requests that carry drafts, drawn faster, on
+    vLLM's CPU build.
+
+    Replaces (vLLM 0.32.0): vllm.v1.sample.rejection_sampler.sample_recovered_tokens, which
+    every step with a sampled request calls, drafts or not. It draws one exponential per
+    vocabulary entry for every request in the batch (`q.exponential_()`, seeded requests'
+    rows from their own generators), though only requests with drafts read theirs: at 16
+    requests and SmolLM2's 49,152 entries 22 ms of a ~165 ms step on a 2-core CPU, paid
+    even when no request has a draft; and PyTorch's CPU exponential costs ~0.8 ms a row,
+    4 ms of a drafting step at 4 requests. Here the noise is drawn for the drafting
+    requests only (their offsets, their generators), by `recovered_token_noise`, and
+    handed to vLLM's own kernel (`_sample_recovered_tokens`) as the original does.
     """
     if not _on_cpu():
         return
@@ -428,17 +443,19 @@ def patch_recovered_token_noise() -> None:
                                 draft_token_ids, draft_probs, target_probs,
                                 sampling_metadata, device, use_fp64_gumbel=False):
         drafting = [i for i, n in enumerate(num_draft_tokens) if n]
+        recovered = torch.empty_like(draft_token_ids)
         if not drafting:
-            return torch.empty_like(draft_token_ids)
-        if len(drafting) < len(num_draft_tokens):
-            # Requests without drafts own no rows: the drafting ones keep their spans.
-            generators = sampling_metadata.generators
-            sampling_metadata = dataclasses.replace(sampling_metadata, generators={
-                new: generators[old] for new, old in enumerate(drafting) if old in generators})
-            cu_num_draft_tokens = cu_num_draft_tokens[drafting]
-            num_draft_tokens = [num_draft_tokens[i] for i in drafting]
-        return original(max_spec_len, num_draft_tokens, cu_num_draft_tokens, draft_token_ids,
-                        draft_probs, target_probs, sampling_metadata, device, use_fp64_gumbel)
+            return recovered
+        generators = sampling_metadata.generators
+        inv_q = recovered_token_noise(
+            len(drafting), target_probs.shape[-1],
+            {new: generators[old] for new, old in enumerate(drafting) if old in generators},
+            torch.float64 if use_fp64_gumbel else torch.float32, device)
+        # Requests without drafts own no rows: the drafting ones keep their spans.
+        rejection_sampler._sample_recovered_tokens(
+            recovered, cu_num_draft_tokens[drafting], draft_token_ids, draft_probs,
+            target_probs, inv_q, max_spec_len=max_spec_len)
+        return recovered
 
     rejection_sampler.sample_recovered_tokens = _mark(sample_recovered_tokens, original)
 
