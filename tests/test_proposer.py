@@ -564,6 +564,16 @@ def test_draft_lengths_follow_the_step_cost(heads_dir, tiny_target, tiny_target_
         assert not q[i, n:].any()
 
 
+def test_each_kind_of_bf16_cpu_has_its_own_shipped_step_cost(heads_dir):
+    kinds = [frozenset({"avx2"}), frozenset({"avx512_bf16"}),
+             frozenset({"avx512_bf16", "amx_bf16", "amx_tile"})]
+    paths = [shipped_step_cost_path(heads_dir, "bfloat16", CpuInfo("CPU", flags))
+             for flags in kinds]
+    assert [p.name for p in paths] == ["step_cost-bfloat16-no-native-bf16.json",
+                                       "step_cost-bfloat16-native-bf16.json",
+                                       "step_cost-bfloat16-amx-bf16.json"]
+
+
 def test_auto_step_cost_is_this_machines_else_the_one_shipped_with_the_heads(
         heads_dir, tiny_target_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(draft_length, "STEP_COST_DIR", tmp_path / "machine")

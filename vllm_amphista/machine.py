@@ -45,6 +45,14 @@ class CpuInfo:
     def native_bf16(self) -> bool:
         return bool(self.bf16_flags)
 
+    @property
+    def bf16_kind(self) -> str:
+        """How this CPU computes bf16: in AMX tiles, in AVX-512 BF16 instructions, or
+        emulated. Engine steps differ most between these kinds (docs/results.md)."""
+        if "amx_bf16" in self.flags:
+            return "amx-bf16"
+        return "native-bf16" if self.native_bf16 else "no-native-bf16"
+
 
 def read_cpu_info(text: str) -> CpuInfo:
     """Parse /proc/cpuinfo's text (its first processor)."""

@@ -67,9 +67,11 @@ def shipped_step_cost_path(heads_dir: str | Path, target_dtype: str,
                            cpu: CpuInfo | None = None) -> Path:
     """A calibration that travels with the heads (`calibrate --ship`), for the target they
     fit in this dtype on this kind of CPU: what a machine without its own calibration
-    starts from. The kind is whether the CPU computes bf16 natively: it sets the draft's
-    dtype (machine.py) and so the draft pass's cost, ~2x between the two kinds."""
-    kind = "native-bf16" if (cpu or cpu_info()).native_bf16 else "no-native-bf16"
+    starts from. The kind is how the CPU computes bf16 (`CpuInfo.bf16_kind`): natively or
+    not sets the draft's dtype (machine.py) and so the draft pass's cost, ~2x apart; AMX
+    verifies a draft at 4 requests for ~40% of what AVX-512 BF16 alone takes (0.58
+    against 1.44 ms a token, `vllm-amphista calibrate`, bf16, Intel Xeon / AMD EPYC)."""
+    kind = (cpu or cpu_info()).bf16_kind
     return Path(heads_dir) / f"step_cost-{str(target_dtype).removeprefix('torch.')}-{kind}.json"
 
 
