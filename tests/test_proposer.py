@@ -253,6 +253,38 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
     assert np.flatnonzero(tracked[start:]).tolist()[:WARM_STEPS] == list(range(WARM_STEPS))
 
 
+def test_a_warm_up_once_begun_runs_to_its_probe(heads_dir, tiny_target, tiny_target_dir,
+                                                tmp_path):
+    """The warm-up's own timing moves the probe's spacing (here each of its calls prices
+    the next one differently, as the step clock's running mean does). Every probe still
+    comes after WARM_STEPS calls that advanced its slot, so its chances count: a probe
+    from a colder slot would be discarded, and the pause would never hear from the heads
+    again (seen at one request on an Intel Xeon: every probe of a 288-step run wasted)."""
+    dear = StepCost.linear(fixed_ms=10.0, per_token_ms=10.0, draft_ms=1.0)
+    dear.save(tmp_path / "dear.json")
+    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "dear.json"))
+    tracked, cached, passes, rows = [], [], [], []
+    proposer.clock.tracking_ms = lambda requests: 2.0 + 8.0 * (sum(tracked) % 2)
+    d = tiny_target.hidden_size
+    table = np.arange(4096, dtype=np.int32)[None] % tiny_target.vocab_size
+    for step in range(1200):  # the prompt's 9 rows, then one a step
+        start, count = (0, 9) if step == 0 else (8 + step, 1)
+        proposer.propose_from_step(StepRows(
+            req_ids=["a"], sampled_token_ids=[[5]], hidden_states=torch.randn(count, d),
+            query_start_loc=np.array([0, count]), start_positions=np.array([start]),
+            num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
+        passes.append(proposer.last_call[2])
+        tracked.append(proposer.last_call[3] > 0)
+        cached.append(proposer.cached_positions("a"))
+        rows.append(len(proposer.recent_chance))
+    probes = np.flatnonzero(passes)[1:]
+    assert len(probes) >= 3
+    for probe in probes:
+        assert all(tracked[probe - WARM_STEPS: probe]) and cached[probe] == WARM_STEPS + 1
+        assert rows[probe] == rows[probe - 1] + 1  # its chances judge the heads
+    assert sum(tracked) == WARM_STEPS * len(probes)  # no warm-up cut short
+
+
 def test_drafting_at_one_batch_size_leaves_the_pause_at_another(heads_dir, tiny_target,
                                                                tiny_target_dir, tmp_path):
     """Drafting pays at one request and never at two. Two requests decode, paused, with

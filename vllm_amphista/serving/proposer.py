@@ -77,11 +77,13 @@ DRAFT, TRACK, SKIP = "draft", "track", "skip"
 @dataclass
 class Pause:
     """Drafting paused at one batch size: plain steps there since it paused or last
-    probed, the probe interval's multiple, and whether drafting paid there right before."""
+    probed, the probe interval's multiple, whether drafting paid there right before, and
+    the calls of the warm-up before the next probe so far."""
 
     steps: int = 0
     backoff: int = 1
     after_drafting: bool = False
+    warmed: int = 0
 
 
 class AmphistaProposer(StepDrafter):
@@ -279,13 +281,20 @@ class AmphistaProposer(StepDrafter):
         pause.steps += 1
         if pause.after_drafting and pause.steps <= WARM_STEPS:
             return TRACK
-        tracking_ms = self.clock.tracking_ms(decoding) or self.step_cost.draft_ms(decoding)
-        spacing = pause.backoff * probe_interval(decoding, self.step_cost,
-                                                 WARM_STEPS * tracking_ms)
-        if pause.steps > spacing:
+        if pause.warmed == WARM_STEPS:
             self.pauses[decoding] = Pause(backoff=min(2 * pause.backoff, MAX_PROBE_BACKOFF))
             return DRAFT  # a probe: its drafts are still cut to what pays
-        return TRACK if pause.steps > spacing - WARM_STEPS else SKIP
+        if not pause.warmed:
+            tracking_ms = self.clock.tracking_ms(decoding) or self.step_cost.draft_ms(decoding)
+            spacing = pause.backoff * probe_interval(decoding, self.step_cost,
+                                                     WARM_STEPS * tracking_ms)
+            if pause.steps <= spacing - WARM_STEPS:
+                return SKIP
+        # A warm-up, once begun, runs its WARM_STEPS calls to the probe: the spacing moves
+        # as they are timed, and a probe after fewer calls drafts from slots too cold to
+        # judge the heads by (`_lengths`), so its pass would be spent for nothing.
+        pause.warmed += 1
+        return TRACK
 
     def _lengths(self, logits: torch.Tensor, rows: list[int], sampled: np.ndarray
                  ) -> list[int]:
