@@ -409,7 +409,7 @@ def recovered_token_noise(rows: int, vocab: int, generators: dict[int, torch.Gen
     kernel reads (argmax of prob / E is a draw from prob); row i from generators[i] where
     given, else from the global generator. E is taken as -log(1 - U), U uniform in [0, 1):
     what `exponential_` computes, 5x faster on a CPU (one thread, 4 x 49,152 in fp32: 0.68
-    against 3.3 ms). Like it, E is never 0 (a probability-0 token could win as 0 / 0)."""
+    against 3.3 ms). E is kept above 0: at 0 a token of probability 0 would score 0 / 0."""
     u = torch.empty(rows, vocab, dtype=dtype, device=device).uniform_()
     for i, generator in generators.items():
         u[i].uniform_(generator=generator)
