@@ -194,6 +194,16 @@ def test_drafting_pauses_above_the_batch_limit(heads_dir, tiny_target, tiny_targ
     assert proposer.cached_positions("d") == 8
 
 
+def _step_of_request_a(proposer: AmphistaProposer, start: int, rows: int,
+                       table: np.ndarray) -> None:
+    """One engine step of request "a" alone: `rows` new rows from position `start`."""
+    proposer.propose_from_step(StepRows(
+        req_ids=["a"], sampled_token_ids=[[5]],
+        hidden_states=torch.randn(rows, proposer.model.config.hidden_size),
+        query_start_loc=np.array([0, rows]), start_positions=np.array([start]),
+        num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
+
+
 def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
                                                          tiny_target_dir, tmp_path):
     """With a step cost under which these heads never pay, the first decode step's draft
@@ -209,7 +219,6 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "dear.json"))
     proposer.clock.tracking_ms = lambda requests: 2.0
     passes, tracked, cached = [], [], []
-    d = tiny_target.hidden_size
     table = np.arange(2048, dtype=np.int32)[None] % tiny_target.vocab_size
     interval = probe_interval(1, dear, WARM_STEPS * 2.0)
     assert interval > probe_interval(1, dear) > 1 and interval > 2 * WARM_STEPS
@@ -218,10 +227,7 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
     position = iter(range(9, 2048))
 
     def call(start, rows):
-        proposer.propose_from_step(StepRows(
-            req_ids=["a"], sampled_token_ids=[[5]], hidden_states=torch.randn(rows, d),
-            query_start_loc=np.array([0, rows]), start_positions=np.array([start]),
-            num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
+        _step_of_request_a(proposer, start, rows, table)
         passes.append(proposer.last_call[2])
         tracked.append(proposer.last_call[3] > 0)
         cached.append(proposer.cached_positions("a"))
@@ -265,14 +271,9 @@ def test_a_warm_up_once_begun_runs_to_its_probe(heads_dir, tiny_target, tiny_tar
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "dear.json"))
     tracked, cached, passes, rows = [], [], [], []
     proposer.clock.tracking_ms = lambda requests: 2.0 + 8.0 * (sum(tracked) % 2)
-    d = tiny_target.hidden_size
     table = np.arange(4096, dtype=np.int32)[None] % tiny_target.vocab_size
     for step in range(1200):  # the prompt's 9 rows, then one a step
-        start, count = (0, 9) if step == 0 else (8 + step, 1)
-        proposer.propose_from_step(StepRows(
-            req_ids=["a"], sampled_token_ids=[[5]], hidden_states=torch.randn(count, d),
-            query_start_loc=np.array([0, count]), start_positions=np.array([start]),
-            num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
+        _step_of_request_a(proposer, *((0, 9) if step == 0 else (8 + step, 1)), table)
         passes.append(proposer.last_call[2])
         tracked.append(proposer.last_call[3] > 0)
         cached.append(proposer.cached_positions("a"))
