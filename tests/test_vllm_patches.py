@@ -215,22 +215,33 @@ def test_engine_recovered_tokens_still_draw_noise_for_every_request():
     assert "sample_recovered_tokens(" in inspect.getsource(rejection_sampler.rejection_sample)
 
 
-def _recovered_case(seeded: list[int]):
-    """Five requests, two without drafts; `seeded` ones get a generator of their own."""
+def _unconstrained_metadata(temperature: torch.Tensor,
+                            generators: dict[int, torch.Generator] | None = None):
+    """Sampling metadata of a batch with these temperatures (0 = greedy), no top-k, top-p,
+    penalties, logprobs or logits processors; `generators`: the seeded requests'."""
     from vllm.v1.sample.logits_processor import LogitsProcessors
     from vllm.v1.sample.metadata import SamplingMetadata
 
+    batch = len(temperature)
+    greedy = temperature == 0
+    return SamplingMetadata(
+        temperature=temperature, all_greedy=bool(greedy.all()),
+        all_random=not bool(greedy.any()), top_p=None, top_k=None,
+        generators=generators or {}, max_num_logprobs=None, no_penalties=True,
+        prompt_token_ids=None, frequency_penalties=torch.zeros(batch),
+        presence_penalties=torch.zeros(batch), repetition_penalties=torch.ones(batch),
+        output_token_ids=[[1]] * batch, allowed_token_ids_mask=None, bad_words_token_ids={},
+        logitsprocs=LogitsProcessors(), spec_token_ids=[[] for _ in range(batch)])
+
+
+def _recovered_case(seeded: list[int]):
+    """Five requests, two without drafts; `seeded` ones get a generator of their own."""
     counts = [2, 0, 3, 0, 1]
     tokens, vocab = sum(counts), 64
     gen = torch.Generator().manual_seed(0)
     draft_probs = torch.rand(tokens, vocab, generator=gen).softmax(-1)
-    metadata = SamplingMetadata(
-        temperature=torch.ones(5), all_greedy=False, all_random=True, top_p=None,
-        top_k=None, generators={i: torch.Generator().manual_seed(10 + i) for i in seeded},
-        max_num_logprobs=None, no_penalties=True, prompt_token_ids=None,
-        frequency_penalties=torch.zeros(5), presence_penalties=torch.zeros(5),
-        repetition_penalties=torch.ones(5), output_token_ids=[], allowed_token_ids_mask=None,
-        bad_words_token_ids={}, logitsprocs=LogitsProcessors())
+    metadata = _unconstrained_metadata(
+        torch.ones(5), {i: torch.Generator().manual_seed(10 + i) for i in seeded})
     return (max(counts), counts, torch.tensor(counts).cumsum(0).to(torch.int32),
             draft_probs.argmax(-1).to(torch.int32), draft_probs,
             torch.rand(tokens, vocab, generator=gen).softmax(-1), metadata, "cpu")
@@ -299,12 +310,11 @@ def test_recovered_tokens_follow_the_residual_distribution(draft_probs):
     if not draft_probs:
         residual[0] = 0.0  # the draft token, 0, is what was rejected
     rows = 4000
-    metadata = _recovered_case([])[-2]
     torch.manual_seed(11)
     got = rejection_sampler.sample_recovered_tokens(
         1, [1] * rows, torch.arange(1, rows + 1, dtype=torch.int32),
         torch.zeros(rows, dtype=torch.int32), q.repeat(rows, 1) if draft_probs else None,
-        p.repeat(rows, 1), dataclasses.replace(metadata, generators={}), "cpu").tolist()
+        p.repeat(rows, 1), _unconstrained_metadata(torch.ones(rows)), "cpu").tolist()
     assert not {t for t in got if residual[t] == 0}
     exact = torch.multinomial(residual, rows, replacement=True,
                               generator=torch.Generator().manual_seed(12)).tolist()
@@ -413,9 +423,6 @@ def test_engine_greedy_verification_still_takes_torchs_argmax():
 def _greedy_verification_case(all_greedy: bool):
     """Verified rows of 4 requests (2, 0, 3 and 1 drafts), bf16-rounded logits with tied
     maxima, drafts that match the target's first maximum, a later tied one, or neither."""
-    from vllm.v1.sample.logits_processor import LogitsProcessors
-    from vllm.v1.sample.metadata import SamplingMetadata
-
     gen = torch.Generator().manual_seed(7)
     num_draft_tokens = [2, 0, 3, 1]
     rows, vocab = sum(num_draft_tokens), 3000
@@ -423,14 +430,8 @@ def _greedy_verification_case(all_greedy: bool):
     top = logits.amax(-1, keepdim=True)
     logits[:, 100:103] = top  # ties: 100 is the first maximum of every row
     draft = torch.tensor([100, 100, 100, 101, 100, 7], dtype=torch.int32)
-    temperature = torch.zeros(4) if all_greedy else torch.tensor([0.0, 0.8, 0.0, 0.8])
-    metadata = SamplingMetadata(
-        temperature=temperature, all_greedy=all_greedy, all_random=False, top_k=None,
-        top_p=None, generators={}, max_num_logprobs=None, no_penalties=True,
-        prompt_token_ids=None, frequency_penalties=torch.zeros(4),
-        presence_penalties=torch.zeros(4), repetition_penalties=torch.ones(4),
-        output_token_ids=[[1]] * 4, allowed_token_ids_mask=None, bad_words_token_ids={},
-        logitsprocs=LogitsProcessors(), spec_token_ids=[[] for _ in range(4)])
+    metadata = _unconstrained_metadata(
+        torch.zeros(4) if all_greedy else torch.tensor([0.0, 0.8, 0.0, 0.8]))
     cu = torch.tensor(num_draft_tokens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     bonus = torch.tensor([[11], [12], [13], [14]], dtype=torch.int64)
     return (draft, num_draft_tokens, 3, cu, None, logits, bonus, metadata)
