@@ -474,8 +474,9 @@ def patch_draftless_rejection_sampling() -> None:
     samples first with the plain sampler (`predict_bonus_token=True`); the rest is work
     for nobody: a copy of every request's logits for logprobs (asked for with
     max_num_logprobs=-1 whatever the requests want) and a rejection pass over zero rows
-    that draws no random numbers. Here such a step makes that same sampler call and
-    returns its tokens; steps that want logprobs keep vLLM's path.
+    that draws no random numbers. Here such a step makes that same sampler call, on the
+    logits as they are (every row is a bonus row then), and returns its tokens; steps
+    that want logprobs keep vLLM's path.
     """
     if not _on_cpu():
         return
@@ -490,8 +491,10 @@ def patch_draftless_rejection_sampling() -> None:
         if (metadata.max_spec_len or sampling_metadata.max_num_logprobs is not None
                 or sampling_metadata.logprob_token_ids):
             return original(self, metadata, draft_probs, logits, sampling_metadata)
-        bonus = self.sampler(logits=logits[metadata.bonus_logits_indices],
-                             sampling_metadata=sampling_metadata, predict_bonus_token=True)
+        # Without drafts each request has one row, its bonus row, in order: indexing
+        # would only copy them (0.5 ms a step at 16 requests, fresh pages each time).
+        bonus = self.sampler(logits=logits, sampling_metadata=sampling_metadata,
+                             predict_bonus_token=True)
         return SamplerOutput(sampled_token_ids=bonus.sampled_token_ids, logprobs_tensors=None)
 
     RejectionSampler.forward = _mark(functools.wraps(original)(forward), original)
