@@ -129,18 +129,56 @@ def test_a_long_prompt_feeds_only_its_last_rows(heads_dir, tiny_target, tiny_tar
     assert draft == [want.tolist()]
 
 
-def test_slots_follow_vllm_reordering_its_batch(heads_dir, tiny_target, tiny_target_dir):
-    """vLLM moves requests between batch rows (a finished one's row is refilled, rows are
-    swapped): each request's SAL slot must move with it, so that every draft still equals
-    the model's own prediction over that request's whole history."""
+@pytest.mark.parametrize("tail, kept", [(128, 0), (5, 6)])
+def test_rows_kept_for_a_later_pass_reach_its_draft(tail, kept, heads_dir, tiny_target,
+                                                    tiny_target_dir, monkeypatch):
+    """Calls that keep their rows (TRACK, a pause's warm-up), then a pass: its draft is
+    the model's own prediction over every position, as if each call had run the SAL
+    layers. A slot that would keep more than PROMPT_TAIL rows drops its oldest and
+    restarts: the draft then reads only the positions from `kept` on."""
+    monkeypatch.setattr(proposer_module, "PROMPT_TAIL", tail)
     proposer = _proposer(heads_dir, tiny_target_dir)
+    plans = iter([proposer_module.DRAFT] + [proposer_module.TRACK] * 6 + [proposer_module.DRAFT])
+    proposer._plan = lambda decoding: next(plans)
+    g = torch.Generator().manual_seed(2)
+    sequence = torch.randint(0, tiny_target.vocab_size, (20,), generator=g)
+    hidden = torch.randn(20, tiny_target.hidden_size, generator=g)
+    table = sequence[None, :].numpy().astype(np.int32)
+
+    def step(start, rows):
+        return proposer.propose_from_step(StepRows(
+            req_ids=["r"], sampled_token_ids=[[int(sequence[start + rows])]],
+            hidden_states=hidden[start: start + rows],
+            query_start_loc=np.array([0, rows]), start_positions=np.array([start]),
+            num_draft_tokens=np.array([0]), token_ids=table)).tokens
+
+    step(0, 5)  # the prompt, through the SAL layers at once
+    for position in range(5, 11):
+        assert step(position, 1) == [[]]
+    assert proposer.cached_positions("r") == 11 - kept
+    draft = step(11, 1)
+    want = proposer.model(hidden[None, kept:12], sequence[None, kept + 1:13])[0, -1]
+    assert draft == [want.argmax(-1)[:3].tolist()]
+    assert proposer.cache.lengths[0] == 12 - kept and not proposer.pending.counts.any()
+
+
+@pytest.mark.parametrize("keep_rows", [False, True])
+def test_slots_follow_vllm_reordering_its_batch(keep_rows, heads_dir, tiny_target,
+                                                tiny_target_dir):
+    """vLLM moves requests between batch rows (a finished one's row is refilled, rows are
+    swapped): each request's SAL slot, and the rows it keeps for a later pass (keep_rows:
+    the steps in between are TRACK calls), must move with it, so that every draft still
+    equals the model's own prediction over that request's whole history."""
+    proposer = _proposer(heads_dir, tiny_target_dir)
+    middle = proposer_module.TRACK if keep_rows else proposer_module.DRAFT
     d, vocab = tiny_target.hidden_size, tiny_target.vocab_size
     g = torch.Generator().manual_seed(1)
     history = {r: (torch.randn(30, d, generator=g), torch.randint(0, vocab, (31,), generator=g))
                for r in "abcd"}
     fed = dict.fromkeys("abcd", 0)
 
-    def step(req_ids, rows):
+    def step(req_ids, rows, plan=proposer_module.DRAFT):
+        proposer._plan = lambda decoding: plan
         table = np.zeros((len(req_ids), 64), np.int32)
         hidden, starts = [], []
         for i, (r, n) in enumerate(zip(req_ids, rows, strict=True)):
@@ -154,15 +192,18 @@ def test_slots_follow_vllm_reordering_its_batch(heads_dir, tiny_target, tiny_tar
             start_positions=np.array(starts), num_draft_tokens=np.zeros(len(rows), np.int64),
             token_ids=table)).tokens
         for r, draft in zip(req_ids, drafts, strict=True):
+            if plan != proposer_module.DRAFT:
+                assert draft == []
+                continue
             h, x = history[r]
             want = proposer.model(h[None, : fed[r]], x[None, 1: fed[r] + 1])[0, -1]
             assert draft == want.argmax(-1)[:3].tolist(), (req_ids, r)
 
     step("abc", [5, 3, 4])
-    step("abc", [1, 1, 1])
+    step("abc", [1, 1, 1], middle)
     proposer.release("a")
-    step("cb", [1, 2])  # vLLM condensed: c moved into a's row
-    step("bcd", [1, 1, 6])  # swapped back, d joins
+    step("cb", [1, 2], middle)  # vLLM condensed: c moved into a's row
+    step("bcd", [1, 1, 6], middle)  # swapped back, d joins
     step("dcb", [2, 1, 1])
     assert proposer.cache_stats()["sequences"] == 3
 
@@ -194,6 +235,12 @@ def test_drafting_pauses_above_the_batch_limit(heads_dir, tiny_target, tiny_targ
     assert proposer.cached_positions("d") == 8
 
 
+def _kept_its_rows(proposer: AmphistaProposer) -> bool:
+    """Whether the last call kept its rows for a later pass (TRACK): it ran no draft pass
+    and took time of its own."""
+    return not proposer.last_call[2] and proposer.last_call[3] > 0
+
+
 def _step_of_request_a(proposer: AmphistaProposer, start: int, rows: int,
                        table: np.ndarray) -> None:
     """One engine step of request "a" alone: `rows` new rows from position `start`."""
@@ -210,26 +257,26 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
     pass pauses drafting; after that only probe passes run, the first after
     probe_interval plain steps (their share counting the warm-up) and each next one twice
     as far (up to MAX_PROBE_BACKOFF times), and the probes measure the chances again. The
-    WARM_STEPS calls before each probe only advance the cache, so the probe drafts with
-    that much context. Once drafting pays and pauses again, the spacing starts over, and
-    the first WARM_STEPS calls of that pause advance the caches too (the first pass,
-    which never paid, has none)."""
+    WARM_STEPS calls before each probe keep their rows, so the probe drafts with that much
+    context. Once drafting pays and pauses again, the spacing starts over, and the first
+    WARM_STEPS calls of that pause keep their rows too (the first pass, which never paid,
+    has none)."""
     dear = StepCost.linear(fixed_ms=10.0, per_token_ms=10.0, draft_ms=1.0)
     dear.save(tmp_path / "dear.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "dear.json"))
-    proposer.clock.tracking_ms = lambda requests: 2.0
+    proposer.clock.catch_up_ms = lambda requests: 16.0
     passes, tracked, cached = [], [], []
-    table = np.arange(2048, dtype=np.int32)[None] % tiny_target.vocab_size
-    interval = probe_interval(1, dear, WARM_STEPS * 2.0)
+    table = np.arange(8192, dtype=np.int32)[None] % tiny_target.vocab_size
+    interval = probe_interval(1, dear, 16.0)
     assert interval > probe_interval(1, dear) > 1 and interval > 2 * WARM_STEPS
     assert MAX_PROBE_BACKOFF == 8
     chances = []
-    position = iter(range(9, 2048))
+    position = iter(range(9, 8192))
 
     def call(start, rows):
         _step_of_request_a(proposer, start, rows, table)
         passes.append(proposer.last_call[2])
-        tracked.append(proposer.last_call[3] > 0)
+        tracked.append(_kept_its_rows(proposer))
         cached.append(proposer.cached_positions("a"))
         chances.append(proposer.recent_chance.copy())
 
@@ -263,19 +310,19 @@ def test_a_warm_up_once_begun_runs_to_its_probe(heads_dir, tiny_target, tiny_tar
                                                 tmp_path):
     """The warm-up's own timing moves the probe's spacing (here each of its calls prices
     the next one differently, as the step clock's running mean does). Every probe still
-    comes after WARM_STEPS calls that advanced its slot, so its chances count: a probe
+    comes after WARM_STEPS calls that kept their rows, so its chances count: a probe
     from a colder slot would be discarded, and the pause would never hear from the heads
     again (seen at one request on an Intel Xeon: every probe of a 288-step run wasted)."""
     dear = StepCost.linear(fixed_ms=10.0, per_token_ms=10.0, draft_ms=1.0)
     dear.save(tmp_path / "dear.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "dear.json"))
     tracked, cached, passes, rows = [], [], [], []
-    proposer.clock.tracking_ms = lambda requests: 2.0 + 8.0 * (sum(tracked) % 2)
+    proposer.clock.catch_up_ms = lambda requests: 16.0 + 64.0 * (sum(tracked) % 2)
     table = np.arange(4096, dtype=np.int32)[None] % tiny_target.vocab_size
     for step in range(1200):  # the prompt's 9 rows, then one a step
         _step_of_request_a(proposer, *((0, 9) if step == 0 else (8 + step, 1)), table)
         passes.append(proposer.last_call[2])
-        tracked.append(proposer.last_call[3] > 0)
+        tracked.append(_kept_its_rows(proposer))
         cached.append(proposer.cached_positions("a"))
         rows.append(len(proposer.recent_chance))
     probes = np.flatnonzero(passes)[1:]
@@ -294,8 +341,8 @@ def test_drafting_at_one_batch_size_leaves_the_pause_at_another(heads_dir, tiny_
     still back off and no warm-up follows the step of one."""
     StepCost((1, 2), (10.0, 10.0), (0.0, 10.0), (0.0, 1.0)).save(tmp_path / "cost.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"))
-    proposer.clock.tracking_ms = lambda requests: 2.0
-    interval = probe_interval(2, proposer.step_cost, WARM_STEPS * 2.0)
+    proposer.clock.catch_up_ms = lambda requests: 16.0
+    interval = probe_interval(2, proposer.step_cost, 16.0)
     d = tiny_target.hidden_size
     table = np.arange(4096, dtype=np.int32).reshape(2, 2048) % tiny_target.vocab_size
     position = iter(range(1, 2048))
@@ -309,8 +356,8 @@ def test_drafting_at_one_batch_size_leaves_the_pause_at_another(heads_dir, tiny_
             query_start_loc=np.arange(len(req_ids) + 1), start_positions=np.full(
                 len(req_ids), start), num_draft_tokens=np.zeros(len(req_ids), np.int64),
             token_ids=table))
-        drafted, tracked = proposer.last_call[2], proposer.last_call[3] > 0
-        plans.append("D" if drafted else "T" if tracked else "S")
+        plans.append("D" if proposer.last_call[2] else "T" if _kept_its_rows(proposer)
+                     else "S")
 
     for _ in range(WARM_STEPS + 2):  # warm slots, so their chances judge the heads
         call(["a", "b"])
@@ -327,30 +374,35 @@ def test_drafting_at_one_batch_size_leaves_the_pause_at_another(heads_dir, tiny_
 
 def test_only_decode_steps_price_the_warm_up_before_a_probe(heads_dir, tiny_target,
                                                            tiny_target_dir, tmp_path):
-    """A call that only advances the caches is timed to price the warm-up before a probe,
-    but not when a prefill chunk rode along in its step: with those rows the running
-    time of such calls at 16 requests read 203 ms (a served bench, fp32, AVX-512 BF16
-    EPYC) where one on decode rows takes ~6, which spaced the probes there ~27x too far
+    """A probe's catch-up pass over the rows its warm-up kept is timed to price the next
+    warm-up, but not when a prompt's rows were kept among them: with such rows the warm-up
+    at 16 requests was once priced at 203 ms (a served bench, fp32, AVX-512 BF16 EPYC)
+    where one over decode rows takes ~6, which spaced the probes there ~27x too far
     apart."""
     StepCost.linear(fixed_ms=10.0, per_token_ms=10.0, draft_ms=1.0).save(tmp_path / "dear.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "dear.json"))
     timed = []
-    proposer.clock.record_tracking = lambda requests, ms: timed.append(requests)
+    proposer.clock.record_catch_up = lambda requests, ms: timed.append(requests)
     table = np.arange(2048, dtype=np.int32)[None].repeat(2, 0) % tiny_target.vocab_size
 
-    def call(req_ids, sampled, rows, starts):
+    def call(sampled, rows, starts, pause):
+        req_ids = ["a", "b"][: len(rows)]
+        proposer.pauses = {size: pause for size in (1, 2)}
         proposer.propose_from_step(StepRows(
             req_ids=req_ids, sampled_token_ids=sampled,
             hidden_states=torch.randn(sum(rows), tiny_target.hidden_size),
             query_start_loc=np.cumsum([0, *rows]), start_positions=np.array(starts),
             num_draft_tokens=np.zeros(len(rows), np.int64), token_ids=table))
-        return proposer.last_call[3] > 0  # the call only advanced the caches
+        return "draft" if proposer.last_call[2] else "keep" if _kept_its_rows(proposer) else ""
 
-    call(["a"], [[5]], [9], [0])  # a drafting pass, after which drafting pauses
-    # As where drafting paid right before: the pause's first calls advance the caches.
-    proposer.pauses = {size: Pause(after_drafting=True) for size in (1, 2)}
-    assert call(["a", "b"], [[5], []], [1, 20], [9, 0]) and timed == []  # b's prompt
-    assert call(["a", "b"], [[5], [6]], [1, 1], [10, 20]) and timed == [2]
+    assert call([[5]], [9], [0], Pause()) == "draft"  # the first pass: drafting pauses
+    # As where drafting paid right before: the pause's first calls keep their rows.
+    assert call([[5], []], [1, 20], [9, 0], Pause(after_drafting=True)) == "keep"  # b's prompt
+    assert call([[5], [6]], [1, 1], [10, 20], Pause(warmed=WARM_STEPS)) == "draft"
+    assert timed == []
+    assert call([[5], [6]], [1, 1], [11, 21], Pause(after_drafting=True)) == "keep"
+    assert call([[5], [6]], [1, 1], [12, 22], Pause(warmed=WARM_STEPS)) == "draft"
+    assert timed == [2]
 
 
 @pytest.mark.parametrize("num_stages", [2, 0])

@@ -31,7 +31,7 @@ from vllm_amphista.model.layers import (
     SwiGLU,
     attention_dtype,
 )
-from vllm_amphista.model.sal_cache import SALCache
+from vllm_amphista.model.sal_cache import SALCache, rows_by_slot
 from vllm_amphista.model.target import TargetWeights
 
 
@@ -182,8 +182,7 @@ class AmphistaDraftModel(nn.Module):
         b, device = len(counts), hidden_states.device
         n_max = max(1, int(counts.max()))
         ends = np.cumsum(counts)
-        row_slot = np.repeat(np.arange(b), counts)
-        row_offset = np.arange(len(row_slot)) - np.repeat(ends - counts, counts)
+        row_slot, row_offset = rows_by_slot(counts)
         slot_t, offset_t = (torch.from_numpy(a).to(device) for a in (row_slot, row_offset))
         last = torch.from_numpy(np.maximum(ends - 1, 0)).to(device)  # each slot's last row
 

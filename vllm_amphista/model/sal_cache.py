@@ -59,3 +59,10 @@ class SALCache:
 
     def nbytes(self) -> int:
         return 2 * self.keys.numel() * self.keys.element_size()
+
+
+def rows_by_slot(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows given slot by slot, counts[i] of them for slot i: each row's slot and its
+    offset among its slot's rows."""
+    slot = np.repeat(np.arange(len(counts)), counts)
+    return slot, np.arange(len(slot)) - np.repeat(np.cumsum(counts) - counts, counts)

@@ -18,7 +18,8 @@ follow from this machine's numbers, not from constants. The proposer checks that
 against its own steps (`StepClock`): where the drafting steps it timed at a batch size
 yielded fewer tokens per unit of time than the plain ones, drafting pauses there, as
 the model says or not. While drafting is paused the chances are re-measured by an
-occasional probe pass, after WARM_STEPS steps that only advance the SAL caches, spaced so
+occasional probe pass, after WARM_STEPS steps whose rows are kept for it, so that its
+pass catches the SAL caches up over them first (serving/pending_rows.py), spaced so
 that the two cost at most PROBE_SHARE of the plain steps' time (`probe_interval`), and
 less the longer the pause lasts.
 """
@@ -39,13 +40,15 @@ from vllm_amphista.paths import CACHE_DIR
 
 STEP_COST_DIR = CACHE_DIR / "step_cost"
 # The most of a paused proposer's time spent re-measuring the heads' chances: the price
-# of noticing that drafting pays again (another kind of text, better chances).
-PROBE_SHARE = 0.02
+# of noticing that drafting pays again (another kind of text, better chances). Half of
+# what it was while each warm-up step ran the SAL layers: a probe now costs ~1/3 of that
+# (pending_rows.py), so it still comes more often than it did then.
+PROBE_SHARE = 0.01
 # Each probe that finds drafting still not paying doubles the spacing of the next, up to
 # this factor, so a steady load where drafting never pays spends PROBE_SHARE / 8 on them.
 MAX_PROBE_BACKOFF = 8
-# Paused steps before a probe whose rows go through the SAL layers (the cache follows,
-# no drafts): a paused request's cache restarts, and right after a restart the heads'
+# Paused steps before a probe whose rows are kept for the probe's SAL layers (no
+# drafts): a paused request's cache restarts, and right after a restart the heads'
 # first draft is right 34% of the time, after 8 positions 45%, with the whole
 # conversation before it 51% (`python -m benchmarks.sal_context`). A probe without them
 # would price the heads a third too low and keep drafting paused where it pays.
@@ -207,9 +210,9 @@ class StepClock:
     kind is timed at its size, so a long pause keeps what the last drafting steps showed
     (probes refresh it); PRIOR pseudo-steps at ratio 1 keep a few odd steps from swinging
     the overhead, and one step counts at most MAX_RATIO (a stall is not the engine's
-    speed). Steps after a call that only advanced the caches count as plain, that call's
-    own time taken out; its time is kept too (`tracking_ms`), to price a probe's
-    warm-up."""
+    speed). Steps after a call that only kept its rows count as plain, that call's own
+    time taken out; a drafting call's catch-up pass over kept rows is taken out of its
+    step alike, and its time kept (`catch_up_ms`) to price a probe's warm-up."""
 
     DECAY = 0.98
     PRIOR = 4.0
@@ -228,9 +231,9 @@ class StepClock:
         self.timed = np.zeros(shape)
         self.tokens = np.zeros(shape)
         self.paced = np.zeros(shape)
-        # Per batch size: the proposer's time for a call that only advanced the caches
-        # (ms, a running mean; 0 until one was timed).
-        self.tracking = np.zeros(len(batch_sizes))
+        # Per batch size: the proposer's catch-up pass over kept rows (ms, a running
+        # mean; 0 until one was timed).
+        self.catch_up = np.zeros(len(batch_sizes))
 
     def _size(self, requests: int) -> int:
         """The calibrated batch size nearest `requests`, on a log scale."""
@@ -249,14 +252,14 @@ class StepClock:
         self.tokens[at] += tokens / requests
         self.paced[at] += min(measured_ms / plain_ms, self.MAX_RATIO)
 
-    def record_tracking(self, requests: int, ms: float) -> None:
+    def record_catch_up(self, requests: int, ms: float) -> None:
         size = self._size(requests)
-        self.tracking[size] = ms if not self.tracking[size] else (
-            self.DECAY * self.tracking[size] + (1 - self.DECAY) * ms)
+        self.catch_up[size] = ms if not self.catch_up[size] else (
+            self.DECAY * self.catch_up[size] + (1 - self.DECAY) * ms)
 
-    def tracking_ms(self, requests: int) -> float | None:
-        """A call that only advances the caches at this size (ms); None until timed."""
-        return float(self.tracking[self._size(requests)]) or None
+    def catch_up_ms(self, requests: int) -> float | None:
+        """A catch-up pass over a warm-up's kept rows at this size (ms); None until timed."""
+        return float(self.catch_up[self._size(requests)]) or None
 
     def overhead(self, requests: int) -> float:
         size = self._size(requests)
@@ -343,8 +346,9 @@ class AcceptanceTracker:
 
 
 def probe_interval(requests: int, cost: StepCost, warm_ms: float = 0.0) -> int:
-    """Plain steps per probe while paused: one draft pass, and the warm-up before it
-    (warm_ms in all), per this many steps costs at most PROBE_SHARE of their time."""
+    """Plain steps per probe while paused: one draft pass, and the catch-up over its
+    warm-up's rows (warm_ms), per this many steps costs at most PROBE_SHARE of their
+    time."""
     plain_ms = float(cost.step_ms(requests, requests))
     return max(1, int(np.ceil((cost.draft_ms(requests) + warm_ms)
                               / (PROBE_SHARE * plain_ms))))

@@ -15,10 +15,11 @@ chunk, or in a decode step the last sampled token plus the accepted drafts
 runner's token table, which already holds this step's accepted tokens. A request whose
 rows do not start where its slot ended (preemption, a prefix-cache hit, a pause)
 restarts its slot: RoPE attention is shift-invariant, so that is sound, but its drafts
-are worse until the slot holds some context again, so a paused proposer advances the
-caches for a few steps before it probes (serving/draft_length.py, WARM_STEPS). A chunk
-of more than PROMPT_TAIL rows (a long prompt) restarts its slot with only its last
-PROMPT_TAIL rows.
+are worse until the slot holds some context again, so a paused proposer keeps the rows
+of a few steps before it probes (serving/draft_length.py, WARM_STEPS), and the probe's
+pass runs the SAL layers over them first (serving/pending_rows.py). A chunk of more
+than PROMPT_TAIL rows (a long prompt) restarts its slot with only its last PROMPT_TAIL
+rows, and a slot keeps at most that many rows waiting.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from vllm_amphista.serving.draft_sampling import (
     draft_distribution,
     sample_drafts,
 )
+from vllm_amphista.serving.pending_rows import PendingRows
 from vllm_amphista.serving.spec_config import ADDITIONAL_CONFIG_KEY, DEFAULT_DRAFT_SAMPLING
 from vllm_amphista.serving.step import Proposal, StepDrafter, StepRows
 
@@ -69,8 +71,9 @@ RECENT_ROWS = 32
 # from context that far back: the heads' chain tau with every position cached 1.770,
 # with only the last 32 1.715 (`python -m benchmarks.sal_context`, docs/results.md).
 PROMPT_TAIL = 128
-# What a call does (AmphistaProposer._plan): the draft pass and drafts; the SAL layers
-# only, so the caches follow the requests (about half the pass's time); nothing.
+# What a call does (AmphistaProposer._plan): the draft pass and drafts; keep the step's
+# rows for the next pass's SAL layers (PendingRows), so the caches follow the requests;
+# nothing.
 DRAFT, TRACK, SKIP = "draft", "track", "skip"
 
 
@@ -132,6 +135,7 @@ class AmphistaProposer(StepDrafter):
         # its own time if it only tracked (ms; such a step is a plain one to the clock).
         self.last_call: tuple[float, int, bool, float] | None = None
         self.cache: SALCache | None = None  # created at the first step, dropped when idle
+        self.pending: PendingRows | None = None  # created and dropped with the cache
         self.slot_reqs: list[str | None] = []  # the request in each slot
         self.next_position = np.zeros(0, np.int64)  # per slot: where its next rows start
         # Per slot: the heads' confidence in the drafts proposed last step, scored against
@@ -212,19 +216,22 @@ class AmphistaProposer(StepDrafter):
         starts = np.asarray(step.start_positions[:num_reqs], np.int64)
         # More rows than PROMPT_TAIL (a prompt): the slot restarts with the last of them.
         skip = np.maximum(counts - PROMPT_TAIL, 0)
-        cache.lengths[np.flatnonzero((starts != self.next_position[:num_reqs]) | (skip > 0))] = 0
+        restart = np.flatnonzero((starts != self.next_position[:num_reqs]) | (skip > 0))
+        cache.lengths[restart] = 0
+        self.pending.clear(restart)
         index, next_tokens = step.accepted_row_index(counts, skip)
         hidden = step.hidden_states[torch.from_numpy(index).to(step.hidden_states.device)]
-        logits = self.model.extend(cache, hidden.to(self.device, self.dtype),
-                                   torch.from_numpy(next_tokens).to(self.device),
-                                   counts - skip, logits=plan == DRAFT)
+        hidden = hidden.to(self.device, self.dtype)
+        next_tokens = torch.from_numpy(next_tokens).to(self.device)
         self.next_position[:num_reqs] = starts + counts
         if plan == TRACK:
-            own_ms = 1e3 * (perf_counter() - now)
-            self.last_call = (now, decoding, False, own_ms)
-            if step.decode_only():  # a prefill chunk's rows would price a warm-up step
-                self.clock.record_tracking(decoding, own_ms)
+            prompt = step.scheduled_rows() != 1 + np.asarray(step.num_draft_tokens[:num_reqs])
+            cache.lengths[self.pending.add(hidden, next_tokens, counts - skip, prompt)] = 0
+            self.last_call = (now, decoding, False, 1e3 * (perf_counter() - now))
             return Proposal(drafts)
+        catch_up_ms = self._catch_up(num_reqs, decoding)
+        self.last_call = (now, decoding, True, catch_up_ms)
+        logits = self.model.extend(cache, hidden, next_tokens, counts - skip)
         # Requests past a partial prefill (they sampled a token) get drafts.
         drafting = [i for i in np.flatnonzero(counts).tolist() if step.sampled_token_ids[i]]
         if not drafting:
@@ -285,14 +292,16 @@ class AmphistaProposer(StepDrafter):
             self.pauses[decoding] = Pause(backoff=min(2 * pause.backoff, MAX_PROBE_BACKOFF))
             return DRAFT  # a probe: its drafts are still cut to what pays
         if not pause.warmed:
-            tracking_ms = self.clock.tracking_ms(decoding) or self.step_cost.draft_ms(decoding)
-            spacing = pause.backoff * probe_interval(decoding, self.step_cost,
-                                                     WARM_STEPS * tracking_ms)
+            # Not timed yet: about a draft pass (a catch-up over WARM_STEPS rows reads
+            # the same weights once).
+            catch_up_ms = self.clock.catch_up_ms(decoding) or self.step_cost.draft_ms(decoding)
+            spacing = pause.backoff * probe_interval(decoding, self.step_cost, catch_up_ms)
             if pause.steps <= spacing - WARM_STEPS:
                 return SKIP
         # A warm-up, once begun, runs its WARM_STEPS calls to the probe: the spacing moves
-        # as they are timed, and a probe after fewer calls drafts from slots too cold to
-        # judge the heads by (`_lengths`), so its pass would be spent for nothing.
+        # as catch-up passes are timed, and a probe after fewer calls drafts from slots
+        # too cold to judge the heads by (`_lengths`), so its pass would be spent for
+        # nothing.
         pause.warmed += 1
         return TRACK
 
@@ -329,6 +338,21 @@ class AmphistaProposer(StepDrafter):
                           float(self.step_cost.step_ms(num_reqs, num_reqs)),
                           sum(map(len, step.sampled_token_ids[:num_reqs])))
 
+    def _catch_up(self, num_reqs: int, decoding: int) -> float:
+        """Run the SAL layers over the rows that TRACK calls kept (before this step's),
+        so the caches hold everything up to this step; returns its time (ms), which the
+        step clock takes out of the drafting step and keeps to price a probe's warm-up
+        (not when a prompt's rows were among them: a warm-up is decode steps)."""
+        if not self.pending.counts[:num_reqs].any():
+            return 0.0
+        started = perf_counter()
+        hidden, next_tokens, counts, from_prompt = self.pending.take(num_reqs)
+        self.model.extend(self.cache, hidden, next_tokens, counts, logits=False)
+        ms = 1e3 * (perf_counter() - started)
+        if not from_prompt:
+            self.clock.record_catch_up(decoding, ms)
+        return ms
+
     def _score_drafts(self, step: StepRows, sampled: np.ndarray) -> None:
         """Tell the acceptance tracker how the drafts verified in this step fared (slot i
         holds row i's confidence from the step that proposed them; sampled [num_reqs]:
@@ -347,6 +371,8 @@ class AmphistaProposer(StepDrafter):
         mark new requests for a restart. Nothing to do while the batch is unchanged."""
         if self.cache is None:
             self.cache = self.model.new_cache()
+            self.pending = PendingRows(self.model.config.hidden_size, self.dtype, self.device,
+                                       PROMPT_TAIL)
         if req_ids == self.slot_reqs[: len(req_ids)]:
             return self.cache
         where = {req_id: slot for slot, req_id in enumerate(self.slot_reqs) if req_id}
@@ -359,6 +385,7 @@ class AmphistaProposer(StepDrafter):
                 dest.append(slot)
                 src.append(old)
         self.cache.reserve(len(req_ids), 1)
+        self.pending.reserve(len(req_ids), 1)
         if len(self.next_position) < self.cache.slots:
             grown = self.cache.slots - len(self.next_position)
             self.next_position = np.concatenate((self.next_position,
@@ -367,9 +394,10 @@ class AmphistaProposer(StepDrafter):
                 (grown, self.num_speculative_tokens))))
         if dest:
             self.cache.move(dest, src)
+            self.pending.move(dest, src)
             self.next_position[dest] = self.next_position[src]
             self.draft_confidence[dest] = self.draft_confidence[src]
-        self.next_position[fresh] = -1  # forces a restart of the slot
+        self.next_position[fresh] = -1  # forces a restart of the slot (and drops its rows)
         self.slot_reqs = list(req_ids)
         return self.cache
 
@@ -398,17 +426,19 @@ class AmphistaProposer(StepDrafter):
         if req_id in self.slot_reqs:
             self.slot_reqs[self.slot_reqs.index(req_id)] = None
         if self.cache is not None and not any(self.slot_reqs):
-            self.cache, self.slot_reqs = None, []
+            self.cache, self.pending, self.slot_reqs = None, None, []
             self.last_call = None  # the engine idles until the next request: not a step
             self.next_position = np.zeros(0, np.int64)
             self.draft_confidence = self.draft_confidence[:0]
             logger.info("amphista: draft caches empty (all requests released)")
 
     def cached_positions(self, req_id: str) -> int:
-        """Positions of a request held in the SAL cache (0 if none)."""
+        """Positions of a request held for drafting (0 if none): in the SAL cache, or
+        kept for the next pass to run the SAL layers over."""
         if self.cache is None or req_id not in self.slot_reqs:
             return 0
-        return int(self.cache.lengths[self.slot_reqs.index(req_id)])
+        slot = self.slot_reqs.index(req_id)
+        return int(self.cache.lengths[slot] + self.pending.counts[slot])
 
     def cache_stats(self) -> dict[str, int]:
         return {"sequences": sum(1 for r in self.slot_reqs if r),

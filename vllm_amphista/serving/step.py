@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vllm_amphista.model.sal_cache import rows_by_slot
 from vllm_amphista.serving.draft_sampling import RequestSampling
 
 
@@ -62,8 +63,7 @@ class StepRows:
         start = np.asarray(self.start_positions[:num_reqs], np.int64)
         if skip is not None:
             first, start, counts = first + skip, start + skip, counts - skip
-        request = np.repeat(np.arange(num_reqs), counts)
-        offset = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        request, offset = rows_by_slot(counts)
         tokens = self.token_ids[request, start[request] + 1 + offset].astype(np.int64)
         return first[request] + offset, tokens
 
