@@ -132,7 +132,8 @@ class AmphistaProposer(StepDrafter):
         self.steps_drafting = 0  # steps drafting paid, for timing plain ones among them
         self.clock = StepClock(self.step_cost.batch_sizes if self.step_cost else (1,))
         # The last call: when it started, its decoding requests, whether it drafted, and
-        # its own time if it only tracked (ms; such a step is a plain one to the clock).
+        # its own time the step clock takes out of the step it times (ms): all of a call
+        # that only kept its rows (a plain step to the clock), a drafting call's catch-up.
         self.last_call: tuple[float, int, bool, float] | None = None
         self.cache: SALCache | None = None  # created at the first step, dropped when idle
         self.pending: PendingRows | None = None  # created and dropped with the cache
@@ -225,8 +226,8 @@ class AmphistaProposer(StepDrafter):
         next_tokens = torch.from_numpy(next_tokens).to(self.device)
         self.next_position[:num_reqs] = starts + counts
         if plan == TRACK:
-            prompt = step.scheduled_rows() != 1 + np.asarray(step.num_draft_tokens[:num_reqs])
-            cache.lengths[self.pending.add(hidden, next_tokens, counts - skip, prompt)] = 0
+            dropped = self.pending.add(hidden, next_tokens, counts - skip, step.prefilling())
+            cache.lengths[dropped] = 0
             self.last_call = (now, decoding, False, 1e3 * (perf_counter() - now))
             return Proposal(drafts)
         catch_up_ms = self._catch_up(num_reqs, decoding)

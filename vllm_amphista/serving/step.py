@@ -41,10 +41,15 @@ class StepRows:
         kept = self.scheduled_rows() - np.asarray(self.num_draft_tokens[:num_reqs], np.int64)
         return np.where(sampled == 0, kept, kept + sampled - 1)
 
+    def prefilling(self) -> np.ndarray:
+        """[num_reqs] bool: which requests ran a prefill chunk (rows other than one plus
+        their verified drafts)."""
+        verified = np.asarray(self.num_draft_tokens[: len(self.req_ids)])
+        return self.scheduled_rows() != 1 + verified
+
     def decode_only(self) -> bool:
         """Whether every request ran one row plus its verified drafts (no prefill chunk)."""
-        verified = np.asarray(self.num_draft_tokens[: len(self.req_ids)])
-        return bool((self.scheduled_rows() == 1 + verified).all())
+        return not self.prefilling().any()
 
     def sampled_requests(self) -> np.ndarray:
         """[num_reqs] bool: which requests sample (temperature > 0)."""
