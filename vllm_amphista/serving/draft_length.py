@@ -41,8 +41,10 @@ from vllm_amphista.paths import CACHE_DIR
 STEP_COST_DIR = CACHE_DIR / "step_cost"
 # The most of a paused proposer's time spent re-measuring the heads' chances: the price
 # of noticing that drafting pays again (another kind of text, better chances). Half of
-# what it was while each warm-up step ran the SAL layers: a probe now costs ~1/3 of that
-# (pending_rows.py), so it still comes more often than it did then.
+# what it was while each warm-up step ran the SAL layers: a probe's warm-up now costs
+# ~1/3 of that (pending_rows.py), so probes come about as often as then (Intel Xeon with
+# AMX, bf16, before backing off: every ~55 plain steps at 16 requests, was ~47; ~28 at
+# 4, was ~39).
 PROBE_SHARE = 0.01
 # Each probe that finds drafting still not paying doubles the spacing of the next, up to
 # this factor, so a steady load where drafting never pays spends PROBE_SHARE / 8 on them.
