@@ -36,9 +36,8 @@ class SALCache:
         """Room for `slots` sequences of `capacity` positions (doubling what is short)."""
         if slots <= self.slots and capacity <= self.capacity:
             return
-        new_slots = max(slots, 2 * self.slots) if slots > self.slots else self.slots
-        new_capacity = (max(capacity, 2 * self.capacity) if capacity > self.capacity
-                        else self.capacity)
+        new_slots = grown_size(slots, self.slots)
+        new_capacity = grown_size(capacity, self.capacity)
         stages, heads, dim = self.shape
         grown = []
         for old in (self.keys, self.values):
@@ -59,6 +58,12 @@ class SALCache:
 
     def nbytes(self) -> int:
         return 2 * self.keys.numel() * self.keys.element_size()
+
+
+def grown_size(needed: int, have: int) -> int:
+    """A buffer's new size along one axis: unchanged if it holds `needed`, else doubled
+    (or `needed`, if more), so growing is rare."""
+    return max(needed, 2 * have) if needed > have else have
 
 
 def rows_by_slot(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vllm_amphista.model.sal_cache import rows_by_slot
+from vllm_amphista.model.sal_cache import grown_size, rows_by_slot
 
 
 class PendingRows:
@@ -37,9 +37,8 @@ class PendingRows:
         old_slots, old_capacity = self.tokens.shape
         if slots <= old_slots and capacity <= old_capacity:
             return
-        slots = max(slots, 2 * old_slots) if slots > old_slots else old_slots
-        capacity = (min(max(capacity, 2 * old_capacity), self.limit)
-                    if capacity > old_capacity else old_capacity)
+        slots = grown_size(slots, old_slots)
+        capacity = min(grown_size(capacity, old_capacity), self.limit)
         hidden = self.hidden.new_zeros(slots, capacity, self.hidden.shape[-1])
         tokens = self.tokens.new_zeros(slots, capacity)
         hidden[:old_slots, :old_capacity] = self.hidden
