@@ -324,7 +324,7 @@ def test_recovered_tokens_follow_the_residual_distribution(draft_probs):
 def test_engine_rejection_sampler_still_samples_bonus_tokens_first():
     """Tripwire: vLLM 0.32's rejection sampler samples every request's bonus token with its
     plain sampler before rejecting anything, asking for full logprobs. The day this fails,
-    re-check patch_draftless_rejection_sampling."""
+    re-check patch_rejection_sampling_without_logprobs."""
     from vllm.v1.sample.rejection_sampler import RejectionSampler
 
     engine = getattr(RejectionSampler.forward, "_amphista_original", RejectionSampler.forward)
@@ -336,21 +336,29 @@ def test_engine_rejection_sampler_still_samples_bonus_tokens_first():
         assert step in source
 
 
-def _draftless_case(kind: str, batch: int = 6, vocab: int = 50):
-    """Logits of a step where no request has drafts, and sampling metadata of one kind."""
+def _sampling_case(kind: str, drafts: list[int], vocab: int = 50):
+    """A step's logits (each request's draft rows, then its bonus row), spec-decode
+    metadata for `drafts` drafts per request, sampling metadata of one kind, and the
+    drafts' q where sampled requests carry drafts."""
     from vllm.v1.sample.logits_processor import LogitsProcessors
     from vllm.v1.sample.metadata import SamplingMetadata
     from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
+    batch = len(drafts)
     gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(batch, vocab, generator=gen) * 3
+    draft_ids = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in drafts]
+    logits = torch.randn(sum(drafts) + batch, vocab, generator=gen) * 3
     temperature = torch.full((batch,), 0.8)
-    if kind in ("greedy", "mixed"):
+    if kind in ("greedy", "mixed", "penalties"):
         temperature[: batch if kind == "greedy" else batch // 2] = 0.0
     penalties = kind == "penalties"
+    # Penalised: each request's earlier tokens are its rows' favourites.
+    ends = torch.cumsum(torch.tensor(drafts) + 1, 0).tolist()
+    output_ids = [logits[end - n - 1: end].argmax(-1).tolist()
+                  for end, n in zip(ends, drafts, strict=True)]
     metadata = SamplingMetadata(
         temperature=temperature, all_greedy=kind == "greedy",
-        all_random=kind not in ("greedy", "mixed"),
+        all_random=kind not in ("greedy", "mixed", "penalties"),
         top_k=torch.full((batch,), 5) if kind == "top_k" else None,
         top_p=torch.full((batch,), 0.7) if kind == "top_p" else None,
         generators={i: torch.Generator().manual_seed(20 + i) for i in range(0, batch, 2)},
@@ -359,20 +367,28 @@ def _draftless_case(kind: str, batch: int = 6, vocab: int = 50):
         frequency_penalties=torch.full((batch,), 0.5 if penalties else 0.0),
         presence_penalties=torch.full((batch,), 0.3 if penalties else 0.0),
         repetition_penalties=torch.full((batch,), 1.2 if penalties else 1.0),
-        output_token_ids=[[1, 2, 3]] * batch, allowed_token_ids_mask=None,
-        bad_words_token_ids={}, logitsprocs=LogitsProcessors(),
-        spec_token_ids=[[] for _ in range(batch)])
-    spec = SpecDecodeMetadata.make_dummy([[] for _ in range(batch)], torch.device("cpu"))
-    spec.bonus_logits_indices = torch.arange(batch, dtype=torch.int32)
-    return spec, logits, metadata
+        output_token_ids=output_ids, allowed_token_ids_mask=None,
+        bad_words_token_ids={}, logitsprocs=LogitsProcessors(), spec_token_ids=draft_ids)
+    spec = SpecDecodeMetadata.make_dummy(draft_ids, torch.device("cpu"))
+    bonus_rows = torch.cumsum(torch.tensor(drafts) + 1, 0) - 1
+    spec.bonus_logits_indices = bonus_rows.to(torch.int32)
+    spec.target_logits_indices = torch.tensor(
+        [int(end) - n + j for end, n in zip(bonus_rows, drafts, strict=True)
+         for j in range(n)], dtype=torch.int32)
+    draft_probs = None
+    if kind != "greedy" and sum(drafts):
+        draft_probs = torch.softmax(torch.randn(sum(drafts), vocab, generator=gen), -1)
+    return spec, logits, metadata, draft_probs
 
 
+@pytest.mark.parametrize("drafts", [[0] * 6, [2, 0, 1, 3, 0, 1]], ids=["draftless", "drafted"])
 @pytest.mark.parametrize("kind", ["greedy", "mixed", "random", "top_k", "top_p",
                                   "penalties", "logprobs"])
-def test_draftless_steps_sample_as_the_rejection_sampler(kind, monkeypatch):
-    """A step with no drafts anywhere: the same tokens (seeded requests from their own
-    generators, the others from the global one, left in the same state) as vLLM's
-    rejection sampler, without its rejection pass; logprobs keep vLLM's path."""
+def test_steps_without_logprobs_sample_as_the_rejection_sampler(kind, drafts, monkeypatch):
+    """The same tokens (seeded requests from their own generators, the others from the
+    global one, left in the same state) as vLLM's rejection sampler, without its logprob
+    copies, and without its rejection pass where no request has drafts; logprobs keep
+    vLLM's path."""
     from vllm.platforms import current_platform
     from vllm.plugins import load_general_plugins
     from vllm.v1.sample import rejection_sampler
@@ -384,15 +400,15 @@ def test_draftless_steps_sample_as_the_rejection_sampler(kind, monkeypatch):
     current_platform.register_triton_kernel_overrides()
     engine = RejectionSampler.forward._amphista_original
     sampler = RejectionSampler(Sampler())
-    spec, logits, metadata = _draftless_case(kind)
+    spec, logits, metadata, draft_probs = _sampling_case(kind, drafts)
     torch.manual_seed(5)
-    expected = engine(sampler, spec, None, logits.clone(), metadata)
+    expected = engine(sampler, spec, draft_probs, logits.clone(), metadata)
     after_expected = torch.rand(4)
-    spec, logits, metadata = _draftless_case(kind)
-    if kind != "logprobs":  # the rejection pass is skipped, not run on zero rows
+    spec, logits, metadata, draft_probs = _sampling_case(kind, drafts)
+    if kind != "logprobs" and not sum(drafts):  # skipped, not run on zero rows
         monkeypatch.setattr(rejection_sampler, "rejection_sample", None)
     torch.manual_seed(5)
-    got = sampler(spec, None, logits, metadata)
+    got = sampler(spec, draft_probs, logits, metadata)
     assert got.sampled_token_ids.dtype == expected.sampled_token_ids.dtype == torch.int32
     assert torch.equal(got.sampled_token_ids, expected.sampled_token_ids)
     assert torch.equal(torch.rand(4), after_expected)

@@ -465,22 +465,29 @@ REJECTION_SAMPLER_FORWARD_PARAMS = (
     "self", "metadata", "draft_probs", "logits", "sampling_metadata")
 
 
-def patch_draftless_rejection_sampling() -> None:
-    """Steps in which no request carries a draft: only the bonus tokens, on vLLM's CPU build.
+def patch_rejection_sampling_without_logprobs() -> None:
+    """Steps that want no logprobs: vLLM's rejection sampling without its logprob copies.
 
-    Wraps (vLLM 0.32.0): vllm.v1.sample.rejection_sampler.RejectionSampler.forward. With
-    speculative decoding every step goes through it, also the many where the step cost
-    left every request without drafts. Its answer there is the bonus tokens, which it
-    samples first with the plain sampler (`predict_bonus_token=True`); the rest is work
-    for nobody: a copy of every request's logits for logprobs (asked for with
-    max_num_logprobs=-1 whatever the requests want) and a rejection pass over zero rows
-    that draws no random numbers. Here such a step makes that same sampler call, on the
-    logits as they are (every row is a bonus row then), and returns its tokens; steps
-    that want logprobs keep vLLM's path.
+    Wraps (vLLM 0.32.0): vllm.v1.sample.rejection_sampler.RejectionSampler.forward, on
+    vLLM's CPU build. With speculative decoding every step goes through it. It samples
+    the bonus tokens first with the plain sampler, asking it for full logprobs
+    (max_num_logprobs=-1) whatever the requests want, and keeps a clone of the verified
+    rows' fp32 logits for logprobs too: copies of whole vocabulary rows, into fresh
+    memory each step, that no one reads unless a request asked for logprobs. Such a step
+    here makes the same calls on the same rows without them:
+    - no request carries a draft (the many steps where the step cost left every request
+      without one): the plain sampler's call on the logits as they are, every row being
+      a bonus row then (indexing would only copy them: 0.5 ms a step at 16 requests), and
+      no rejection pass over zero rows;
+    - some do: the bonus rows' sampler call without logprobs, then the verified rows
+      in fp32 through vLLM's logits processors, sampling constraints and
+      `rejection_sample`, uncloned.
+    Steps that want logprobs keep vLLM's path.
     """
     if not _on_cpu():
         return
     from vllm.v1.outputs import SamplerOutput
+    from vllm.v1.sample import rejection_sampler
     from vllm.v1.sample.rejection_sampler import RejectionSampler
 
     if _is_patched(RejectionSampler.forward):
@@ -488,14 +495,28 @@ def patch_draftless_rejection_sampling() -> None:
     original = RejectionSampler.forward
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
-        if (metadata.max_spec_len or sampling_metadata.max_num_logprobs is not None
-                or sampling_metadata.logprob_token_ids):
+        if sampling_metadata.max_num_logprobs is not None or sampling_metadata.logprob_token_ids:
             return original(self, metadata, draft_probs, logits, sampling_metadata)
-        # Without drafts each request has one row, its bonus row, in order: indexing
-        # would only copy them (0.5 ms a step at 16 requests, fresh pages each time).
-        bonus = self.sampler(logits=logits, sampling_metadata=sampling_metadata,
-                             predict_bonus_token=True)
-        return SamplerOutput(sampled_token_ids=bonus.sampled_token_ids, logprobs_tensors=None)
+        if not metadata.max_spec_len:
+            bonus = self.sampler(logits=logits, sampling_metadata=sampling_metadata,
+                                 predict_bonus_token=True)
+            return SamplerOutput(sampled_token_ids=bonus.sampled_token_ids,
+                                 logprobs_tensors=None)
+        bonus = self.sampler(logits=logits[metadata.bonus_logits_indices],
+                             sampling_metadata=sampling_metadata, predict_bonus_token=True)
+        # Through the module, where the other patches of these functions sit.
+        target_logits = self.apply_logits_processors(
+            logits[metadata.target_logits_indices].to(torch.float32), sampling_metadata,
+            metadata)
+        target_logits = rejection_sampler.apply_sampling_constraints(
+            target_logits, metadata.cu_num_draft_tokens, sampling_metadata)
+        output_token_ids = rejection_sampler.rejection_sample(
+            metadata.draft_token_ids, metadata.num_draft_tokens, metadata.max_spec_len,
+            metadata.cu_num_draft_tokens, draft_probs, target_logits,
+            bonus.sampled_token_ids, sampling_metadata, synthetic_mode=self.synthetic_mode,
+            synthetic_conditional_rates=self.synthetic_conditional_rates,
+            use_fp64_gumbel=self.use_fp64_gumbel)
+        return SamplerOutput(sampled_token_ids=output_token_ids, logprobs_tensors=None)
 
     RejectionSampler.forward = _mark(functools.wraps(original)(forward), original)
 

@@ -13,13 +13,13 @@ from vllm_amphista.model.config import ARCHITECTURE
 from vllm_amphista.serving.patches import (
     patch_cpu_expand_kernel,
     patch_cpu_generator_rewind,
-    patch_draftless_rejection_sampling,
     patch_drafts_with_sampled_tokens,
     patch_empty_draft_constraints,
     patch_engine_args,
     patch_greedy_verification_argmax,
     patch_model_runner,
     patch_recovered_token_noise,
+    patch_rejection_sampling_without_logprobs,
     patch_verified_top_p,
 )
 
@@ -43,7 +43,7 @@ def register() -> None:
     patch_cpu_expand_kernel()
     patch_empty_draft_constraints()
     patch_recovered_token_noise()  # speed only, these four: the others are correctness
-    patch_draftless_rejection_sampling()
+    patch_rejection_sampling_without_logprobs()
     patch_greedy_verification_argmax()
     patch_verified_top_p()
     # Every seeded request on the CPU build needs this one, speculating or not.
