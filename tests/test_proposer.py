@@ -644,9 +644,32 @@ def test_draft_lengths_follow_the_step_cost(heads_dir, tiny_target, tiny_target_
     assert [len(t) for t in proposal.tokens] == want
     q = proposal.draft_probs
     assert q.shape == (3, max(want), tiny_target.vocab_size)
-    for i, n in enumerate(want):
-        torch.testing.assert_close(q[i, :n].sum(-1), torch.ones(n))
+    assert sampled.model.draft_to_target is None  # the tiny heads draft the whole vocabulary
+    for i, n in enumerate(want):  # each request's own q, where a request before it has none
+        torch.testing.assert_close(q[i, :n], torch.softmax(logits[i, :n].float(), -1))
         assert not q[i, n:].any()
+    assert 0 in want[:-1] and want[-1]
+
+
+def test_requests_beside_a_partial_prefill_draft_from_their_own_rows(heads_dir, tiny_target,
+                                                                    tiny_target_dir):
+    """A request in the middle of its prompt (no sampled token: no drafts) between two
+    that decode: each of those drafts the argmax of its own logits."""
+    hidden = torch.randn(24, tiny_target.hidden_size, generator=torch.Generator().manual_seed(4))
+    table = np.arange(3 * 64, dtype=np.int32).reshape(3, 64) % tiny_target.vocab_size
+    rows = StepRows(req_ids=["a", "prefilling", "c"], sampled_token_ids=[[5], [], [7]],
+                    hidden_states=hidden, query_start_loc=np.array([0, 8, 16, 24]),
+                    start_positions=np.zeros(3, np.int64),
+                    num_draft_tokens=np.zeros(3, np.int64), token_ids=table)
+    proposer = _proposer(heads_dir, tiny_target_dir)
+    tokens = proposer.propose_from_step(rows).tokens
+    logits = proposer.model.extend(proposer.model.new_cache(), hidden,
+                                   torch.from_numpy(table[[0] * 8 + [1] * 8 + [2] * 8,
+                                                          list(range(1, 9)) * 3]).long(),
+                                   np.array([8, 8, 8]))[:, :3]
+    assert proposer.model.draft_to_target is None  # draft ids are the target's
+    assert tokens == [logits[0].argmax(-1).tolist(), [], logits[2].argmax(-1).tolist()]
+    assert tokens[0] != tokens[2]
 
 
 def test_each_kind_of_bf16_cpu_has_its_own_shipped_step_cost(heads_dir):

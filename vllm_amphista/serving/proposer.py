@@ -237,9 +237,11 @@ class AmphistaProposer(StepDrafter):
         drafting = [i for i in np.flatnonzero(counts).tolist() if step.sampled_token_ids[i]]
         if not drafting:
             return Proposal(drafts)
+        if len(drafting) < len(logits):  # else all rows, in order: no copy by index
+            logits = logits[drafting]
         # In fp32: CPU reductions over bf16 are slow (AMD EPYC, avx512_bf16, 16 x 4 x
         # 8192 logits: ~2 ms for argmax alone).
-        logits = logits[drafting, : self.num_speculative_tokens].float()
+        logits = logits[:, : self.num_speculative_tokens].float()
         top_ids = last_dim_argmax(logits)
         lengths = self._lengths(logits, drafting, sampled[drafting])
         # Drafts (and their q) only where some will be verified, up to the longest.
@@ -248,8 +250,8 @@ class AmphistaProposer(StepDrafter):
             return Proposal(drafts)
         rows = [drafting[j] for j in kept]
         longest = max(lengths[j] for j in kept)
-        ids, draft_probs = self._choose(logits[kept, :longest], top_ids[kept, :longest], step,
-                                        rows)
+        ids, draft_probs = self._choose(logits[:, :longest], kept, top_ids[kept, :longest],
+                                        step, rows)
         for i, tokens, j in zip(rows, self.model.to_target_ids(ids).tolist(), kept,
                                 strict=True):
             drafts[i] = tokens[: lengths[j]]
@@ -402,10 +404,12 @@ class AmphistaProposer(StepDrafter):
         self.slot_reqs = list(req_ids)
         return self.cache
 
-    def _choose(self, logits: torch.Tensor, ids: torch.Tensor, step: StepRows,
-                drafting: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Draft-vocabulary ids [n, K] for the drafting requests (ids: the logits' argmax,
-        kept for greedy ones), and their q (Proposal.draft_probs) if any of them samples."""
+    def _choose(self, logits: torch.Tensor, kept: list[int], ids: torch.Tensor,
+                step: StepRows, drafting: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft-vocabulary ids [n, K] for the n requests with drafts (batch rows
+        `drafting`, rows `kept` of logits; ids: their argmax, kept for greedy ones), and
+        their q (Proposal.draft_probs) if any of them samples. Only a sampled request's
+        logits are copied out (~0.3 ms for 16 requests' in fp32)."""
         if step.sampling is None or self.draft_sampling == "argmax":
             return ids, None
         rows = step.sampling.rows(drafting)
@@ -413,7 +417,7 @@ class AmphistaProposer(StepDrafter):
         if not sampled:
             return ids, None
         sampled_rows = rows.rows(sampled)
-        q = draft_distribution(logits[sampled], sampled_rows)
+        q = draft_distribution(logits[[kept[r] for r in sampled]], sampled_rows)
         ids[sampled] = sample_drafts(q, sampled_rows.generators)
         draft_probs = torch.zeros(len(step.req_ids), logits.shape[1],
                                   self.model.config.vocab_size, device=logits.device)
