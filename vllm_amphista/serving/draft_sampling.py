@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from vllm_amphista.kernels.argmax import last_dim_argmax
 from vllm_amphista.serving.top_k_top_p import leading_cut
 
 # "sample": sampled requests draw drafts from q and send q; "argmax": every request drafts
@@ -61,10 +62,14 @@ class DraftQ:
     def write_into(self, out: torch.Tensor, rows: torch.Tensor,
                    draft_to_target: torch.Tensor | None) -> None:
         """out[rows[i], k, target id] = q: out [N, K, V] over the target vocabulary, zeros
-        where q is zero (out comes zeroed)."""
+        where q is zero (out comes zeroed). By positions in out taken as flat: indexing
+        by three broadcast index tensors took 1.1 ms for 4 requests x 3 heads x 8192
+        entries, this 0.7 (one thread)."""
         ids = self.ids if draft_to_target is None else draft_to_target[self.ids]
         heads = torch.arange(ids.shape[1], device=ids.device)
-        out[rows[:, None, None], heads[None, :, None], ids] = self.probs
+        _, k, vocab = out.shape
+        start = (rows[:, None] * k + heads) * vocab
+        out.put_(start[..., None] + ids, self.probs)
 
     def dense(self, vocab_size: int, draft_to_target: torch.Tensor | None = None) -> torch.Tensor:
         """q as [n, K, vocab_size]."""
@@ -86,10 +91,24 @@ def draft_distribution(logits: torch.Tensor, sampling: RequestSampling) -> Draft
     return DraftQ(ranked.masked_fill(~kept, float("-inf")).softmax(-1), order)
 
 
+def inverse_exponential_noise(shape: tuple[int, ...], generators: dict[int, torch.Generator],
+                              dtype: torch.dtype, device) -> torch.Tensor:
+    """1 / E of `shape`, E ~ Exponential(1): the argmax of p * (1 / E) over the last
+    dimension is a draw from p (the exponential race). Row i (of the first dimension) from
+    generators[i] where given, else from the global generator. E is taken as
+    -log(1 - U), U uniform in [0, 1): what `exponential_` computes, 5x faster on a CPU
+    (one thread, 4 x 49,152 in fp32: 0.68 against 3.3 ms). E is kept above 0: at 0 a token
+    of probability 0 would score 0 / 0."""
+    u = torch.empty(shape, dtype=dtype, device=device).uniform_()
+    for i, generator in generators.items():
+        u[i].uniform_(generator=generator)
+    return u.neg_().log1p_().neg_().clamp_min_(torch.finfo(dtype).tiny).reciprocal_()
+
+
 def sample_drafts(q: DraftQ, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """One draft-vocabulary token per (row, head); seeded rows use their own generator."""
-    n, k, c = q.probs.shape
-    pick = torch.multinomial(q.probs.reshape(n * k, c), 1).view(n, k, 1)
-    for row, generator in generators.items():
-        pick[row] = torch.multinomial(q.probs[row], 1, generator=generator)
-    return q.ids.gather(-1, pick).squeeze(-1)
+    """One draft-vocabulary token per (row, head), drawn from q by the exponential race;
+    seeded rows use their own generator. `torch.multinomial` took 4x as long (one thread,
+    4 requests x 3 heads x 8192 entries: 2.7 against 0.7 ms)."""
+    noise = inverse_exponential_noise(q.probs.shape, generators, q.probs.dtype, q.probs.device)
+    pick = last_dim_argmax(q.probs * noise)
+    return q.ids.gather(-1, pick[..., None]).squeeze(-1)

@@ -16,7 +16,7 @@ import logging
 import torch
 
 from vllm_amphista.machine import emulated_bf16_warning
-from vllm_amphista.serving.draft_sampling import RequestSampling
+from vllm_amphista.serving.draft_sampling import RequestSampling, inverse_exponential_noise
 from vllm_amphista.serving.heads_source import names_amphista_heads
 from vllm_amphista.serving.spec_config import (
     ADDITIONAL_CONFIG_KEY,
@@ -403,19 +403,6 @@ SAMPLE_RECOVERED_TOKENS_PARAMS = (
     "draft_probs", "target_probs", "sampling_metadata", "device", "use_fp64_gumbel")
 
 
-def recovered_token_noise(rows: int, vocab: int, generators: dict[int, torch.Generator],
-                          dtype: torch.dtype, device) -> torch.Tensor:
-    """[rows, vocab] of 1 / E with E ~ Exponential(1), the noise vLLM's recovered-token
-    kernel reads (argmax of prob / E is a draw from prob); row i from generators[i] where
-    given, else from the global generator. E is taken as -log(1 - U), U uniform in [0, 1):
-    what `exponential_` computes, 5x faster on a CPU (one thread, 4 x 49,152 in fp32: 0.68
-    against 3.3 ms). E is kept above 0: at 0 a token of probability 0 would score 0 / 0."""
-    u = torch.empty(rows, vocab, dtype=dtype, device=device).uniform_()
-    for i, generator in generators.items():
-        u[i].uniform_(generator=generator)
-    return u.neg_().log1p_().neg_().clamp_min_(torch.finfo(dtype).tiny).reciprocal_()
-
-
 def patch_recovered_token_noise() -> None:
     """Recovered-token noise only for the requests that carry drafts, drawn faster, on
     vLLM's CPU build.
@@ -427,7 +414,7 @@ def patch_recovered_token_noise() -> None:
     requests and SmolLM2's 49,152 entries 22 ms of a ~165 ms step on a 2-core CPU, paid
     even when no request has a draft; and PyTorch's CPU exponential costs ~0.8 ms a row,
     4 ms of a drafting step at 4 requests. Here the noise is drawn for the drafting
-    requests only (their offsets, their generators), by `recovered_token_noise`, and
+    requests only (their offsets, their generators), by `inverse_exponential_noise`, and
     handed to vLLM's own kernel (`_sample_recovered_tokens`) as the original does.
     """
     if not _on_cpu():
@@ -447,8 +434,8 @@ def patch_recovered_token_noise() -> None:
         if not drafting:
             return recovered
         generators = sampling_metadata.generators
-        inv_q = recovered_token_noise(
-            len(drafting), target_probs.shape[-1],
+        inv_q = inverse_exponential_noise(
+            (len(drafting), target_probs.shape[-1]),
             {new: generators[old] for new, old in enumerate(drafting) if old in generators},
             torch.float64 if use_fp64_gumbel else torch.float32, device)
         # Requests without drafts own no rows: the drafting ones keep their spans.
