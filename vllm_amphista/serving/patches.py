@@ -491,10 +491,10 @@ def patch_rejection_sampling_without_logprobs() -> None:
                                  logprobs_tensors=None)
         bonus = self.sampler(logits=logits[metadata.bonus_logits_indices],
                              sampling_metadata=sampling_metadata, predict_bonus_token=True)
-        # Through the module, where the other patches of these functions sit.
         target_logits = self.apply_logits_processors(
             logits[metadata.target_logits_indices].to(torch.float32), sampling_metadata,
             metadata)
+        # Through the module, where the other patches of these functions sit.
         target_logits = rejection_sampler.apply_sampling_constraints(
             target_logits, metadata.cu_num_draft_tokens, sampling_metadata)
         output_token_ids = rejection_sampler.rejection_sample(
