@@ -352,8 +352,9 @@ def _sampling_case(kind: str, drafts: list[int], vocab: int = 50):
     if kind in ("greedy", "mixed", "penalties"):
         temperature[: batch if kind == "greedy" else batch // 2] = 0.0
     penalties = kind == "penalties"
-    # Penalised: each request's earlier tokens are its rows' favourites.
+    # Each request's rows end here, its bonus row last.
     ends = torch.cumsum(torch.tensor(drafts) + 1, 0).tolist()
+    # Penalised: each request's earlier tokens are its rows' favourites.
     output_ids = [logits[end - n - 1: end].argmax(-1).tolist()
                   for end, n in zip(ends, drafts, strict=True)]
     metadata = SamplingMetadata(
@@ -370,11 +371,10 @@ def _sampling_case(kind: str, drafts: list[int], vocab: int = 50):
         output_token_ids=output_ids, allowed_token_ids_mask=None,
         bad_words_token_ids={}, logitsprocs=LogitsProcessors(), spec_token_ids=draft_ids)
     spec = SpecDecodeMetadata.make_dummy(draft_ids, torch.device("cpu"))
-    bonus_rows = torch.cumsum(torch.tensor(drafts) + 1, 0) - 1
-    spec.bonus_logits_indices = bonus_rows.to(torch.int32)
+    spec.bonus_logits_indices = torch.tensor(ends, dtype=torch.int32) - 1
     spec.target_logits_indices = torch.tensor(
-        [int(end) - n + j for end, n in zip(bonus_rows, drafts, strict=True)
-         for j in range(n)], dtype=torch.int32)
+        [end - 1 - n + j for end, n in zip(ends, drafts, strict=True) for j in range(n)],
+        dtype=torch.int32)
     draft_probs = None
     if kind != "greedy" and sum(drafts):
         draft_probs = torch.softmax(torch.randn(sum(drafts), vocab, generator=gen), -1)
