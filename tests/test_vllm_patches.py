@@ -199,7 +199,7 @@ print_result({{"tokens": [list(r.outputs[0].token_ids) for r in runs],
 def test_engine_recovered_tokens_still_draw_noise_for_every_request():
     """Tripwire: vLLM 0.32 draws recovered-token noise, exponentials, for the whole batch
     and hands their reciprocals to its kernel. The day this fails, re-check
-    patch_recovered_token_noise (it may be redundant, or wrong)."""
+    patch_recovered_token_sampling (it may be redundant, or wrong)."""
     from vllm.v1.sample import rejection_sampler
 
     engine = getattr(rejection_sampler.sample_recovered_tokens, "_amphista_original",
@@ -267,8 +267,8 @@ def _patched_kernels():
 
 
 @pytest.mark.parametrize("seeded", [[], [0, 1, 4], [0, 1, 2, 3, 4]])
-def test_recovered_tokens_draw_noise_only_for_drafting_requests(seeded):
-    """Patched, a step draws the noise of the same step without its draftless requests:
+def test_recovered_tokens_draw_only_for_drafting_requests(seeded):
+    """Patched, a step draws what the same step without its draftless requests draws:
     the same recovered tokens, seeded requests' from their own generators, unseeded
     ones' from the global generator, which the draftless requests no longer advance."""
     from vllm.v1.sample import rejection_sampler

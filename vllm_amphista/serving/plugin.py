@@ -18,7 +18,7 @@ from vllm_amphista.serving.patches import (
     patch_engine_args,
     patch_greedy_verification_argmax,
     patch_model_runner,
-    patch_recovered_token_noise,
+    patch_recovered_token_sampling,
     patch_rejection_sampling_without_logprobs,
     patch_verified_top_p,
 )
@@ -42,7 +42,7 @@ def register() -> None:
     # Every speculative method on the CPU build needs these, not only ours.
     patch_cpu_expand_kernel()
     patch_empty_draft_constraints()
-    patch_recovered_token_noise()  # speed only, these four: the others are correctness
+    patch_recovered_token_sampling()  # speed only, these four: the others are correctness
     patch_rejection_sampling_without_logprobs()
     patch_greedy_verification_argmax()
     patch_verified_top_p()
