@@ -87,7 +87,7 @@ def test_samples_follow_q_and_seeded_rows_repeat():
     assert freq[1] == 0
     # A seeded row repeats whatever the global generator does; an unseeded one does not
     # (4 heads over 1000 equally likely tokens: a repeat by chance has odds of 1e-12).
-    wide = DraftQ(torch.full((2, 4, 1000), 1e-3), torch.arange(1000).expand(2, 4, 1000))
+    wide = DraftQ(torch.full((2, 4, 1000), 1e-3))
     torch.manual_seed(1)
     a = sample_drafts(wide, {1: torch.Generator().manual_seed(7)})
     torch.manual_seed(2)
@@ -101,9 +101,11 @@ def test_target_vocabulary_expansion():
     assert full.shape == (1, 1, 12)
     assert full[0, 0, [5, 9, 2]].tolist() == q.probs[0, 0].tolist()
     assert float(full.sum()) == 1.0 and int((full > 0).sum()) == 3
-    out = torch.zeros(3, 1, 4)
-    q.write_into(out, torch.tensor([2]), None)  # into row 2 of a batch, no vocabulary map
-    assert torch.equal(out[2, 0], torch.tensor([0.2, 0.1, 0.7, 0.0])) and not out[:2].any()
+    # Without ids q covers the draft vocabulary in id order; without a map it is the target's.
+    whole = DraftQ(torch.tensor([[[0.2, 0.1, 0.7]], [[0.5, 0.5, 0.0]]]))
+    assert torch.equal(whole.dense(5, torch.tensor([4, 0, 3]))[:, 0], torch.tensor(
+        [[0.1, 0.0, 0.0, 0.7, 0.2], [0.5, 0.0, 0.0, 0.0, 0.5]]))
+    assert torch.equal(whole.dense(3), whole.probs)
 
 
 def test_rows_renumber_generators():

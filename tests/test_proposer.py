@@ -649,6 +649,10 @@ def test_draft_lengths_follow_the_step_cost(heads_dir, tiny_target, tiny_target_
         torch.testing.assert_close(q[i, :n], torch.softmax(logits[i, :n].float(), -1))
         assert not q[i, n:].any()
     assert 0 in want[:-1] and want[-1]
+    # Every request drafts all three: q's rows are the batch's, each request's own.
+    whole = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "free.json"))
+    torch.testing.assert_close(whole.propose_from_step(rows).draft_probs,
+                               torch.softmax(logits.float(), -1))
 
 
 def test_requests_beside_a_partial_prefill_draft_from_their_own_rows(heads_dir, tiny_target,

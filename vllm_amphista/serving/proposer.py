@@ -419,11 +419,12 @@ class AmphistaProposer(StepDrafter):
         sampled_rows = rows.rows(sampled)
         q = draft_distribution(logits[[kept[r] for r in sampled]], sampled_rows)
         ids[sampled] = sample_drafts(q, sampled_rows.generators)
-        draft_probs = torch.zeros(len(step.req_ids), logits.shape[1],
-                                  self.model.config.vocab_size, device=logits.device)
-        q.write_into(draft_probs, torch.tensor([drafting[r] for r in sampled],
-                                               device=logits.device),
-                     self.model.draft_to_target)
+        dense = q.dense(self.model.config.vocab_size, self.model.draft_to_target)
+        batch_rows = [drafting[r] for r in sampled]
+        if batch_rows == list(range(len(step.req_ids))):  # q's rows are the batch's
+            return ids, dense
+        draft_probs = dense.new_zeros(len(step.req_ids), *dense.shape[1:])
+        draft_probs[batch_rows] = dense
         return ids, draft_probs
 
     def release(self, req_id: str, request=None) -> None:
