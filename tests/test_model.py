@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from benchmarks.draft_pass import measure
 from tests.conftest import draft_model, needs_bf16_packing
 from vllm_amphista.kernels.packed_linear import PackedLinear, has_half_weight_gemm
-from vllm_amphista.machine import compute_dtype
+from vllm_amphista.machine import CpuInfo, compute_dtype
+from vllm_amphista.model import layers
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.layers import attention_dtype
@@ -122,10 +123,29 @@ def test_extend_without_new_rows_is_refused(tiny_target):
                      torch.zeros(0, dtype=torch.long), [0, 0])
 
 
-def test_bf16_drafting_on_a_cpu_keeps_its_cache_in_fp32_with_the_same_logits(tiny_target):
-    """A bf16 draft model on a CPU attends in fp32 (`attention_dtype`), so its cache is
-    fp32: the same logits, to the bit, as a bf16 cache cast at every pass, chunk after
-    chunk (the keys and values are rounded to bf16 either way)."""
+AMX = CpuInfo("Intel Xeon", frozenset({"avx512_bf16", "amx_bf16"}))
+AVX512_BF16 = CpuInfo("AMD EPYC", frozenset({"avx512_bf16"}))
+AVX2 = CpuInfo("AMD EPYC", frozenset({"avx2"}))
+
+
+@pytest.mark.parametrize("cpu, dtype, device, want", [
+    (AVX512_BF16, torch.bfloat16, "cpu", torch.float32),
+    (AVX2, torch.bfloat16, "cpu", torch.float32),
+    (AMX, torch.bfloat16, "cpu", torch.bfloat16),
+    (AMX, torch.float32, "cpu", torch.float32),
+    (AVX2, torch.float32, "cpu", torch.float32),
+    (AVX2, torch.bfloat16, "cuda", torch.bfloat16),
+])
+def test_drafting_attends_in_bf16_only_where_that_is_fast(cpu, dtype, device, want):
+    assert attention_dtype(dtype, device, cpu) == want
+
+
+def test_bf16_drafting_on_a_cpu_without_amx_keeps_its_cache_in_fp32_with_the_same_logits(
+        tiny_target, monkeypatch):
+    """A bf16 draft model on a CPU without AMX attends in fp32 (`attention_dtype`), so its
+    cache is fp32: the same logits, to the bit, as a bf16 cache cast at every pass, chunk
+    after chunk (the keys and values are rounded to bf16 either way)."""
+    monkeypatch.setattr(layers, "cpu_info", lambda: AVX512_BF16)
     model = draft_model(tiny_target, randomised=True).to(torch.bfloat16)
     fp32_cache = model.new_cache()
     assert fp32_cache.keys.dtype == fp32_cache.values.dtype == torch.float32
@@ -138,6 +158,21 @@ def test_bf16_drafting_on_a_cpu_keeps_its_cache_in_fp32_with_the_same_logits(tin
         assert torch.equal(got, want)
     torch.testing.assert_close(fp32_cache.keys.bfloat16().float(), fp32_cache.keys,
                                rtol=0, atol=0)
+
+
+def test_bf16_drafting_with_amx_attends_in_bf16_as_the_forward_does(tiny_target, monkeypatch):
+    """With AMX the cache and the attention against it stay bf16, as the teacher-forced
+    forward's attention is: chunk after chunk, the last position's logits match it."""
+    monkeypatch.setattr(layers, "cpu_info", lambda: AMX)
+    model = draft_model(tiny_target, randomised=True).to(torch.bfloat16)
+    cache = model.new_cache()
+    assert cache.keys.dtype == cache.values.dtype == torch.bfloat16
+    hidden, tokens = _inputs(tiny_target, b=1, t=12)
+    hidden = hidden.to(torch.bfloat16)
+    for rows in (slice(0, 7), slice(7, 8), slice(8, 12)):
+        got = model.extend(cache, hidden[0, rows], tokens[0, rows], [rows.stop - rows.start])
+        want = model(hidden[:, : rows.stop], tokens[:, : rows.stop])[0, -1]
+        torch.testing.assert_close(got[0].float(), want.float(), rtol=0.02, atol=0.02)
 
 
 def test_sal_cache_growth_keeps_contents_and_moves_swap(tiny_target):

@@ -9,6 +9,7 @@ from torch import nn
 
 from vllm_amphista.kernels.head_attention import head_attention
 from vllm_amphista.kernels.packed_linear import PackedLinear
+from vllm_amphista.machine import CpuInfo, cpu_info
 from vllm_amphista.model.config import AmphistaConfig
 
 
@@ -75,13 +76,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-def attention_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+def attention_dtype(dtype: torch.dtype, device: torch.device | str,
+                    cpu: CpuInfo | None = None) -> torch.dtype:
     """The dtype drafting's attention against the SAL cache computes in, and so the
-    cache's: fp32 for bf16 on a CPU, where PyTorch's attention kernel takes ~6x longer in
-    bf16 at that shape (206 vs 32 us for 1 query against 200 keys, AMD EPYC with
-    avx512_bf16). A cache kept in fp32 is read as it is; one kept in bf16 would be cast
-    whole at every pass (docs/decisions.md has the measurements)."""
-    if dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+    cache's: fp32 for bf16 on a CPU without AMX, where PyTorch's attention kernel takes ~6x
+    longer in bf16 at that shape (206 vs 32 us for 1 query against 200 keys, AMD EPYC with
+    avx512_bf16). With AMX bf16 is the faster one (Intel Xeon, one thread, 9 query heads
+    over 3 against 201 keys: 21 vs 27 us at 1 request, 60 vs 85 at 4, 291 vs 452 at 16),
+    and half the bytes to read. A cache kept in bf16 where attention runs in fp32 would
+    be cast whole at every pass (docs/decisions.md has the measurements)."""
+    if (dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+            and (cpu or cpu_info()).bf16_kind != "amx-bf16"):
         return torch.float32
     return dtype
 
