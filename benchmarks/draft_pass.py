@@ -1,13 +1,14 @@
 """Where the draft pass's time goes: each weight product, and everything around them.
 
     python -m benchmarks.draft_pass [--heads H] [--requests 1 4 16] [--cached 200]
-                                    [--passes 60] [--out results/draft_pass.json]
+                                    [--passes 60] [--flush-mb N] [--out results/draft_pass.json]
 
 The heads' draft pass (`AmphistaDraftModel.extend`: one new row per request against
 `--cached` positions each) as the proposer runs it: weights packed, this machine's draft
-dtype, one thread. Before every pass a buffer twice the size of the last-level cache is
-rewritten, as in serving, where the target's forward reads ~0.5 GB between two passes, so
-the draft weights are read from memory every time. Three ways, taking turns pass by pass:
+dtype, one thread. Before every pass a buffer twice the size of the last-level cache
+(`--flush-mb`, default from this CPU's sysfs) is rewritten, as in serving, where the
+target's forward reads ~0.5 GB between two passes, so the draft weights are read from
+memory every time. Three ways, taking turns pass by pass:
 the whole pass; the pass with each packed product timed (its bytes, ms, GB/s); the pass
 with every product replaced by an empty result of its shape (what the operations around
 the products cost); the pass without logits (`logits=False`: the SAL caches only, what a
@@ -32,18 +33,30 @@ from vllm_amphista.model.checkpoint import load_checkpoint
 from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
 
-FLUSH_BYTES = 64 << 20  # twice the 32 MB L3 of the 2-core EPYCs measured here
 MODES = ("whole", "products", "without products", "cache only")
 
 
-def measure(model, requests: int, cached: int, passes: int) -> dict:
+def flush_mb() -> int:
+    """Twice this CPU's largest cache in MB (sysfs), 64 where it cannot be read (twice the
+    32 MB L3 of the 2-core EPYCs). An Intel Xeon with AMX here has a 480 MB L3, which a
+    64 MB buffer does not flush (the pass at one request: 6.9 ms after one, 8.3 after a
+    1 GB one)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    caches = Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size")
+    sizes = [int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+             for text in (f.read_text().strip() for f in caches)]
+    return 2 * max(sizes) >> 20 if sizes else 64
+
+
+def measure(model, requests: int, cached: int, passes: int, flush: int) -> dict:
+    """flush: MB rewritten before every pass."""
     d, dtype = model.config.hidden_size, compute_dtype()
     cache = model.new_cache()
     model.extend(cache, torch.randn(requests * cached, d, dtype=dtype),
                  torch.randint(0, model.config.vocab_size, (requests * cached,)),
                  np.full(requests, cached))
     names = {id(m): name for name, m in model.named_modules() if isinstance(m, PackedLinear)}
-    flush = torch.zeros(FLUSH_BYTES // 4)
+    flush_buffer = torch.zeros((flush << 20) // 4)
     product_ms: dict[str, list[float]] = defaultdict(list)
     forward = PackedLinear.forward
 
@@ -65,7 +78,7 @@ def measure(model, requests: int, cached: int, passes: int) -> dict:
                 cache.lengths[:requests] -= 1  # the same positions every pass
                 rows = torch.randn(requests, d, dtype=dtype)
                 tokens = torch.randint(0, model.config.vocab_size, (requests,))
-                flush.add_(1.0)
+                flush_buffer.add_(1.0)
                 started = time.perf_counter()
                 model.extend(cache, rows, tokens, np.ones(requests, np.int64),
                              logits=mode != "cache only")
@@ -91,6 +104,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--cached", type=int, default=200)
     parser.add_argument("--passes", type=int, default=60)
+    parser.add_argument("--flush-mb", type=int, default=flush_mb(),
+                        help="MB rewritten before every pass (default: twice the largest cache)")
     parser.add_argument("--out", type=Path, default=Path("results/draft_pass.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)  # as vLLM's worker runs on this kind of machine
@@ -98,8 +113,9 @@ def main() -> None:
                             dtype=compute_dtype())
     if not model.pack_for_drafting():
         raise SystemExit("this machine cannot pack the draft weights: nothing to measure")
-    rows = [measure(model, n, args.cached, args.passes) for n in args.requests]
-    write_report(args.out, {"heads": str(args.heads), "passes": args.passes, "rows": rows})
+    rows = [measure(model, n, args.cached, args.passes, args.flush_mb) for n in args.requests]
+    write_report(args.out, {"heads": str(args.heads), "passes": args.passes,
+                            "flush_mb": args.flush_mb, "rows": rows})
     print(machine_line(draft=compute_dtype()))
     print(markdown_table(
         ["requests", "pass ms", "products ms (sum)", "without products ms",

@@ -277,7 +277,7 @@ def test_draft_pass_benchmark_times_every_product(tiny_target):
     dims = {name: m.weight.shape for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear)}
     assert model.pack_for_drafting()
-    row = measure(model, requests=2, cached=8, passes=2)
+    row = measure(model, requests=2, cached=8, passes=2, flush=1)
     products = {p["product"]: p for p in row["per_product"]}
     assert set(products) == {name for name, m in model.named_modules()
                              if isinstance(m, PackedLinear)}
