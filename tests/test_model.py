@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.draft_pass import measure
+from benchmarks.draft_pass import flush_mb, measure
 from tests.conftest import draft_model, needs_bf16_packing
 from vllm_amphista.kernels.packed_linear import PackedLinear, has_half_weight_gemm
 from vllm_amphista.machine import CpuInfo, compute_dtype
@@ -268,6 +268,14 @@ def test_prepacked_weights_draft_as_the_plain_model(tiny_target, switches, dtype
         want, got = (model.extend(caches[model], hidden[rows], tokens[0, rows],
                                   [rows.stop - rows.start]) for model in (plain, packed))
         torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_draft_pass_benchmark_flushes_twice_the_largest_cache(tmp_path):
+    for index, size in enumerate(["48K", "2048K", "491520K", "1M"]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert flush_mb(tmp_path) == 960
+    assert flush_mb(tmp_path / "nothing here") == 64
 
 
 def test_draft_pass_benchmark_times_every_product(tiny_target):
