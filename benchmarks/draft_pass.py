@@ -1,18 +1,20 @@
 """Where the draft pass's time goes: each weight product, and everything around them.
 
     python -m benchmarks.draft_pass [--heads H] [--requests 1 4 16] [--cached 200]
-                                    [--passes 60] [--flush-mb N] [--out results/draft_pass.json]
+                                    [--passes 60] [--flush-mb N] [--threads N]
+                                    [--out results/draft_pass.json]
 
 The heads' draft pass (`AmphistaDraftModel.extend`: one new row per request against
 `--cached` positions each) as the proposer runs it: weights packed, this machine's draft
-dtype, one thread. Before every pass a buffer twice the size of the last-level cache
-(`--flush-mb`, default from this CPU's sysfs) is rewritten, as in serving, where the
-target's forward reads ~0.5 GB between two passes, so the draft weights are read from
-memory every time. Three ways, taking turns pass by pass:
-the whole pass; the pass with each packed product timed (its bytes, ms, GB/s); the pass
-with every product replaced by an empty result of its shape (what the operations around
-the products cost); the pass without logits (`logits=False`: the SAL caches only, what a
-paused proposer's warm-up before a probe costs). Medians. JSON + table.
+dtype, the threads a served worker computes with here (`--threads`). Before every pass a
+buffer twice the size of the last-level cache (`--flush-mb`, default from this CPU's
+sysfs) is rewritten, as in serving, where the target's forward reads ~0.5 GB between two
+passes, so the draft weights are read from memory every time. Three ways, taking turns
+pass by pass: the whole pass; the pass with each packed product timed (its bytes, ms,
+GB/s); the pass with every product replaced by an empty result of its shape (what the
+operations around the products cost); the pass without logits (`logits=False`: the SAL
+caches only, what a paused proposer's warm-up before a probe costs). Medians. JSON +
+table.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 
 from vllm_amphista.eval.report import machine_line, markdown_table, write_report
 from vllm_amphista.kernels.packed_linear import PackedLinear
-from vllm_amphista.machine import compute_dtype
+from vllm_amphista.machine import compute_dtype, served_worker_threads
 from vllm_amphista.model.checkpoint import load_checkpoint
 from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
@@ -105,9 +107,11 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=60)
     parser.add_argument("--flush-mb", type=int, default=flush_mb(),
                         help="MB rewritten before every pass (default: twice the largest cache)")
+    parser.add_argument("--threads", type=int, default=served_worker_threads(),
+                        help="compute threads (default: a served worker's here)")
     parser.add_argument("--out", type=Path, default=Path("results/draft_pass.json"))
     args = parser.parse_args()
-    torch.set_num_threads(1)  # as vLLM's worker runs on this kind of machine
+    torch.set_num_threads(args.threads)
     model = load_checkpoint(args.heads, TargetWeights.from_folder(export_smollm2()),
                             dtype=compute_dtype())
     if not model.pack_for_drafting():

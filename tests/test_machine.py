@@ -107,3 +107,31 @@ def test_a_childs_result_survives_a_log_line_glued_to_it():
     assert result_from(stdout) == [[7, 7], [10, 27]]
     assert result_from("RESULT 1\nRESULT {\"a\": 2}\n") == {"a": 2}
     assert result_from("INFO no result\n") is None
+
+
+@pytest.mark.parametrize("cores, binding", [({0, 1}, "0,1"), ({2, 5}, "2,5"), ({0}, None),
+                                            ({0, 1, 2, 3}, None)])
+def test_a_two_core_machine_serves_on_both_cores(cores, binding):
+    assert machine.served_worker_binding(cores) == binding
+
+
+@pytest.mark.parametrize("cores, threads", [({0, 1}, 2), ({0}, 1), (set(range(8)), 7)])
+def test_served_worker_threads(cores, threads, monkeypatch):
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: cores)
+    assert machine.served_worker_threads() == threads
+
+
+@pytest.mark.parametrize("user_binding", [None, "auto"])
+def test_served_engines_bind_both_cores_unless_the_user_binds(user_binding, monkeypatch):
+    from vllm_amphista import engine
+
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {0, 1})
+    for key in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        monkeypatch.delenv(key, raising=False)
+    if user_binding:
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", user_binding)
+    engine.set_engine_environment(in_process=False)
+    assert engine.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == (user_binding or "0,1")
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    engine.set_engine_environment(in_process=True)  # vLLM binds no in-process worker
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in engine.os.environ

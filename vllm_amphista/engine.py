@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from vllm_amphista.machine import TARGET_DTYPE
+from vllm_amphista.machine import TARGET_DTYPE, served_worker_binding
 
 # On CPU, vLLM reserves almost all memory for KV cache unless told otherwise (GiB).
 DEFAULT_KV_CACHE_GIB = "2"
@@ -21,6 +21,8 @@ def set_engine_environment(in_process: bool = True) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_GIB)
     if in_process:  # the engine core in this process, where tests and profilers reach it
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    elif binding := served_worker_binding():  # a worker process vLLM binds
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", binding)
 
 
 def start_llm(target, *, speculative_config: dict | None = None, dtype: str = TARGET_DTYPE,
@@ -29,8 +31,9 @@ def start_llm(target, *, speculative_config: dict | None = None, dtype: str = TA
 
     In-process (the default) the engine computes with OpenMP's default threads, one per
     core. as_served=True runs the engine core and its worker in processes of their own, as
-    `vllm serve` does, where vLLM binds the worker's threads (on 2 cores: 1 thread, the
-    other core left to the front end): what timings meant for serving must use. A
+    `vllm serve` does, where vLLM binds the worker's threads (vLLM leaves a core to the
+    front end; on 2 cores we bind the worker to both, `served_worker_binding`): what
+    timings meant for serving must use. A
     VLLM_ENABLE_V1_MULTIPROCESSING the user set wins either way (the tests set 0: one
     process instead of three starts sooner)."""
     set_engine_environment(in_process=not as_served)

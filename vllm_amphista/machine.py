@@ -126,6 +126,27 @@ def cpu_label(machine: dict) -> str:
     return f"{machine.get('cpu') or 'an unknown CPU'} ({flags})"
 
 
+def served_worker_binding(cores: set[int] | None = None) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for an engine served on these cores (default: this
+    process's), or None to keep vLLM's "auto". vLLM 0.32 leaves one core to its front end
+    (API server, engine core), which on a 2-core machine halves what the worker computes
+    with; bound to both, it shares the second with a front end that mostly waits. Intel
+    Xeon with AMX, bf16, `vllm-amphista bench` served, tokens/s: vanilla +28% at one
+    request and +36% at 16, Amphista alike (docs/results.md, "Engine settings on an
+    Intel Xeon with AMX, served"). Bigger machines keep vLLM's binding: one core of many
+    costs the worker little, and none was measured."""
+    cores = sorted(os.sched_getaffinity(0) if cores is None else cores)
+    return ",".join(map(str, cores)) if len(cores) == 2 else None
+
+
+def served_worker_threads() -> int:
+    """Threads a served worker computes with here: every core where
+    `served_worker_binding` binds them all, else all but the one vLLM leaves to its front
+    end."""
+    cores = len(os.sched_getaffinity(0))
+    return cores if served_worker_binding() else max(1, cores - 1)
+
+
 def describe() -> dict:
     """What every benchmark JSON records about the machine."""
     cpu = cpu_info()

@@ -64,7 +64,8 @@ def vllm_server(args: list[str], env: dict[str, str] | None = None, timeout: flo
 def worker_cores(log: str) -> int | None:
     """How many cores vLLM's CPU worker bound its OpenMP threads to, read from the
     server's own log ("local_rank=0, core ids=[0]"; vLLM 0.32 leaves a core to the front
-    end, so a 2-core machine serves on one thread), or None where the log does not say."""
+    end unless VLLM_CPU_OMP_THREADS_BIND says otherwise), or None where the log does not
+    say."""
     found = re.search(r"local_rank=0, core ids=\[([\d, ]*)\]", log)
     return len(found.group(1).split(",")) if found and found.group(1).strip() else None
 
