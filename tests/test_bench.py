@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from vllm_amphista.eval.bench import (
     summarise,
 )
 from vllm_amphista.eval.server import worker_cores
+from vllm_amphista.machine import served_worker_binding
 
 METRICS_PAGE = """\
 # HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.
@@ -217,6 +219,9 @@ def test_bench_command_end_to_end(tmp_path):
     assert report["machine"]["torch_threads"] == threads
     assert f" {threads or '?'} torch threads" in machine
     assert report["environment"]["vllm"].startswith("0.32.0")
+    # The binding the servers started under: the test worker's core, or the bench's own.
+    assert report["environment"]["engine"].get("VLLM_CPU_OMP_THREADS_BIND") == (
+        os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or served_worker_binding())
     rows = {(r["method"], r["temperature"]): r for r in report["rows"]}
     assert set(rows) == {(m, t) for m in ("vanilla", "amphista") for t in (0.0, 0.7)}
     greedy = rows[("amphista", 0.0)]

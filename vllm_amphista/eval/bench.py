@@ -292,7 +292,12 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# Environment variables that set how vLLM's CPU engine computes (threads, OpenMP runtime).
+ENGINE_SETTINGS = ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "LD_PRELOAD")
+
+
 def environment() -> dict:
+    """Versions, the commit, and the engine settings the servers start under."""
     import torch
     import transformers
 
@@ -301,7 +306,8 @@ def environment() -> dict:
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "vllm": engine_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "git_commit": commit or None}
+            "git_commit": commit or None,
+            "engine": {key: os.environ[key] for key in ENGINE_SETTINGS if key in os.environ}}
 
 
 # -- the command ------------------------------------------------------------------------------
