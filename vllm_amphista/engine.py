@@ -33,9 +33,8 @@ def start_llm(target, *, speculative_config: dict | None = None, dtype: str = TA
     core. as_served=True runs the engine core and its worker in processes of their own, as
     `vllm serve` does, where vLLM binds the worker's threads (vLLM leaves a core to the
     front end; on 2 cores we bind the worker to both, `served_worker_binding`): what
-    timings meant for serving must use. A
-    VLLM_ENABLE_V1_MULTIPROCESSING the user set wins either way (the tests set 0: one
-    process instead of three starts sooner)."""
+    timings meant for serving must use. A VLLM_ENABLE_V1_MULTIPROCESSING the user set
+    wins either way (the tests set 0: one process instead of three starts sooner)."""
     set_engine_environment(in_process=not as_served)
     if as_served:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")

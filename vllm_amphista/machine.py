@@ -131,10 +131,10 @@ def served_worker_binding(cores: set[int] | None = None) -> str | None:
     process's), or None to keep vLLM's "auto". vLLM 0.32 leaves one core to its front end
     (API server, engine core), which on a 2-core machine halves what the worker computes
     with; bound to both, it shares the second with a front end that mostly waits. Intel
-    Xeon with AMX, bf16, `vllm-amphista bench` served, tokens/s: vanilla +28% at one
-    request and +36% at 16, Amphista alike (docs/results.md, "Engine settings on an
-    Intel Xeon with AMX, served"). Bigger machines keep vLLM's binding: one core of many
-    costs the worker little, and none was measured."""
+    Xeon with AMX, bf16, `vllm-amphista bench` served at 1 to 16 requests: vanilla +33-48%
+    tokens/s, Amphista +32-43% (docs/results.md, "Engine settings on an Intel Xeon with
+    AMX, served"). Bigger machines keep vLLM's binding: one core of many costs the worker
+    little, and none was measured."""
     cores = sorted(os.sched_getaffinity(0) if cores is None else cores)
     return ",".join(map(str, cores)) if len(cores) == 2 else None
 
