@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile_step [--heads H] [--num-prompts N] [--max-tokens T]
                                       [--temperature 0.7] [--concurrency 16]
+                                      [--dtype bfloat16]
 
 Runs the prompts `--concurrency` at a time (one at a time by default, temperature 0) in
 an in-process engine (one fresh Python per method: vLLM's CPU build cannot start two
@@ -33,7 +34,7 @@ from vllm_amphista.eval.report import (
     result_from,
     write_report,
 )
-from vllm_amphista.machine import TARGET_DTYPE, compute_dtype
+from vllm_amphista.machine import DTYPE_NAMES, TARGET_DTYPE, compute_dtype
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
 from vllm_amphista.prompts import first_turns
@@ -61,12 +62,12 @@ def _counting_drafts(propose, totals: dict[str, float]):
 
 
 def profile_one(target: str, heads: str | None, prompts: list[str], max_tokens: int,
-                temperature: float, concurrency: int) -> dict:
+                temperature: float, concurrency: int, dtype: str) -> dict:
     """Runs in its own process (see main)."""
     from vllm import SamplingParams  # heavy: only where an engine starts
 
     spec = {"method": "amphista", "model": heads} if heads else None
-    llm = start_llm(target, speculative_config=spec)
+    llm = start_llm(target, speculative_config=spec, dtype=dtype)
     # Sampled answers differ between methods: the same length for all (see eval/bench.py).
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens,
                             ignore_eos=temperature > 0)
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--concurrency", type=int, default=1, help="requests per batch")
+    parser.add_argument("--dtype", default=TARGET_DTYPE, choices=list(DTYPE_NAMES),
+                        help="the target's dtype (the draft model's is the machine's)")
     parser.add_argument("--out", type=Path, default=Path("runs/profile_step.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
     args = parser.parse_args(argv)
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     for heads in [None, *args.heads]:
         job = json.dumps({"target": target, "heads": heads, "prompts": prompts,
                           "max_tokens": args.max_tokens, "temperature": args.temperature,
-                          "concurrency": args.concurrency})
+                          "concurrency": args.concurrency, "dtype": args.dtype})
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         proc = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--one", job],
                               capture_output=True, text=True, env=env)
@@ -135,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
             print(proc.stderr[-4000:], file=sys.stderr)
             return 1
         rows.append(result)
-    write_report(args.out, {"target": target, "target_dtype": TARGET_DTYPE,
+    write_report(args.out, {"target": target, "target_dtype": args.dtype,
                             "draft_dtype": str(compute_dtype()).removeprefix("torch."),
                             "prompts": len(prompts),
                             "max_tokens": args.max_tokens, "temperature": args.temperature,
                             "concurrency": args.concurrency, "rows": rows})
-    print(machine_line(target=TARGET_DTYPE, draft=compute_dtype()))
+    print(machine_line(target=args.dtype, draft=compute_dtype()))
     print(f"temperature {args.temperature}, {args.concurrency} request(s) at a time")
     print(markdown_table(
         ["method", "tokens/s", "tokens/step", "drafts/step", "step ms", "target fwd ms",

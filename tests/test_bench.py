@@ -17,7 +17,9 @@ from vllm_amphista.eval import bench
 from vllm_amphista.eval.bench import (
     FLIP_CHECK_CONCURRENCY,
     Run,
+    first_difference,
     flip_check_concurrency,
+    flip_record,
     greedy_verdict,
     markdown,
     methods_in_turn,
@@ -109,7 +111,24 @@ def test_summarise_speedup_tau_and_lossless_flag():
     assert by[("medusa", 0.0)]["mismatched_prompts"] == [1]
     assert "identical_to_vanilla" not in by[("amphista", 0.7)]  # sampled: not compared
     table = markdown(rows)
-    assert "NO (1 prompts)" in table and "| amphista | 0 | 1 | 16.5 ± 2.1 | 1.50x |" in table
+    assert "NO (1 prompts; per run 1; 500.0 flips / 1k tokens)" in table
+    assert "| amphista | 0 | 1 | 16.5 ± 2.1 | 1.50x |" in table
+
+
+def test_flips_are_counted_per_run_and_per_token_matched():
+    """Two runs that each part from the reference on one prompt, not the same one: two
+    prompts in the union, one per run; the rate counts every token that matched before a
+    flip (or to the end), so repeating a run changes it only by what the runs did."""
+    reference = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    runs = [_run(1.0, [[1, 2, 9, 9], [5, 6, 7, 8]]), _run(1.0, [[1, 2, 3, 4], [5, 9]])]
+    record = flip_record(runs, reference)
+    assert record["mismatched_per_run"] == [1, 1]
+    assert record["first_differences"] == [1, 2]
+    # run 1: 2 tokens before its flip + 4 of a whole answer; run 2: 4 + 1.
+    assert record["flips_per_1k_tokens"] == pytest.approx(1e3 * 2 / 11)
+    assert first_difference([5, 6], [5, 6, 7]) == 2  # ending early is a difference
+    assert flip_record(runs[:1] * 3, reference)["flips_per_1k_tokens"] == pytest.approx(
+        1e3 / 6)
 
 
 def test_greedy_verdict_holds_bf16_to_vanillas_own_flips():

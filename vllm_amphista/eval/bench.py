@@ -182,6 +182,34 @@ def differing_prompts(outputs: list[list[int]], reference: list[list[int]]) -> l
     return [i for i, out in enumerate(outputs) if out != reference[i]]
 
 
+def first_difference(output: list[int], reference: list[int]) -> int | None:
+    """The index of the first token where two greedy answers part (one ending before the
+    other counts as parting there); None if they are the same."""
+    if output == reference:
+        return None
+    pairs = zip(output, reference, strict=False)  # the shorter one's end is a difference
+    return next((i for i, (a, b) in enumerate(pairs) if a != b),
+                min(len(output), len(reference)))
+
+
+def flip_record(reps: list[Run], reference: list[list[int]]) -> dict:
+    """How a method's greedy answers part from the reference, run by run. Per run the
+    prompts that differ, and over all runs the flip rate: flips per 1000 tokens that
+    matched the reference before them (a prompt's tokens up to its first difference, or
+    all of them). A union of differing prompts over repeats grows with every repeat for
+    a method whose batch shapes change from run to run (speculation verifies a different
+    number of tokens each step) and not for one whose shapes repeat (vanilla at a fixed
+    concurrency); the rate does not depend on the number of repeats."""
+    parted = [[first_difference(out, reference[i]) for i, out in enumerate(run.outputs)]
+              for run in reps]
+    flips = sum(at is not None for run in parted for at in run)
+    matched = sum(len(reference[i]) if at is None else at
+                  for run in parted for i, at in enumerate(run))
+    return {"mismatched_per_run": [sum(at is not None for at in run) for run in parted],
+            "first_differences": sorted(at for run in parted for at in run if at is not None),
+            "flips_per_1k_tokens": 1e3 * flips / max(matched, 1)}
+
+
 def summarise(runs: dict[tuple[str, float, int], list[Run]],
               alone: list[list[int]] | None = None) -> list[dict]:
     """One row per (method, temperature, concurrency); speedup against vanilla's row at
@@ -218,6 +246,7 @@ def summarise(runs: dict[tuple[str, float, int], list[Run]],
                                                                              reference)})
             row["identical_to_vanilla"] = not mismatched
             row["mismatched_prompts"] = mismatched
+            row.update(flip_record(reps, reference))
         rows.append(row)
     return rows
 
@@ -252,8 +281,11 @@ def markdown(rows: list[dict]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in sorted(rows, key=lambda r: (r["temperature"], r["concurrency"],
                                          METHODS.index(r["method"]))):
-        same = {True: "yes", False: f"NO ({len(r.get('mismatched_prompts', []))} prompts)",
-                None: "-"}[r.get("identical_to_vanilla")]
+        same = {True: "yes", None: "-", False: (
+            f"NO ({len(r.get('mismatched_prompts', []))} prompts; per run "
+            f"{', '.join(map(str, r.get('mismatched_per_run', [])))}; "
+            f"{r.get('flips_per_1k_tokens', 0.0):.1f} flips / 1k tokens)")
+                }[r.get("identical_to_vanilla")]
         lines.append(
             f"| {r['method']} | {r['temperature']:g} | {r['concurrency']} | "
             f"{r['tokens_per_s']:.1f} ± {r['tokens_per_s_stdev']:.1f} | "
