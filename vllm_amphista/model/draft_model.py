@@ -25,6 +25,7 @@ from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.layers import (
     AutoEmbeddingBlock,
     ResBlock,
+    ResBlockGroup,
     RMSNorm,
     RotaryTable,
     StagedAdaptationLayer,
@@ -51,6 +52,7 @@ class AmphistaDraftModel(nn.Module):
         self.heads = nn.ModuleList(
             nn.Sequential(*(ResBlock(d) for _ in range(cfg.num_head_layers)))
             for _ in range(cfg.num_heads))
+        self.head_groups: nn.ModuleList | None = None  # pack_for_drafting()
         self.aeb = AutoEmbeddingBlock(cfg) if cfg.use_aeb else None
         self.final_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.uses_final_norm else None
         self.lm_heads = (nn.ParameterList(
@@ -96,6 +98,15 @@ class AmphistaDraftModel(nn.Module):
             return False
         for layer in [m for m in self.modules() if isinstance(m, (StagedAdaptationLayer, SwiGLU))]:
             layer.fuse_for_drafting()
+        if self.config.num_head_layers == 1:
+            # The heads of one stage read the same features: one product per stage (with
+            # num_stages <= num_heads every stage has a head).
+            cfg = self.config
+            self.head_groups = nn.ModuleList(
+                ResBlockGroup([self.heads[k][0] for k in range(cfg.num_heads)
+                               if cfg.stage_of_head(k) == stage])
+                for stage in range(max(1, cfg.num_stages)))
+            self.heads = None
         pack_linears(self)
         self.packed_lm_head = PackedLinear(self.lm_head_weight)
         return True
@@ -117,9 +128,13 @@ class AmphistaDraftModel(nn.Module):
     def _head_logits(self, stage_features: list[torch.Tensor]) -> torch.Tensor:
         """Per-stage features [..., d] (index 0 = the fused input) -> logits [..., K, V']."""
         cfg = self.config
-        g = torch.stack([
-            head(stage_features[1 + cfg.stage_of_head(k) if cfg.num_stages else 0])
-            for k, head in enumerate(self.heads)], dim=-2)
+        if self.head_groups is not None:
+            g = torch.cat([group(stage_features[1 + stage if cfg.num_stages else 0])
+                           for stage, group in enumerate(self.head_groups)], dim=-2)
+        else:
+            g = torch.stack([
+                head(stage_features[1 + cfg.stage_of_head(k) if cfg.num_stages else 0])
+                for k, head in enumerate(self.heads)], dim=-2)
         if self.aeb is not None:
             g = self.aeb(g.reshape(-1, cfg.num_heads, cfg.hidden_size)).reshape(g.shape)
         if self.final_norm is not None:
@@ -201,15 +216,23 @@ class AmphistaDraftModel(nn.Module):
             cos, sin = self.rope.lookup(write_at[None], total)
             positions = torch.from_numpy(past[:, None] + np.arange(n_max)).to(device)
             mask = (torch.arange(total, device=device) <= positions[..., None])[:, None]
+            # Every slot with n_max new rows (always at one request): the rows are the
+            # padded batch already, reshaped; else scattered into it and gathered back.
+            uniform = bool((counts == n_max).all())
             for s, stage in enumerate(self.stages):
                 q, k, v = (t[0].transpose(0, 1) for t in stage.project(x, cos, sin))
                 cache.keys[s, slot_t, :, write_at] = k.to(cache.keys.dtype)
                 cache.values[s, slot_t, :, write_at] = v.to(cache.values.dtype)
-                padded = q.new_zeros(b, n_max, *q.shape[1:])
-                padded[slot_t, offset_t] = q
+                if uniform:
+                    padded = q.view(b, n_max, *q.shape[1:])
+                else:
+                    padded = q.new_zeros(b, n_max, *q.shape[1:])
+                    padded[slot_t, offset_t] = q
                 attn = stage.attend(padded.transpose(1, 2), cache.keys[s, :b, :, :total],
                                     cache.values[s, :b, :, :total], mask)
-                x = stage.finish(x, attn[slot_t, :, offset_t].transpose(0, 1)[None])
+                attn = (attn.transpose(1, 2).reshape(q.shape) if uniform
+                        else attn[slot_t, :, offset_t])
+                x = stage.finish(x, attn.transpose(0, 1)[None])
                 features.append(x[0, last])
         cache.lengths[:b] = past + counts
         return self._head_logits(features) if logits else None
