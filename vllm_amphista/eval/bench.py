@@ -281,19 +281,26 @@ def markdown(rows: list[dict]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in sorted(rows, key=lambda r: (r["temperature"], r["concurrency"],
                                          METHODS.index(r["method"]))):
-        same = {True: "yes", None: "-", False: (
-            f"NO ({len(r.get('mismatched_prompts', []))} prompts; per run "
-            f"{', '.join(map(str, r.get('mismatched_per_run', [])))}; "
-            f"{r.get('flips_per_1k_tokens', 0.0):.1f} flips / 1k tokens)")
-                }[r.get("identical_to_vanilla")]
         lines.append(
             f"| {r['method']} | {r['temperature']:g} | {r['concurrency']} | "
             f"{r['tokens_per_s']:.1f} ± {r['tokens_per_s_stdev']:.1f} | "
             f"{'-' if r['speedup'] is None else format(r['speedup'], '.2f') + 'x'} | "
             f"{r['latency_p50_s']:.2f} / {r['latency_p90_s']:.2f} | "
             f"{'-' if r['tau'] is None else format(r['tau'], '.2f')} | "
-            f"{' '.join(f'{a:.2f}' for a in r['acceptance_per_position']) or '-'} | {same} |")
+            f"{' '.join(f'{a:.2f}' for a in r['acceptance_per_position']) or '-'} | "
+            f"{greedy_cell(r)} |")
     return "\n".join(lines)
+
+
+def greedy_cell(row: dict) -> str:
+    """The table's verdict on a row's greedy tokens against vanilla's (- if sampled)."""
+    if "identical_to_vanilla" not in row:
+        return "-"
+    if row["identical_to_vanilla"]:
+        return "yes"
+    return (f"NO ({len(row['mismatched_prompts'])} prompts; per run "
+            f"{', '.join(map(str, row['mismatched_per_run']))}; "
+            f"{row['flips_per_1k_tokens']:.1f} flips / 1k tokens)")
 
 
 def plot(rows: list[dict], path: Path) -> None:
