@@ -122,6 +122,7 @@ def test_flips_are_counted_per_run_and_per_token_matched():
     reference = [[1, 2, 3, 4], [5, 6, 7, 8]]
     runs = [_run(1.0, [[1, 2, 9, 9], [5, 6, 7, 8]]), _run(1.0, [[1, 2, 3, 4], [5, 9]])]
     record = flip_record(runs, reference)
+    assert record["mismatched_prompts"] == [0, 1]
     assert record["mismatched_per_run"] == [1, 1]
     assert record["first_differences"] == [1, 2]
     # run 1: 2 tokens before its flip + 4 of a whole answer; run 2: 4 + 1.

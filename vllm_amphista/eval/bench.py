@@ -193,19 +193,21 @@ def first_difference(output: list[int], reference: list[int]) -> int | None:
 
 
 def flip_record(reps: list[Run], reference: list[list[int]]) -> dict:
-    """How a method's greedy answers part from the reference, run by run. Per run the
-    prompts that differ, and over all runs the flip rate: flips per 1000 tokens that
-    matched the reference before them (a prompt's tokens up to its first difference, or
-    all of them). A union of differing prompts over repeats grows with every repeat for
-    a method whose batch shapes change from run to run (speculation verifies a different
-    number of tokens each step) and not for one whose shapes repeat (vanilla at a fixed
-    concurrency); the rate does not depend on the number of repeats."""
+    """How a method's greedy answers part from the reference, run by run: the prompts
+    that differ in any run, per run how many, and over all runs the flip rate: flips per
+    1000 tokens that matched the reference before them (a prompt's tokens up to its first
+    difference, or all of them). The union of differing prompts grows with every repeat
+    for a method whose batch shapes change from run to run (speculation verifies a
+    different number of tokens each step) and not for one whose shapes repeat (vanilla
+    at a fixed concurrency); the rate does not depend on the number of repeats."""
     parted = [[first_difference(out, reference[i]) for i, out in enumerate(run.outputs)]
               for run in reps]
     flips = sum(at is not None for run in parted for at in run)
     matched = sum(len(reference[i]) if at is None else at
                   for run in parted for i, at in enumerate(run))
-    return {"mismatched_per_run": [sum(at is not None for at in run) for run in parted],
+    return {"mismatched_prompts": sorted({i for run in parted
+                                          for i, at in enumerate(run) if at is not None}),
+            "mismatched_per_run": [sum(at is not None for at in run) for run in parted],
             "first_differences": sorted(at for run in parted for at in run if at is not None),
             "flips_per_1k_tokens": 1e3 * flips / max(matched, 1)}
 
@@ -242,11 +244,8 @@ def summarise(runs: dict[tuple[str, float, int], list[Run]],
             "acceptance_per_position": acceptance_per_position(accepted, drafts) if drafts else [],
         }
         if temperature == 0.0 and reference is not None:
-            mismatched = sorted({i for r in reps for i in differing_prompts(r.outputs,
-                                                                             reference)})
-            row["identical_to_vanilla"] = not mismatched
-            row["mismatched_prompts"] = mismatched
             row.update(flip_record(reps, reference))
+            row["identical_to_vanilla"] = not row["mismatched_prompts"]
         rows.append(row)
     return rows
 

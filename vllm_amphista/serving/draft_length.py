@@ -229,10 +229,9 @@ class StepClock:
     def __init__(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         self.log_sizes = np.log(np.asarray(batch_sizes, float))
         shape = (len(batch_sizes), 2)  # per batch size, [plain, drafting]
-        # Decayed sums of measured / predicted and decayed step counts, and the prior's
-        # weight, decayed alike (its ratio is what the timed steps at the size show).
+        # Decayed sums of measured / predicted, and the prior's weight, decayed alike
+        # (its ratio is what the timed steps at the size show).
         self.observed = np.zeros(shape)
-        self.steps = np.zeros(shape)
         self.prior = np.full(shape, self.PRIOR)
         # Decayed step counts, tokens emitted per request, and time in units of a plain
         # step's prediction.
@@ -252,11 +251,9 @@ class StepClock:
         """One step of `requests` that took measured_ms against the step cost's
         predicted_ms (plain_ms for a plain step of that size) and emitted `tokens`."""
         at = (self._size(requests), int(drafted))
-        for sums in (self.observed, self.steps, self.prior, self.timed, self.tokens,
-                     self.paced):
+        for sums in (self.observed, self.prior, self.timed, self.tokens, self.paced):
             sums[at] *= self.DECAY
         self.observed[at] += min(measured_ms / predicted_ms, self.MAX_RATIO)
-        self.steps[at] += 1.0
         self.timed[at] += 1.0
         self.tokens[at] += tokens / requests
         self.paced[at] += min(measured_ms / plain_ms, self.MAX_RATIO)
@@ -272,10 +269,10 @@ class StepClock:
 
     def overhead(self, requests: int) -> float:
         size = self._size(requests)
-        steps = self.steps[size].sum()
+        steps = self.timed[size].sum()
         pooled = self.observed[size].sum() / steps if steps else 1.0
         plain, drafting = ((self.observed[size] + self.prior[size] * pooled)
-                           / (self.steps[size] + self.prior[size]))
+                           / (self.timed[size] + self.prior[size]))
         return float(drafting / plain)
 
     def plain_timed(self, requests: int) -> bool:
