@@ -257,6 +257,25 @@ def test_step_clock_checks_what_drafting_steps_yielded_against_plain_ones():
     assert gains.realized_gain(4) == pytest.approx(1 / 1.1, abs=0.01)
 
 
+def test_realized_gain_starts_from_the_models_expectation():
+    """Nine drafting steps (MIN_TIMED, decayed) that yield 0.9 of plain ones, the model
+    expecting 1.2: the reading starts near the model's (EXPECTED_STEPS of it against
+    nine measured), and 300 more such steps leave the measurement alone."""
+    clock = StepClock()
+    for _ in range(9):
+        clock.record(1, False, 10.0, 10.0, 10.0, 1)
+        clock.record(1, True, 10.0, 10.0, 10.0, 0.9)
+    assert clock.realized_gain(1) == pytest.approx(0.9)
+    weight = StepClock.EXPECTED_STEPS * StepClock.DECAY ** 9
+    timed = (1 - StepClock.DECAY ** 9) / (1 - StepClock.DECAY)
+    assert clock.realized_gain(1, expected=1.2) == pytest.approx(
+        (timed * 0.9 + weight * 1.2) / (timed + weight))
+    assert clock.realized_gain(1, expected=1.2) > 1.0
+    for _ in range(300):
+        clock.record(1, True, 10.0, 10.0, 10.0, 0.9)
+    assert clock.realized_gain(1, expected=1.2) == pytest.approx(0.9, abs=0.01)
+
+
 def test_drafting_gain_is_the_best_drafting_steps_pace_over_plain_steps():
     """What the proposer holds to the step clock's overhead: one draft verified, 1.25
     tokens in 48 ms (draft pass included) against 1 in 42, pays by ~9% under the step

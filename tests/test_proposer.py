@@ -429,20 +429,24 @@ def test_only_slots_with_context_judge_the_heads(num_stages, tiny_target, tiny_t
 
 
 def _timed_steps(proposer, tiny_target, monkeypatch, extra_ms: float,
-                 accepted_every: int, steps: int = 200) -> list[bool]:
+                 accepted_every: int, steps: int = 200, pace: float = 1.0,
+                 first_rejected: int = 0) -> list[bool]:
     """One request decoding `steps` steps under StepCost.linear(10, 1, 1): each step
-    verifies the drafts proposed before it and takes what the step cost predicts, plus
-    `extra_ms` after a draft pass; the first draft is accepted every `accepted_every`
-    steps (0: never). Returns which steps ran the draft pass."""
+    verifies the drafts proposed before it and takes `pace` times what the step cost
+    predicts, plus `extra_ms` after a draft pass; the first draft is accepted every
+    `accepted_every` steps (0: never), except in the first `first_rejected` steps that
+    verify drafts. Returns which steps ran the draft pass."""
     now = [0.0]
     monkeypatch.setattr(proposer_module, "perf_counter", lambda: now[0])
     d = tiny_target.hidden_size
     table = np.arange(1024, dtype=np.int32)[None] % tiny_target.vocab_size
-    passes, drafts, position = [], 0, 8
+    passes, drafts, position, verifying = [], 0, 8, 0
     for index in range(steps):
         drafted = proposer.last_call is not None and proposer.last_call[2]
-        now[0] += 1e-3 * (11.0 + drafts + (1.0 + extra_ms if drafted else 0.0))
-        accepted = int(drafts > 0 and accepted_every > 0 and index % accepted_every == 0)
+        now[0] += 1e-3 * pace * (11.0 + drafts + (1.0 + extra_ms if drafted else 0.0))
+        verifying += drafts > 0
+        accepted = int(drafts > 0 and accepted_every > 0 and index % accepted_every == 0
+                       and verifying > first_rejected)
         proposal = proposer.propose_from_step(StepRows(
             req_ids=["a"], sampled_token_ids=[[5] * (1 + accepted)],
             hidden_states=torch.randn(1 + drafts, d),
@@ -479,6 +483,25 @@ def test_drafting_pauses_when_drafting_steps_run_slower_than_the_step_cost(
         assert proposer.clock.realized_gain(1) > 1.1
     else:
         assert sum(passes) < 40 and proposer.clock.overhead(1) > 1.5
+
+
+def test_a_few_rejected_first_drafts_do_not_pause_drafting_for_good(
+        heads_dir, tiny_target, tiny_target_dir, tmp_path, monkeypatch):
+    """An engine running 20% under its step cost (in-process, a faster hour), heads 0.6 /
+    0.3 / 0.1 sure of their drafts, and the first four steps that verify drafts reject
+    them all (the first MT-Bench question does that in every greedy run); after that the
+    first draft is accepted every second step, which pays. Drafting goes on: the first
+    drafting steps' yields, read against plain steps before they are many, start from
+    the model's expectation, so they do not pause it for good."""
+    StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
+    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
+                         timed=True)
+    monkeypatch.setattr(proposer_module, "confidence",
+                        lambda logits: np.tile([0.6, 0.3, 0.1], (len(logits), 1)))
+    passes = _timed_steps(proposer, tiny_target, monkeypatch, 0.0, accepted_every=2,
+                          pace=0.8, first_rejected=4)
+    assert sum(passes[100:]) > 80
+    assert proposer.clock.realized_gain(1) > 1.1
 
 
 def test_drafting_pauses_where_drafting_steps_yield_less_than_plain_ones(

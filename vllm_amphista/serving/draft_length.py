@@ -209,20 +209,28 @@ class StepClock:
       step's prediction at the step's own batch size (so steps of 2 and 3 requests that
       share a calibrated size compare fairly). This is the check of the model's
       prediction: an overpriced chance or an underpriced verification both show here.
+      Given the model's expectation, the reading starts from it, worth EXPECTED_STEPS
+      drafting steps that fade as real ones are timed: eight drafting steps are few to
+      judge a first draft accepted half the time by, and a pause they start lasts (only
+      probes time drafting steps then).
     Per batch size (a step goes to the calibrated size nearest it, on a log scale)
     because the calibration's error differs between them (one request may run 10% under
     its fit while 16 run 20% over): a drafting reading from one request set against a
     plain one from 16 would price neither. Each kind's sums decay by DECAY only when that
     kind is timed at its size, so a long pause keeps what the last drafting steps showed
-    (probes refresh it); PRIOR pseudo-steps at ratio 1 keep a few odd steps from swinging
-    the overhead, and one step counts at most MAX_RATIO (a stall is not the engine's
-    speed). Steps after a call that only kept its rows count as plain, that call's own
-    time taken out; a drafting call's catch-up pass over kept rows is taken out of its
-    step alike, and its time kept (`catch_up_ms`) to price a probe's warm-up."""
+    (probes refresh it); PRIOR pseudo-steps at the size's pooled ratio keep a few odd
+    steps from swinging the overhead, and one step counts at most MAX_RATIO (a stall is
+    not the engine's speed). Steps after a call that only kept its rows count as plain,
+    that call's own time taken out; a drafting call's catch-up pass over kept rows is
+    taken out of its step alike, and its time kept (`catch_up_ms`) to price a probe's
+    warm-up."""
 
     DECAY = 0.98
     PRIOR = 4.0
     MAX_RATIO = 3.0
+    # What the model expects of drafting counts as this many drafting steps' yields,
+    # fading with the drafting steps timed (docs/decisions.md).
+    EXPECTED_STEPS = 16.0
     # Steps of each kind timed at a size before their yields are compared there.
     MIN_TIMED = 8.0
 
@@ -279,14 +287,21 @@ class StepClock:
         """Whether plain steps were timed often enough at this size to be compared."""
         return bool(self.timed[self._size(requests), 0] >= self.MIN_TIMED)
 
-    def realized_gain(self, requests: int) -> float | None:
+    def realized_gain(self, requests: int, expected: float | None = None) -> float | None:
         """Drafting steps' tokens per unit of time over plain steps' at this size; None
-        until both kinds were timed MIN_TIMED times there."""
+        until both kinds were timed MIN_TIMED times there. `expected`: the model's gain,
+        which the reading starts from (EXPECTED_STEPS, fading as drafting steps are
+        timed: its weight decays with them, as the overhead's prior does)."""
         size = self._size(requests)
         if (self.timed[size] < self.MIN_TIMED).any():
             return None
         plain, drafting = self.tokens[size] / self.paced[size]
-        return float(drafting / plain)
+        measured = float(drafting / plain)
+        if expected is None:
+            return measured
+        weight = self.EXPECTED_STEPS * self.prior[size, 1] / self.PRIOR
+        timed = self.timed[size, 1]
+        return float((timed * measured + weight * expected) / (timed + weight))
 
 
 class AcceptanceTracker:

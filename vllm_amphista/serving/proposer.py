@@ -276,13 +276,13 @@ class AmphistaProposer(StepDrafter):
             return SKIP if decoding > self.disable_by_batch_size else DRAFT
         if self.step_cost is None or not len(self.recent_chance) or decoding == 0:
             return DRAFT
-        realized = self.clock.realized_gain(decoding)
         predicted = self.predicted_gain.get(decoding)
         if predicted is None:
             predicted = drafting_gain(decoding, self.recent_chance, self.step_cost)
             self.predicted_gain[decoding] = predicted
-        if ((realized is None or realized >= 1.0)
-                and predicted > self.clock.overhead(decoding)):
+        overhead = self.clock.overhead(decoding)
+        realized = self.clock.realized_gain(decoding, expected=predicted / overhead)
+        if (realized is None or realized >= 1.0) and predicted > overhead:
             self.pauses[decoding] = Pause(after_drafting=True)
             self.steps_drafting += 1
             explore = not self.clock.plain_timed(decoding) and self.steps_drafting % 2 == 0
