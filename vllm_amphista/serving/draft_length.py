@@ -237,10 +237,8 @@ class StepClock:
     def __init__(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         self.log_sizes = np.log(np.asarray(batch_sizes, float))
         shape = (len(batch_sizes), 2)  # per batch size, [plain, drafting]
-        # Decayed sums of measured / predicted, and the prior's weight, decayed alike
-        # (its ratio is what the timed steps at the size show).
+        # Decayed sums of measured / predicted.
         self.observed = np.zeros(shape)
-        self.prior = np.full(shape, self.PRIOR)
         # Decayed step counts, tokens emitted per request, and time in units of a plain
         # step's prediction.
         self.timed = np.zeros(shape)
@@ -259,7 +257,7 @@ class StepClock:
         """One step of `requests` that took measured_ms against the step cost's
         predicted_ms (plain_ms for a plain step of that size) and emitted `tokens`."""
         at = (self._size(requests), int(drafted))
-        for sums in (self.observed, self.prior, self.timed, self.tokens, self.paced):
+        for sums in (self.observed, self.timed, self.tokens, self.paced):
             sums[at] *= self.DECAY
         self.observed[at] += min(measured_ms / predicted_ms, self.MAX_RATIO)
         self.timed[at] += 1.0
@@ -275,12 +273,17 @@ class StepClock:
         """A catch-up pass over a warm-up's kept rows at this size (ms); None until timed."""
         return float(self.catch_up[self._size(requests)]) or None
 
+    def _unfaded(self, size: int) -> np.ndarray:
+        """[plain, drafting]: DECAY ** (steps of each kind timed at this size), what is
+        left of a prior's weight: the decayed count is (1 - DECAY ** n) / (1 - DECAY)."""
+        return 1.0 - (1.0 - self.DECAY) * self.timed[size]
+
     def overhead(self, requests: int) -> float:
         size = self._size(requests)
         steps = self.timed[size].sum()
         pooled = self.observed[size].sum() / steps if steps else 1.0
-        plain, drafting = ((self.observed[size] + self.prior[size] * pooled)
-                           / (self.timed[size] + self.prior[size]))
+        prior = self.PRIOR * self._unfaded(size)  # at the size's pooled ratio
+        plain, drafting = (self.observed[size] + prior * pooled) / (self.timed[size] + prior)
         return float(drafting / plain)
 
     def plain_timed(self, requests: int) -> bool:
@@ -299,7 +302,7 @@ class StepClock:
         measured = float(drafting / plain)
         if expected is None:
             return measured
-        weight = self.EXPECTED_STEPS * self.prior[size, 1] / self.PRIOR
+        weight = self.EXPECTED_STEPS * self._unfaded(size)[1]
         timed = self.timed[size, 1]
         return float((timed * measured + weight * expected) / (timed + weight))
 
