@@ -61,12 +61,14 @@ def _counting_drafts(propose, totals: dict[str, float]):
     return wrapper
 
 
-def profile_one(target: str, heads: str | None, prompts: list[str], max_tokens: int,
-                temperature: float, concurrency: int, dtype: str) -> dict:
+def profile_one(target: str, heads: str | None, k: int | None, prompts: list[str],
+                max_tokens: int, temperature: float, concurrency: int, dtype: str) -> dict:
     """Runs in its own process (see main)."""
     from vllm import SamplingParams  # heavy: only where an engine starts
 
     spec = {"method": "amphista", "model": heads} if heads else None
+    if spec and k:
+        spec["num_speculative_tokens"] = k
     llm = start_llm(target, speculative_config=spec, dtype=dtype)
     # Sampled answers differ between methods: the same length for all (see eval/bench.py).
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens,
@@ -98,7 +100,7 @@ def profile_one(target: str, heads: str | None, prompts: list[str], max_tokens: 
                                    - totals.get("draft_model", 0.0)) / steps,
     }
     per_step["rest_of_vllm_ms"] = 1e3 * total / steps - sum(per_step.values())
-    return {"method": "amphista" if heads else "vanilla", "heads": heads, "tokens": tokens,
+    return {"method": "amphista" if heads else "vanilla", "heads": heads, "k": k, "tokens": tokens,
             "steps": steps, "seconds": total, "tokens_per_s": tokens / total,
             "tokens_per_step": tokens / steps, "drafts_per_step": totals.get("drafts", 0) / steps,
             "step_ms": 1e3 * total / steps, **per_step}
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=1, help="requests per batch")
     parser.add_argument("--dtype", default=TARGET_DTYPE, choices=list(DTYPE_NAMES),
                         help="the target's dtype (the draft model's is the machine's)")
+    parser.add_argument("--k", type=int, nargs="+", default=[None],
+                        help="drafts per step, one run each (default: the heads' number)")
     parser.add_argument("--out", type=Path, default=Path("runs/profile_step.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
     args = parser.parse_args(argv)
@@ -126,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     target = args.target or str(export_smollm2())
     prompts = first_turns(args.prompts, limit=args.num_prompts)
     rows = []
-    for heads in [None, *args.heads]:
-        job = json.dumps({"target": target, "heads": heads, "prompts": prompts,
+    for heads, k in [(None, None), *((h, k) for h in args.heads for k in args.k)]:
+        job = json.dumps({"target": target, "heads": heads, "k": k, "prompts": prompts,
                           "max_tokens": args.max_tokens, "temperature": args.temperature,
                           "concurrency": args.concurrency, "dtype": args.dtype})
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -148,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(
         ["method", "tokens/s", "tokens/step", "drafts/step", "step ms", "target fwd ms",
          "sampling ms", "draft model ms", "proposer glue ms", "rest of vLLM ms"],
-        [[r["method"] if r["heads"] is None else Path(r["heads"]).name,
+        [[r["method"] if r["heads"] is None
+          else Path(r["heads"]).name + (f" K={r['k']}" if r.get("k") else ""),
           f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_step']:.2f}",
           f"{r['drafts_per_step']:.2f}", f"{r['step_ms']:.1f}",
           f"{r['target_forward_ms']:.1f}", f"{r['sampling_ms']:.1f}",

@@ -116,6 +116,37 @@ def test_incremental_matches_full_forward(tiny_target, overrides):
             assert cache.lengths[: len(seqs)].tolist() == done
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("heads", [1, 2, 3])
+def test_drafting_leading_heads_is_the_model_cut_to_them(tiny_target, heads, packed):
+    """draft_leading_heads(k): forward and extend give what a model of only those k heads
+    (the SAL stages they read, their blocks, the AEB over k positions) gives, with the
+    same weights; the cache holds only those stages. K=4 over 2 stages: heads 0,0,1,1."""
+    whole = draft_model(tiny_target, num_heads=4, num_stages=2, draft_vocab_size=100,
+                        randomised=True)
+    stages = whole.config.stage_of_head(heads - 1) + 1
+    cut = draft_model(tiny_target, num_heads=heads, num_stages=stages, draft_vocab_size=100)
+    weights = {name: value for name, value in whole.state_dict().items()
+               if not name.startswith(("heads.", "stages."))
+               or int(name.split(".")[1]) < (heads if name.startswith("heads.") else stages)}
+    weights["aeb.position_embedding"] = weights["aeb.position_embedding"][:heads]
+    cut.load_state_dict(weights)
+    cut.eval()
+    whole.draft_leading_heads(heads)
+    hidden, tokens = _inputs(tiny_target, b=1, t=12)
+    torch.testing.assert_close(whole(hidden, tokens), cut(hidden, tokens))
+    if packed:
+        assert whole.pack_for_drafting() and cut.pack_for_drafting()
+    caches = [model.new_cache() for model in (whole, cut)]
+    assert caches[0].keys.shape[0] == stages
+    for rows in (slice(0, 7), slice(7, 8), slice(8, 12)):
+        got, want = (model.extend(cache, hidden[0, rows], tokens[0, rows],
+                                  [rows.stop - rows.start])
+                     for model, cache in zip((whole, cut), caches, strict=True))
+        assert got.shape == (1, heads, 100)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_extend_without_new_rows_is_refused(tiny_target):
     model = draft_model(tiny_target)
     with pytest.raises(ValueError, match="at least one new row"):

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from tests.conftest import draft_model, needs_bf16_packing
+from vllm_amphista.eval.calibrate import measure_draft_pass
 from vllm_amphista.kernels import packed_linear
 from vllm_amphista.machine import CpuInfo, cpu_info
 from vllm_amphista.model.checkpoint import save_checkpoint
+from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.serving import draft_length
 from vllm_amphista.serving import proposer as proposer_module
 from vllm_amphista.serving.draft_length import (
@@ -676,6 +678,43 @@ def test_draft_lengths_follow_the_step_cost(heads_dir, tiny_target, tiny_target_
     whole = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "free.json"))
     torch.testing.assert_close(whole.propose_from_step(rows).draft_probs,
                                torch.softmax(logits.float(), -1))
+
+
+def test_drafting_fewer_tokens_than_heads_runs_and_prices_only_their_heads(
+        heads_dir, tiny_target_dir, tmp_path):
+    """num_speculative_tokens=2 of 4 heads over 2 stages: the model drafts the first two
+    heads from the first stage (one stage cached), and the step cost prices that pass,
+    where its calibration timed it (else the whole pass)."""
+    path = tmp_path / "cost.json"
+    StepCost.linear(10.0, 1.0, 4.0).save(
+        path, draft_share_by_heads={count: [count / 4] for count in range(1, 5)})
+    old = tmp_path / "old.json"
+    StepCost.linear(10.0, 1.0, 5.0).save(old)
+    for tokens, draft_ms in ((2, 2.0), (4, 4.0)):
+        proposer = _proposer(heads_dir, tiny_target_dir, num_tokens=tokens,
+                             step_cost=str(path))
+        assert proposer.model.drafted_heads == tokens
+        assert proposer.step_cost.draft_ms(1) == draft_ms
+        assert proposer.model.new_cache().keys.shape[0] == (1 if tokens == 2 else 2)
+        assert _proposer(heads_dir, tiny_target_dir, num_tokens=tokens,
+                         step_cost=str(old)).step_cost.draft_ms(1) == 5.0
+
+
+def test_calibration_times_the_pass_of_each_count_of_leading_heads(
+        heads_dir, tiny_target_dir, monkeypatch):
+    drafted = []
+    extend = AmphistaDraftModel.extend
+
+    def recording(model, *args, **kwargs):
+        drafted.append(model.drafted_heads)
+        return extend(model, *args, **kwargs)
+
+    monkeypatch.setattr(AmphistaDraftModel, "extend", recording)
+    rows = measure_draft_pass(tiny_target_dir, heads_dir, torch.float32, [1, 3],
+                              each_head_count=True, context=8, repeats=1)
+    assert [(row["heads"], row["requests"]) for row in rows] == [
+        (heads, requests) for heads in range(1, 5) for requests in (1, 3)]
+    assert all(row["ms"] > 0 for row in rows) and set(drafted) == {1, 2, 3, 4}
 
 
 def test_requests_beside_a_partial_prefill_draft_from_their_own_rows(heads_dir, tiny_target,

@@ -22,6 +22,7 @@ import torch
 from vllm_amphista.engine import start_llm
 from vllm_amphista.machine import describe
 from vllm_amphista.model.checkpoint import load_checkpoint
+from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights
 from vllm_amphista.serving.draft_length import (
     StepCost,
@@ -61,7 +62,7 @@ class CalibrationWorker:
                            batch_sizes: list[int]) -> list[dict]:
         # Plain values only: vLLM's RPC serialises no Path or torch.dtype.
         return measure_draft_pass(Path(target_dir), Path(heads), getattr(torch, dtype),
-                                  batch_sizes)
+                                  batch_sizes, each_head_count=True)
 
 
 def generate_ms(llm, requests: int, tokens: int = 32) -> float:
@@ -95,13 +96,27 @@ def measure_steps(llm, batch_sizes: list[int], draft_counts: list[int],
 
 
 def measure_draft_pass(target_dir: Path, heads: Path, dtype: torch.dtype,
-                       batch_sizes: list[int], context: int = 200,
-                       repeats: int = 20) -> list[dict]:
+                       batch_sizes: list[int], each_head_count: bool = False,
+                       context: int = 200, repeats: int = 20) -> list[dict]:
     """Median draft-pass time (ms) for a decode step of `requests` requests, each with
-    `context` cached positions, the model set up as the proposer sets it up."""
+    `context` cached positions, the model set up as the proposer sets it up: of all heads
+    ({"requests", "ms"} per batch size), or with each_head_count of the first 1..K heads
+    drafted (`draft_leading_heads`; {"requests", "heads", "ms"})."""
     model = load_checkpoint(heads, target=TargetWeights.from_folder(target_dir), dtype=dtype)
     model.pack_for_drafting()
-    d = model.config.hidden_size
+    if not each_head_count:
+        return _draft_pass_ms(model, batch_sizes, context, repeats)
+    rows = []
+    for count in range(1, model.config.num_heads + 1):
+        model.draft_leading_heads(count)
+        rows += [{**row, "heads": count}
+                 for row in _draft_pass_ms(model, batch_sizes, context, repeats)]
+    return rows
+
+
+def _draft_pass_ms(model: AmphistaDraftModel, batch_sizes: list[int], context: int,
+                   repeats: int) -> list[dict]:
+    dtype, d = model._a_weight().dtype, model.config.hidden_size
     rows = []
     for requests in batch_sizes:
         cache = model.new_cache()
@@ -135,11 +150,15 @@ def calibrate(target_dir: Path, heads: Path, target_dtype: str, draft_dtype: tor
                                       batch_sizes))[0]
     threads = llm.collective_rpc("torch_threads")[0]
     del llm
-    cost = StepCost.fit(steps, drafts)
+    all_heads = max(row["heads"] for row in drafts)
+    cost = StepCost.fit(steps, [row for row in drafts if row["heads"] == all_heads])
+    shares = {count: [row["ms"] / cost.draft_ms(row["requests"]) for row in drafts
+                      if row["heads"] == count]
+              for count in range(1, all_heads + 1)}
     path = (shipped_step_cost_path(heads, target_dtype) if ship
             else step_cost_path(target_dir, target_dtype, threads))
     cost.save(path, machine={**describe(), "torch_threads": threads},
               target=Path(target_dir).name,
               target_dtype=target_dtype, draft_dtype=dtype_name,
-              steps=steps, drafts=drafts)
+              draft_share_by_heads=shares, steps=steps, drafts=drafts)
     return cost, path

@@ -67,6 +67,7 @@ class AmphistaDraftModel(nn.Module):
         self.register_buffer("embed_tokens", None, persistent=False)
         self.register_buffer("lm_head_weight", None, persistent=False)
         self.packed_lm_head: PackedLinear | None = None  # pack_for_drafting()
+        self.drafted_heads = cfg.num_heads  # draft_leading_heads()
         if target is not None:
             self.attach_target(target)
 
@@ -111,6 +112,17 @@ class AmphistaDraftModel(nn.Module):
         self.packed_lm_head = PackedLinear(self.lm_head_weight)
         return True
 
+    def draft_leading_heads(self, heads: int) -> None:
+        """Draft with the first `heads` heads only: `extend` and `forward` compute their
+        logits and the SAL stages they read, nothing for the heads after them (K=4, S=2,
+        two heads: one SAL stage of two, two heads' blocks, the AEB over two positions).
+        The AEB then attends over those heads alone, so their logits are not the whole
+        model's (the shipped heads' drafts, first two of four: docs/results.md). Before
+        the first `new_cache`: a cache holds the stages it was made for."""
+        if not 1 <= heads <= self.config.num_heads:
+            raise ValueError(f"{heads} drafted heads: the model has {self.config.num_heads}")
+        self.drafted_heads = heads
+
     # -- shared pieces -------------------------------------------------------------------
     def _a_weight(self) -> torch.Tensor:
         """A weight in the dtype and on the device the model computes in. Packed weights
@@ -125,22 +137,28 @@ class AmphistaDraftModel(nn.Module):
             raise RuntimeError("token fusion needs the target's embedding: call attach_target()")
         return self.fusion(torch.cat((hidden, F.embedding(next_tokens, self.embed_tokens)), -1))
 
-    def _head_logits(self, stage_features: list[torch.Tensor]) -> torch.Tensor:
-        """Per-stage features [..., d] (index 0 = the fused input) -> logits [..., K, V']."""
+    def _stages_read(self, heads: int) -> int:
+        """SAL stages that the first `heads` heads read (0 without stages)."""
+        return self.config.stage_of_head(heads - 1) + 1 if self.config.num_stages else 0
+
+    def _head_logits(self, stage_features: list[torch.Tensor], heads: int) -> torch.Tensor:
+        """Per-stage features [..., d] (index 0 = the fused input) -> the first `heads`
+        heads' logits [..., heads, V']."""
         cfg = self.config
         if self.head_groups is not None:
+            groups = self.head_groups[: max(1, self._stages_read(heads))]
             g = torch.cat([group(stage_features[1 + stage if cfg.num_stages else 0])
-                           for stage, group in enumerate(self.head_groups)], dim=-2)
+                           for stage, group in enumerate(groups)], dim=-2)[..., :heads, :]
         else:
             g = torch.stack([
-                head(stage_features[1 + cfg.stage_of_head(k) if cfg.num_stages else 0])
-                for k, head in enumerate(self.heads)], dim=-2)
+                self.heads[k](stage_features[1 + cfg.stage_of_head(k) if cfg.num_stages else 0])
+                for k in range(heads)], dim=-2)
         if self.aeb is not None:
-            g = self.aeb(g.reshape(-1, cfg.num_heads, cfg.hidden_size)).reshape(g.shape)
+            g = self.aeb(g.reshape(-1, heads, cfg.hidden_size)).reshape(g.shape)
         if self.final_norm is not None:
             g = self.final_norm(g)
         if self.lm_heads is not None:
-            return torch.stack([g[..., k, :] @ w.T for k, w in enumerate(self.lm_heads)], -2)
+            return torch.stack([g[..., k, :] @ self.lm_heads[k].T for k in range(heads)], -2)
         if self.packed_lm_head is not None:
             return self.packed_lm_head(g)
         if self.lm_head_weight is None:
@@ -155,7 +173,8 @@ class AmphistaDraftModel(nn.Module):
     # -- training: whole sequences -------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, next_token_ids: torch.Tensor,
                 at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """hidden_states [B, T, d], next_token_ids [B, T] -> logits [B, T, K, V'].
+        """hidden_states [B, T, d], next_token_ids [B, T] -> logits [B, T, K', V'] of the
+        drafted heads (all K unless `draft_leading_heads` cut them).
 
         Position t reads h_t and x_{t+1}; head k predicts x_{t+2+k}. Causal over T.
         at = (rows [N], positions [N]): logits at those positions only, [N, K, V'] (the
@@ -166,25 +185,26 @@ class AmphistaDraftModel(nn.Module):
         if self.stages:
             cos, sin = self.rope.lookup(
                 torch.arange(t, device=hidden_states.device).expand(b, t), t)
-            for stage in self.stages:
+            for stage in self.stages[: self._stages_read(self.drafted_heads)]:
                 features.append(stage(features[-1], cos, sin))
         if at is not None:
             features = [f[at] for f in features]
-        return self._head_logits(features)
+        return self._head_logits(features, self.drafted_heads)
 
     # -- drafting: new rows against the SAL cache ---------------------------------------
     def new_cache(self) -> SALCache:
-        """An empty SAL cache on this model's device, in the dtype its attention against
-        the cache computes in (`attention_dtype`)."""
+        """An empty SAL cache for the stages drafting reads, on this model's device, in
+        the dtype its attention against the cache computes in (`attention_dtype`)."""
         weight = self._a_weight()
         return SALCache(self.config, attention_dtype(weight.dtype, weight.device),
-                        weight.device)
+                        weight.device, stages=self._stages_read(self.drafted_heads))
 
     @torch.no_grad()
     def extend(self, cache: SALCache, hidden_states: torch.Tensor, next_token_ids: torch.Tensor,
                counts: np.ndarray, logits: bool = True) -> torch.Tensor | None:
-        """Consume new positions into cache slots 0..B-1; logits [B, K, V'] at each slot's
-        last new position (logits=False: only the cache, about half the pass's time).
+        """Consume new positions into cache slots 0..B-1; logits [B, K', V'] of the
+        drafted heads (K' = `drafted_heads`) at each slot's last new position
+        (logits=False: only the cache, about half the pass's time).
 
         hidden_states [N, d] and next_token_ids [N] are the new rows of every slot, slot by
         slot in order, counts[i] of them for slot i (0: slot i sits this step out; its
@@ -209,7 +229,8 @@ class AmphistaDraftModel(nn.Module):
         past = cache.lengths[:b].copy()
         total = int((past + counts).max())
         cache.reserve(b, total)  # stage-less heads: positions counted, nothing stored
-        if self.stages:
+        stages = self.stages[: self._stages_read(self.drafted_heads)]
+        if stages:
             # Each row's position in its slot; key j of slot i is visible to the new
             # position p of slot i (padded to [B, n_max]) when j <= p.
             write_at = torch.from_numpy(past[row_slot] + row_offset).to(device)
@@ -219,7 +240,7 @@ class AmphistaDraftModel(nn.Module):
             # Every slot with n_max new rows (always at one request): the rows are the
             # padded batch already, reshaped; else scattered into it and gathered back.
             uniform = bool((counts == n_max).all())
-            for s, stage in enumerate(self.stages):
+            for s, stage in enumerate(stages):
                 q, k, v = (t[0].transpose(0, 1) for t in stage.project(x, cos, sin))
                 cache.keys[s, slot_t, :, write_at] = k.to(cache.keys.dtype)
                 cache.values[s, slot_t, :, write_at] = v.to(cache.values.dtype)
@@ -235,4 +256,4 @@ class AmphistaDraftModel(nn.Module):
                 x = stage.finish(x, attn.transpose(0, 1)[None])
                 features.append(x[0, last])
         cache.lengths[:b] = past + counts
-        return self._head_logits(features) if logits else None
+        return self._head_logits(features, self.drafted_heads) if logits else None

@@ -220,7 +220,7 @@ class AutoEmbeddingBlock(nn.Module):
         self.layers = nn.ModuleList(AutoEmbeddingLayer(cfg) for _ in range(cfg.num_aeb_layers))
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:
-        g = g + self.position_embedding
+        g = g + self.position_embedding[: g.shape[-2]]  # fewer when drafting fewer heads
         for layer in self.layers:
             g = layer(g)
         return g

@@ -17,8 +17,11 @@ class SALCache:
     attention)."""
 
     def __init__(self, config: AmphistaConfig, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", slots: int = 4, capacity: int = 128) -> None:
-        self.shape = (config.num_stages, config.num_key_value_heads, config.head_dim)
+                 device: torch.device | str = "cpu", slots: int = 4, capacity: int = 128,
+                 stages: int | None = None) -> None:
+        """stages: how many of the model's SAL stages it holds (default all)."""
+        self.shape = (config.num_stages if stages is None else stages,
+                      config.num_key_value_heads, config.head_dim)
         stages, heads, dim = self.shape
         self.keys = torch.zeros(stages, slots, heads, capacity, dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)

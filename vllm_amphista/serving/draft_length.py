@@ -29,7 +29,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +86,8 @@ class StepCost:
     """Measured engine cost at a few batch sizes: per batch size B, a step takes
     fixed_ms + per_token_ms * tokens verified, and the draft pass draft_ms; between and
     beyond the measured sizes every figure is interpolated linearly in B (one line fitted
-    per B, because verifying is nearly free at B = 1 and not at B = 16)."""
+    per B, because verifying is nearly free at B = 1 and not at B = 16). draft_ms is the
+    pass of the heads drafted (`load`'s `heads`): fewer heads, fewer SAL stages to run."""
 
     batch_sizes: tuple[int, ...]
     fixed_ms: tuple[float, ...]
@@ -133,8 +134,19 @@ class StepCost:
         path.write_text(json.dumps({"cost": asdict(self), **context}, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> StepCost:
-        return cls(**{k: tuple(v) for k, v in json.loads(path.read_text())["cost"].items()})
+    def load(cls, path: Path, heads: int | None = None) -> StepCost:
+        """The calibration in `path`, its draft pass that of the first `heads` heads: the
+        whole pass's time times that count's share of it, per batch size, where the file
+        has it (`calibrate` times each count; files from before price every count as the
+        whole pass). A share, not a time: it is the model's shape, where the whole pass's
+        time drifts with the machine's hour."""
+        data = json.loads(path.read_text())
+        cost = cls(**{k: tuple(v) for k, v in data["cost"].items()})
+        shares = data.get("draft_share_by_heads", {}).get(str(heads))
+        if shares is None:
+            return cost
+        return replace(cost, draft_ms_at=tuple(
+            ms * share for ms, share in zip(cost.draft_ms_at, shares, strict=True)))
 
     @staticmethod
     def measured_on(path: Path) -> str:

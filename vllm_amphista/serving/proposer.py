@@ -116,6 +116,7 @@ class AmphistaProposer(StepDrafter):
             raise ValueError(
                 f"num_speculative_tokens={self.num_speculative_tokens} exceeds the "
                 f"{self.model.config.num_heads} heads in {self.heads_dir}")
+        self.model.draft_leading_heads(self.num_speculative_tokens)
         self.step_cost = self._step_cost(settings.get("step_cost", "auto"),
                                          vllm_config.model_config.dtype)
         logger.info("amphista: drafting %d tokens per step with the heads in %s (draft "
@@ -158,14 +159,14 @@ class AmphistaProposer(StepDrafter):
                             "computes with %d); `vllm-amphista calibrate` measures this "
                             "machine's", shipped, StepCost.measured_on(shipped),
                             torch.get_num_threads())
-                return StepCost.load(shipped)
+                return StepCost.load(shipped, self.num_speculative_tokens)
         if not path.is_file():
             logger.info("amphista: no step-cost calibration for this machine and target "
                         "(%s): verifying all %d drafts every step. `vllm-amphista "
                         "calibrate` measures it.", path, self.num_speculative_tokens)
             return None
         logger.info("amphista: draft lengths chosen per step from the step cost in %s", path)
-        return StepCost.load(path)
+        return StepCost.load(path, self.num_speculative_tokens)
 
     # -- vLLM's custom_class interface ---------------------------------------------------
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -241,7 +242,7 @@ class AmphistaProposer(StepDrafter):
             logits = logits[drafting]
         # In fp32: CPU reductions over bf16 are slow (AMD EPYC, avx512_bf16, 16 x 4 x
         # 8192 logits: ~2 ms for argmax alone).
-        logits = logits[:, : self.num_speculative_tokens].float()
+        logits = logits.float()
         top_ids = last_dim_argmax(logits)
         lengths = self._lengths(logits, drafting, sampled[drafting])
         # Drafts (and their q) only where some will be verified, up to the longest.
