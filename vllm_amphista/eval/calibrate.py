@@ -105,18 +105,18 @@ def measure_draft_pass(target_dir: Path, heads: Path, dtype: torch.dtype,
     model = load_checkpoint(heads, target=TargetWeights.from_folder(target_dir), dtype=dtype)
     model.pack_for_drafting()
     if not each_head_count:
-        return _draft_pass_ms(model, batch_sizes, context, repeats)
+        return _draft_pass_ms(model, dtype, batch_sizes, context, repeats)
     rows = []
     for count in range(1, model.config.num_heads + 1):
         model.draft_leading_heads(count)
         rows += [{**row, "heads": count}
-                 for row in _draft_pass_ms(model, batch_sizes, context, repeats)]
+                 for row in _draft_pass_ms(model, dtype, batch_sizes, context, repeats)]
     return rows
 
 
-def _draft_pass_ms(model: AmphistaDraftModel, batch_sizes: list[int], context: int,
-                   repeats: int) -> list[dict]:
-    dtype, d = model._a_weight().dtype, model.config.hidden_size
+def _draft_pass_ms(model: AmphistaDraftModel, dtype: torch.dtype, batch_sizes: list[int],
+                   context: int, repeats: int) -> list[dict]:
+    d = model.config.hidden_size
     rows = []
     for requests in batch_sizes:
         cache = model.new_cache()

@@ -137,16 +137,17 @@ class AmphistaDraftModel(nn.Module):
             raise RuntimeError("token fusion needs the target's embedding: call attach_target()")
         return self.fusion(torch.cat((hidden, F.embedding(next_tokens, self.embed_tokens)), -1))
 
-    def _stages_read(self, heads: int) -> int:
-        """SAL stages that the first `heads` heads read (0 without stages)."""
-        return self.config.stage_of_head(heads - 1) + 1 if self.config.num_stages else 0
+    def _drafted_stages(self) -> nn.ModuleList:
+        """The SAL stages the drafted heads read (none without stages)."""
+        last_head = self.drafted_heads - 1
+        return self.stages[: self.config.stage_of_head(last_head) + 1 if self.stages else 0]
 
-    def _head_logits(self, stage_features: list[torch.Tensor], heads: int) -> torch.Tensor:
-        """Per-stage features [..., d] (index 0 = the fused input) -> the first `heads`
-        heads' logits [..., heads, V']."""
-        cfg = self.config
+    def _head_logits(self, stage_features: list[torch.Tensor]) -> torch.Tensor:
+        """Per-stage features [..., d] (index 0 = the fused input) -> the drafted heads'
+        logits [..., K', V']."""
+        cfg, heads = self.config, self.drafted_heads
         if self.head_groups is not None:
-            groups = self.head_groups[: max(1, self._stages_read(heads))]
+            groups = self.head_groups[: max(1, len(self._drafted_stages()))]
             g = torch.cat([group(stage_features[1 + stage if cfg.num_stages else 0])
                            for stage, group in enumerate(groups)], dim=-2)[..., :heads, :]
         else:
@@ -177,7 +178,7 @@ class AmphistaDraftModel(nn.Module):
         drafted heads (all K unless `draft_leading_heads` cut them).
 
         Position t reads h_t and x_{t+1}; head k predicts x_{t+2+k}. Causal over T.
-        at = (rows [N], positions [N]): logits at those positions only, [N, K, V'] (the
+        at = (rows [N], positions [N]): logits at those positions only, [N, K', V'] (the
         heads and the projection onto the vocabulary, most of the cost, see no other).
         """
         b, t, _ = hidden_states.shape
@@ -185,11 +186,11 @@ class AmphistaDraftModel(nn.Module):
         if self.stages:
             cos, sin = self.rope.lookup(
                 torch.arange(t, device=hidden_states.device).expand(b, t), t)
-            for stage in self.stages[: self._stages_read(self.drafted_heads)]:
+            for stage in self._drafted_stages():
                 features.append(stage(features[-1], cos, sin))
         if at is not None:
             features = [f[at] for f in features]
-        return self._head_logits(features, self.drafted_heads)
+        return self._head_logits(features)
 
     # -- drafting: new rows against the SAL cache ---------------------------------------
     def new_cache(self) -> SALCache:
@@ -197,7 +198,7 @@ class AmphistaDraftModel(nn.Module):
         the dtype its attention against the cache computes in (`attention_dtype`)."""
         weight = self._a_weight()
         return SALCache(self.config, attention_dtype(weight.dtype, weight.device),
-                        weight.device, stages=self._stages_read(self.drafted_heads))
+                        weight.device, stages=len(self._drafted_stages()))
 
     @torch.no_grad()
     def extend(self, cache: SALCache, hidden_states: torch.Tensor, next_token_ids: torch.Tensor,
@@ -229,7 +230,7 @@ class AmphistaDraftModel(nn.Module):
         past = cache.lengths[:b].copy()
         total = int((past + counts).max())
         cache.reserve(b, total)  # stage-less heads: positions counted, nothing stored
-        stages = self.stages[: self._stages_read(self.drafted_heads)]
+        stages = self._drafted_stages()
         if stages:
             # Each row's position in its slot; key j of slot i is visible to the new
             # position p of slot i (padded to [B, n_max]) when j <= p.
@@ -256,4 +257,4 @@ class AmphistaDraftModel(nn.Module):
                 x = stage.finish(x, attn.transpose(0, 1)[None])
                 features.append(x[0, last])
         cache.lengths[:b] = past + counts
-        return self._head_logits(features, self.drafted_heads) if logits else None
+        return self._head_logits(features) if logits else None
