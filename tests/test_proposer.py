@@ -294,8 +294,9 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
     assert np.flatnonzero(tracked).tolist() == [
         step for probe in probes[1:] for step in range(probe - WARM_STEPS, probe)]
     assert [cached[probe] for probe in probes[1:]] == [WARM_STEPS + 1] * 4
-    assert len(chances[-1]) == 1 + 4  # one row per pass: re-measured by the probes
-    assert not np.allclose(chances[0][-1], chances[-1][-1])
+    for probe in probes[1:]:  # re-measured by each probe: its one row replaces the last
+        assert len(chances[probe]) == 1
+        assert not np.allclose(chances[probe - 1], chances[probe])
     proposer.step_cost = StepCost.linear(fixed_ms=10.0, per_token_ms=0.0, draft_ms=0.0)
     proposer.predicted_gain.clear()  # kept only while recent_chance and the cost stand
     steps(8 * interval + 2)  # the next probe finds drafting pays
@@ -318,7 +319,7 @@ def test_a_warm_up_once_begun_runs_to_its_probe(heads_dir, tiny_target, tiny_tar
     dear = StepCost.linear(fixed_ms=10.0, per_token_ms=10.0, draft_ms=1.0)
     dear.save(tmp_path / "dear.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "dear.json"))
-    tracked, cached, passes, rows = [], [], [], []
+    tracked, cached, passes, chances = [], [], [], []
     proposer.clock.catch_up_ms = lambda requests: 16.0 + 64.0 * (sum(tracked) % 2)
     table = np.arange(4096, dtype=np.int32)[None] % tiny_target.vocab_size
     for step in range(1200):  # the prompt's 9 rows, then one a step
@@ -326,12 +327,13 @@ def test_a_warm_up_once_begun_runs_to_its_probe(heads_dir, tiny_target, tiny_tar
         passes.append(proposer.last_call[2])
         tracked.append(_kept_its_rows(proposer))
         cached.append(proposer.cached_positions("a"))
-        rows.append(len(proposer.recent_chance))
+        chances.append(proposer.recent_chance.copy())
     probes = np.flatnonzero(passes)[1:]
     assert len(probes) >= 3
     for probe in probes:
         assert all(tracked[probe - WARM_STEPS: probe]) and cached[probe] == WARM_STEPS + 1
-        assert rows[probe] == rows[probe - 1] + 1  # its chances judge the heads
+        # Its chances, and only they, judge the heads.
+        assert len(chances[probe]) == 1 and not np.allclose(chances[probe - 1], chances[probe])
     assert sum(tracked) == WARM_STEPS * len(probes)  # no warm-up cut short
 
 

@@ -74,7 +74,7 @@ PROMPT_TAIL = 128
 # What a call does (AmphistaProposer._plan): the draft pass and drafts; keep the step's
 # rows for the next pass's SAL layers (PendingRows), so the caches follow the requests;
 # nothing.
-DRAFT, TRACK, SKIP = "draft", "track", "skip"
+DRAFT, PROBE, TRACK, SKIP = "draft", "probe", "track", "skip"
 
 
 @dataclass
@@ -203,7 +203,7 @@ class AmphistaProposer(StepDrafter):
         # A step of prompts only is judged at the size its requests will decode at:
         # where drafting is paused there, caches filled now would restart unused.
         plan = self._plan(decoding or num_reqs)
-        self.last_call = (now, decoding, plan == DRAFT, 0.0)
+        self.last_call = (now, decoding, plan in (DRAFT, PROBE), 0.0)
         if plan == SKIP:
             # No pass at all. A skipped request's slot no longer ends where its next rows
             # start, so it restarts when a pass runs again.
@@ -244,7 +244,7 @@ class AmphistaProposer(StepDrafter):
         # 8192 logits: ~2 ms for argmax alone).
         logits = logits.float()
         top_ids = last_dim_argmax(logits)
-        lengths = self._lengths(logits, drafting, sampled[drafting])
+        lengths = self._lengths(logits, drafting, sampled[drafting], plan == PROBE)
         # Drafts (and their q) only where some will be verified, up to the longest.
         kept = [j for j, n in enumerate(lengths) if n]
         if not kept:
@@ -259,17 +259,18 @@ class AmphistaProposer(StepDrafter):
         return Proposal(drafts, draft_probs)
 
     def _plan(self, decoding: int) -> str:
-        """What this call does: DRAFT, TRACK or SKIP.
+        """What this call does: DRAFT, PROBE, TRACK or SKIP.
         - Above the user's batch limit: SKIP.
         - Where drafting pays (the step cost with recent chances, and the step clock's
           check that drafting steps timed at this size yielded more than plain ones):
           DRAFT, but TRACK every second step until plain steps are timed at this size
           (once per size), so that the check soon has plain steps to compare with.
-        - Elsewhere drafting is paused: SKIP, except a probe (DRAFT) now and then that
-          measures the chances again, the WARM_STEPS calls before it TRACK so that it
-          drafts with context. The first WARM_STEPS calls of a pause that follows
-          drafting TRACK as well: near the break-even the verdict may turn back within
-          a few steps (the step clock's noise), and drafting then resumes with context.
+        - Elsewhere drafting is paused: SKIP, except a PROBE now and then (a drafting
+          call whose chances replace the recent ones) that measures the chances again,
+          the WARM_STEPS calls before it TRACK so that it drafts with context. The
+          first WARM_STEPS calls of a pause that follows drafting TRACK as well: near
+          the break-even the verdict may turn back within a few steps (the step clock's
+          noise), and drafting then resumes with context.
         A pause is kept per batch size: with 4 requests in flight the batch dips to 3
         for a step or two whenever one ends before the next comes in, and drafting
         there must not restart the pause at 4 with its warm-up and backoff."""
@@ -294,7 +295,7 @@ class AmphistaProposer(StepDrafter):
             return TRACK
         if pause.warmed == WARM_STEPS:
             self.pauses[decoding] = Pause(backoff=min(2 * pause.backoff, MAX_PROBE_BACKOFF))
-            return DRAFT  # a probe: its drafts are still cut to what pays
+            return PROBE  # its drafts are still cut to what pays
         if not pause.warmed:
             # Not timed yet: about a draft pass (a catch-up over WARM_STEPS rows reads
             # the same weights once).
@@ -309,10 +310,13 @@ class AmphistaProposer(StepDrafter):
         pause.warmed += 1
         return TRACK
 
-    def _lengths(self, logits: torch.Tensor, rows: list[int], sampled: np.ndarray
-                 ) -> list[int]:
+    def _lengths(self, logits: torch.Tensor, rows: list[int], sampled: np.ndarray,
+                 probe: bool = False) -> list[int]:
         """Drafts to verify per drafting request (batch rows `rows`, `sampled` saying
-        which of them sample): all K, or the step cost's choice."""
+        which of them sample): all K, or the step cost's choice. A probe's chances
+        replace the recent ones: those are from before the pause, from text that may be
+        long gone (at one request a probe adds one row to 32, and drafting stayed paused
+        for most of a run on the first question's chances)."""
         if self.step_cost is None:
             return [self.num_speculative_tokens] * logits.shape[0]
         confident = confidence(logits)
@@ -321,7 +325,9 @@ class AmphistaProposer(StepDrafter):
         # Only slots with context judge the heads: a restarted slot drafts worse for a
         # few steps (WARM_STEPS), and its chances would keep drafting paused.
         warm = self.cache.lengths[rows] > WARM_STEPS
-        self.recent_chance = np.concatenate((self.recent_chance, chance[warm]))[-RECENT_ROWS:]
+        fresh = chance[warm]
+        kept = self.recent_chance if not (probe and len(fresh)) else self.recent_chance[:0]
+        self.recent_chance = np.concatenate((kept, fresh))[-RECENT_ROWS:]
         self.predicted_gain.clear()
         return choose_lengths(chance, self.step_cost).tolist()
 
