@@ -71,9 +71,9 @@ RECENT_ROWS = 32
 # from context that far back: the heads' chain tau with every position cached 1.770,
 # with only the last 32 1.715 (`python -m benchmarks.sal_context`, docs/results.md).
 PROMPT_TAIL = 128
-# What a call does (AmphistaProposer._plan): the draft pass and drafts; keep the step's
-# rows for the next pass's SAL layers (PendingRows), so the caches follow the requests;
-# nothing.
+# What a call does (AmphistaProposer._plan): the draft pass and drafts; the same in a
+# pause, its chances replacing the recent ones; keep the step's rows for the next pass's
+# SAL layers (PendingRows), so the caches follow the requests; nothing.
 DRAFT, PROBE, TRACK, SKIP = "draft", "probe", "track", "skip"
 
 
@@ -315,7 +315,7 @@ class AmphistaProposer(StepDrafter):
         """Drafts to verify per drafting request (batch rows `rows`, `sampled` saying
         which of them sample): all K, or the step cost's choice. A probe's chances
         replace the recent ones: those are from before the pause, from text that may be
-        long gone (at one request a probe adds one row to 32, and drafting stayed paused
+        long gone (at one request a probe added one row to 32, and drafting stayed paused
         for most of a run on the first question's chances)."""
         if self.step_cost is None:
             return [self.num_speculative_tokens] * logits.shape[0]
