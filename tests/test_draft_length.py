@@ -168,21 +168,21 @@ def test_step_clock_measures_drafting_steps_against_plain_ones():
     clock = StepClock()
     assert clock.overhead(1) == 1.0
     for _ in range(300):
-        clock.record(1, 15.0, 10.0, 1, 1)
-        clock.record(1, 10.0, 10.0)
+        clock.record(1, True, 15.0, 10.0, 10.0, 1)
+        clock.record(1, False, 10.0, 10.0, 10.0, 1)
     assert clock.overhead(1) == pytest.approx(1.5, abs=0.01)
     for _ in range(300):
-        clock.record(1, 10.0, 10.0)  # paused: plain steps only
+        clock.record(1, False, 10.0, 10.0, 10.0, 1)  # paused: plain steps only
     assert clock.overhead(1) == pytest.approx(1.5, abs=0.01)
     slower = StepClock()
     for _ in range(300):
-        slower.record(1, 20.0, 10.0, 1, 1)
-        slower.record(1, 20.0, 10.0)
+        slower.record(1, True, 20.0, 10.0, 10.0, 1)
+        slower.record(1, False, 20.0, 10.0, 10.0, 1)
     assert slower.overhead(1) == pytest.approx(1.0)
     stalled = StepClock()
     for _ in range(300):
-        stalled.record(1, 10.0, 10.0)
-    stalled.record(1, 1000.0, 10.0, 1, 1)
+        stalled.record(1, False, 10.0, 10.0, 10.0, 1)
+    stalled.record(1, True, 1000.0, 10.0, 10.0, 1)
     # Drafting's prior weighs in at the ratio of every step timed there, the stall's too.
     plain = (1 - StepClock.DECAY ** 300) / (1 - StepClock.DECAY)  # decayed plain steps
     pooled = (plain + StepClock.MAX_RATIO) / (plain + 1)
@@ -198,13 +198,13 @@ def test_step_clock_takes_an_untimed_kind_to_run_as_the_timed_one():
     under as well keep it at 1; drafting steps as predicted raise it to 1.25."""
     clock = StepClock()
     for _ in range(300):
-        clock.record(1, 8.0, 10.0)
+        clock.record(1, False, 8.0, 10.0, 10.0, 1)
     assert clock.overhead(1) == pytest.approx(1.0)
     for _ in range(300):
-        clock.record(1, 8.0, 10.0, 2, 2)
+        clock.record(1, True, 8.0, 10.0, 10.0, 2)
     assert clock.overhead(1) == pytest.approx(1.0)
     for _ in range(300):
-        clock.record(1, 10.0, 10.0, 2, 2)
+        clock.record(1, True, 10.0, 10.0, 10.0, 2)
     assert clock.overhead(1) == pytest.approx(1.25, abs=0.01)
 
 
@@ -216,44 +216,89 @@ def test_step_clock_compares_kinds_at_one_batch_size():
     the nearest calibrated one on a log scale (3 -> 4, 9 -> 16)."""
     clock = StepClock((1, 4, 16))
     for _ in range(300):
-        clock.record(1, 10.0, 10.0)
-        clock.record(1, 9.0, 10.0, 1, 1)
-        clock.record(16, 12.0, 10.0)
+        clock.record(1, False, 10.0, 10.0, 10.0, 1)
+        clock.record(1, True, 9.0, 10.0, 10.0, 1)
+        clock.record(16, False, 12.0, 10.0, 10.0, 16)
     assert clock.overhead(1) == pytest.approx(0.9, abs=0.01)
     assert clock.overhead(16) == pytest.approx(1.0)
     assert clock.overhead(4) == 1.0
     for _ in range(300):
-        clock.record(3, 10.0, 10.0)
-        clock.record(3, 15.0, 10.0, 3, 3)
-        clock.record(9, 24.0, 10.0, 9, 9)
+        clock.record(3, False, 10.0, 10.0, 10.0, 3)
+        clock.record(3, True, 15.0, 10.0, 10.0, 3)
+        clock.record(9, True, 24.0, 10.0, 10.0, 9)
     assert clock.overhead(4) == pytest.approx(1.5, abs=0.01)
     assert clock.overhead(12) == pytest.approx(2.0, abs=0.01)
     assert clock.overhead(1) == pytest.approx(0.9, abs=0.01)
 
 
-def test_token_factor_is_what_drafting_steps_emitted_over_what_was_expected():
-    """Drafting steps of 3 requests expected to emit 6 tokens that emit 4.5: the factor
-    starts at 1 (the model's word, EXPECTED_STEPS drafting steps' worth), nine steps
-    move it part of the way, 300 to 0.75. Steps of 4 that share the calibrated size count
-    per request alongside. Plain steps move nothing, however long a pause lasts: the
-    factor keeps how far the model was off, not what the text then gave. Other sizes
-    keep their own."""
+def test_step_clock_checks_what_drafting_steps_yielded_against_plain_ones():
+    """Nothing to compare until both kinds are timed MIN_TIMED times at a size. Plain
+    steps of 3 requests emit 3 tokens in the predicted plain time; drafting steps of 3
+    emit 4.5 tokens in 1.2x that time: 1.25x. Steps of 4 that share the calibrated size
+    are counted per request and per unit of their own plain time, so they compare with
+    the steps of 3. Drafting steps that emit only the plain tokens in more time: < 1."""
     clock = StepClock((1, 4))
-    assert clock.token_factor(3) == 1.0
+    for _ in range(8):
+        clock.record(3, False, 30.0, 30.0, 30.0, 3)
+        clock.record(3, True, 36.0, 40.0, 30.0, 5)
+    assert clock.realized_gain(3) is None and not clock.plain_timed(3)
+    clock.record(3, False, 30.0, 30.0, 30.0, 3)
+    assert clock.plain_timed(3) and clock.realized_gain(3) is None
+    clock.record(3, True, 36.0, 40.0, 30.0, 5)
+    assert clock.realized_gain(3) == pytest.approx(5 / 3 / 1.2)
+    gains = StepClock((1, 4))
+    for _ in range(50):
+        gains.record(3, False, 30.0, 30.0, 30.0, 3)
+        gains.record(4, True, 48.0, 50.0, 40.0, 6)
+    assert gains.realized_gain(4) == pytest.approx(1.25)
+    assert gains.realized_gain(1) is None
+    for _ in range(300):
+        gains.record(4, True, 44.0, 50.0, 40.0, 4)
+    assert gains.realized_gain(4) == pytest.approx(1 / 1.1, abs=0.01)
+
+
+def test_realized_gain_starts_from_the_models_expectation():
+    """Nine drafting steps (MIN_TIMED, decayed) that yield 0.9 of plain ones, the model
+    expecting 1.2: the reading starts near the model's (EXPECTED_STEPS of it against
+    nine measured, each faded by the steps of either kind after it), and 300 more such
+    steps leave the measurement alone."""
+    clock = StepClock()
     for _ in range(9):
-        clock.record(3, 36.0, 40.0, 4.5, 6.0)
+        clock.record(1, False, 10.0, 10.0, 10.0, 1)
+        clock.record(1, True, 10.0, 10.0, 10.0, 0.9)
+    assert clock.realized_gain(1) == pytest.approx(0.9)
     decay = StepClock.DECAY
-    timed = (1 - decay ** 9) / (1 - decay)
-    prior = StepClock.EXPECTED_STEPS * decay ** 9 * 2.0  # pseudo-steps at 2 a request
-    assert clock.token_factor(3) == pytest.approx((1.5 * timed + prior) / (2 * timed + prior))
-    assert 0.75 < clock.token_factor(3) < 0.95
+    timed = (1 - decay ** 18) / (1 - decay ** 2)  # each drafting step faded by every step
+    weight = StepClock.EXPECTED_STEPS * (1 - (1 - decay) * timed)
+    assert clock.realized_gain(1, expected=1.2) == pytest.approx(
+        (timed * 0.9 + weight * 1.2) / (timed + weight))
+    assert clock.realized_gain(1, expected=1.2) > 1.0
     for _ in range(300):
-        clock.record(4, 48.0, 50.0, 6, 8.0)
-    assert clock.token_factor(4) == pytest.approx(0.75, abs=0.005)
+        clock.record(1, True, 10.0, 10.0, 10.0, 0.9)
+    assert clock.realized_gain(1, expected=1.2) == pytest.approx(0.9, abs=0.01)
+
+
+def test_what_drafting_yielded_fades_in_a_pause():
+    """Drafting steps that yielded 0.9 of plain ones for 300 steps, then a pause of 150
+    plain steps (the text moved on): the measurement still reads 0.9, but it weighs
+    little against the model's expectation now, which decides again; the overhead, the
+    engine's, keeps its drafting steps."""
+    clock = StepClock()
+    for _ in range(10):
+        clock.record(1, False, 10.0, 10.0, 10.0, 1)
     for _ in range(300):
-        clock.record(3, 30.0, 30.0)
-    assert clock.token_factor(3) == pytest.approx(0.75, abs=0.005)
-    assert clock.token_factor(1) == 1.0
+        clock.record(1, True, 15.0, 10.0, 10.0, 1.35)
+    assert clock.realized_gain(1, expected=1.2) == pytest.approx(0.9, abs=0.01)
+    for _ in range(150):
+        clock.record(1, False, 10.0, 10.0, 10.0, 1)
+    assert clock.realized_gain(1) == pytest.approx(0.9)
+    decay = StepClock.DECAY
+    yielded = (1 - decay ** 300) / (1 - decay) * decay ** 150
+    weight = StepClock.EXPECTED_STEPS * (1 - (1 - decay) * yielded)
+    assert clock.realized_gain(1, expected=1.2) == pytest.approx(
+        (yielded * 0.9 + weight * 1.2) / (yielded + weight))
+    assert clock.realized_gain(1, expected=1.2) > 1.15
+    assert clock.overhead(1) == pytest.approx(1.5, abs=0.01)
 
 
 def test_drafting_gain_is_the_best_drafting_steps_pace_over_plain_steps():

@@ -240,7 +240,7 @@ def test_drafting_pauses_above_the_batch_limit(heads_dir, tiny_target, tiny_targ
 def _kept_its_rows(proposer: AmphistaProposer) -> bool:
     """Whether the last call kept its rows for a later pass (TRACK): it ran no draft pass
     and took time of its own."""
-    return not proposer.last_call.drafted and proposer.last_call.own_ms > 0
+    return not proposer.last_call[2] and proposer.last_call[3] > 0
 
 
 def _step_of_request_a(proposer: AmphistaProposer, start: int, rows: int,
@@ -277,7 +277,7 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
 
     def call(start, rows):
         _step_of_request_a(proposer, start, rows, table)
-        passes.append(proposer.last_call.drafted)
+        passes.append(proposer.last_call[2])
         tracked.append(_kept_its_rows(proposer))
         cached.append(proposer.cached_positions("a"))
         chances.append(proposer.recent_chance.copy())
@@ -324,7 +324,7 @@ def test_a_warm_up_once_begun_runs_to_its_probe(heads_dir, tiny_target, tiny_tar
     table = np.arange(4096, dtype=np.int32)[None] % tiny_target.vocab_size
     for step in range(1200):  # the prompt's 9 rows, then one a step
         _step_of_request_a(proposer, *((0, 9) if step == 0 else (8 + step, 1)), table)
-        passes.append(proposer.last_call.drafted)
+        passes.append(proposer.last_call[2])
         tracked.append(_kept_its_rows(proposer))
         cached.append(proposer.cached_positions("a"))
         chances.append(proposer.recent_chance.copy())
@@ -360,7 +360,7 @@ def test_drafting_at_one_batch_size_leaves_the_pause_at_another(heads_dir, tiny_
             query_start_loc=np.arange(len(req_ids) + 1), start_positions=np.full(
                 len(req_ids), start), num_draft_tokens=np.zeros(len(req_ids), np.int64),
             token_ids=table))
-        plans.append("D" if proposer.last_call.drafted else "T" if _kept_its_rows(proposer)
+        plans.append("D" if proposer.last_call[2] else "T" if _kept_its_rows(proposer)
                      else "S")
 
     for _ in range(WARM_STEPS + 2):  # warm slots, so their chances judge the heads
@@ -397,7 +397,7 @@ def test_only_decode_steps_price_the_warm_up_before_a_probe(heads_dir, tiny_targ
             hidden_states=torch.randn(sum(rows), tiny_target.hidden_size),
             query_start_loc=np.cumsum([0, *rows]), start_positions=np.array(starts),
             num_draft_tokens=np.zeros(len(rows), np.int64), token_ids=table))
-        return "draft" if proposer.last_call.drafted else "keep" if _kept_its_rows(proposer) else ""
+        return "draft" if proposer.last_call[2] else "keep" if _kept_its_rows(proposer) else ""
 
     assert call([[5]], [9], [0], Pause()) == "draft"  # the first pass: drafting pauses
     # As where drafting paid right before: the pause's first calls keep their rows.
@@ -446,7 +446,7 @@ def _timed_steps(proposer, tiny_target, monkeypatch, extra_ms: float,
     table = np.arange(1024, dtype=np.int32)[None] % tiny_target.vocab_size
     passes, drafts, position, verifying = [], 0, 8, 0
     for index in range(steps):
-        drafted = proposer.last_call is not None and proposer.last_call.drafted
+        drafted = proposer.last_call is not None and proposer.last_call[2]
         now[0] += 1e-3 * pace * (11.0 + drafts + (1.0 + extra_ms if drafted else 0.0))
         verifying += drafts > 0
         accepted = int(drafts > 0 and accepted_every > 0 and index % accepted_every == 0
@@ -458,7 +458,7 @@ def _timed_steps(proposer, tiny_target, monkeypatch, extra_ms: float,
             num_draft_tokens=np.array([drafts]), token_ids=table))
         position += 1 + accepted
         drafts = len(proposal.tokens[0])
-        passes.append(proposer.last_call.drafted)
+        passes.append(proposer.last_call[2])
     return passes
 
 
@@ -484,9 +484,7 @@ def test_drafting_pauses_when_drafting_steps_run_slower_than_the_step_cost(
         assert plain == list(range(plain[0], plain[0] + 2 * len(plain), 2))
         assert draft_length.StepClock.MIN_TIMED <= len(plain) <= 10 and plain[-1] < 30
         assert proposer.clock.overhead(1) == pytest.approx(1.0)
-        # Two drafts verified a step (the third does not pay), 1.7 tokens expected of
-        # the patched chances, 1.5 emitted.
-        assert proposer.clock.token_factor(1) == pytest.approx(1.5 / 1.7, abs=0.02)
+        assert proposer.clock.realized_gain(1) > 1.1
     else:
         assert sum(passes) < 40 and proposer.clock.overhead(1) > 1.5
 
@@ -496,9 +494,9 @@ def test_a_few_rejected_first_drafts_do_not_pause_drafting_for_good(
     """An engine running 20% under its step cost (in-process, a faster hour), heads 0.6 /
     0.3 / 0.1 sure of their drafts, and the first four steps that verify drafts reject
     them all (the first MT-Bench question does that in every greedy run); after that the
-    first draft is accepted every second step, which pays. Drafting goes on: the clock's
-    token factor starts from the model's word, so four rejected steps do not pause it
-    for good."""
+    first draft is accepted every second step, which pays. Drafting goes on: the first
+    drafting steps' yields, read against plain steps before they are many, start from
+    the model's expectation, so they do not pause it for good."""
     StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
                          timed=True)
@@ -507,17 +505,19 @@ def test_a_few_rejected_first_drafts_do_not_pause_drafting_for_good(
     passes = _timed_steps(proposer, tiny_target, monkeypatch, 0.0, accepted_every=2,
                           pace=0.8, first_rejected=4)
     assert sum(passes[100:]) > 80
-    # The acceptance tracker's chances are right by now: the clock's factor is ~1.
-    assert proposer.clock.token_factor(1) == pytest.approx(1.0, abs=0.05)
+    assert proposer.clock.realized_gain(1) > 1.1
 
 
 def test_drafting_pauses_where_drafting_steps_yield_less_than_plain_ones(
         heads_dir, tiny_target, tiny_target_dir, tmp_path, monkeypatch):
     """The step cost says drafting pays (heads that say 0.9 / 0.5 / 0.2 whatever the
-    target accepts, steps as predicted), but the target accepts a draft only every 20th
-    step after a pass: drafting steps emit 1.05 tokens where the model expects ~2.6. The
-    step clock's token factor pauses drafting (probes only) and keeps it paused: a
-    pause does not fade it. Drafts accepted every second step keep it drafting."""
+    target accepts, so the acceptance tracker cannot correct them; steps as predicted),
+    but the target accepts a draft only every 20th step after a pass: drafting steps
+    yield 1.05 tokens in over 12/11 of a plain step's time. Once plain steps are timed
+    beside them, the step clock's check pauses drafting; as what drafting yielded fades
+    in the pause, the model's word (1.9x) takes drafting up again for a step or a few,
+    whose yields pause it again: about every second step drafts, where the model alone
+    drafts them all. Drafts accepted every second step keep it drafting throughout."""
     StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
     passes = {}
     for every in (20, 2):
@@ -527,7 +527,7 @@ def test_drafting_pauses_where_drafting_steps_yield_less_than_plain_ones(
                                                                (len(confident), 1))
         passes[every] = _timed_steps(proposer, tiny_target, monkeypatch, 0.0, every)
         assert proposer.clock.overhead(1) == pytest.approx(1.0)
-    assert sum(passes[20][100:]) < 20
+    assert sum(passes[20][100:]) < 60
     assert all(passes[2][100:])
 
 

@@ -216,16 +216,18 @@ class StepClock:
       until both are timed): an engine that runs under the calibration (an in-process
       one, a faster hour) would otherwise price drafting by its plain steps alone, pause
       it, and so never time the drafting steps that would show it pays.
-    - `token_factor(requests)`: the tokens drafting steps emitted over the tokens the
-      model expected of them (each request's one plus its verified drafts' chances),
-      which the proposer multiplies `drafting_gain` by: the check of the chances, where
-      the overhead checks the time. A ratio, not what drafting steps yielded against
-      plain ones: that is a reading of the text they drafted on, and at one request the
-      first MT-Bench question's rejected drafts kept drafting paused long after it (only
-      probes time drafting steps in a pause), where the factor keeps only how far the
-      model was off. It starts from 1, worth EXPECTED_STEPS drafting steps that fade as
-      real ones are timed: eight drafting steps are few to judge a first draft accepted
-      half the time by.
+    - `realized_gain(requests)`: what drafting steps have actually yielded, tokens per
+      request per unit of time, against plain steps, time counted in units of a plain
+      step's prediction at the step's own batch size (so steps of 2 and 3 requests that
+      share a calibrated size compare fairly). This is the check of the model's
+      prediction: an overpriced chance or an underpriced verification both show here.
+      Given the model's expectation, the reading starts from it, worth EXPECTED_STEPS
+      drafting steps that fade as real ones are timed: eight drafting steps are few to
+      judge a first draft accepted half the time by. What drafting steps yielded fades
+      with every step timed at their size, plain ones too, and the expectation takes
+      its weight back: the reading judges the text drafted on as much as the model, and
+      at one request the first MT-Bench question's rejected drafts held drafting paused
+      long after it, when only probes timed drafting steps in a pause.
     Per batch size (a step goes to the calibrated size nearest it, on a log scale)
     because the calibration's error differs between them (one request may run 10% under
     its fit while 16 run 20% over): a drafting reading from one request set against a
@@ -241,10 +243,10 @@ class StepClock:
     DECAY = 0.98
     PRIOR = 4.0
     MAX_RATIO = 3.0
-    # The model's chances count as this many drafting steps' tokens, fading with the
-    # drafting steps timed (docs/decisions.md).
+    # What the model expects of drafting counts as this many drafting steps' yields,
+    # fading with the drafting steps timed (docs/decisions.md).
     EXPECTED_STEPS = 16.0
-    # Plain steps timed at a size before the overhead there is trusted (`plain_timed`).
+    # Steps of each kind timed at a size before their yields are compared there.
     MIN_TIMED = 8.0
 
     def __init__(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
@@ -252,12 +254,14 @@ class StepClock:
         shape = (len(batch_sizes), 2)  # per batch size, [plain, drafting]
         # Decayed sums of measured / predicted.
         self.observed = np.zeros(shape)
-        # Decayed step counts.
+        # Decayed step counts, tokens emitted per request, and time in units of a plain
+        # step's prediction.
         self.timed = np.zeros(shape)
-        # Per batch size, of drafting steps: decayed sums of the tokens emitted per
-        # request, and of those the model expected.
-        self.emitted = np.zeros(len(batch_sizes))
-        self.expected = np.zeros(len(batch_sizes))
+        self.tokens = np.zeros(shape)
+        self.paced = np.zeros(shape)
+        # Per batch size: the drafting steps in the realized gain's reading, decayed by
+        # every step timed there (their tokens and paced time fade alike).
+        self.yielded = np.zeros(len(batch_sizes))
         # Per batch size: the proposer's catch-up pass over kept rows (ms, a running
         # mean; 0 until one was timed).
         self.catch_up = np.zeros(len(batch_sizes))
@@ -266,19 +270,22 @@ class StepClock:
         """The calibrated batch size nearest `requests`, on a log scale."""
         return int(np.abs(self.log_sizes - np.log(max(requests, 1))).argmin())
 
-    def record(self, requests: int, measured_ms: float, predicted_ms: float,
-               tokens: int = 0, expected_tokens: float | None = None) -> None:
+    def record(self, requests: int, drafted: bool, measured_ms: float, predicted_ms: float,
+               plain_ms: float, tokens: int) -> None:
         """One step of `requests` that took measured_ms against the step cost's
-        predicted_ms; a drafting step (expected_tokens given) emitted `tokens` where the
-        model expected expected_tokens."""
+        predicted_ms (plain_ms for a plain step of that size) and emitted `tokens`."""
         size = self._size(requests)
-        at = (size, int(expected_tokens is not None))
-        self.observed[at] = self.DECAY * self.observed[at] + min(measured_ms / predicted_ms,
-                                                                 self.MAX_RATIO)
-        self.timed[at] = self.DECAY * self.timed[at] + 1.0
-        if expected_tokens is not None:
-            self.emitted[size] = self.DECAY * self.emitted[size] + tokens / requests
-            self.expected[size] = self.DECAY * self.expected[size] + expected_tokens / requests
+        at = (size, int(drafted))
+        for sums in (self.observed, self.timed, self.tokens, self.paced):
+            sums[at] *= self.DECAY
+        if not drafted:  # drafting's yields fade with plain steps too (the text moves on)
+            self.tokens[size, 1] *= self.DECAY
+            self.paced[size, 1] *= self.DECAY
+        self.yielded[size] = self.DECAY * self.yielded[size] + drafted
+        self.observed[at] += min(measured_ms / predicted_ms, self.MAX_RATIO)
+        self.timed[at] += 1.0
+        self.tokens[at] += tokens / requests
+        self.paced[at] += min(measured_ms / plain_ms, self.MAX_RATIO)
 
     def record_catch_up(self, requests: int, ms: float) -> None:
         size = self._size(requests)
@@ -306,15 +313,21 @@ class StepClock:
         """Whether plain steps were timed often enough at this size to be compared."""
         return bool(self.timed[self._size(requests), 0] >= self.MIN_TIMED)
 
-    def token_factor(self, requests: int) -> float:
-        """Tokens drafting steps emitted at this size over those the model expected,
-        drawn to 1 by EXPECTED_STEPS pseudo-steps (at the steps' mean expectation) that
-        fade as drafting steps are timed, as the overhead's prior does."""
+    def realized_gain(self, requests: int, expected: float | None = None) -> float | None:
+        """Drafting steps' tokens per unit of time over plain steps' at this size; None
+        until both kinds were timed MIN_TIMED times there. `expected`: the model's gain,
+        which the reading starts from (EXPECTED_STEPS, fading as drafting steps are
+        timed, as the overhead's prior does, and back as their yields fade)."""
         size = self._size(requests)
-        steps = self.timed[size, 1]
-        mean = self.expected[size] / steps if steps else 1.0
-        prior = self.EXPECTED_STEPS * self._unfaded(size)[1] * mean
-        return float((self.emitted[size] + prior) / (self.expected[size] + prior))
+        if (self.timed[size] < self.MIN_TIMED).any():
+            return None
+        plain, drafting = self.tokens[size] / self.paced[size]
+        measured = float(drafting / plain)
+        if expected is None:
+            return measured
+        yielded = self.yielded[size]
+        weight = self.EXPECTED_STEPS * (1.0 - (1.0 - self.DECAY) * yielded)
+        return float((yielded * measured + weight * expected) / (yielded + weight))
 
 
 class AcceptanceTracker:

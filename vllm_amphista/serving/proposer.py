@@ -78,21 +78,6 @@ DRAFT, PROBE, TRACK, SKIP = "draft", "probe", "track", "skip"
 
 
 @dataclass
-class Call:
-    """The last call, for the step clock to time the engine step after it: when it
-    started, its decoding requests, whether it ran the draft pass, its own time that the
-    clock takes out of the step (ms: all of a call that only kept its rows, a plain step
-    to the clock; a drafting call's catch-up), and the tokens per decoding request it
-    expects that step to emit (1 plus its drafts' chances)."""
-
-    started: float
-    decoding: int
-    drafted: bool
-    own_ms: float = 0.0
-    expected_tokens: float = 1.0
-
-
-@dataclass
 class Pause:
     """Drafting paused at one batch size: plain steps there since it paused or last
     probed, the probe interval's multiple, whether drafting paid there right before, and
@@ -147,7 +132,10 @@ class AmphistaProposer(StepDrafter):
         self.pauses: dict[int, Pause] = {}  # per number of decoding requests
         self.steps_drafting = 0  # steps drafting paid, for timing plain ones among them
         self.clock = StepClock(self.step_cost.batch_sizes if self.step_cost else (1,))
-        self.last_call: Call | None = None
+        # The last call: when it started, its decoding requests, whether it drafted, and
+        # its own time the step clock takes out of the step it times (ms): all of a call
+        # that only kept its rows (a plain step to the clock), a drafting call's catch-up.
+        self.last_call: tuple[float, int, bool, float] | None = None
         self.cache: SALCache | None = None  # created at the first step, dropped when idle
         self.pending: PendingRows | None = None  # created and dropped with the cache
         self.slot_reqs: list[str | None] = []  # the request in each slot
@@ -215,7 +203,7 @@ class AmphistaProposer(StepDrafter):
         # A step of prompts only is judged at the size its requests will decode at:
         # where drafting is paused there, caches filled now would restart unused.
         plan = self._plan(decoding or num_reqs)
-        self.last_call = call = Call(now, decoding, plan in (DRAFT, PROBE))
+        self.last_call = (now, decoding, plan in (DRAFT, PROBE), 0.0)
         if plan == SKIP:
             # No pass at all. A skipped request's slot no longer ends where its next rows
             # start, so it restarts when a pass runs again.
@@ -241,9 +229,10 @@ class AmphistaProposer(StepDrafter):
         if plan == TRACK:
             dropped = self.pending.add(hidden, next_tokens, counts - skip, step.prefilling())
             cache.lengths[dropped] = 0
-            call.own_ms = 1e3 * (perf_counter() - now)
+            self.last_call = (now, decoding, False, 1e3 * (perf_counter() - now))
             return Proposal(drafts)
-        call.own_ms = self._catch_up(num_reqs, decoding)
+        catch_up_ms = self._catch_up(num_reqs, decoding)
+        self.last_call = (now, decoding, True, catch_up_ms)
         logits = self.model.extend(cache, hidden, next_tokens, counts - skip)
         # Requests past a partial prefill (they sampled a token) get drafts.
         drafting = [i for i in np.flatnonzero(counts).tolist() if step.sampled_token_ids[i]]
@@ -272,11 +261,10 @@ class AmphistaProposer(StepDrafter):
     def _plan(self, decoding: int) -> str:
         """What this call does: DRAFT, PROBE, TRACK or SKIP.
         - Above the user's batch limit: SKIP.
-        - Where drafting pays (the step cost with recent chances, corrected by the step
-          clock's readings at this size: how far drafting steps emitted from the tokens
-          expected of them, and ran from the time predicted, against plain steps): DRAFT,
-          but TRACK every second step until plain steps are timed at this size (once per
-          size), so that the overhead soon has plain steps to compare with.
+        - Where drafting pays (the step cost with recent chances, and the step clock's
+          check that drafting steps timed at this size yielded more than plain ones):
+          DRAFT, but TRACK every second step until plain steps are timed at this size
+          (once per size), so that the check soon has plain steps to compare with.
         - Elsewhere drafting is paused: SKIP, except a PROBE now and then (a drafting
           call whose chances replace the recent ones) that measures the chances again,
           the WARM_STEPS calls before it TRACK so that it drafts with context. The
@@ -294,7 +282,9 @@ class AmphistaProposer(StepDrafter):
         if predicted is None:
             predicted = drafting_gain(decoding, self.recent_chance, self.step_cost)
             self.predicted_gain[decoding] = predicted
-        if predicted * self.clock.token_factor(decoding) > self.clock.overhead(decoding):
+        overhead = self.clock.overhead(decoding)
+        realized = self.clock.realized_gain(decoding, expected=predicted / overhead)
+        if (realized is None or realized >= 1.0) and predicted > overhead:
             self.pauses[decoding] = Pause(after_drafting=True)
             self.steps_drafting += 1
             explore = not self.clock.plain_timed(decoding) and self.steps_drafting % 2 == 0
@@ -339,29 +329,24 @@ class AmphistaProposer(StepDrafter):
         kept = self.recent_chance if not (probe and len(fresh)) else self.recent_chance[:0]
         self.recent_chance = np.concatenate((kept, fresh))[-RECENT_ROWS:]
         self.predicted_gain.clear()
-        lengths = choose_lengths(chance, self.step_cost)
-        verified = np.arange(chance.shape[1]) < lengths[:, None]
-        self.last_call.expected_tokens = 1.0 + float(chance[verified].sum()) / max(
-            self.last_call.decoding, 1)
-        return lengths.tolist()
+        return choose_lengths(chance, self.step_cost).tolist()
 
     def _time_last_step(self, step: StepRows, now: float) -> None:
         """Time the last call's work and the engine step that followed it (this step)
         against the step cost's prediction, if this step only decoded (a prefill chunk
         riding along is not in the step cost)."""
-        call = self.last_call
-        if call is None or not step.req_ids or not step.decode_only():
+        if self.last_call is None or not step.req_ids:
+            return
+        started, decoded, drafted, own_ms = self.last_call
+        if not step.decode_only():
             return
         num_reqs = len(step.req_ids)
         predicted = float(self.step_cost.step_ms(num_reqs, int(step.scheduled_rows().sum())))
-        measured = 1e3 * (now - call.started) - call.own_ms
-        if not call.drafted:
-            self.clock.record(num_reqs, measured, predicted)
-            return
-        predicted += self.step_cost.draft_ms(max(call.decoding, 1))
-        self.clock.record(num_reqs, measured, predicted,
-                          sum(map(len, step.sampled_token_ids[:num_reqs])),
-                          num_reqs * call.expected_tokens)
+        if drafted:
+            predicted += self.step_cost.draft_ms(max(decoded, 1))
+        self.clock.record(num_reqs, drafted, 1e3 * (now - started) - own_ms, predicted,
+                          float(self.step_cost.step_ms(num_reqs, num_reqs)),
+                          sum(map(len, step.sampled_token_ids[:num_reqs])))
 
     def _catch_up(self, num_reqs: int, decoding: int) -> float:
         """Run the SAL layers over the rows that TRACK calls kept (before this step's),
