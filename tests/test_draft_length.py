@@ -260,16 +260,14 @@ def test_step_clock_checks_what_drafting_steps_yielded_against_plain_ones():
 def test_realized_gain_starts_from_the_models_expectation():
     """Nine drafting steps (MIN_TIMED, decayed) that yield 0.9 of plain ones, the model
     expecting 1.2: the reading starts near the model's (EXPECTED_STEPS of it against
-    nine measured, each faded by the steps of either kind after it), and 300 more such
-    steps leave the measurement alone."""
+    nine measured), and 300 more such steps leave the measurement alone."""
     clock = StepClock()
     for _ in range(9):
         clock.record(1, False, 10.0, 10.0, 10.0, 1)
         clock.record(1, True, 10.0, 10.0, 10.0, 0.9)
     assert clock.realized_gain(1) == pytest.approx(0.9)
-    decay = StepClock.DECAY
-    timed = (1 - decay ** 18) / (1 - decay ** 2)  # each drafting step faded by every step
-    weight = StepClock.EXPECTED_STEPS * (1 - (1 - decay) * timed)
+    weight = StepClock.EXPECTED_STEPS * StepClock.DECAY ** 9
+    timed = (1 - StepClock.DECAY ** 9) / (1 - StepClock.DECAY)
     assert clock.realized_gain(1, expected=1.2) == pytest.approx(
         (timed * 0.9 + weight * 1.2) / (timed + weight))
     assert clock.realized_gain(1, expected=1.2) > 1.0
@@ -278,27 +276,34 @@ def test_realized_gain_starts_from_the_models_expectation():
     assert clock.realized_gain(1, expected=1.2) == pytest.approx(0.9, abs=0.01)
 
 
-def test_what_drafting_yielded_fades_in_a_pause():
-    """Drafting steps that yielded 0.9 of plain ones for 300 steps, then a pause of 150
-    plain steps (the text moved on): the measurement still reads 0.9, but it weighs
-    little against the model's expectation now, which decides again; the overhead, the
-    engine's, keeps its drafting steps."""
-    clock = StepClock()
-    for _ in range(10):
-        clock.record(1, False, 10.0, 10.0, 10.0, 1)
-    for _ in range(300):
-        clock.record(1, True, 15.0, 10.0, 10.0, 1.35)
-    assert clock.realized_gain(1, expected=1.2) == pytest.approx(0.9, abs=0.01)
-    for _ in range(150):
-        clock.record(1, False, 10.0, 10.0, 10.0, 1)
-    assert clock.realized_gain(1) == pytest.approx(0.9)
-    decay = StepClock.DECAY
-    yielded = (1 - decay ** 300) / (1 - decay) * decay ** 150
-    weight = StepClock.EXPECTED_STEPS * (1 - (1 - decay) * yielded)
-    assert clock.realized_gain(1, expected=1.2) == pytest.approx(
+def test_what_drafting_yielded_fades_as_its_requests_finish():
+    """Drafting steps at one request and at 16 that yielded 0.9 of plain ones: a pause
+    of plain steps keeps that (the model's expectation, 1.2, weighs nothing against it),
+    but a request finishing takes its share of it away: at one request all of it (no
+    reading until drafting steps are timed again), at 16 a sixteenth, so after sixteen
+    the expectation is back to some weight. The overhead stays."""
+    clock = StepClock((1, 4, 16))
+    for size in (1, 16):
+        for _ in range(10):
+            clock.record(size, False, 10.0, 10.0, 10.0, size)
+        for _ in range(300):
+            clock.record(size, True, 15.0, 10.0, 10.0, 1.35 * size)
+        for _ in range(150):
+            clock.record(size, False, 10.0, 10.0, 10.0, size)
+        assert clock.realized_gain(size, expected=1.2) == pytest.approx(0.9, abs=0.01)
+    overhead = clock.overhead(16)
+    clock.request_finished()
+    assert clock.realized_gain(1) is None and clock.realized_gain(1, expected=1.2) is None
+    assert clock.realized_gain(16, expected=1.2) == pytest.approx(0.9, abs=0.01)
+    for _ in range(15):
+        clock.request_finished()
+    yielded = (1 - StepClock.DECAY ** 300) / (1 - StepClock.DECAY) * (15 / 16) ** 16
+    weight = StepClock.EXPECTED_STEPS * (1 - (1 - StepClock.DECAY) * yielded)
+    assert clock.realized_gain(16) == pytest.approx(0.9)
+    assert clock.realized_gain(16, expected=1.2) == pytest.approx(
         (yielded * 0.9 + weight * 1.2) / (yielded + weight))
-    assert clock.realized_gain(1, expected=1.2) > 1.15
-    assert clock.overhead(1) == pytest.approx(1.5, abs=0.01)
+    assert clock.realized_gain(16, expected=1.2) > 1.0
+    assert clock.overhead(16) == overhead
 
 
 def test_drafting_gain_is_the_best_drafting_steps_pace_over_plain_steps():

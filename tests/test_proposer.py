@@ -510,14 +510,11 @@ def test_a_few_rejected_first_drafts_do_not_pause_drafting_for_good(
 
 def test_drafting_pauses_where_drafting_steps_yield_less_than_plain_ones(
         heads_dir, tiny_target, tiny_target_dir, tmp_path, monkeypatch):
-    """The step cost says drafting pays (heads that say 0.9 / 0.5 / 0.2 whatever the
-    target accepts, so the acceptance tracker cannot correct them; steps as predicted),
-    but the target accepts a draft only every 20th step after a pass: drafting steps
-    yield 1.05 tokens in over 12/11 of a plain step's time. Once plain steps are timed
-    beside them, the step clock's check pauses drafting; as what drafting yielded fades
-    in the pause, the model's word (1.9x) takes drafting up again for a step or a few,
-    whose yields pause it again: about every second step drafts, where the model alone
-    drafts them all. Drafts accepted every second step keep it drafting throughout."""
+    """The step cost says drafting pays (confident heads, steps as predicted), but the
+    target accepts a draft only every 20th step after a pass: drafting steps yield 1.05
+    tokens in over 12/11 of a plain step's time. Once plain steps are timed beside them, the
+    step clock's check pauses drafting (probes only); drafts accepted every second step
+    keep it drafting."""
     StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
     passes = {}
     for every in (20, 2):
@@ -527,8 +524,27 @@ def test_drafting_pauses_where_drafting_steps_yield_less_than_plain_ones(
                                                                (len(confident), 1))
         passes[every] = _timed_steps(proposer, tiny_target, monkeypatch, 0.0, every)
         assert proposer.clock.overhead(1) == pytest.approx(1.0)
-    assert sum(passes[20][100:]) < 60
+    assert sum(passes[20][100:]) < 20
     assert all(passes[2][100:])
+
+
+def test_a_finished_request_takes_what_its_drafts_yielded_with_it(
+        heads_dir, tiny_target, tiny_target_dir, tmp_path, monkeypatch):
+    """One request whose drafts are all rejected where the model expects them to pay:
+    the step clock's check pauses drafting. When it finishes, what its drafting steps
+    yielded goes with it (at one request the reading is that request's text), and the
+    next request drafts from the model's word."""
+    StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
+    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
+                         timed=True)
+    proposer.acceptance.chance = lambda confident, sampled: np.tile([0.9, 0.5, 0.2],
+                                                           (len(confident), 1))
+    passes = _timed_steps(proposer, tiny_target, monkeypatch, 0.0, accepted_every=0)
+    assert sum(passes[100:]) < 20 and proposer.clock.realized_gain(1) < 1.0
+    assert proposer._plan(1) != proposer_module.DRAFT
+    proposer.release("a")
+    assert proposer.clock.realized_gain(1) is None
+    assert proposer._plan(1) == proposer_module.DRAFT
 
 
 def test_sampled_requests_draft_from_q_greedy_ones_argmax(heads_dir, tiny_target,

@@ -223,11 +223,10 @@ class StepClock:
       prediction: an overpriced chance or an underpriced verification both show here.
       Given the model's expectation, the reading starts from it, worth EXPECTED_STEPS
       drafting steps that fade as real ones are timed: eight drafting steps are few to
-      judge a first draft accepted half the time by. What drafting steps yielded fades
-      with every step timed at their size, plain ones too, and the expectation takes
-      its weight back: the reading judges the text drafted on as much as the model, and
-      at one request the first MT-Bench question's rejected drafts held drafting paused
-      long after it, when only probes timed drafting steps in a pause.
+      judge a first draft accepted half the time by. The reading judges the requests'
+      text as much as the model, so it fades as they finish (`request_finished`): at
+      one request the first MT-Bench question's rejected drafts otherwise held drafting
+      paused through the next questions, only probes timing drafting steps in a pause.
     Per batch size (a step goes to the calibrated size nearest it, on a log scale)
     because the calibration's error differs between them (one request may run 10% under
     its fit while 16 run 20% over): a drafting reading from one request set against a
@@ -259,12 +258,15 @@ class StepClock:
         self.timed = np.zeros(shape)
         self.tokens = np.zeros(shape)
         self.paced = np.zeros(shape)
-        # Per batch size: the drafting steps in the realized gain's reading, decayed by
-        # every step timed there (their tokens and paced time fade alike).
+        # Per batch size: the drafting steps in the realized gain's reading, decayed as
+        # they are timed and as their requests finish.
         self.yielded = np.zeros(len(batch_sizes))
         # Per batch size: the proposer's catch-up pass over kept rows (ms, a running
         # mean; 0 until one was timed).
         self.catch_up = np.zeros(len(batch_sizes))
+        # What is left of the drafting readings at each size when one of its requests
+        # finishes: the reading there averages over that many requests' text.
+        self.kept_per_finish = 1.0 - 1.0 / np.asarray(batch_sizes, float)
 
     def _size(self, requests: int) -> int:
         """The calibrated batch size nearest `requests`, on a log scale."""
@@ -274,18 +276,23 @@ class StepClock:
                plain_ms: float, tokens: int) -> None:
         """One step of `requests` that took measured_ms against the step cost's
         predicted_ms (plain_ms for a plain step of that size) and emitted `tokens`."""
-        size = self._size(requests)
-        at = (size, int(drafted))
+        at = (self._size(requests), int(drafted))
         for sums in (self.observed, self.timed, self.tokens, self.paced):
             sums[at] *= self.DECAY
-        if not drafted:  # drafting's yields fade with plain steps too (the text moves on)
-            self.tokens[size, 1] *= self.DECAY
-            self.paced[size, 1] *= self.DECAY
-        self.yielded[size] = self.DECAY * self.yielded[size] + drafted
         self.observed[at] += min(measured_ms / predicted_ms, self.MAX_RATIO)
         self.timed[at] += 1.0
         self.tokens[at] += tokens / requests
         self.paced[at] += min(measured_ms / plain_ms, self.MAX_RATIO)
+        if drafted:
+            self.yielded[at[0]] = self.DECAY * self.yielded[at[0]] + 1.0
+
+    def request_finished(self) -> None:
+        """A request ended: what drafting yielded at each size fades by its share of the
+        requests there (at one request it is gone: the next request is other text),
+        and the model's expectation takes its weight back. The overhead, the engine's
+        reading, stays."""
+        for sums in (self.tokens[:, 1], self.paced[:, 1], self.yielded):
+            sums *= self.kept_per_finish
 
     def record_catch_up(self, requests: int, ms: float) -> None:
         size = self._size(requests)
@@ -315,17 +322,18 @@ class StepClock:
 
     def realized_gain(self, requests: int, expected: float | None = None) -> float | None:
         """Drafting steps' tokens per unit of time over plain steps' at this size; None
-        until both kinds were timed MIN_TIMED times there. `expected`: the model's gain,
+        until both kinds were timed MIN_TIMED times there, or while no drafting step's
+        yield is left (its requests finished). `expected`: the model's gain,
         which the reading starts from (EXPECTED_STEPS, fading as drafting steps are
-        timed, as the overhead's prior does, and back as their yields fade)."""
+        timed, as the overhead's prior does, and back as their requests finish)."""
         size = self._size(requests)
-        if (self.timed[size] < self.MIN_TIMED).any():
+        yielded = self.yielded[size]
+        if (self.timed[size] < self.MIN_TIMED).any() or not yielded:
             return None
         plain, drafting = self.tokens[size] / self.paced[size]
         measured = float(drafting / plain)
         if expected is None:
             return measured
-        yielded = self.yielded[size]
         weight = self.EXPECTED_STEPS * (1.0 - (1.0 - self.DECAY) * yielded)
         return float((yielded * measured + weight * expected) / (yielded + weight))
 

@@ -438,6 +438,7 @@ class AmphistaProposer(StepDrafter):
         """Forget a finished or aborted request; with none left, free the cache."""
         if req_id in self.slot_reqs:
             self.slot_reqs[self.slot_reqs.index(req_id)] = None
+            self.clock.request_finished()
         if self.cache is not None and not any(self.slot_reqs):
             self.cache, self.pending, self.slot_reqs = None, None, []
             self.last_call = None  # the engine idles until the next request: not a step
