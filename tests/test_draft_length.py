@@ -279,9 +279,10 @@ def test_realized_gain_starts_from_the_models_expectation():
 def test_what_drafting_yielded_fades_as_its_requests_finish():
     """Drafting steps at one request and at 16 that yielded 0.9 of plain ones: a pause
     of plain steps keeps that (the model's expectation, 1.2, weighs nothing against it),
-    but a request finishing takes its share of it away: at one request all of it (no
-    reading until drafting steps are timed again), at 16 a sixteenth, so after sixteen
-    the expectation is back to some weight. The overhead stays."""
+    but a request finishing takes its share of the reading at its batch size away: at
+    one request all of it (no reading until drafting steps are timed again), leaving 16
+    alone; at 16 a sixteenth each, so after sixteen the expectation is back to some
+    weight there. The overhead stays."""
     clock = StepClock((1, 4, 16))
     for size in (1, 16):
         for _ in range(10):
@@ -292,11 +293,11 @@ def test_what_drafting_yielded_fades_as_its_requests_finish():
             clock.record(size, False, 10.0, 10.0, 10.0, size)
         assert clock.realized_gain(size, expected=1.2) == pytest.approx(0.9, abs=0.01)
     overhead = clock.overhead(16)
-    clock.request_finished()
+    clock.request_finished(1)
     assert clock.realized_gain(1) is None and clock.realized_gain(1, expected=1.2) is None
     assert clock.realized_gain(16, expected=1.2) == pytest.approx(0.9, abs=0.01)
-    for _ in range(15):
-        clock.request_finished()
+    for _ in range(16):
+        clock.request_finished(16)
     yielded = (1 - StepClock.DECAY ** 300) / (1 - StepClock.DECAY) * (15 / 16) ** 16
     weight = StepClock.EXPECTED_STEPS * (1 - (1 - StepClock.DECAY) * yielded)
     assert clock.realized_gain(16) == pytest.approx(0.9)

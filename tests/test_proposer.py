@@ -531,9 +531,10 @@ def test_drafting_pauses_where_drafting_steps_yield_less_than_plain_ones(
 def test_a_finished_request_takes_what_its_drafts_yielded_with_it(
         heads_dir, tiny_target, tiny_target_dir, tmp_path, monkeypatch):
     """One request whose drafts are all rejected where the model expects them to pay:
-    the step clock's check pauses drafting. When it finishes, what its drafting steps
-    yielded goes with it (at one request the reading is that request's text), and the
-    next request drafts from the model's word."""
+    the step clock's check pauses drafting, and each probe that finds it still not
+    paying spaces the next further. When it finishes, what its drafting steps yielded
+    and the probes' backoff go with it (at one request the reading is that request's
+    text), and the next request drafts from the model's word."""
     StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
                          timed=True)
@@ -541,9 +542,9 @@ def test_a_finished_request_takes_what_its_drafts_yielded_with_it(
                                                            (len(confident), 1))
     passes = _timed_steps(proposer, tiny_target, monkeypatch, 0.0, accepted_every=0)
     assert sum(passes[100:]) < 20 and proposer.clock.realized_gain(1) < 1.0
-    assert proposer._plan(1) != proposer_module.DRAFT
+    assert proposer._plan(1) != proposer_module.DRAFT and proposer.pauses[1].backoff > 1
     proposer.release("a")
-    assert proposer.clock.realized_gain(1) is None
+    assert proposer.clock.realized_gain(1) is None and proposer.pauses[1].backoff == 1
     assert proposer._plan(1) == proposer_module.DRAFT
 
 

@@ -264,9 +264,7 @@ class StepClock:
         # Per batch size: the proposer's catch-up pass over kept rows (ms, a running
         # mean; 0 until one was timed).
         self.catch_up = np.zeros(len(batch_sizes))
-        # What is left of the drafting readings at each size when one of its requests
-        # finishes: the reading there averages over that many requests' text.
-        self.kept_per_finish = 1.0 - 1.0 / np.asarray(batch_sizes, float)
+
 
     def _size(self, requests: int) -> int:
         """The calibrated batch size nearest `requests`, on a log scale."""
@@ -286,13 +284,16 @@ class StepClock:
         if drafted:
             self.yielded[at[0]] = self.DECAY * self.yielded[at[0]] + 1.0
 
-    def request_finished(self) -> None:
-        """A request ended: what drafting yielded at each size fades by its share of the
-        requests there (at one request it is gone: the next request is other text),
-        and the model's expectation takes its weight back. The overhead, the engine's
-        reading, stays."""
-        for sums in (self.tokens[:, 1], self.paced[:, 1], self.yielded):
-            sums *= self.kept_per_finish
+    def request_finished(self, requests: int) -> None:
+        """A request ended among `requests` in flight: what drafting yielded at that size
+        loses the request's share (at one request all of it: the next request is other
+        text; at 16 a sixteenth, the rest of that reading being mostly the engine's), and
+        the model's expectation takes the weight back. The overhead stays."""
+        size = self._size(requests)
+        kept = 1.0 - 1.0 / max(requests, 1)
+        self.tokens[size, 1] *= kept
+        self.paced[size, 1] *= kept
+        self.yielded[size] *= kept
 
     def record_catch_up(self, requests: int, ms: float) -> None:
         size = self._size(requests)
