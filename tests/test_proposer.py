@@ -533,8 +533,8 @@ def test_a_finished_request_takes_what_its_drafts_yielded_with_it(
     """One request whose drafts are all rejected where the model expects them to pay:
     the step clock's check pauses drafting, and each probe that finds it still not
     paying spaces the next further. When it finishes, what its drafting steps yielded
-    and the probes' backoff go with it (at one request the reading is that request's
-    text), and the next request drafts from the model's word."""
+    and the probes' backoff go with it (with one request in flight the reading is that
+    request's text), and the next request drafts from the model's word."""
     StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
                          timed=True)

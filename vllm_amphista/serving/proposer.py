@@ -84,7 +84,7 @@ class Pause:
     the calls of the warm-up before the next probe so far."""
 
     steps: int = 0
-    backoff: float = 1.0
+    backoff: int = 1
     after_drafting: bool = False
     warmed: int = 0
 
@@ -437,12 +437,12 @@ class AmphistaProposer(StepDrafter):
     def release(self, req_id: str, request=None) -> None:
         """Forget a finished or aborted request; with none left, free the cache."""
         if req_id in self.slot_reqs:
-            # Its text goes with it: its share of what drafting yielded at its batch size,
-            # and of the probes' backoff there (at one request both are gone).
-            in_flight = sum(1 for r in self.slot_reqs if r)
-            self.clock.request_finished(in_flight)
-            if pause := self.pauses.get(in_flight):
-                pause.backoff = max(1.0, pause.backoff * (1.0 - 1.0 / in_flight))
+            if sum(1 for r in self.slot_reqs if r) == 1:
+                # The only request: its text goes with it, and with it what drafting
+                # yielded and the probes' backoff at one request.
+                self.clock.request_finished()
+                if pause := self.pauses.get(1):
+                    pause.backoff = 1
             self.slot_reqs[self.slot_reqs.index(req_id)] = None
         if self.cache is not None and not any(self.slot_reqs):
             self.cache, self.pending, self.slot_reqs = None, None, []
