@@ -266,7 +266,6 @@ class StepClock:
         # mean; 0 until one was timed).
         self.catch_up = np.zeros(len(batch_sizes))
 
-
     def _size(self, requests: int) -> int:
         """The calibrated batch size nearest `requests`, on a log scale."""
         return int(np.abs(self.log_sizes - np.log(max(requests, 1))).argmin())
@@ -289,9 +288,8 @@ class StepClock:
         """The only request in flight ended: what drafting yielded at one request was
         its text's, and the next request is other text, so that reading goes and the
         model's expectation decides there again. Not at larger batch sizes: their
-        readings average many requests and read the engine more than the text (at 16
-        requests, fading them with each finish drafted where drafting loses, 0.89x
-        vanilla). The overhead stays."""
+        readings average many requests and read the engine more than the text (the ways
+        of fading them that were measured: docs/decisions.md). The overhead stays."""
         size = self._size(1)
         self.tokens[size, 1] = self.paced[size, 1] = self.yielded[size] = 0.0
 
@@ -324,7 +322,7 @@ class StepClock:
     def realized_gain(self, requests: int, expected: float | None = None) -> float | None:
         """Drafting steps' tokens per unit of time over plain steps' at this size; None
         until both kinds were timed MIN_TIMED times there, or while no drafting step's
-        yield is left (its requests finished). `expected`: the model's gain,
+        yield is left (at one request, after it finished). `expected`: the model's gain,
         which the reading starts from (EXPECTED_STEPS, fading as drafting steps are
         timed, as the overhead's prior does; whole again at one request when it ends)."""
         size = self._size(requests)
