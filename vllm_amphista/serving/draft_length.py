@@ -302,16 +302,16 @@ class StepClock:
         """A catch-up pass over a warm-up's kept rows at this size (ms); None until timed."""
         return float(self.catch_up[self._size(requests)]) or None
 
-    def _unfaded(self, size: int) -> np.ndarray:
-        """[plain, drafting]: DECAY ** (steps of each kind timed at this size), what is
-        left of a prior's weight: the decayed count is (1 - DECAY ** n) / (1 - DECAY)."""
-        return 1.0 - (1.0 - self.DECAY) * self.timed[size]
+    def _unfaded(self, counts: float | np.ndarray) -> float | np.ndarray:
+        """DECAY ** n for decayed step counts (1 - DECAY ** n) / (1 - DECAY): what is
+        left of a prior's weight after n steps."""
+        return 1.0 - (1.0 - self.DECAY) * counts
 
     def overhead(self, requests: int) -> float:
         size = self._size(requests)
         steps = self.timed[size].sum()
         pooled = self.observed[size].sum() / steps if steps else 1.0
-        prior = self.PRIOR * self._unfaded(size)  # at the size's pooled ratio
+        prior = self.PRIOR * self._unfaded(self.timed[size])  # at the size's pooled ratio
         plain, drafting = (self.observed[size] + prior * pooled) / (self.timed[size] + prior)
         return float(drafting / plain)
 
@@ -333,7 +333,7 @@ class StepClock:
         measured = float(drafting / plain)
         if expected is None:
             return measured
-        weight = self.EXPECTED_STEPS * (1.0 - (1.0 - self.DECAY) * yielded)
+        weight = self.EXPECTED_STEPS * self._unfaded(yielded)
         return float((yielded * measured + weight * expected) / (yielded + weight))
 
 
