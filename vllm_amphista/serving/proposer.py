@@ -435,16 +435,15 @@ class AmphistaProposer(StepDrafter):
         return ids, draft_probs
 
     def release(self, req_id: str, request=None) -> None:
-        """Forget a finished or aborted request; with none left, free the cache."""
+        """Forget a finished or aborted request; with none left, free the cache, and
+        forget what drafting yielded at one request and the probes' backoff there: the
+        last request's text goes with it."""
         if req_id in self.slot_reqs:
-            if sum(1 for r in self.slot_reqs if r) == 1:
-                # The only request: its text goes with it, and with it what drafting
-                # yielded and the probes' backoff at one request.
-                self.clock.request_finished()
-                if pause := self.pauses.get(1):
-                    pause.backoff = 1
             self.slot_reqs[self.slot_reqs.index(req_id)] = None
         if self.cache is not None and not any(self.slot_reqs):
+            self.clock.request_finished()
+            if pause := self.pauses.get(1):
+                pause.backoff = 1
             self.cache, self.pending, self.slot_reqs = None, None, []
             self.last_call = None  # the engine idles until the next request: not a step
             self.next_position = np.zeros(0, np.int64)
