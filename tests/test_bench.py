@@ -149,6 +149,21 @@ def test_greedy_verdict_holds_bf16_to_vanillas_own_flips():
         True, "temperature 0: every method produced vanilla's tokens")
 
 
+def test_bf16_flips_are_held_run_against_run_not_to_the_union_over_repeats():
+    """Vanilla at 4 requests flips the same prompt in both its runs (its shapes repeat); a
+    method flips one prompt in each run, another each time: two in the union, one a run,
+    as many as vanilla's, so it passes; a run that flips two does not."""
+    alone = [[1], [2], [3]]
+    runs = {("vanilla", 0.0, 1): [_run(10.0, alone)],
+            ("vanilla", 0.0, 4): [_run(30.0, [[9], [2], [3]])] * 2,
+            ("amphista", 0.0, 4): [_run(31.0, [[1], [9], [3]]), _run(31.0, [[1], [2], [9]])]}
+    ok, line = greedy_verdict(summarise(runs), "bfloat16")
+    assert ok and "at most 1 prompts in a run" in line
+    runs[("amphista", 0.0, 4)].append(_run(31.0, [[9], [9], [3]]))
+    ok, line = greedy_verdict(summarise(runs), "bfloat16")
+    assert not ok and "up to 2 prompts in a run" in line and "flips: 1" in line
+
+
 def test_greedy_outputs_are_held_to_vanilla_alone_without_concurrency_1():
     """A bench of 4 and 16 requests only: vanilla's outputs with each prompt alone (run
     apart) are the reference, so vanilla's own bf16 flips at 4 are counted and a method
