@@ -13,6 +13,7 @@ from vllm_amphista import machine
 from vllm_amphista.eval.report import machine_line, result_from, write_report
 
 AVX2_ONLY = """processor\t: 0
+cpu family\t: 25
 model name\t: AMD EPYC 7B13
 flags\t\t: fpu sse sse2 avx avx2 fma
 
@@ -26,7 +27,12 @@ AMX = AVX2_ONLY.replace("fma", "fma amx_bf16 amx_tile")
 
 def test_cpu_info_reads_model_and_flags():
     cpu = machine.read_cpu_info(AVX512_BF16)
-    assert cpu.model == "AMD EPYC 7B13"
+    assert cpu.model == "AMD EPYC 7B13" and cpu.family == "25"
+    label = machine.cpu_label({"cpu": cpu.model, "cpu_family": cpu.family,
+                               "bf16_flags": cpu.bf16_flags})
+    assert label == "AMD EPYC 7B13, family 25 (avx512_bf16)"
+    assert machine.cpu_label({"cpu": "AMD EPYC", "bf16_flags": []}) == (
+        "AMD EPYC (no native bf16)")  # a record from before the family was kept
     assert {"avx2", "avx512_bf16"} <= cpu.flags and cpu.bf16_flags == ["avx512_bf16"]
 
 
@@ -83,20 +89,22 @@ def test_warning_for_a_bf16_target_on_an_emulating_cpu():
 
 def test_describe_names_the_machine():
     info = machine.describe()
-    assert {"cpu", "cores", "bf16_flags", "native_bf16", "torch_threads"} <= set(info)
+    assert {"cpu", "cpu_family", "cores", "bf16_flags", "native_bf16",
+            "torch_threads"} <= set(info)
 
 
 @pytest.mark.parametrize("text, flags", [(AVX2_ONLY, "(no native bf16)"),
                                          (AVX512_BF16, "(avx512_bf16)")])
 def test_every_report_and_table_names_the_machine(text, flags, tmp_path, monkeypatch):
     """write_report puts the machine into every benchmark JSON; machine_line heads every
-    printed table with the CPU, its bf16 flags, threads and the dtypes."""
+    printed table with the CPU, its family, its bf16 flags, threads and the dtypes."""
     monkeypatch.setattr(machine, "cpu_info", lambda: machine.read_cpu_info(text))
     write_report(tmp_path / "r.json", {"rows": [1]})
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["machine"]["cpu"] == "AMD EPYC 7B13" and report["rows"] == [1]
+    assert report["machine"]["cpu_family"] == "25"
     line = machine_line(target="float32", draft=torch.bfloat16)
-    assert line.startswith(f"AMD EPYC 7B13 {flags}, ") and "torch threads" in line
+    assert line.startswith(f"AMD EPYC 7B13, family 25 {flags}, ") and "torch threads" in line
     assert line.endswith("; target float32; draft bfloat16")
 
 

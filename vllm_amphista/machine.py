@@ -36,6 +36,9 @@ TARGET_DTYPE = "float32"
 class CpuInfo:
     model: str
     flags: frozenset[str]
+    # "cpu family": a virtual machine's model name may hide the generation ("AMD EPYC"
+    # for both 25 and 26), whose steps differ 2x (docs/results.md).
+    family: str = ""
 
     @property
     def bf16_flags(self) -> list[str]:
@@ -65,7 +68,8 @@ def read_cpu_info(text: str) -> CpuInfo:
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
     return CpuInfo(model=fields.get("model name") or platform.processor() or "unknown",
-                   flags=frozenset(fields.get("flags", "").split()))
+                   flags=frozenset(fields.get("flags", "").split()),
+                   family=fields.get("cpu family", ""))
 
 
 @functools.cache
@@ -121,9 +125,11 @@ def emulated_bf16_warning(target_dtype: torch.dtype, cpu: CpuInfo | None = None)
 
 
 def cpu_label(machine: dict) -> str:
-    """"AMD EPYC (avx512_bf16)": the CPU of a describe() record, with its bf16 flags."""
+    """"AMD EPYC, family 26 (avx512_bf16)": the CPU of a describe() record, with its
+    family where recorded and its bf16 flags."""
     flags = ", ".join(machine.get("bf16_flags") or []) or "no native bf16"
-    return f"{machine.get('cpu') or 'an unknown CPU'} ({flags})"
+    family = f", family {machine['cpu_family']}" if machine.get("cpu_family") else ""
+    return f"{machine.get('cpu') or 'an unknown CPU'}{family} ({flags})"
 
 
 def served_worker_binding(cores: set[int] | None = None) -> str | None:
@@ -150,6 +156,7 @@ def served_worker_threads() -> int:
 def describe() -> dict:
     """What every benchmark JSON records about the machine."""
     cpu = cpu_info()
-    return {"cpu": cpu.model, "cores": os.cpu_count(), "bf16_flags": cpu.bf16_flags,
+    return {"cpu": cpu.model, "cpu_family": cpu.family, "cores": os.cpu_count(),
+            "bf16_flags": cpu.bf16_flags,
             "native_bf16": cpu.native_bf16, "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
