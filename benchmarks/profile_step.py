@@ -11,8 +11,9 @@ of the runner's model), sampling (the runner's `_sample`: vLLM's sampler, or its
 rejection sampler under speculation), the draft model (`AmphistaDraftModel.extend`), the
 proposer glue around it (the runner patch's row bookkeeping in `propose_from_step`), and
 everything else vLLM does in the step (scheduling, output handling). It counts the
-drafts proposed. The timers are plain wrappers on this engine's objects, installed by
-this script only. JSON + table.
+drafts proposed, and times each drafting pass on its own (catch-ups over kept rows
+apart): a pass's cost, which paused steps would dilute in the per-step figure. The
+timers are plain wrappers on this engine's objects, installed by this script only. JSON + table.
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ def _timed(function, totals: dict[str, float], key: str):
     return wrapper
 
 
+def _timed_passes(extend, totals: dict[str, float]):
+    """The draft model's passes that draft (logits) apart from its catch-ups over kept
+    rows (`logits=False`): a pass's own cost, not diluted by paused steps."""
+    timed = {True: _timed(extend, totals, "draft_pass"),
+             False: _timed(extend, totals, "catch_up")}
+
+    @functools.wraps(extend)
+    def wrapper(*args, **kwargs):
+        return timed[kwargs.get("logits", True)](*args, **kwargs)
+    return wrapper
+
+
 def _counting_drafts(propose, totals: dict[str, float]):
     @functools.wraps(propose)
     def wrapper(*args, **kwargs):
@@ -82,7 +95,7 @@ def profile_one(target: str, heads: str | None, k: int | None, prompts: list[str
     if drafter is not None:
         drafter.propose_from_step = _timed(_counting_drafts(drafter.propose_from_step, totals),
                                            totals, "proposer")
-        drafter.model.extend = _timed(drafter.model.extend, totals, "draft_model")
+        drafter.model.extend = _timed_passes(drafter.model.extend, totals)
     tokens = 0
     started = time.perf_counter()
     for first in range(0, len(prompts), concurrency):
@@ -92,18 +105,21 @@ def profile_one(target: str, heads: str | None, k: int | None, prompts: list[str
         tokens += sum(len(o.outputs[0].token_ids) for o in out)
     total = time.perf_counter() - started
     steps = int(totals["target_forward_calls"])
+    draft_model = totals.get("draft_pass", 0.0) + totals.get("catch_up", 0.0)
+    passes = int(totals.get("draft_pass_calls", 0))
     per_step = {
         "target_forward_ms": 1e3 * totals["target_forward"] / steps,
         "sampling_ms": 1e3 * totals["sampling"] / steps,
-        "draft_model_ms": 1e3 * totals.get("draft_model", 0.0) / steps,
-        "proposer_glue_ms": 1e3 * (totals.get("proposer", 0.0)
-                                   - totals.get("draft_model", 0.0)) / steps,
+        "draft_model_ms": 1e3 * draft_model / steps,
+        "proposer_glue_ms": 1e3 * (totals.get("proposer", 0.0) - draft_model) / steps,
     }
     per_step["rest_of_vllm_ms"] = 1e3 * total / steps - sum(per_step.values())
     return {"method": "amphista" if heads else "vanilla", "heads": heads, "k": k, "tokens": tokens,
             "steps": steps, "seconds": total, "tokens_per_s": tokens / total,
             "tokens_per_step": tokens / steps, "drafts_per_step": totals.get("drafts", 0) / steps,
-            "step_ms": 1e3 * total / steps, **per_step}
+            "step_ms": 1e3 * total / steps, **per_step,
+            "draft_passes_per_step": passes / steps,
+            "draft_pass_ms": 1e3 * totals["draft_pass"] / passes if passes else 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,14 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"temperature {args.temperature}, {args.concurrency} request(s) at a time")
     print(markdown_table(
         ["method", "tokens/s", "tokens/step", "drafts/step", "step ms", "target fwd ms",
-         "sampling ms", "draft model ms", "proposer glue ms", "rest of vLLM ms"],
+         "sampling ms", "draft model ms", "proposer glue ms", "rest of vLLM ms",
+         "draft passes/step", "ms a draft pass"],
         [[r["method"] if r["heads"] is None
           else Path(r["heads"]).name + (f" K={r['k']}" if r.get("k") else ""),
           f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_step']:.2f}",
           f"{r['drafts_per_step']:.2f}", f"{r['step_ms']:.1f}",
           f"{r['target_forward_ms']:.1f}", f"{r['sampling_ms']:.1f}",
           f"{r['draft_model_ms']:.1f}", f"{r['proposer_glue_ms']:.1f}",
-          f"{r['rest_of_vllm_ms']:.1f}"] for r in rows]))
+          f"{r['rest_of_vllm_ms']:.1f}", f"{r['draft_passes_per_step']:.2f}",
+          f"{r['draft_pass_ms']:.2f}"] for r in rows]))
     print(f"wrote {args.out}")
     return 0
 
