@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import draft_model
 from tests.engine_helpers import engine_env
-from vllm_amphista.machine import cpu_info
+from vllm_amphista.machine import cpu_label, describe
 from vllm_amphista.model.checkpoint import load_checkpoint, save_checkpoint
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
@@ -329,7 +329,7 @@ def test_train_command_end_to_end(tiny_target_dir, tmp_path):
                                               "metrics.json", "accuracy.png", "MODEL_CARD.md"}
     card = (out / "MODEL_CARD.md").read_text()
     assert "| 4 |" in card and "when a speculative loop walks each answer" in card
-    assert f"Wall time on {cpu_info().model} (" in card  # names the machine it ran on
+    assert f"Wall time on {cpu_label(describe())}, " in card  # names the machine it ran on
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mode"] == "amphista" and metrics["eval_conversations"] == 1
     assert metrics["train_conversations"] == 15
