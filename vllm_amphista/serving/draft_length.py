@@ -75,8 +75,10 @@ def shipped_step_cost_path(heads_dir: str | Path, target_dtype: str,
     fit in this dtype on this kind of CPU: what a machine without its own calibration
     starts from. The kind is how the CPU computes bf16 (`CpuInfo.bf16_kind`): natively or
     not sets the draft's dtype (machine.py) and so the draft pass's cost, ~2x apart; AMX
-    verifies a draft at 4 requests for ~40% of what AVX-512 BF16 alone takes (0.58
-    against 1.44 ms a token, `vllm-amphista calibrate`, bf16, Intel Xeon / AMD EPYC)."""
+    verified a draft at 4 requests for ~40% of what an AVX-512 BF16 EPYC took (0.58
+    against 1.44 ms a token, `vllm-amphista calibrate`, bf16). Within a kind machines
+    still differ (a family-26 EPYC: 0.37 ms, the worker on both cores), so the shipped
+    file is a start, and `calibrate` measures the machine."""
     kind = (cpu or cpu_info()).bf16_kind
     return Path(heads_dir) / f"step_cost-{str(target_dtype).removeprefix('torch.')}-{kind}.json"
 
