@@ -7,6 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
+from vllm_amphista import machine
+from vllm_amphista.serving import draft_length
 from vllm_amphista.serving.draft_length import (
     PROBE_SHARE,
     AcceptanceTracker,
@@ -15,6 +17,7 @@ from vllm_amphista.serving.draft_length import (
     choose_lengths,
     drafting_gain,
     probe_interval,
+    step_cost_path,
 )
 
 
@@ -309,3 +312,14 @@ def test_drafting_gain_is_the_best_drafting_steps_pace_over_plain_steps():
     cost = StepCost.linear(40.0, 2.0, 4.0)
     chance = np.array([0.25, 0.02, 0.0])
     assert drafting_gain(1, chance, cost) == pytest.approx(1.25 / 48 * 42)
+
+
+def test_a_machines_calibration_is_kept_per_cpu_family(monkeypatch):
+    """Two EPYC generations a VM names alike ("AMD EPYC") keep apart calibrations; the
+    same CPU finds its own again."""
+    def path_on(family: str):
+        cpu = machine.CpuInfo("AMD EPYC", frozenset({"avx512_bf16"}), family)
+        monkeypatch.setattr(draft_length, "cpu_info", lambda: cpu)
+        return step_cost_path("SmolLM2-135M-Instruct", "bfloat16", threads=2)
+
+    assert path_on("25") != path_on("26") and path_on("26") == path_on("26")

@@ -62,8 +62,10 @@ def step_cost_path(target_dir: str | Path, target_dtype: str, threads: int | Non
     in this dtype with this many compute threads (default: this process's). Threads are
     part of the key: on 2 cores one thread verifies a token in ~1.5-1.7x the time two do, and
     an in-process engine computes with every core while a served one gets what vLLM binds
-    (on 2 cores both, `served_worker_binding`; elsewhere one less)."""
-    key = json.dumps([cpu_info().model, Path(target_dir).name,
+    (on 2 cores both, `served_worker_binding`; elsewhere one less). The CPU's family is
+    part of it too: a VM's model name ("AMD EPYC") names two generations ~2x apart."""
+    cpu = cpu_info()
+    key = json.dumps([cpu.model, cpu.family, Path(target_dir).name,
                       str(target_dtype).removeprefix("torch."),
                       threads or torch.get_num_threads()])
     return STEP_COST_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
