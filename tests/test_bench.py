@@ -164,6 +164,20 @@ def test_bf16_flips_are_held_run_against_run_not_to_the_union_over_repeats():
     assert not ok and "up to 2 prompts in a run" in line and "flips: 1" in line
 
 
+def test_vanilla_without_async_scheduling_flips_as_vanilla_does():
+    """`vanilla-sync` is vanilla (on a CPU the very same engine): its bf16 flips are
+    vanilla's own, it is not held to them, and a method may flip as many."""
+    alone = [[1], [2], [3]]
+    runs = {("vanilla", 0.0, 1): [_run(10.0, alone)],
+            ("vanilla", 0.0, 4): [_run(30.0, [[9], [2], [3]])],
+            ("vanilla-sync", 0.0, 4): [_run(30.0, [[9], [9], [3]])],
+            ("amphista", 0.0, 4): [_run(31.0, [[1], [9], [9]])]}
+    ok, line = greedy_verdict(summarise(runs), "bfloat16")
+    assert ok and "at most 2 prompts in a run" in line and "(2)" in line
+    runs[("amphista", 0.0, 4)] = [_run(31.0, [[9], [9], [9]])]
+    assert greedy_verdict(summarise(runs), "bfloat16")[0] is False
+
+
 def test_greedy_outputs_are_held_to_vanilla_alone_without_concurrency_1():
     """A bench of 4 and 16 requests only: vanilla's outputs with each prompt alone (run
     apart) are the reference, so vanilla's own bf16 flips at 4 are counted and a method
