@@ -4,9 +4,10 @@
 
 vLLM's CPU engine drops Torch to 1 thread for serving unless OMP_NUM_THREADS is set, and
 warns when neither tcmalloc nor Intel OpenMP is preloaded. Each setting runs in a fresh
-Python (LD_PRELOAD must be in place before the process starts): greedy decoding of
-MT-Bench questions, one request at a time and 16 at once, plain and with the shipped
-heads, tokens/s. JSON + table.
+Python (LD_PRELOAD must be in place before the process starts) with an in-process
+engine, as `LLM(...)` users run one (served engines: `vllm-amphista bench` with the
+setting in its environment): greedy decoding of MT-Bench questions, one request at a
+time and 16 at once, plain and with the shipped heads, tokens/s. JSON + table.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from vllm_amphista.prompts import first_turns
 
 IOMP = Path(sys.prefix) / "lib" / "libiomp5.so"
 SETTINGS = {
-    "vLLM default (1 thread)": {},
+    "defaults": {},  # threads: the machine line says how many
     "OMP_NUM_THREADS=2": {"OMP_NUM_THREADS": "2"},
     "libiomp5 preloaded": {"LD_PRELOAD": str(IOMP)},
     "OMP_NUM_THREADS=2 + libiomp5": {"OMP_NUM_THREADS": "2", "LD_PRELOAD": str(IOMP)},
