@@ -37,7 +37,8 @@ class CpuInfo:
     model: str
     flags: frozenset[str]
     # "cpu family": a virtual machine's model name may hide the generation ("AMD EPYC"
-    # for both 25 and 26), whose steps differ 2x (docs/results.md).
+    # for family 26 and for an earlier EPYC whose family was not recorded), and their
+    # engine steps differ ~2x (docs/results.md).
     family: str = ""
 
     @property
