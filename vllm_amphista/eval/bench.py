@@ -441,7 +441,8 @@ def main(args: argparse.Namespace) -> int:
               "draft_dtype": str(resolve_dtype(args.draft_dtype)).removeprefix("torch."),
               "wall_s": time.perf_counter() - started,
               "rows": rows}
-    served = {**describe(), "torch_threads": served_threads}
+    served = {**describe(), "torch_threads": served_threads,
+              "openmp": "intel" if "libiomp5" in env.get("LD_PRELOAD", "") else "gnu"}
     write_report(args.out / "bench.json", report, served)
     table = machine_line(served, target=args.dtype, draft=report["draft_dtype"], **(
         {"sampled top-p": args.top_p} if args.top_p < 1 else {})) + "\n\n" + markdown(rows)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vllm_amphista.engine import start_llm
-from vllm_amphista.machine import describe
+from vllm_amphista.machine import describe, openmp_runtime
 from vllm_amphista.model.checkpoint import load_checkpoint
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights
@@ -57,6 +57,9 @@ class CalibrationWorker:
 
     def torch_threads(self) -> int:
         return torch.get_num_threads()
+
+    def openmp_runtime(self) -> str:
+        return openmp_runtime()
 
     def measure_draft_pass(self, target_dir: str, heads: str, dtype: str,
                            batch_sizes: list[int]) -> list[dict]:
@@ -149,6 +152,7 @@ def calibrate(target_dir: Path, heads: Path, target_dtype: str, draft_dtype: tor
                                 args=(str(target_dir), str(heads), dtype_name,
                                       batch_sizes))[0]
     threads = llm.collective_rpc("torch_threads")[0]
+    openmp = llm.collective_rpc("openmp_runtime")[0]
     del llm
     all_heads = max(row["heads"] for row in drafts)
     cost = StepCost.fit(steps, [row for row in drafts if row["heads"] == all_heads])
@@ -156,8 +160,8 @@ def calibrate(target_dir: Path, heads: Path, target_dtype: str, draft_dtype: tor
                       if row["heads"] == count]
               for count in range(1, all_heads + 1)}
     path = (shipped_step_cost_path(heads, target_dtype) if ship
-            else step_cost_path(target_dir, target_dtype, threads))
-    cost.save(path, machine={**describe(), "torch_threads": threads},
+            else step_cost_path(target_dir, target_dtype, threads, openmp))
+    cost.save(path, machine={**describe(), "torch_threads": threads, "openmp": openmp},
               target=Path(target_dir).name,
               target_dtype=target_dtype, draft_dtype=dtype_name,
               draft_share_by_heads=shares, steps=steps, drafts=drafts)

@@ -18,15 +18,16 @@ def write_report(path: str | Path, report: dict, machine: dict | None = None) ->
 
 
 def machine_line(machine: dict | None = None, **dtypes: str) -> str:
-    """The line above a printed table: the CPU, its bf16 flags, cores, torch threads and
-    the dtypes given (machine_line(target="float32", draft="float32")), of `machine`
-    (default: machine.describe())."""
+    """The line above a printed table: the CPU, its bf16 flags, cores, torch threads, the
+    OpenMP (where recorded) and the dtypes given (machine_line(target="float32",
+    draft="float32")), of `machine` (default: machine.describe())."""
     machine = machine or describe()
     gpu = f", GPU {machine['gpu']}" if machine["gpu"] else ""
+    openmp = f", {machine['openmp']} OpenMP" if machine.get("openmp") else ""
     named = "".join(f"; {name} {str(value).removeprefix('torch.')}"
                     for name, value in dtypes.items())
     return (f"{cpu_label(machine)}, {machine['cores']} cores, "
-            f"{machine['torch_threads'] or '?'} torch threads{gpu}{named}")
+            f"{machine['torch_threads'] or '?'} torch threads{openmp}{gpu}{named}")
 
 
 RESULT_MARKER = "RESULT "

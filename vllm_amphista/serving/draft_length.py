@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vllm_amphista.machine import CpuInfo, cpu_info, cpu_label
+from vllm_amphista.machine import CpuInfo, cpu_info, cpu_label, openmp_runtime
 from vllm_amphista.paths import CACHE_DIR
 
 STEP_COST_DIR = CACHE_DIR / "step_cost"
@@ -57,17 +57,20 @@ MAX_PROBE_BACKOFF = 8
 WARM_STEPS = 8
 
 
-def step_cost_path(target_dir: str | Path, target_dtype: str, threads: int | None = None) -> Path:
+def step_cost_path(target_dir: str | Path, target_dtype: str, threads: int | None = None,
+                   openmp: str | None = None) -> Path:
     """Where `vllm-amphista calibrate` keeps the step cost of this CPU serving this target
-    in this dtype with this many compute threads (default: this process's). Threads are
-    part of the key: on 2 cores one thread verifies a token in ~1.5-1.7x the time two do, and
-    an in-process engine computes with every core while a served one gets what vLLM binds
-    (on 2 cores both, `served_worker_binding`; elsewhere one less). The CPU's family is
-    part of it too: a VM's model name ("AMD EPYC") names two generations ~2x apart."""
+    in this dtype with this many compute threads and this OpenMP (default: this
+    process's). Threads are part of the key: on 2 cores one thread verifies a token in
+    ~1.5-1.7x the time two do, and an in-process engine computes with every core while a
+    served one gets what vLLM binds (on 2 cores both, `served_worker_binding`; elsewhere
+    one less). So is the OpenMP: on a family-26 EPYC a verified token at one request took
+    0.17 ms under Intel's against 0.80 ms under GNU's. And the CPU's family: a VM's model
+    name ("AMD EPYC") names two generations ~2x apart."""
     cpu = cpu_info()
     key = json.dumps([cpu.model, cpu.family, Path(target_dir).name,
                       str(target_dtype).removeprefix("torch."),
-                      threads or torch.get_num_threads()])
+                      threads or torch.get_num_threads(), openmp or openmp_runtime()])
     return STEP_COST_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -154,9 +157,11 @@ class StepCost:
 
     @staticmethod
     def measured_on(path: Path) -> str:
-        """The CPU a calibration file was measured on, with its bf16 flags and threads."""
+        """The CPU a calibration file was measured on, with its bf16 flags, threads and
+        OpenMP (GNU where not recorded: calibrations before Intel's was preloaded)."""
         machine = json.loads(path.read_text()).get("machine", {})
-        return f"{cpu_label(machine)} with {machine.get('torch_threads', '?')} threads"
+        return (f"{cpu_label(machine)} with {machine.get('torch_threads', '?')} threads, "
+                f"{machine.get('openmp', 'gnu')} OpenMP")
 
     @classmethod
     def linear(cls, fixed_ms: float, per_token_ms: float, draft_ms: float) -> StepCost:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from vllm_amphista.kernels.argmax import last_dim_argmax
-from vllm_amphista.machine import resolve_dtype
+from vllm_amphista.machine import openmp_runtime, resolve_dtype
 from vllm_amphista.model.checkpoint import check_target, load_checkpoint
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.sal_cache import SALCache
@@ -156,9 +156,9 @@ class AmphistaProposer(StepDrafter):
             if not path.is_file() and shipped.is_file():
                 logger.info("amphista: draft lengths chosen per step from the step cost "
                             "shipped with the heads (%s, measured on %s; this engine "
-                            "computes with %d); `vllm-amphista calibrate` measures this "
-                            "machine's", shipped, StepCost.measured_on(shipped),
-                            torch.get_num_threads())
+                            "computes with %d, %s OpenMP); `vllm-amphista calibrate` "
+                            "measures this machine's", shipped, StepCost.measured_on(shipped),
+                            torch.get_num_threads(), openmp_runtime())
                 return StepCost.load(shipped, self.num_speculative_tokens)
         if not path.is_file():
             logger.info("amphista: no step-cost calibration for this machine and target "
