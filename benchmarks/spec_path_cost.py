@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from vllm_amphista.engine import ENGINE_SETTLE_S, start_llm
+from vllm_amphista.engine import ENGINE_SETTLE_S, fork_engines_as_served, start_llm
 from vllm_amphista.eval.calibrate import (
     CALIBRATION_WORKER_PATH,
     FIXED_DRAFTER_PATH,
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("results/spec_path_cost.json"))
     args = parser.parse_args()
+    fork_engines_as_served(__spec__.name)
     target = export_smollm2()
     largest = max(args.batch_sizes)
     vanilla = start_llm(target, dtype=args.dtype, max_num_seqs=largest, as_served=True)

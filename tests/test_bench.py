@@ -67,6 +67,17 @@ def test_sampled_runs_generate_max_tokens_for_every_method(monkeypatch, temperat
     assert all(p["top_p"] == (0.9 if temperature > 0 else 1.0) for p in sent)
 
 
+def test_servers_warm_up_at_every_concurrency_measured(monkeypatch):
+    """A server's first run at a batch size pays one-off costs: each measured concurrency
+    is run once, unmeasured, with as many requests at once (as many as there are prompts
+    at most)."""
+    warmed = []
+    monkeypatch.setattr(bench, "measure", lambda base, prompts, concurrency, *rest:
+                        warmed.append((len(prompts), concurrency)))
+    bench.warm_up("http://server", ["a", "b", "c", "d", "e"], [1, 4, 16])
+    assert warmed == [(1, 1), (4, 4), (5, 16)]
+
+
 # What vLLM 0.32's CPU worker logs as `vllm serve` starts on a 2-core machine.
 BINDING_LOG = """\
 (EngineCore pid=3016) INFO [ompmultiprocessing.py:185] \tlocal_world_size=1, reserve_cpu_num=1

@@ -37,7 +37,7 @@ def test_commands_forking_engines_restart_under_the_served_preload(
         executed.append(argv)
         raise Restarted
 
-    monkeypatch.setattr(cli.os, "execv", execv)
+    monkeypatch.setattr(engine.os, "execv", execv)
     ran = []
     for name in ("_demo", "_calibrate"):
         monkeypatch.setattr(cli, name, lambda args: ran.append(args.command) or 0)
@@ -46,7 +46,7 @@ def test_commands_forking_engines_restart_under_the_served_preload(
         with pytest.raises(Restarted):
             cli.main()
         assert executed == [[sys.executable, "-m", "vllm_amphista.cli", *command]]
-        assert ran == [] and cli.os.environ["LD_PRELOAD"] == str(tmp_path / "libiomp5.so")
+        assert ran == [] and engine.os.environ["LD_PRELOAD"] == str(tmp_path / "libiomp5.so")
     else:
         assert cli.main() == 0 and executed == [] and ran == [command[0]]
     cli.main(command)  # called with arguments (from Python): never restarts

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-from vllm_amphista.engine import set_engine_environment, start_llm
+from vllm_amphista.engine import fork_engines_as_served, set_engine_environment, start_llm
 from vllm_amphista.eval import bench, eval_tree
 from vllm_amphista.eval.acceptance import spec_decode_counts
 from vllm_amphista.eval.calibrate import calibrate
@@ -257,14 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.served:
-        preloaded = "LD_PRELOAD" in os.environ
+    if args.served == FORKS_ENGINES and argv is None:  # from the command line
+        fork_engines_as_served(__spec__.name)
+    elif args.served:
         set_engine_environment(in_process=False)
-        if args.served == FORKS_ENGINES and argv is None and not preloaded \
-                and os.environ.get("LD_PRELOAD"):
-            # vLLM forks its engine processes from this one, which started without the
-            # served preload: run this command again with it in place.
-            os.execv(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]])
     return args.func(args)
 
 

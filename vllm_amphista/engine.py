@@ -4,6 +4,7 @@ set up in one place."""
 from __future__ import annotations
 
 import os
+import sys
 
 from vllm_amphista.machine import TARGET_DTYPE, intel_openmp, served_worker_binding
 
@@ -19,8 +20,8 @@ ENGINE_SETTLE_S = 1.5
 def set_engine_environment(in_process: bool = True) -> None:
     """Environment every engine of ours starts under; a value the user set wins (an empty
     LD_PRELOAD keeps GNU OpenMP). LD_PRELOAD reaches only processes started after it is
-    set: `vllm serve` started from here, not engines forked from this process (the CLI
-    restarts itself for those, cli.main)."""
+    set: `vllm serve` started from here, not engines forked from this process
+    (`fork_engines_as_served`)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_GIB)
     if in_process:  # the engine core in this process, where tests and profilers reach it
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -29,6 +30,18 @@ def set_engine_environment(in_process: bool = True) -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", binding)
     if library := intel_openmp():
         os.environ.setdefault("LD_PRELOAD", str(library))
+
+
+def fork_engines_as_served(module: str) -> None:
+    """For a command (`python -m module ...`) that forks served engines from its own
+    process (`start_llm(as_served=True)`): set the served environment, and where that
+    added a preload this process started without, run the command again under it
+    (LD_PRELOAD takes effect only as a process starts). Once: the new process finds
+    LD_PRELOAD set."""
+    preloaded = "LD_PRELOAD" in os.environ
+    set_engine_environment(in_process=False)
+    if not preloaded and os.environ.get("LD_PRELOAD"):
+        os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
 
 
 def start_llm(target, *, speculative_config: dict | None = None, dtype: str = TARGET_DTYPE,

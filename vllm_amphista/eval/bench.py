@@ -176,6 +176,17 @@ def measure(base: str, prompts: list[str], concurrency: int, temperature: float,
                drafts=drafts_after - drafts_before, accepted_per_position=accepted)
 
 
+def warm_up(base: str, prompts: list[str], concurrencies: list[int]) -> None:
+    """A few tokens at every concurrency to be measured, not measured: a server's first
+    steps at a batch size pay one-off costs (allocations, oneDNN primitives for the new
+    shapes), a speculative server's more (its draft model's shapes too). Warmed up at two
+    requests only, both servers' first 16-request run read 3-8% under their next ones
+    (family-26 EPYC, bf16, one server at a time), Amphista's the more, and that run was
+    the bench's T=0 cell."""
+    for concurrency in concurrencies:
+        measure(base, prompts[:concurrency], concurrency, 0.0, 16)
+
+
 # -- summary ----------------------------------------------------------------------------------
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -411,8 +422,7 @@ def main(args: argparse.Namespace) -> int:
             bases[method], log = servers.enter_context(vllm_server(
                 server_args(method, args), env, timeout=600, log_dir=args.out))
             served_threads = worker_cores(log.read_text()) or served_threads
-            # Warm-up, not measured: the first requests pay one-off allocation costs.
-            measure(bases[method], prompts[:2], 2, 0.0, 16)
+            warm_up(bases[method], prompts, args.concurrency)
         alone = batched = None
         if "vanilla" in bases and 0.0 in args.temperature and 1 not in args.concurrency:
             # Greedy outputs' reference (summarise): vanilla with each prompt alone.
