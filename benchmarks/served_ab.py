@@ -1,0 +1,136 @@
+"""Vanilla and Amphista served side by side at one concurrency, many alternating runs:
+tokens/s, and the CPU seconds each server's processes spent, the measured server's and the
+idle one's.
+
+    python -m benchmarks.served_ab [--concurrency 16] [--before 4] [--temperature 0]
+        [--rounds 4] [--dtype bfloat16] [--out results/served_ab.json]
+
+Both servers stay up, as in `vllm-amphista bench` (same server flags, same prompts, the
+same warm-up), and take turns, reversed every other round. `--before N` runs N requests at
+once, unmeasured, right before each measured run, as the bench runs its 4-request cell
+right before its 16-request one: what the proposer learnt there carries over. A bench
+cell is two runs; this puts many behind one comparison, and the CPU seconds say which
+process (API server, engine core, worker) any difference comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import psutil
+
+from vllm_amphista.engine import ENGINE_SETTLE_S, set_engine_environment
+from vllm_amphista.eval import bench
+from vllm_amphista.eval.report import machine_line, markdown_table, write_report
+from vllm_amphista.eval.server import vllm_server, worker_cores
+from vllm_amphista.machine import describe
+from vllm_amphista.model.target import export_smollm2
+from vllm_amphista.prompts import first_turns
+
+
+def cpu_seconds(server: psutil.Process) -> dict[str, float]:
+    """User + system CPU seconds so far of a `vllm serve` process and its children, by
+    process name (vllm, VLLM::EngineCore, VLLM::Worker, ...)."""
+    seconds: dict[str, float] = {}
+    for process in [server, *server.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            name = process.name()
+        except psutil.Error:  # gone between listing and reading
+            continue
+        seconds[name] = seconds.get(name, 0.0) + times.user + times.system
+    return seconds
+
+
+def spent(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {name: round(after[name] - before.get(name, 0.0), 3) for name in after}
+
+
+def server_process(port: str) -> psutil.Process:
+    """The `vllm serve` process listening on this port (started by `vllm_server`)."""
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "serve" in cmdline and port in cmdline:
+            return process
+    raise RuntimeError(f"no vllm serve process for port {port}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", nargs=2, default=["vanilla", "amphista"],
+                        choices=bench.METHODS, help="two bench methods (vanilla and "
+                        "vanilla-sync: two plain servers, to see how far apart two "
+                        "servers of one engine run)")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--before", type=int, help="requests at once right before each run")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--out", type=Path, default=Path("results/served_ab.json"))
+    args = parser.parse_args()
+    batch_sizes = [args.concurrency, *([args.before] if args.before else [])]
+    bench_args = argparse.ArgumentParser()
+    bench.add_arguments(bench_args)
+    bench_args = bench_args.parse_args(["--dtype", args.dtype, "--concurrency",
+                                        *map(str, batch_sizes)])
+    bench_args.target = export_smollm2()
+    prompts = first_turns(None, limit=bench_args.num_prompts)
+    set_engine_environment(in_process=False)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    runs: list[dict] = []
+    with ExitStack() as servers:
+        bases, processes, threads = {}, {}, None
+        for method in args.methods:
+            bases[method], log = servers.enter_context(
+                vllm_server(bench.server_args(method, bench_args), env, timeout=600))
+            processes[method] = server_process(bases[method].rsplit(":", 1)[1])
+            threads = worker_cores(log.read_text()) or threads
+            bench.warm_up(bases[method], prompts, batch_sizes)
+        for round_ in range(args.rounds):
+            for method in bench.methods_in_turn(args.methods, round_):
+                idle = processes[next(m for m in args.methods if m != method)]
+                if args.before:
+                    time.sleep(ENGINE_SETTLE_S)
+                    bench.measure(bases[method], prompts, args.before, args.temperature,
+                                  bench_args.max_tokens)
+                time.sleep(ENGINE_SETTLE_S)
+                before = cpu_seconds(processes[method]), cpu_seconds(idle)
+                run = bench.measure(bases[method], prompts, args.concurrency,
+                                    args.temperature, bench_args.max_tokens)
+                runs.append({"method": method, "round": round_,
+                             "tokens_per_s": run.tokens_per_s, "drafts": run.drafts,
+                             "tokens": sum(map(len, run.outputs)),
+                             "cpu_s": spent(cpu_seconds(processes[method]), before[0]),
+                             "idle_server_cpu_s": spent(cpu_seconds(idle), before[1])})
+                print(f"{method:>9} round {round_}: {run.tokens_per_s:6.1f} tokens/s, "
+                      f"{run.drafts} drafts", flush=True)
+    served = {**describe(), "torch_threads": threads,
+              "openmp": "intel" if "libiomp5" in env.get("LD_PRELOAD", "") else "gnu"}
+    rows = []
+    for method in args.methods:
+        mine = [r for r in runs if r["method"] == method]
+        speeds = [r["tokens_per_s"] for r in mine]
+        cpu = {name: statistics.mean(r["cpu_s"].get(name, 0.0) for r in mine)
+               for name in mine[0]["cpu_s"]}
+        idle = statistics.mean(sum(r["idle_server_cpu_s"].values()) for r in mine)
+        rows.append([method, f"{statistics.mean(speeds):.1f}",
+                     " / ".join(f"{s:.1f}" for s in speeds),
+                     sum(r["drafts"] for r in mine),
+                     ", ".join(f"{name} {s:.2f}" for name, s in cpu.items()), f"{idle:.3f}"])
+    table = markdown_table(["method", "tokens/s", "runs", "drafts", "CPU s a run",
+                            "the idle server's CPU s"], rows)
+    write_report(args.out, {"concurrency": args.concurrency, "before": args.before,
+                            "temperature": args.temperature, "target_dtype": args.dtype,
+                            "environment": bench.environment(), "runs": runs}, served)
+    print(machine_line(served, target=args.dtype) + f"; {args.concurrency} requests, "
+          f"T={args.temperature:g}" + (f", each run after {args.before}" if args.before
+                                       else "") + "\n\n" + table)
+
+
+if __name__ == "__main__":
+    main()
