@@ -32,18 +32,20 @@ from vllm_amphista.machine import resolve_dtype
 from vllm_amphista.model.checkpoint import load_checkpoint
 from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
+from vllm_amphista.serving.draft_length import confidence
 from vllm_amphista.training.data import Conversation, record_dataset, sharegpt_plan
 
 
 @torch.no_grad()
 def heads_right(model, conversation: Conversation, lm_head: torch.Tensor,
                 window: int | None, first: int, prompt_tail: int | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[N, K] bool twice: whether head k's top-1 is the target's greedy token, drafting
     from each answer position t >= first with the cache holding the last `window`
     positions up to t, or (prompt_tail) every position from the prompt's last
     `prompt_tail` on, or (neither) all of them; and whether that token is in the
-    conversation."""
+    conversation. Then [N, K] the heads' confidence there (`confidence`: what the
+    proposer prices drafts by)."""
     hidden, tokens = conversation.hidden.float(), conversation.tokens
     length, k_heads = hidden.shape[0], model.config.num_heads
     greedy = (hidden @ lm_head.T).argmax(-1)  # greedy[t]: the target's choice of x_{t+1}
@@ -59,7 +61,8 @@ def heads_right(model, conversation: Conversation, lm_head: torch.Tensor,
     drafts = model.to_target_ids(logits.argmax(-1))  # [N, K]
     predicted_at = positions[:, None] + 1 + torch.arange(k_heads)  # the greedy[] index
     in_range = predicted_at < length
-    return (drafts == greedy[predicted_at.clamp(max=length - 1)]) & in_range, in_range
+    right = (drafts == greedy[predicted_at.clamp(max=length - 1)]) & in_range
+    return right, in_range, torch.from_numpy(confidence(logits))
 
 
 def _context(row: dict) -> str:
@@ -90,13 +93,14 @@ def main() -> None:
     contexts = [*((w, None) for w in args.windows), *((None, n) for n in args.prompt_tails),
                 (None, None)]
     for window, prompt_tail in contexts:
-        right, counted = zip(*(heads_right(model, c, lm_head, window, first, prompt_tail)
-                               for c in conversations), strict=True)
-        right, counted = torch.cat(right), torch.cat(counted)
+        right, counted, confident = map(torch.cat, zip(
+            *(heads_right(model, c, lm_head, window, first, prompt_tail)
+              for c in conversations), strict=True))
         leading = right.int().cumprod(-1).sum(-1)
         rows.append({"window": window, "prompt_tail": prompt_tail,
                      "top1": (right.sum(0) / counted.sum(0)).tolist(),
                      "chain_tau": tau(int(leading.sum()), len(leading)),
+                     "first_confidence": float(confident[:, 0].mean()),
                      "positions": len(leading)})
     quartiles = statistics.quantiles([c.prompt_len for c in conversations], n=4)
     write_report(args.out, {"heads": str(args.heads), "data": plan.prompt_source,
@@ -106,9 +110,9 @@ def main() -> None:
     print(machine_line(draft="float32"))
     print(markdown_table(
         ["cached positions", *[f"head {k + 1} top-1" for k in range(len(rows[0]["top1"]))],
-         "chain tau"],
-        [[_context(r), *[f"{a:.3f}" for a in r["top1"]], f"{r['chain_tau']:.3f}"]
-         for r in rows]))
+         "chain tau", "head 1 confidence"],
+        [[_context(r), *[f"{a:.3f}" for a in r["top1"]], f"{r['chain_tau']:.3f}",
+          f"{r['first_confidence']:.3f}"] for r in rows]))
     print(f"{rows[0]['positions']} answer positions; prompt lengths' quartiles "
           f"{[round(q) for q in quartiles]}; wrote {args.out}")
 
