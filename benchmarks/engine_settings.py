@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 from vllm_amphista.eval.report import machine_line, print_result, result_from, write_report
-from vllm_amphista.machine import TARGET_DTYPE, compute_dtype
+from vllm_amphista.machine import TARGET_DTYPE, compute_dtype, intel_openmp
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
 from vllm_amphista.prompts import first_turns
 
-IOMP = Path(sys.prefix) / "lib" / "libiomp5.so"
+IOMP = intel_openmp()  # None where the engine wheel installed none
 SETTINGS = {
     "defaults": {},  # threads: the machine line says how many
     "OMP_NUM_THREADS=2": {"OMP_NUM_THREADS": "2"},
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [(None, "off")] + [(str(SHIPPED_HEADS / "amphista"), s) for s in args.step_cost]
     for name in args.settings:
         env = SETTINGS[name]
-        if "LD_PRELOAD" in env and not IOMP.is_file():
+        if "LD_PRELOAD" in env and IOMP is None:
             continue
         for heads, step_cost in methods:
             job = json.dumps({"target": target, "heads": heads, "prompts": prompts,

@@ -28,7 +28,7 @@ from vllm_amphista.engine import ENGINE_SETTLE_S, set_engine_environment
 from vllm_amphista.eval import bench
 from vllm_amphista.eval.report import machine_line, markdown_table, write_report
 from vllm_amphista.eval.server import vllm_server, worker_cores
-from vllm_amphista.machine import describe
+from vllm_amphista.machine import describe, openmp_in
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.prompts import first_turns
 
@@ -110,7 +110,7 @@ def main() -> None:
                 print(f"{method:>9} round {round_}: {run.tokens_per_s:6.1f} tokens/s, "
                       f"{run.drafts} drafts", flush=True)
     served = {**describe(), "torch_threads": threads,
-              "openmp": "intel" if "libiomp5" in env.get("LD_PRELOAD", "") else "gnu"}
+              "openmp": openmp_in(env.get("LD_PRELOAD", ""))}
     rows = []
     for method in args.methods:
         mine = [r for r in runs if r["method"] == method]

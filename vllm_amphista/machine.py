@@ -159,11 +159,17 @@ def intel_openmp() -> Path | None:
     return path if path.is_file() else None
 
 
+def openmp_in(libraries: str) -> str:
+    """"intel" where these libraries (/proc/self/maps, an LD_PRELOAD) hold Intel OpenMP,
+    else "gnu", torch's own."""
+    return "intel" if "libiomp5" in libraries else "gnu"
+
+
 def openmp_runtime() -> str:
-    """The OpenMP this process computes with: "intel" where libiomp5 was preloaded into
-    it (or into the process it was forked from), else "gnu", torch's own."""
+    """The OpenMP this process computes with: Intel's where libiomp5 was preloaded into
+    it (or into the process it was forked from)."""
     maps = Path("/proc/self/maps")
-    return "intel" if maps.is_file() and "libiomp5" in maps.read_text() else "gnu"
+    return openmp_in(maps.read_text() if maps.is_file() else "")
 
 
 def served_worker_threads() -> int:

@@ -51,7 +51,7 @@ from vllm_amphista.engine import ENGINE_SETTLE_S, set_engine_environment
 from vllm_amphista.eval.report import machine_line, write_report
 from vllm_amphista.eval.server import get_text, post_json, vllm_server, worker_cores
 from vllm_amphista.eval.tau import acceptance_per_position, tau
-from vllm_amphista.machine import DTYPE_NAMES, TARGET_DTYPE, describe, resolve_dtype
+from vllm_amphista.machine import DTYPE_NAMES, TARGET_DTYPE, describe, openmp_in, resolve_dtype
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.target import TargetWeights, export_smollm2
 from vllm_amphista.paths import CACHE_DIR, SHIPPED_HEADS
@@ -452,7 +452,7 @@ def main(args: argparse.Namespace) -> int:
               "wall_s": time.perf_counter() - started,
               "rows": rows}
     served = {**describe(), "torch_threads": served_threads,
-              "openmp": "intel" if "libiomp5" in env.get("LD_PRELOAD", "") else "gnu"}
+              "openmp": openmp_in(env.get("LD_PRELOAD", ""))}
     write_report(args.out / "bench.json", report, served)
     table = machine_line(served, target=args.dtype, draft=report["draft_dtype"], **(
         {"sampled top-p": args.top_p} if args.top_p < 1 else {})) + "\n\n" + markdown(rows)
