@@ -49,5 +49,6 @@ def test_commands_forking_engines_restart_under_the_served_preload(
         assert ran == [] and engine.os.environ["LD_PRELOAD"] == str(tmp_path / "libiomp5.so")
     else:
         assert cli.main() == 0 and executed == [] and ran == [command[0]]
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
     cli.main(command)  # called with arguments (from Python): never restarts
     assert len(executed) == int(restarts)
