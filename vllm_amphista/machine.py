@@ -153,8 +153,8 @@ def intel_openmp() -> Path | None:
     OpenMP; preloaded, Intel's takes its place. AMD EPYC of family 26, bf16,
     `vllm-amphista bench` served, the two taking turns: vanilla +14-19% tokens/s at 1 and
     16 requests, Amphista +4-19%; Intel Xeon with AMX: vanilla +5-10%, Amphista -2% to +2%
-    (docs/results.md, "Intel OpenMP preloaded, served"). In-process engines gained nothing, so only
-    served ones get it (`engine.set_engine_environment`)."""
+    (docs/results.md, "Intel OpenMP preloaded, served"). In-process engines gained
+    nothing, so only served ones get it (`engine.set_engine_environment`)."""
     path = Path(sys.prefix) / "lib" / "libiomp5.so"
     return path if path.is_file() else None
 
