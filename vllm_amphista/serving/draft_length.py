@@ -221,10 +221,15 @@ class StepClock:
     runs on the machine while serving, is only seen here. Two readings:
     - `overhead(requests)`: the drafting steps' time over the step cost's prediction,
       against the plain steps', which the proposer holds `drafting_gain` to. A kind not
-      yet timed at a size is taken to run as far from the prediction as the other (1
-      until both are timed): an engine that runs under the calibration (an in-process
-      one, a faster hour) would otherwise price drafting by its plain steps alone, pause
-      it, and so never time the drafting steps that would show it pays.
+      yet timed at a size is taken to run as far from the prediction as the other
+      (times the overhead of the nearest size where both were timed, 1 where none was):
+      an engine that runs under the calibration (an in-process one, a faster hour)
+      would otherwise price drafting by its plain steps alone, pause it, and so never
+      time the drafting steps that would show it pays. The nearest size's overhead,
+      because what the calibration leaves out of a drafting step (the proposer's work
+      around the pass, the pass on caches the target's forward has just evicted) is
+      there at every size: served on a family-26 EPYC 1.17-1.27 at 1, 4 and 16
+      requests, so a first bet at 16 priced at 1.10 lost (docs/decisions.md).
     - `realized_gain(requests)`: what drafting steps have actually yielded, tokens per
       request per unit of time, against plain steps, time counted in units of a plain
       step's prediction at the step's own batch size (so steps of 2 and 3 requests that
@@ -318,11 +323,29 @@ class StepClock:
 
     def overhead(self, requests: int) -> float:
         size = self._size(requests)
+        return self._overhead_at(size, self._overhead_nearest(size))
+
+    def _overhead_at(self, size: int, prior_overhead: float) -> float:
+        """Drafting's ratio over plain's at a calibrated size, each kind's sums joined
+        by PRIOR fading pseudo-steps: plain's at the size's pooled ratio, drafting's at
+        that times `prior_overhead`."""
         steps = self.timed[size].sum()
         pooled = self.observed[size].sum() / steps if steps else 1.0
-        prior = self.PRIOR * self._unfaded(self.timed[size])  # at the size's pooled ratio
-        plain, drafting = (self.observed[size] + prior * pooled) / (self.timed[size] + prior)
+        prior = self.PRIOR * self._unfaded(self.timed[size])
+        plain, drafting = ((self.observed[size] + prior * pooled * np.array([1.0, prior_overhead]))
+                           / (self.timed[size] + prior))
         return float(drafting / plain)
+
+    def _overhead_nearest(self, size: int) -> float:
+        """The overhead at the calibrated size nearest this one (log scale) where both
+        kinds were timed, 1 where none was: what drafting is taken to cost over plain
+        steps at a size until its own drafting steps are timed."""
+        both = np.flatnonzero((self.timed > 0).all(1))
+        others = both[both != size]
+        if not len(others):
+            return 1.0
+        nearest = others[np.abs(self.log_sizes[others] - self.log_sizes[size]).argmin()]
+        return self._overhead_at(int(nearest), 1.0)
 
     def plain_timed(self, requests: int) -> bool:
         """Whether plain steps were timed often enough at this size to be compared."""
