@@ -432,33 +432,6 @@ def test_only_slots_with_context_judge_the_heads(num_stages, tiny_target, tiny_t
     assert proposer.cached_positions("a") == WARM_STEPS + 2
 
 
-def test_a_pass_over_a_prompt_is_not_timed_as_a_drafting_step(
-        heads_dir, tiny_target, tiny_target_dir, tmp_path, monkeypatch):
-    """The call that drafts after a prompt runs the SAL layers over the prompt's rows
-    too: the step after it is not timed (at 16 requests one such step read ~2.9x its
-    prediction and, timed, paused drafting there on its own). The drafting step after
-    the next call, over decode rows alone, is."""
-    # Drafts verified for free: drafting pays with any chance.
-    StepCost.linear(fixed_ms=10.0, per_token_ms=0.0, draft_ms=0.0).save(tmp_path / "c.json")
-    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "c.json"),
-                         timed=True)
-    now = [0.0]
-    monkeypatch.setattr(proposer_module, "perf_counter", lambda: now[0])
-    table = np.arange(1024, dtype=np.int32)[None] % tiny_target.vocab_size
-    drafted, timed = [], []
-    for start, rows in [(0, 40), (40, 1), (41, 1)]:  # the prompt, then two decode steps
-        now[0] += 0.1 if rows > 1 else 0.012
-        proposer.propose_from_step(StepRows(
-            req_ids=["a"], sampled_token_ids=[[5]],
-            hidden_states=torch.randn(rows, tiny_target.hidden_size),
-            query_start_loc=np.array([0, rows]), start_positions=np.array([start]),
-            num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
-        drafted.append(proposer.last_call[2])
-        timed.append(proposer.clock.timed[0].tolist())
-    assert drafted[:2] == [True, True]
-    assert timed == [[0.0, 0.0], [0.0, 0.0], [0.0, 1.0]]
-
-
 def _timed_steps(proposer, tiny_target, monkeypatch, extra_ms: float,
                  accepted_every: int, steps: int = 200, pace: float = 1.0,
                  first_rejected: int = 0) -> list[bool]:

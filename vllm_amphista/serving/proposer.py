@@ -134,9 +134,8 @@ class AmphistaProposer(StepDrafter):
         self.clock = StepClock(self.step_cost.batch_sizes if self.step_cost else (1,))
         # The last call: when it started, its decoding requests, whether it drafted, and
         # its own time the step clock takes out of the step it times (ms): all of a call
-        # that only kept its rows (a plain step to the clock), a drafting call's catch-up,
-        # or None where the step is not to be timed (the call's pass ran a prompt's rows).
-        self.last_call: tuple[float, int, bool, float | None] | None = None
+        # that only kept its rows (a plain step to the clock), a drafting call's catch-up.
+        self.last_call: tuple[float, int, bool, float] | None = None
         self.cache: SALCache | None = None  # created at the first step, dropped when idle
         self.pending: PendingRows | None = None  # created and dropped with the cache
         self.slot_reqs: list[str | None] = []  # the request in each slot
@@ -233,11 +232,7 @@ class AmphistaProposer(StepDrafter):
             self.last_call = (now, decoding, False, 1e3 * (perf_counter() - now))
             return Proposal(drafts)
         catch_up_ms = self._catch_up(num_reqs, decoding)
-        # A pass over a prompt's rows is not what a drafting step costs: the step after
-        # it goes untimed. Timed, the first one at 16 requests read ~2.9x its prediction
-        # and paused drafting there on its own (docs/decisions.md).
-        self.last_call = (now, decoding, True,
-                          None if step.prefilling().any() else catch_up_ms)
+        self.last_call = (now, decoding, True, catch_up_ms)
         logits = self.model.extend(cache, hidden, next_tokens, counts - skip)
         # Requests past a partial prefill (they sampled a token) get drafts.
         drafting = [i for i in np.flatnonzero(counts).tolist() if step.sampled_token_ids[i]]
@@ -343,7 +338,7 @@ class AmphistaProposer(StepDrafter):
         if self.last_call is None or not step.req_ids:
             return
         started, decoded, drafted, own_ms = self.last_call
-        if own_ms is None or not step.decode_only():
+        if not step.decode_only():
             return
         num_reqs = len(step.req_ids)
         predicted = float(self.step_cost.step_ms(num_reqs, int(step.scheduled_rows().sum())))
