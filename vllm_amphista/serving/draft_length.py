@@ -228,8 +228,9 @@ class StepClock:
       time the drafting steps that would show it pays. The nearest size's overhead,
       because what the calibration leaves out of a drafting step (the proposer's work
       around the pass, the pass on caches the target's forward has just evicted) is
-      there at every size: served on a family-26 EPYC 1.17-1.27 at 1, 4 and 16
-      requests, so a first bet at 16 priced at 1.10 lost (docs/decisions.md).
+      there at every size: served on a family-26 EPYC 1.17-1.27 at 1 and 4 requests,
+      where a first bet at 16, priced at 1.10 against an overhead of 1, lost
+      (docs/decisions.md).
     - `realized_gain(requests)`: what drafting steps have actually yielded, tokens per
       request per unit of time, against plain steps, time counted in units of a plain
       step's prediction at the step's own batch size (so steps of 2 and 3 requests that
