@@ -16,7 +16,6 @@ process (API server, engine core, worker) any difference comes from.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from contextlib import ExitStack
@@ -24,11 +23,9 @@ from pathlib import Path
 
 import psutil
 
-from vllm_amphista.engine import ENGINE_SETTLE_S, set_engine_environment
+from vllm_amphista.engine import ENGINE_SETTLE_S
 from vllm_amphista.eval import bench
 from vllm_amphista.eval.report import machine_line, markdown_table, write_report
-from vllm_amphista.eval.server import vllm_server, worker_cores
-from vllm_amphista.machine import describe, openmp_in
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.prompts import first_turns
 
@@ -76,21 +73,15 @@ def main() -> None:
     batch_sizes = [args.concurrency, *([args.before] if args.before else [])]
     bench_args = argparse.ArgumentParser()
     bench.add_arguments(bench_args)
-    bench_args = bench_args.parse_args(["--dtype", args.dtype, "--concurrency",
-                                        *map(str, batch_sizes)])
+    bench_args = bench_args.parse_args(["--dtype", args.dtype, "--methods", *args.methods,
+                                        "--concurrency", *map(str, batch_sizes)])
     bench_args.target = export_smollm2()
     prompts = first_turns(None, limit=bench_args.num_prompts)
-    set_engine_environment(in_process=False)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     runs: list[dict] = []
     with ExitStack() as servers:
-        bases, processes, threads = {}, {}, None
-        for method in args.methods:
-            bases[method], log = servers.enter_context(
-                vllm_server(bench.server_args(method, bench_args), env, timeout=600))
-            processes[method] = server_process(bases[method].rsplit(":", 1)[1])
-            threads = worker_cores(log.read_text()) or threads
-            bench.warm_up(bases[method], prompts, batch_sizes)
+        bases, served = bench.start_servers(servers, bench_args, prompts, log_dir=Path("/tmp"))
+        processes = {method: server_process(base.rsplit(":", 1)[1])
+                     for method, base in bases.items()}
         for round_ in range(args.rounds):
             for method in bench.methods_in_turn(args.methods, round_):
                 idle = processes[next(m for m in args.methods if m != method)]
@@ -109,8 +100,6 @@ def main() -> None:
                              "idle_server_cpu_s": spent(cpu_seconds(idle), before[1])})
                 print(f"{method:>9} round {round_}: {run.tokens_per_s:6.1f} tokens/s, "
                       f"{run.drafts} drafts", flush=True)
-    served = {**describe(), "torch_threads": threads,
-              "openmp": openmp_in(env.get("LD_PRELOAD", ""))}
     rows = []
     for method in args.methods:
         mine = [r for r in runs if r["method"] == method]

@@ -187,6 +187,25 @@ def warm_up(base: str, prompts: list[str], concurrencies: list[int]) -> None:
         measure(base, prompts[:concurrency], concurrency, 0.0, 16)
 
 
+def start_servers(servers: ExitStack, args: argparse.Namespace, prompts: list[str],
+                  log_dir: Path) -> tuple[dict[str, str], dict]:
+    """A `vllm serve` per method in args.methods (stopped as `servers` closes), under the
+    served engine environment, each warmed up at every concurrency in args.concurrency:
+    their base URLs by method, and the machine as the servers compute on it (the threads
+    their workers bound, the OpenMP they preload), not as this process does."""
+    set_engine_environment(in_process=False)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    bases, threads = {}, None
+    for method in args.methods:
+        print(f"starting {method} ...", flush=True)
+        bases[method], log = servers.enter_context(vllm_server(
+            server_args(method, args), env, timeout=600, log_dir=log_dir))
+        threads = worker_cores(log.read_text()) or threads
+        warm_up(bases[method], prompts, args.concurrency)
+    return bases, {**describe(), "torch_threads": threads,
+                   "openmp": openmp_in(env.get("LD_PRELOAD", ""))}
+
+
 # -- summary ----------------------------------------------------------------------------------
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -409,20 +428,10 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("error: --repeats, --concurrency and --num-prompts must be >= 1")
     prompts = first_turns(args.prompts, limit=args.num_prompts)
     args.out.mkdir(parents=True, exist_ok=True)
-    set_engine_environment(in_process=False)
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
     runs: dict[tuple[str, float, int], list[Run]] = {}
     started = time.perf_counter()
     with ExitStack() as servers:
-        bases = {}
-        served_threads = None  # what the servers compute with, not this process
-        for method in args.methods:
-            print(f"starting {method} ...", flush=True)
-            bases[method], log = servers.enter_context(vllm_server(
-                server_args(method, args), env, timeout=600, log_dir=args.out))
-            served_threads = worker_cores(log.read_text()) or served_threads
-            warm_up(bases[method], prompts, args.concurrency)
+        bases, served = start_servers(servers, args, prompts, log_dir=args.out)
         alone = batched = None
         if "vanilla" in bases and 0.0 in args.temperature and 1 not in args.concurrency:
             # Greedy outputs' reference (summarise): vanilla with each prompt alone.
@@ -451,8 +460,6 @@ def main(args: argparse.Namespace) -> int:
               "draft_dtype": str(resolve_dtype(args.draft_dtype)).removeprefix("torch."),
               "wall_s": time.perf_counter() - started,
               "rows": rows}
-    served = {**describe(), "torch_threads": served_threads,
-              "openmp": openmp_in(env.get("LD_PRELOAD", ""))}
     write_report(args.out / "bench.json", report, served)
     table = machine_line(served, target=args.dtype, draft=report["draft_dtype"], **(
         {"sampled top-p": args.top_p} if args.top_p < 1 else {})) + "\n\n" + markdown(rows)
