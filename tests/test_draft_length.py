@@ -16,6 +16,7 @@ from vllm_amphista.serving.draft_length import (
     StepCost,
     choose_lengths,
     drafting_gain,
+    heads_that_pay,
     probe_interval,
     step_cost_path,
 )
@@ -313,6 +314,25 @@ def test_drafting_gain_is_the_best_drafting_steps_pace_over_plain_steps():
     cost = StepCost.linear(40.0, 2.0, 4.0)
     chance = np.array([0.25, 0.02, 0.0])
     assert drafting_gain(1, chance, cost) == pytest.approx(1.25 / 48 * 42)
+
+
+def test_the_heads_drafted_are_those_whose_part_of_the_pass_pays():
+    """A head reading the second SAL stage costs that stage whether its draft is verified
+    or not: where heads 3 and 4 double the pass for chains of 0.5 * 0.3 * ..., two heads
+    pay best; confident heads that each cost a quarter of the pass all pay; a head that
+    adds nothing at the same cost is not drafted (the fewest on a tie)."""
+    base = StepCost.linear(10.0, 0.5, 2.0)
+
+    def shared(shares):
+        return lambda heads: StepCost.linear(10.0, 0.5, 2.0 * shares[heads - 1])
+
+    top1 = [0.5, 0.3, 0.2, 0.15]
+    heads, gains = heads_that_pay(top1, shared([0.3, 0.5, 1.0, 1.0]))
+    assert heads == 2 and gains[1] == max(gains) > gains[3]
+    assert gains[1] == pytest.approx(drafting_gain(1, np.cumprod(top1)[:2],
+                                                   shared([0.3, 0.5, 1.0, 1.0])(2)))
+    assert heads_that_pay([0.9] * 4, shared([0.25, 0.5, 0.75, 1.0]))[0] == 4
+    assert heads_that_pay([0.5, 0.0, 0.0, 0.0], lambda heads: base)[0] == 1
 
 
 def test_a_machines_calibration_is_kept_per_cpu_family(monkeypatch):

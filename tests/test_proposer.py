@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ from tests.conftest import draft_model, needs_bf16_packing
 from vllm_amphista.eval.calibrate import measure_draft_pass
 from vllm_amphista.kernels import packed_linear
 from vllm_amphista.machine import CpuInfo, cpu_info
-from vllm_amphista.model.checkpoint import save_checkpoint
+from vllm_amphista.model.checkpoint import METRICS_FILE, save_checkpoint
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.serving import draft_length
 from vllm_amphista.serving import proposer as proposer_module
@@ -42,14 +43,15 @@ def heads_dir(tiny_target, tmp_path):
 
 def _proposer(heads_dir, target_dir, num_tokens=3, pause=None,
               draft_sampling="sample", step_cost="off",
-              draft_dtype="float32", timed=False) -> AmphistaProposer:
+              draft_dtype="float32", timed=False, choose_heads=False) -> AmphistaProposer:
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=num_tokens),
         additional_config={"amphista": {"heads": str(heads_dir),
                                         "disable_by_batch_size": pause,
                                         "draft_sampling": draft_sampling,
                                         "draft_dtype": draft_dtype,
-                                        "step_cost": step_cost}},
+                                        "step_cost": step_cost,
+                                        "choose_heads": choose_heads}},
         model_config=SimpleNamespace(model=str(target_dir), dtype=torch.float32),
         device_config=SimpleNamespace(device="cpu"),
         parallel_config=SimpleNamespace(tensor_parallel_size=2),  # read target files
@@ -620,11 +622,13 @@ def test_resolve_translates_to_custom_class(heads_dir, tiny_target, tiny_target_
     assert spec == {"method": "custom_class", "num_speculative_tokens": 2,
                     "model": "vllm_amphista.serving.proposer.AmphistaProposer"}
     assert settings == {"heads": str(heads_dir.resolve()), "disable_by_batch_size": 8,
-                        "draft_sampling": "sample", "draft_dtype": "auto", "step_cost": "auto"}
-    spec, _ = resolve_speculative_config({"method": "amphista", "model": str(heads_dir)},
-                                         str(tiny_target_dir), tiny_target.hidden_size,
-                                         tiny_target.vocab_size)
-    assert spec["num_speculative_tokens"] == 4  # default: the heads' K
+                        "draft_sampling": "sample", "draft_dtype": "auto", "step_cost": "auto",
+                        "choose_heads": False}
+    spec, settings = resolve_speculative_config(
+        {"method": "amphista", "model": str(heads_dir)}, str(tiny_target_dir),
+        tiny_target.hidden_size, tiny_target.vocab_size)
+    # Default: room for the heads' K, the proposer drafting those that pay.
+    assert spec["num_speculative_tokens"] == 4 and settings["choose_heads"]
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -720,6 +724,32 @@ def test_drafting_fewer_tokens_than_heads_runs_and_prices_only_their_heads(
         assert proposer.model.new_cache().keys.shape[0] == (1 if tokens == 2 else 2)
         assert _proposer(heads_dir, tiny_target_dir, num_tokens=tokens,
                          step_cost=str(old)).step_cost.draft_ms(1) == 5.0
+
+
+def test_heads_whose_part_of_the_pass_does_not_pay_are_not_drafted(
+        heads_dir, tiny_target_dir, tmp_path):
+    """Where num_speculative_tokens was not given, with a step cost whose second SAL
+    stage doubles the pass and heads whose held-out top-1 (metrics.json) falls off, the
+    proposer drafts the first two heads, from one cached stage, priced as that pass;
+    without the accuracy record, without a step cost, or where the user chose the count
+    (3 here), it drafts that many."""
+    path = tmp_path / "cost.json"
+    StepCost.linear(10.0, 0.5, 2.0).save(
+        path, draft_share_by_heads={1: [0.3], 2: [0.5], 3: [1.0], 4: [1.0]})
+    full = _proposer(heads_dir, tiny_target_dir, step_cost=str(path), choose_heads=True)
+    assert full.max_drafts == full.model.drafted_heads == 3
+    (heads_dir / METRICS_FILE).write_text(json.dumps(
+        {"history": [{"eval": {"top1": [0.5, 0.3, 0.2, 0.15]}}]}))
+    cut = _proposer(heads_dir, tiny_target_dir, step_cost=str(path), choose_heads=True)
+    assert cut.max_drafts == cut.model.drafted_heads == 2
+    assert cut.step_cost.draft_ms(1) == 1.0 and cut.model.new_cache().keys.shape[0] == 1
+    assert cut.acceptance.expected.shape[1] == cut.recent_chance.shape[1] == 2
+    assert _proposer(heads_dir, tiny_target_dir, step_cost=str(path)).max_drafts == 3
+    assert _proposer(heads_dir, tiny_target_dir, step_cost="off",
+                     choose_heads=True).max_drafts == 3
+    (heads_dir / METRICS_FILE).write_text("{not json")
+    assert _proposer(heads_dir, tiny_target_dir, step_cost=str(path),
+                     choose_heads=True).max_drafts == 3
 
 
 def test_calibration_times_the_pass_of_each_count_of_leading_heads(

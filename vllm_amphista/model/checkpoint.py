@@ -6,6 +6,7 @@ from the target at load time, after checking the heads were made for it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights
 
 WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"  # written beside the heads by `vllm-amphista train`
 
 
 class CheckpointError(ValueError):
@@ -97,3 +99,15 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def held_out_top1(folder: str | Path, num_heads: int) -> list[float] | None:
+    """Each head's top-1 accuracy on the held-out conversations at the end of training
+    (metrics.json), or None where the folder has no such record for `num_heads` heads
+    (converted heads, heads trained elsewhere): it is a summary, not part of the model."""
+    try:
+        top1 = json.loads((Path(folder) / METRICS_FILE).read_text())["history"][-1]["eval"]["top1"]
+        top1 = [float(a) for a in top1]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return top1 if len(top1) == num_heads and all(0.0 <= a <= 1.0 for a in top1) else None

@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -212,6 +213,26 @@ def drafting_gain(requests: int, recent: np.ndarray, cost: StepCost) -> float:
     rows = recent[np.arange(steps * requests) % len(recent)].reshape(steps, requests, -1)
     _, _, tokens, time = _best_steps(rows, cost)
     return float(tokens.sum() / time.sum() / (requests / cost.step_ms(requests, requests)))
+
+
+def heads_that_pay(top1: list[float], cost_of_heads: Callable[[int], StepCost]
+                   ) -> tuple[int, list[float]]:
+    """How many leading heads to draft: the count whose `drafting_gain`, averaged over the
+    calibrated batch sizes, is highest (the fewest on a tie), and each count's gain.
+    cost_of_heads(n) is the step cost with the pass of the first n heads. The chances
+    are the running product of the heads' held-out top-1 (a chain is accepted as far as
+    every head in it is right): for the shipped heads that product gives tau 1.73, their
+    measured greedy walk 1.73. Per-step lengths already skip drafts that do not pay, but
+    not the pass that computes them: a head reading a later SAL stage adds that stage
+    (the calibrations' shares: three heads of four cost as much as four, two ~0.6-0.7 of
+    it), whether its draft is verified or not."""
+    chain = np.cumprod(top1)
+    gains = []
+    for heads in range(1, len(top1) + 1):
+        cost = cost_of_heads(heads)
+        gains.append(float(np.mean([drafting_gain(size, chain[:heads], cost)
+                                    for size in cost.batch_sizes])))
+    return int(np.argmax(gains)) + 1, gains
 
 
 class StepClock:

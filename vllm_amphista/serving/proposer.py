@@ -34,7 +34,7 @@ import torch
 
 from vllm_amphista.kernels.argmax import last_dim_argmax
 from vllm_amphista.machine import openmp_runtime, resolve_dtype
-from vllm_amphista.model.checkpoint import check_target, load_checkpoint
+from vllm_amphista.model.checkpoint import check_target, held_out_top1, load_checkpoint
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.sal_cache import SALCache
 from vllm_amphista.model.target import TargetWeights
@@ -47,6 +47,7 @@ from vllm_amphista.serving.draft_length import (
     choose_lengths,
     confidence,
     drafting_gain,
+    heads_that_pay,
     probe_interval,
     shipped_step_cost_path,
     step_cost_path,
@@ -116,19 +117,24 @@ class AmphistaProposer(StepDrafter):
             raise ValueError(
                 f"num_speculative_tokens={self.num_speculative_tokens} exceeds the "
                 f"{self.model.config.num_heads} heads in {self.heads_dir}")
-        self.model.draft_leading_heads(self.num_speculative_tokens)
-        self.step_cost = self._step_cost(settings.get("step_cost", "auto"),
+        step_cost = self._step_cost_file(settings.get("step_cost", "auto"),
                                          vllm_config.model_config.dtype)
-        logger.info("amphista: drafting %d tokens per step with the heads in %s (draft "
-                    "dtype %s)", self.num_speculative_tokens, self.heads_dir,
+        # The heads drafted: num_speculative_tokens where the user set it, else those
+        # that pay for their part of the pass here.
+        self.max_drafts = (self._heads_to_draft(step_cost) if settings.get("choose_heads")
+                           else self.num_speculative_tokens)
+        self.model.draft_leading_heads(self.max_drafts)
+        self.step_cost = StepCost.load(step_cost, self.max_drafts) if step_cost else None
+        logger.info("amphista: drafting up to %d tokens per step with the heads in %s "
+                    "(draft dtype %s)", self.max_drafts, self.heads_dir,
                     str(self.dtype).removeprefix("torch."))
         # Recent drafting requests' chances (rows, newest last): what tells a paused
         # proposer whether drafting would pay at the current batch size.
-        self.recent_chance = np.zeros((0, self.num_speculative_tokens))
+        self.recent_chance = np.zeros((0, self.max_drafts))
         # drafting_gain per number of decoding requests, from recent_chance as it is: a
         # paused proposer asks every step, and recent_chance changes only when it drafts.
         self.predicted_gain: dict[int, float] = {}
-        self.acceptance = AcceptanceTracker(self.num_speculative_tokens)
+        self.acceptance = AcceptanceTracker(self.max_drafts)
         self.pauses: dict[int, Pause] = {}  # per number of decoding requests
         self.steps_drafting = 0  # steps drafting paid, for timing plain ones among them
         self.clock = StepClock(self.step_cost.batch_sizes if self.step_cost else (1,))
@@ -142,9 +148,9 @@ class AmphistaProposer(StepDrafter):
         self.next_position = np.zeros(0, np.int64)  # per slot: where its next rows start
         # Per slot: the heads' confidence in the drafts proposed last step, scored against
         # what the target accepted in the next.
-        self.draft_confidence = np.zeros((0, self.num_speculative_tokens))
+        self.draft_confidence = np.zeros((0, self.max_drafts))
 
-    def _step_cost(self, setting: str, target_dtype) -> StepCost | None:
+    def _step_cost_file(self, setting: str, target_dtype) -> Path | None:
         """"auto": this machine's calibration, else the one shipped with the heads."""
         if setting == "off":
             return None
@@ -159,14 +165,30 @@ class AmphistaProposer(StepDrafter):
                             "computes with %d, %s OpenMP); `vllm-amphista calibrate` "
                             "measures this machine's", shipped, StepCost.measured_on(shipped),
                             torch.get_num_threads(), openmp_runtime())
-                return StepCost.load(shipped, self.num_speculative_tokens)
+                return shipped
         if not path.is_file():
             logger.info("amphista: no step-cost calibration for this machine and target "
                         "(%s): verifying all %d drafts every step. `vllm-amphista "
                         "calibrate` measures it.", path, self.num_speculative_tokens)
             return None
         logger.info("amphista: draft lengths chosen per step from the step cost in %s", path)
-        return StepCost.load(path, self.num_speculative_tokens)
+        return path
+
+    def _heads_to_draft(self, step_cost: Path | None) -> int:
+        """The heads' K, or fewer leading heads where the step cost and the heads'
+        held-out accuracy (training's metrics) say the rest cost more than they yield
+        (`heads_that_pay`). Without either: all of them."""
+        allowed = self.num_speculative_tokens
+        top1 = held_out_top1(self.heads_dir, self.model.config.num_heads)
+        if step_cost is None or top1 is None:
+            return allowed
+        heads, gains = heads_that_pay(top1[:allowed],
+                                      lambda count: StepCost.load(step_cost, count))
+        logger.info("amphista: drafting the first %d of %d heads: tokens per unit of time "
+                    "over plain steps, expected from the step cost and the heads' "
+                    "held-out top-1, drafting 1..%d heads: %s", heads, allowed, allowed,
+                    " ".join(f"{g:.3f}" for g in gains))
+        return heads
 
     # -- vLLM's custom_class interface ---------------------------------------------------
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -318,7 +340,7 @@ class AmphistaProposer(StepDrafter):
         long gone (at one request a probe added one row to 32, and drafting stayed paused
         for most of a run on the first question's chances)."""
         if self.step_cost is None:
-            return [self.num_speculative_tokens] * logits.shape[0]
+            return [self.max_drafts] * logits.shape[0]
         confident = confidence(logits)
         self.draft_confidence[rows] = confident
         chance = self.acceptance.chance(confident, sampled)
@@ -401,7 +423,7 @@ class AmphistaProposer(StepDrafter):
             self.next_position = np.concatenate((self.next_position,
                                                  np.full(grown, -1, np.int64)))
             self.draft_confidence = np.concatenate((self.draft_confidence, np.zeros(
-                (grown, self.num_speculative_tokens))))
+                (grown, self.max_drafts))))
         if dest:
             self.cache.move(dest, src)
             self.pending.move(dest, src)

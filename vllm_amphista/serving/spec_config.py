@@ -7,7 +7,9 @@ vLLM builds our proposer through its `custom_class` method; the proposer's own s
 travel to the workers in `vllm_config.additional_config[ADDITIONAL_CONFIG_KEY]`:
 {"heads": dir, "disable_by_batch_size": int | None, "draft_sampling": "sample" | "argmax",
  "draft_dtype": "auto" | "float32" | "bfloat16",
- "step_cost": "auto" | "off" | a `vllm-amphista calibrate` file (draft_length.py)}.
+ "step_cost": "auto" | "off" | a `vllm-amphista calibrate` file (draft_length.py),
+ "choose_heads": bool: num_speculative_tokens was not given, so the proposer drafts the
+ leading heads that pay on this machine (`heads_that_pay`), at most all of them}.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: 
             f"vocab_size={cfg.vocab_size}; target {target_dir} has "
             f"hidden_size={target_hidden_size}, vocab_size={target_vocab_size}")
     k = spec.get("num_speculative_tokens")
-    if k is None:
+    choose_heads = k is None
+    if choose_heads:
         k = cfg.num_heads
     if not 1 <= int(k) <= cfg.num_heads:
         raise AmphistaSetupError(
@@ -95,4 +98,4 @@ def resolve_speculative_config(spec: dict, target_dir: str, target_hidden_size: 
                       num_speculative_tokens=int(k))
     return translated, {"heads": str(heads.resolve()), "disable_by_batch_size": pause,
                         "draft_sampling": draft_sampling, "draft_dtype": draft_dtype,
-                        "step_cost": step_cost}
+                        "step_cost": step_cost, "choose_heads": choose_heads}

@@ -11,7 +11,13 @@ from pathlib import Path
 import torch
 
 from vllm_amphista.machine import describe, resolve_dtype
-from vllm_amphista.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vllm_amphista.model.checkpoint import (
+    METRICS_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights
@@ -55,7 +61,7 @@ def check_inputs(target_dir: Path, out_dir: Path) -> None:
         raise TrainingInputError(f"target {target_dir} is not a causal LM "
                                  f"(architectures: {architectures})")
     if out_dir.exists():
-        ours = {STATE_FILE, "config.json", "model.safetensors", "metrics.json",
+        ours = {STATE_FILE, "config.json", WEIGHTS_FILE, METRICS_FILE,
                 "accuracy.png", "MODEL_CARD.md"}
         others = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
         if not out_dir.is_dir() or others:
@@ -116,7 +122,7 @@ def continued_model(init_dir: Path, target: TargetWeights, *, medusa: bool,
         raise TrainingInputError(
             f"--init-from {init_dir} holds {'Medusa' if model.config.is_medusa else 'Amphista'}"
             f" heads; this run trains {'Medusa' if medusa else 'Amphista'} heads")
-    metrics_path = init_dir / "metrics.json"
+    metrics_path = init_dir / METRICS_FILE
     if not metrics_path.is_file():
         raise TrainingInputError(f"--init-from {init_dir} has no metrics.json: its data split "
                                  "cannot be checked")
@@ -238,7 +244,7 @@ def train_heads(target_dir: Path, out_dir: Path, *, plan: RecordingPlan, medusa:
                                                                     eval_set)}],
                    parameters=sum(p.numel() for p in model.parameters()))
     save_checkpoint(model.to(torch.bfloat16), out_dir)  # bf16: small enough to ship
-    write_metrics(metrics, out_dir / "metrics.json")
+    write_metrics(metrics, out_dir / METRICS_FILE)
     plot_accuracy(metrics, out_dir / "accuracy.png",
                   f"{metrics['mode']} heads for {target.name}")
     write_model_card(metrics, out_dir)
