@@ -405,7 +405,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="top-p of the sampled requests (1: none)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--k", type=int, default=0, help="drafts per step (0: the heads' K)")
+    parser.add_argument("--k", type=int, default=0, help="drafts per step (0: the heads "
+                        "that pay here, at most the heads' K)")
     parser.add_argument("--disable-by-batch-size", type=int, default=0,
                         help="our proposer skips drafting in steps with more decoding "
                         "requests than this (0: the step cost decides)")

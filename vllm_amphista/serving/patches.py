@@ -130,7 +130,7 @@ def patch_engine_args() -> None:
                            "Face repo id.")
         group.add_argument("--num-speculative-tokens", dest="amphista_num_tokens", type=int,
                            default=None, help="Tokens drafted per step (default: the "
-                           "heads' K).")
+                           "leading heads that pay on this machine, at most the heads' K).")
         group.add_argument("--speculative-disable-by-batch-size", dest="amphista_pause",
                            type=int, default=None, help="Skip drafting in steps with more "
                            "than this many decoding requests (default: always draft).")
