@@ -236,6 +236,23 @@ def test_step_clock_compares_kinds_at_one_batch_size():
     assert clock.overhead(1) == pytest.approx(0.9, abs=0.01)
 
 
+def test_step_clock_keeps_greedy_and_sampled_traffic_apart():
+    """Sampled drafting steps running 1.5x their prediction (greedy ones 1.1x) set the
+    sampled overhead, not the greedy one, at their size and, borrowed, at a size where
+    sampled drafting was not timed yet; each kind's yield is its own."""
+    clock = StepClock((1, 4, 16))
+    for _ in range(100):
+        for sampled, ratio, tokens in ((False, 1.1, 1.6), (True, 1.5, 1.2)):
+            clock.record(4, False, 10.0, 10.0, 10.0, 4, sampled=sampled)
+            clock.record(4, True, 10.0 * ratio, 10.0, 10.0, 4 * tokens, sampled=sampled)
+    assert clock.overhead(4) == pytest.approx(1.1, abs=0.01)
+    assert clock.overhead(4, sampled=True) == pytest.approx(1.5, abs=0.01)
+    assert clock.overhead(16, sampled=True) == pytest.approx(1.5, abs=0.01)
+    assert clock.overhead(16) == pytest.approx(1.1, abs=0.01)
+    assert clock.realized_gain(4) == pytest.approx(1.6 / 1.1)
+    assert clock.realized_gain(4, sampled=True) == pytest.approx(1.2 / 1.5)
+
+
 def test_step_clock_checks_what_drafting_steps_yielded_against_plain_ones():
     """Nothing to compare until both kinds are timed MIN_TIMED times at a size. Plain
     steps of 3 requests emit 3 tokens in the predicted plain time; drafting steps of 3

@@ -63,7 +63,7 @@ def _proposer(heads_dir, target_dir, num_tokens=3, pause=None,
         # an engine far faster than its step cost; tests of the clock fake the time.
         # Switched off, it asks for no plain steps to time.
         proposer.clock.record = lambda *args: None
-        proposer.clock.plain_timed = lambda requests: True
+        proposer.clock.plain_timed = lambda requests, sampled=False: True
     return proposer
 
 
@@ -143,7 +143,7 @@ def test_rows_kept_for_a_later_pass_reach_its_draft(tail, kept, heads_dir, tiny_
     monkeypatch.setattr(proposer_module, "PROMPT_TAIL", tail)
     proposer = _proposer(heads_dir, tiny_target_dir)
     plans = iter([proposer_module.DRAFT] + [proposer_module.TRACK] * 6 + [proposer_module.DRAFT])
-    proposer._plan = lambda decoding: next(plans)
+    proposer._plan = lambda decoding, sampled=False: next(plans)
     g = torch.Generator().manual_seed(2)
     sequence = torch.randint(0, tiny_target.vocab_size, (20,), generator=g)
     hidden = torch.randn(20, tiny_target.hidden_size, generator=g)
@@ -182,7 +182,7 @@ def test_slots_follow_vllm_reordering_its_batch(keep_rows, heads_dir, tiny_targe
     fed = dict.fromkeys("abcd", 0)
 
     def step(req_ids, rows, plan=proposer_module.DRAFT):
-        proposer._plan = lambda decoding: plan
+        proposer._plan = lambda decoding, sampled=False: plan
         table = np.zeros((len(req_ids), 64), np.int32)
         hidden, starts = [], []
         for i, (r, n) in enumerate(zip(req_ids, rows, strict=True)):
@@ -436,12 +436,15 @@ def test_only_slots_with_context_judge_the_heads(num_stages, tiny_target, tiny_t
 
 def _timed_steps(proposer, tiny_target, monkeypatch, extra_ms: float,
                  accepted_every: int, steps: int = 200, pace: float = 1.0,
-                 first_rejected: int = 0) -> list[bool]:
+                 first_rejected: int = 0, sampled: bool = False) -> list[bool]:
     """One request decoding `steps` steps under StepCost.linear(10, 1, 1): each step
     verifies the drafts proposed before it and takes `pace` times what the step cost
     predicts, plus `extra_ms` after a draft pass; the first draft is accepted every
     `accepted_every` steps (0: never), except in the first `first_rejected` steps that
-    verify drafts. Returns which steps ran the draft pass."""
+    verify drafts; sampled: the request samples (T=1). Returns which steps ran the draft
+    pass."""
+    sampling = (RequestSampling(temperature=torch.ones(1), top_p=None, top_k=None,
+                                generators={}) if sampled else None)
     now = [0.0]
     monkeypatch.setattr(proposer_module, "perf_counter", lambda: now[0])
     d = tiny_target.hidden_size
@@ -457,7 +460,7 @@ def _timed_steps(proposer, tiny_target, monkeypatch, extra_ms: float,
             req_ids=["a"], sampled_token_ids=[[5] * (1 + accepted)],
             hidden_states=torch.randn(1 + drafts, d),
             query_start_loc=np.array([0, 1 + drafts]), start_positions=np.array([position]),
-            num_draft_tokens=np.array([drafts]), token_ids=table))
+            num_draft_tokens=np.array([drafts]), token_ids=table, sampling=sampling))
         position += 1 + accepted
         drafts = len(proposal.tokens[0])
         passes.append(proposer.last_call[2])
@@ -489,6 +492,25 @@ def test_drafting_pauses_when_drafting_steps_run_slower_than_the_step_cost(
         assert proposer.clock.realized_gain(1) > 1.1
     else:
         assert sum(passes) < 40 and proposer.clock.overhead(1) > 1.5
+
+
+def test_sampled_drafting_steps_are_judged_apart_from_greedy_ones(
+        heads_dir, tiny_target, tiny_target_dir, tmp_path, monkeypatch):
+    """A sampled request whose drafting steps take 18 ms more than the step cost says
+    (q and rejection sampling, which the calibration does not time) pauses drafting for
+    sampled traffic; a greedy request after it is judged by greedy steps (none timed
+    yet), and drafts."""
+    StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
+    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
+                         timed=True)
+    proposer.acceptance.chance = lambda confident, sampled: np.tile([0.5, 0.2, 0.05],
+                                                           (len(confident), 1))
+    sampled = _timed_steps(proposer, tiny_target, monkeypatch, 18.0, accepted_every=2,
+                           sampled=True)
+    assert sum(sampled) < 40 and proposer.clock.overhead(1, sampled=True) > 1.5
+    assert proposer.clock.overhead(1) == 1.0
+    greedy = _timed_steps(proposer, tiny_target, monkeypatch, 0.0, accepted_every=2)
+    assert sum(greedy) > 150
 
 
 def test_a_few_rejected_first_drafts_do_not_pause_drafting_for_good(

@@ -274,7 +274,14 @@ class StepClock:
     not the engine's speed). Steps after a call that only kept its rows count as plain,
     that call's own time taken out; a drafting call's catch-up pass over kept rows is
     taken out of its step alike, and its time kept (`catch_up_ms`) to price a probe's
-    warm-up."""
+    warm-up.
+    Per kind of traffic as well (`sampled`: a step with a sampling request), because the
+    calibration verifies greedy drafts only, and a sampled drafting step also builds q
+    and rejection-samples over the vocabulary: in-process at 16 requests, bf16, every
+    step drafting, 4.7 ms of sampling and 1.2 of proposer work a step against 0.8 and
+    0.5 greedy, on a ~25 ms plain step. Pooled, drafting steps timed at T=0 priced T=0.7
+    ones. A kind of traffic not yet drafted at a size borrows the overhead of the
+    nearest size where the same kind was."""
 
     DECAY = 0.98
     PRIOR = 4.0
@@ -287,7 +294,8 @@ class StepClock:
 
     def __init__(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         self.log_sizes = np.log(np.asarray(batch_sizes, float))
-        shape = (len(batch_sizes), 2)  # per batch size, [plain, drafting]
+        # Readings per batch size and kind of traffic (`_reading`), each [plain, drafting].
+        shape = (2 * len(batch_sizes), 2)
         # Decayed sums of measured / predicted.
         self.observed = np.zeros(shape)
         # Decayed step counts, tokens emitted per request, and time in units of a plain
@@ -295,9 +303,9 @@ class StepClock:
         self.timed = np.zeros(shape)
         self.tokens = np.zeros(shape)
         self.paced = np.zeros(shape)
-        # Per batch size: the drafting steps in the realized gain's reading, decayed as
+        # Per reading: the drafting steps in the realized gain's reading, decayed as
         # they are timed (and gone at one request when it finishes).
-        self.yielded = np.zeros(len(batch_sizes))
+        self.yielded = np.zeros(2 * len(batch_sizes))
         # Per batch size: the proposer's catch-up pass over kept rows (ms, a running
         # mean; 0 until one was timed).
         self.catch_up = np.zeros(len(batch_sizes))
@@ -306,11 +314,16 @@ class StepClock:
         """The calibrated batch size nearest `requests`, on a log scale."""
         return int(np.abs(self.log_sizes - np.log(max(requests, 1))).argmin())
 
+    def _reading(self, requests: int, sampled: bool) -> int:
+        """The readings of that size and kind of traffic (greedy or sampled)."""
+        return 2 * self._size(requests) + int(sampled)
+
     def record(self, requests: int, drafted: bool, measured_ms: float, predicted_ms: float,
-               plain_ms: float, tokens: int) -> None:
+               plain_ms: float, tokens: int, sampled: bool = False) -> None:
         """One step of `requests` that took measured_ms against the step cost's
-        predicted_ms (plain_ms for a plain step of that size) and emitted `tokens`."""
-        at = (self._size(requests), int(drafted))
+        predicted_ms (plain_ms for a plain step of that size) and emitted `tokens`;
+        sampled: a request in it samples."""
+        at = (self._reading(requests, sampled), int(drafted))
         for sums in (self.observed, self.timed, self.tokens, self.paced):
             sums[at] *= self.DECAY
         self.observed[at] += min(measured_ms / predicted_ms, self.MAX_RATIO)
@@ -326,8 +339,8 @@ class StepClock:
         model's expectation decides there again. Not at larger batch sizes: their
         readings average many requests and read the engine more than the text (the ways
         of fading them that were measured: docs/decisions.md). The overhead stays."""
-        size = self._size(1)
-        self.tokens[size, 1] = self.paced[size, 1] = self.yielded[size] = 0.0
+        at = [self._reading(1, sampled) for sampled in (False, True)]
+        self.tokens[at, 1] = self.paced[at, 1] = self.yielded[at] = 0.0
 
     def record_catch_up(self, requests: int, ms: float) -> None:
         size = self._size(requests)
@@ -343,47 +356,51 @@ class StepClock:
         left of a prior's weight after n steps."""
         return 1.0 - (1.0 - self.DECAY) * counts
 
-    def overhead(self, requests: int) -> float:
-        size = self._size(requests)
-        return self._overhead_at(size, self._overhead_nearest(size))
+    def overhead(self, requests: int, sampled: bool = False) -> float:
+        at = self._reading(requests, sampled)
+        return self._overhead_at(at, self._overhead_nearest(at))
 
-    def _overhead_at(self, size: int, prior_overhead: float) -> float:
-        """Drafting's ratio over plain's at a calibrated size, each kind's sums joined
-        by PRIOR fading pseudo-steps: plain's at the size's pooled ratio, drafting's at
-        that times `prior_overhead`."""
-        steps = self.timed[size].sum()
-        pooled = self.observed[size].sum() / steps if steps else 1.0
-        prior = self.PRIOR * self._unfaded(self.timed[size])
-        plain, drafting = ((self.observed[size] + prior * pooled * np.array([1.0, prior_overhead]))
-                           / (self.timed[size] + prior))
+    def _overhead_at(self, at: int, prior_overhead: float) -> float:
+        """Drafting's ratio over plain's in a reading, each kind's sums joined by PRIOR
+        fading pseudo-steps: plain's at the reading's pooled ratio, drafting's at that
+        times `prior_overhead`."""
+        steps = self.timed[at].sum()
+        pooled = self.observed[at].sum() / steps if steps else 1.0
+        prior = self.PRIOR * self._unfaded(self.timed[at])
+        plain, drafting = ((self.observed[at] + prior * pooled * np.array([1.0, prior_overhead]))
+                           / (self.timed[at] + prior))
         return float(drafting / plain)
 
-    def _overhead_nearest(self, size: int) -> float:
-        """The overhead at the calibrated size nearest this one (log scale) where both
-        kinds were timed, 1 where none was: what drafting is taken to cost over plain
-        steps at a size until its own drafting steps are timed."""
+    def _overhead_nearest(self, at: int) -> float:
+        """The overhead of the same kind of traffic at the calibrated size nearest this
+        reading's (log scale) where both kinds of step were timed, 1 where none was: what
+        drafting is taken to cost over plain steps there until its own drafting steps
+        are timed."""
         both = np.flatnonzero((self.timed > 0).all(1))
-        others = both[both != size]
+        others = both[(both != at) & (both % 2 == at % 2)] // 2
         if not len(others):
             return 1.0
-        nearest = others[np.abs(self.log_sizes[others] - self.log_sizes[size]).argmin()]
-        return self._overhead_at(int(nearest), 1.0)
+        nearest = others[np.abs(self.log_sizes[others] - self.log_sizes[at // 2]).argmin()]
+        return self._overhead_at(int(2 * nearest + at % 2), 1.0)
 
-    def plain_timed(self, requests: int) -> bool:
-        """Whether plain steps were timed often enough at this size to be compared."""
-        return bool(self.timed[self._size(requests), 0] >= self.MIN_TIMED)
+    def plain_timed(self, requests: int, sampled: bool = False) -> bool:
+        """Whether plain steps were timed often enough at this size and kind of traffic
+        to be compared."""
+        return bool(self.timed[self._reading(requests, sampled), 0] >= self.MIN_TIMED)
 
-    def realized_gain(self, requests: int, expected: float | None = None) -> float | None:
-        """Drafting steps' tokens per unit of time over plain steps' at this size; None
-        until both kinds were timed MIN_TIMED times there, or while no drafting step's
-        yield is left (at one request, after it finished). `expected`: the model's gain,
-        which the reading starts from (EXPECTED_STEPS, fading as drafting steps are
-        timed, as the overhead's prior does; whole again at one request when it ends)."""
-        size = self._size(requests)
-        yielded = self.yielded[size]
-        if (self.timed[size] < self.MIN_TIMED).any() or not yielded:
+    def realized_gain(self, requests: int, expected: float | None = None,
+                      sampled: bool = False) -> float | None:
+        """Drafting steps' tokens per unit of time over plain steps' at this size and kind
+        of traffic; None until both kinds of step were timed MIN_TIMED times there, or
+        while no drafting step's yield is left (at one request, after it finished).
+        `expected`: the model's gain, which the reading starts from (EXPECTED_STEPS,
+        fading as drafting steps are timed, as the overhead's prior does; whole again at
+        one request when it ends)."""
+        at = self._reading(requests, sampled)
+        yielded = self.yielded[at]
+        if (self.timed[at] < self.MIN_TIMED).any() or not yielded:
             return None
-        plain, drafting = self.tokens[size] / self.paced[size]
+        plain, drafting = self.tokens[at] / self.paced[at]
         measured = float(drafting / plain)
         if expected is None:
             return measured

@@ -138,10 +138,11 @@ class AmphistaProposer(StepDrafter):
         self.pauses: dict[int, Pause] = {}  # per number of decoding requests
         self.steps_drafting = 0  # steps drafting paid, for timing plain ones among them
         self.clock = StepClock(self.step_cost.batch_sizes if self.step_cost else (1,))
-        # The last call: when it started, its decoding requests, whether it drafted, and
-        # its own time the step clock takes out of the step it times (ms): all of a call
-        # that only kept its rows (a plain step to the clock), a drafting call's catch-up.
-        self.last_call: tuple[float, int, bool, float] | None = None
+        # The last call: when it started, its decoding requests, whether it drafted, its
+        # own time the step clock takes out of the step it times (ms): all of a call that
+        # only kept its rows (a plain step to the clock), a drafting call's catch-up; and
+        # whether a request in it samples.
+        self.last_call: tuple[float, int, bool, float, bool] | None = None
         self.cache: SALCache | None = None  # created at the first step, dropped when idle
         self.pending: PendingRows | None = None  # created and dropped with the cache
         self.slot_reqs: list[str | None] = []  # the request in each slot
@@ -222,16 +223,17 @@ class AmphistaProposer(StepDrafter):
         now = perf_counter()
         if self.step_cost is not None:
             self._time_last_step(step, now)
+        sampled = step.sampled_requests()
+        traffic = bool(sampled.any())
         # A step of prompts only is judged at the size its requests will decode at:
         # where drafting is paused there, caches filled now would restart unused.
-        plan = self._plan(decoding or num_reqs)
-        self.last_call = (now, decoding, plan in (DRAFT, PROBE), 0.0)
+        plan = self._plan(decoding or num_reqs, traffic)
+        self.last_call = (now, decoding, plan in (DRAFT, PROBE), 0.0, traffic)
         if plan == SKIP:
             # No pass at all. A skipped request's slot no longer ends where its next rows
             # start, so it restarts when a pass runs again.
             return Proposal(drafts)
         cache = self._follow_batch(step.req_ids)
-        sampled = step.sampled_requests()
         if self.step_cost is not None:
             self._score_drafts(step, sampled)
         counts = step.accepted_counts()
@@ -251,10 +253,10 @@ class AmphistaProposer(StepDrafter):
         if plan == TRACK:
             dropped = self.pending.add(hidden, next_tokens, counts - skip, step.prefilling())
             cache.lengths[dropped] = 0
-            self.last_call = (now, decoding, False, 1e3 * (perf_counter() - now))
+            self.last_call = (now, decoding, False, 1e3 * (perf_counter() - now), traffic)
             return Proposal(drafts)
         catch_up_ms = self._catch_up(num_reqs, decoding)
-        self.last_call = (now, decoding, True, catch_up_ms)
+        self.last_call = (now, decoding, True, catch_up_ms, traffic)
         logits = self.model.extend(cache, hidden, next_tokens, counts - skip)
         # Requests past a partial prefill (they sampled a token) get drafts.
         drafting = [i for i in np.flatnonzero(counts).tolist() if step.sampled_token_ids[i]]
@@ -280,7 +282,7 @@ class AmphistaProposer(StepDrafter):
             drafts[i] = tokens[: lengths[j]]
         return Proposal(drafts, draft_probs)
 
-    def _plan(self, decoding: int) -> str:
+    def _plan(self, decoding: int, sampled: bool = False) -> str:
         """What this call does: DRAFT, PROBE, TRACK or SKIP.
         - Above the user's batch limit: SKIP.
         - Where drafting pays (the step cost with recent chances, and the step clock's
@@ -304,12 +306,13 @@ class AmphistaProposer(StepDrafter):
         if predicted is None:
             predicted = drafting_gain(decoding, self.recent_chance, self.step_cost)
             self.predicted_gain[decoding] = predicted
-        overhead = self.clock.overhead(decoding)
-        realized = self.clock.realized_gain(decoding, expected=predicted / overhead)
+        overhead = self.clock.overhead(decoding, sampled)
+        realized = self.clock.realized_gain(decoding, predicted / overhead, sampled)
         if (realized is None or realized >= 1.0) and predicted > overhead:
             self.pauses[decoding] = Pause(after_drafting=True)
             self.steps_drafting += 1
-            explore = not self.clock.plain_timed(decoding) and self.steps_drafting % 2 == 0
+            explore = (not self.clock.plain_timed(decoding, sampled)
+                       and self.steps_drafting % 2 == 0)
             return TRACK if explore else DRAFT
         pause = self.pauses.setdefault(decoding, Pause())
         pause.steps += 1
@@ -359,7 +362,7 @@ class AmphistaProposer(StepDrafter):
         riding along is not in the step cost)."""
         if self.last_call is None or not step.req_ids:
             return
-        started, decoded, drafted, own_ms = self.last_call
+        started, decoded, drafted, own_ms, sampled = self.last_call
         if not step.decode_only():
             return
         num_reqs = len(step.req_ids)
@@ -368,7 +371,7 @@ class AmphistaProposer(StepDrafter):
             predicted += self.step_cost.draft_ms(max(decoded, 1))
         self.clock.record(num_reqs, drafted, 1e3 * (now - started) - own_ms, predicted,
                           float(self.step_cost.step_ms(num_reqs, num_reqs)),
-                          sum(map(len, step.sampled_token_ids[:num_reqs])))
+                          sum(map(len, step.sampled_token_ids[:num_reqs])), sampled)
 
     def _catch_up(self, num_reqs: int, decoding: int) -> float:
         """Run the SAL layers over the rows that TRACK calls kept (before this step's),
