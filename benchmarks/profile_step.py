@@ -2,7 +2,7 @@
 
     python -m benchmarks.profile_step [--heads H] [--num-prompts N] [--max-tokens T]
                                       [--temperature 0.7] [--concurrency 16]
-                                      [--dtype bfloat16]
+                                      [--dtype bfloat16] [--k 2] [--step-cost off]
 
 Runs the prompts `--concurrency` at a time (one at a time by default, temperature 0) in
 an in-process engine (one fresh Python per method: vLLM's CPU build cannot start two
@@ -75,11 +75,12 @@ def _counting_drafts(propose, totals: dict[str, float]):
 
 
 def profile_one(target: str, heads: str | None, k: int | None, prompts: list[str],
-                max_tokens: int, temperature: float, concurrency: int, dtype: str) -> dict:
+                max_tokens: int, temperature: float, concurrency: int, dtype: str,
+                step_cost: str = "auto") -> dict:
     """Runs in its own process (see main)."""
     from vllm import SamplingParams  # heavy: only where an engine starts
 
-    spec = {"method": "amphista", "model": heads} if heads else None
+    spec = {"method": "amphista", "model": heads, "step_cost": step_cost} if heads else None
     if spec and k:
         spec["num_speculative_tokens"] = k
     llm = start_llm(target, speculative_config=spec, dtype=dtype)
@@ -134,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=TARGET_DTYPE, choices=list(DTYPE_NAMES),
                         help="the target's dtype (the draft model's is the machine's)")
     parser.add_argument("--k", type=int, nargs="+", default=[None],
-                        help="drafts per step, one run each (default: the heads' number)")
+                        help="drafts per step, one run each (default: the heads that pay)")
+    parser.add_argument("--step-cost", default="auto",
+                        help="the proposer's step cost: auto, off (draft every step, every "
+                        "draft verified) or a calibration file")
     parser.add_argument("--out", type=Path, default=Path("runs/profile_step.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
     args = parser.parse_args(argv)
@@ -149,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     for heads, k in [(None, None), *((h, k) for h in args.heads for k in args.k)]:
         job = json.dumps({"target": target, "heads": heads, "k": k, "prompts": prompts,
                           "max_tokens": args.max_tokens, "temperature": args.temperature,
-                          "concurrency": args.concurrency, "dtype": args.dtype})
+                          "concurrency": args.concurrency, "dtype": args.dtype,
+                          "step_cost": args.step_cost})
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         proc = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--one", job],
                               capture_output=True, text=True, env=env)
@@ -162,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                             "draft_dtype": str(compute_dtype()).removeprefix("torch."),
                             "prompts": len(prompts),
                             "max_tokens": args.max_tokens, "temperature": args.temperature,
-                            "concurrency": args.concurrency, "rows": rows})
+                            "concurrency": args.concurrency, "step_cost": args.step_cost,
+                            "rows": rows})
     print(machine_line(target=args.dtype, draft=compute_dtype()))
     print(f"temperature {args.temperature}, {args.concurrency} request(s) at a time")
     print(markdown_table(

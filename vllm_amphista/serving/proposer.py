@@ -224,11 +224,11 @@ class AmphistaProposer(StepDrafter):
         if self.step_cost is not None:
             self._time_last_step(step, now)
         sampled = step.sampled_requests()
-        traffic = bool(sampled.any())
+        any_sampled = bool(sampled.any())
         # A step of prompts only is judged at the size its requests will decode at:
         # where drafting is paused there, caches filled now would restart unused.
-        plan = self._plan(decoding or num_reqs, traffic)
-        self.last_call = (now, decoding, plan in (DRAFT, PROBE), 0.0, traffic)
+        plan = self._plan(decoding or num_reqs, any_sampled)
+        self.last_call = (now, decoding, plan in (DRAFT, PROBE), 0.0, any_sampled)
         if plan == SKIP:
             # No pass at all. A skipped request's slot no longer ends where its next rows
             # start, so it restarts when a pass runs again.
@@ -253,10 +253,10 @@ class AmphistaProposer(StepDrafter):
         if plan == TRACK:
             dropped = self.pending.add(hidden, next_tokens, counts - skip, step.prefilling())
             cache.lengths[dropped] = 0
-            self.last_call = (now, decoding, False, 1e3 * (perf_counter() - now), traffic)
+            self.last_call = (now, decoding, False, 1e3 * (perf_counter() - now), any_sampled)
             return Proposal(drafts)
         catch_up_ms = self._catch_up(num_reqs, decoding)
-        self.last_call = (now, decoding, True, catch_up_ms, traffic)
+        self.last_call = (now, decoding, True, catch_up_ms, any_sampled)
         logits = self.model.extend(cache, hidden, next_tokens, counts - skip)
         # Requests past a partial prefill (they sampled a token) get drafts.
         drafting = [i for i in np.flatnonzero(counts).tolist() if step.sampled_token_ids[i]]
