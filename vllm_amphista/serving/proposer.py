@@ -286,7 +286,8 @@ class AmphistaProposer(StepDrafter):
         """What this call does: DRAFT, PROBE, TRACK or SKIP.
         - Above the user's batch limit: SKIP.
         - Where drafting pays (the step cost with recent chances, and the step clock's
-          check that drafting steps timed at this size yielded more than plain ones):
+          check that drafting steps timed at this size, for this step's kind of traffic,
+          greedy or sampled, yielded more than plain ones):
           DRAFT, but TRACK every second step until plain steps are timed at this size
           (once per size), so that the check soon has plain steps to compare with.
         - Elsewhere drafting is paused: SKIP, except a PROBE now and then (a drafting
