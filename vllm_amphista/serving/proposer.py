@@ -28,6 +28,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -76,6 +77,19 @@ PROMPT_TAIL = 128
 # pause, its chances replacing the recent ones; keep the step's rows for the next pass's
 # SAL layers (PendingRows), so the caches follow the requests; nothing.
 DRAFT, PROBE, TRACK, SKIP = "draft", "probe", "track", "skip"
+
+
+class LastCall(NamedTuple):
+    """The proposer's last call, for the step clock to time the step after it: when it
+    started, its decoding requests, whether it ran a draft pass, its own time the clock
+    takes out of that step (ms: all of a call that only kept its rows, a plain step to
+    the clock; a drafting call's catch-up), and whether a request in it samples."""
+
+    started: float
+    decoding: int
+    drafted: bool
+    own_ms: float
+    sampled: bool
 
 
 @dataclass
@@ -138,11 +152,7 @@ class AmphistaProposer(StepDrafter):
         self.pauses: dict[int, Pause] = {}  # per number of decoding requests
         self.steps_drafting = 0  # steps drafting paid, for timing plain ones among them
         self.clock = StepClock(self.step_cost.batch_sizes if self.step_cost else (1,))
-        # The last call: when it started, its decoding requests, whether it drafted, its
-        # own time the step clock takes out of the step it times (ms): all of a call that
-        # only kept its rows (a plain step to the clock), a drafting call's catch-up; and
-        # whether a request in it samples.
-        self.last_call: tuple[float, int, bool, float, bool] | None = None
+        self.last_call: LastCall | None = None
         self.cache: SALCache | None = None  # created at the first step, dropped when idle
         self.pending: PendingRows | None = None  # created and dropped with the cache
         self.slot_reqs: list[str | None] = []  # the request in each slot
@@ -228,7 +238,7 @@ class AmphistaProposer(StepDrafter):
         # A step of prompts only is judged at the size its requests will decode at:
         # where drafting is paused there, caches filled now would restart unused.
         plan = self._plan(decoding or num_reqs, any_sampled)
-        self.last_call = (now, decoding, plan in (DRAFT, PROBE), 0.0, any_sampled)
+        self.last_call = LastCall(now, decoding, plan in (DRAFT, PROBE), 0.0, any_sampled)
         if plan == SKIP:
             # No pass at all. A skipped request's slot no longer ends where its next rows
             # start, so it restarts when a pass runs again.
@@ -253,10 +263,10 @@ class AmphistaProposer(StepDrafter):
         if plan == TRACK:
             dropped = self.pending.add(hidden, next_tokens, counts - skip, step.prefilling())
             cache.lengths[dropped] = 0
-            self.last_call = (now, decoding, False, 1e3 * (perf_counter() - now), any_sampled)
+            self.last_call = self.last_call._replace(own_ms=1e3 * (perf_counter() - now))
             return Proposal(drafts)
         catch_up_ms = self._catch_up(num_reqs, decoding)
-        self.last_call = (now, decoding, True, catch_up_ms, any_sampled)
+        self.last_call = self.last_call._replace(own_ms=catch_up_ms)
         logits = self.model.extend(cache, hidden, next_tokens, counts - skip)
         # Requests past a partial prefill (they sampled a token) get drafts.
         drafting = [i for i in np.flatnonzero(counts).tolist() if step.sampled_token_ids[i]]
