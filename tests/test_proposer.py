@@ -20,6 +20,7 @@ from vllm_amphista.serving import draft_length
 from vllm_amphista.serving import proposer as proposer_module
 from vllm_amphista.serving.draft_length import (
     MAX_PROBE_BACKOFF,
+    PROBE_ROWS,
     WARM_STEPS,
     StepCost,
     choose_lengths,
@@ -255,27 +256,38 @@ def _step_of_request_a(proposer: AmphistaProposer, start: int, rows: int,
         num_draft_tokens=np.zeros(1, np.int64), token_ids=table))
 
 
+def _probes(passes: list[bool]) -> tuple[list[int], list[int]]:
+    """Where each run of calls that ran a draft pass starts, and how long it is."""
+    starts = [i for i, ran in enumerate(passes) if ran and (i == 0 or not passes[i - 1])]
+    lengths = [next((j for j in range(i, len(passes)) if not passes[j]), len(passes)) - i
+               for i in starts]
+    return starts, lengths
+
+
 def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
-                                                         tiny_target_dir, tmp_path):
-    """With a step cost under which these heads never pay, the first decode step's draft
-    pass pauses drafting; after that only probe passes run, the first after
-    probe_interval plain steps (their share counting the warm-up) and each next one twice
-    as far (up to MAX_PROBE_BACKOFF times), and the probes measure the chances again. The
-    WARM_STEPS calls before each probe keep their rows, so the probe drafts with that much
-    context. Once drafting pays and pauses again, the spacing starts over, and the first
-    WARM_STEPS calls of that pause keep their rows too (the first pass, which never paid,
-    has none)."""
+                                                         tiny_target_dir, tmp_path,
+                                                         monkeypatch):
+    """With a step cost under which these heads never pay, drafting pauses once the first
+    PROBE_ROWS rows of chances judge it; after that only probes draft, the first after
+    probe_interval plain steps (their share counting the warm-up and the probe's steps)
+    and each next one twice as far (up to MAX_PROBE_BACKOFF times). A probe drops the
+    recent chances and drafts until PROBE_ROWS new rows judge again (one request: one row
+    a step). The WARM_STEPS calls before each probe keep their rows, so the probe drafts
+    with that much context. Once drafting pays and pauses again, the spacing starts over,
+    and the first WARM_STEPS calls of that pause keep their rows too (the first drafting
+    steps, which never paid, have none)."""
+    monkeypatch.setattr(draft_length, "PROBE_SHARE", 0.1)  # probes ten times as close
     dear = StepCost.linear(fixed_ms=10.0, per_token_ms=10.0, draft_ms=1.0)
     dear.save(tmp_path / "dear.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "dear.json"))
     proposer.clock.catch_up_ms = lambda requests: 16.0
     passes, tracked, cached = [], [], []
-    table = np.arange(8192, dtype=np.int32)[None] % tiny_target.vocab_size
+    table = np.arange(4096, dtype=np.int32)[None] % tiny_target.vocab_size
     interval = probe_interval(1, dear, 16.0)
     assert interval > probe_interval(1, dear) > 1 and interval > 2 * WARM_STEPS
     assert MAX_PROBE_BACKOFF == 8
     chances = []
-    position = iter(range(9, 8192))
+    position = iter(range(9, 4096))
 
     def call(start, rows):
         _step_of_request_a(proposer, start, rows, table)
@@ -289,35 +301,39 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
             call(next(position), 1)
 
     call(0, 9)  # the prompt, then decoding
-    steps(16 * interval + 5)
-    probes = np.flatnonzero(passes)
-    assert np.diff(probes).tolist() == [interval + 1, 2 * interval + 1, 4 * interval + 1,
-                                        8 * interval + 1]
+    steps(16 * interval + 5 * PROBE_ROWS)
+    probes, lengths = _probes(passes)
+    assert np.diff(probes).tolist() == [interval + PROBE_ROWS, 2 * interval + PROBE_ROWS,
+                                        4 * interval + PROBE_ROWS, 8 * interval + PROBE_ROWS]
+    assert lengths == [PROBE_ROWS] * 5
     assert np.flatnonzero(tracked).tolist() == [
         step for probe in probes[1:] for step in range(probe - WARM_STEPS, probe)]
     assert [cached[probe] for probe in probes[1:]] == [WARM_STEPS + 1] * 4
-    for probe in probes[1:]:  # re-measured by each probe: its one row replaces the last
-        assert len(chances[probe]) == 1
-        assert not np.allclose(chances[probe - 1], chances[probe])
+    for probe in probes[1:]:  # re-measured by each probe: its rows replace the last
+        assert len(chances[probe - 1]) == PROBE_ROWS and len(chances[probe]) == 1
+        assert not np.allclose(chances[probe - 1][-1], chances[probe])
+        assert len(chances[probe + PROBE_ROWS - 1]) == PROBE_ROWS
     proposer.step_cost = StepCost.linear(fixed_ms=10.0, per_token_ms=0.0, draft_ms=0.0)
     proposer.predicted_gain.clear()  # kept only while recent_chance and the cost stand
-    steps(8 * interval + 2)  # the next probe finds drafting pays
-    assert passes[-1]
+    steps(8 * interval + PROBE_ROWS + 2)  # the next probe finds drafting pays
+    assert all(passes[-PROBE_ROWS - 2:])
     proposer.step_cost = dear
     proposer.predicted_gain.clear()
     start = len(passes)
-    steps(3 * interval + 2)
-    assert np.flatnonzero(passes[start:]).tolist() == [interval, 3 * interval + 1]
+    steps(3 * interval + 2 * PROBE_ROWS)
+    assert _probes(passes[start:]) == ([interval, 3 * interval + PROBE_ROWS],
+                                       [PROBE_ROWS, PROBE_ROWS])
     assert np.flatnonzero(tracked[start:]).tolist()[:WARM_STEPS] == list(range(WARM_STEPS))
 
 
 def test_a_warm_up_once_begun_runs_to_its_probe(heads_dir, tiny_target, tiny_target_dir,
-                                                tmp_path):
+                                                tmp_path, monkeypatch):
     """The warm-up's own timing moves the probe's spacing (here each of its calls prices
     the next one differently, as the step clock's running mean does). Every probe still
     comes after WARM_STEPS calls that kept their rows, so its chances count: a probe
     from a colder slot would be discarded, and the pause would never hear from the heads
     again (seen at one request on an Intel Xeon: every probe of a 288-step run wasted)."""
+    monkeypatch.setattr(draft_length, "PROBE_SHARE", 0.1)  # probes ten times as close
     dear = StepCost.linear(fixed_ms=10.0, per_token_ms=10.0, draft_ms=1.0)
     dear.save(tmp_path / "dear.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "dear.json"))
@@ -330,21 +346,70 @@ def test_a_warm_up_once_begun_runs_to_its_probe(heads_dir, tiny_target, tiny_tar
         tracked.append(_kept_its_rows(proposer))
         cached.append(proposer.cached_positions("a"))
         chances.append(proposer.recent_chance.copy())
-    probes = np.flatnonzero(passes)[1:]
+    probes = _probes(passes)[0][1:]
     assert len(probes) >= 3
     for probe in probes:
         assert all(tracked[probe - WARM_STEPS: probe]) and cached[probe] == WARM_STEPS + 1
         # Its chances, and only they, judge the heads.
-        assert len(chances[probe]) == 1 and not np.allclose(chances[probe - 1], chances[probe])
+        assert len(chances[probe]) == 1
+        assert not np.allclose(chances[probe - 1][-1], chances[probe])
     assert sum(tracked) == WARM_STEPS * len(probes)  # no warm-up cut short
 
 
+@pytest.mark.parametrize("sure_steps", [3, 0])
+def test_a_probe_is_judged_by_probe_rows_rows(heads_dir, tiny_target, tiny_target_dir,
+                                              tmp_path, sure_steps):
+    """Four requests, paused, probe: its first step drafts from unsure text (no draft
+    would be accepted), the next `sure_steps` from sure text, which pays. A probe drafts
+    until PROBE_ROWS rows (four steps of four) judge: three sure steps after the unsure one
+    resume drafting, the probes' backoff starting over; four unsure steps keep drafting
+    paused, the next probe twice as far. (Judged by its first step alone, the probe
+    paused drafting either way.)"""
+    StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "c.json")
+    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "c.json"))
+    sure = np.array([0.9, 0.5, 0.2])
+    chance = [sure]
+    proposer.acceptance.chance = lambda confident, sampled: np.tile(chance[0],
+                                                                    (len(confident), 1))
+    d, requests = tiny_target.hidden_size, 4
+    table = np.arange(4 * 64, dtype=np.int32).reshape(4, 64) % tiny_target.vocab_size
+    position = iter(range(64))
+
+    def call() -> bool:
+        start = next(position)
+        proposer.propose_from_step(StepRows(
+            req_ids=list("abcd"), sampled_token_ids=[[5]] * requests,
+            hidden_states=torch.randn(requests, d), query_start_loc=np.arange(requests + 1),
+            start_positions=np.full(requests, start),
+            num_draft_tokens=np.zeros(requests, np.int64), token_ids=table))
+        return proposer.last_call[2]
+
+    for _ in range(WARM_STEPS + 1):  # warm slots: their chances judge the heads
+        assert call()
+    proposer.recent_chance = np.zeros((PROBE_ROWS, 3))  # paused, the probe next
+    proposer.predicted_gain.clear()
+    proposer.pauses[requests] = Pause(warmed=WARM_STEPS)
+    chance[0] = np.zeros(3)
+    assert call()  # the probe's first step
+    assert len(proposer.recent_chance) == requests
+    for step in range(PROBE_ROWS // requests - 1):
+        chance[0] = sure if step < sure_steps else np.zeros(3)
+        assert call()
+    assert len(proposer.recent_chance) == PROBE_ROWS
+    if sure_steps:
+        assert call() and proposer.pauses[requests].backoff == 1
+    else:
+        assert not call() and proposer.pauses[requests].backoff == 2
+
+
 def test_drafting_at_one_batch_size_leaves_the_pause_at_another(heads_dir, tiny_target,
-                                                               tiny_target_dir, tmp_path):
+                                                               tiny_target_dir, tmp_path,
+                                                               monkeypatch):
     """Drafting pays at one request and never at two. Two requests decode, paused, with
     a step of one between their probes now and then (as when a request ends before the
     next comes in): drafting there leaves the pause at two as it was, so the probes at two
     still back off and no warm-up follows the step of one."""
+    monkeypatch.setattr(draft_length, "PROBE_SHARE", 0.1)  # probes ten times as close
     StepCost((1, 2), (10.0, 10.0), (0.0, 10.0), (0.0, 1.0)).save(tmp_path / "cost.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"))
     proposer.clock.catch_up_ms = lambda requests: 16.0
@@ -373,9 +438,10 @@ def test_drafting_at_one_batch_size_leaves_the_pause_at_another(heads_dir, tiny_
     pair = [p for i, p in enumerate(plans[WARM_STEPS + 2:]) if i % (interval // 2)]
     alone = [p for i, p in enumerate(plans[WARM_STEPS + 2:]) if not i % (interval // 2)]
     assert set(alone) == {"D"}
-    probes = np.flatnonzero(np.array(pair) == "D")
-    assert len(probes) >= 3 and (np.diff(probes) > 1.5 * np.diff(probes)[0]).any()
-    assert pair.count("T") == WARM_STEPS * len(probes)
+    # The first run of drafting steps at two is the first PROBE_ROWS rows' (no warm-up).
+    probes = _probes([plan == "D" for plan in pair])[0]
+    assert len(probes) >= 4 and (np.diff(probes) > 1.5 * np.diff(probes)[0]).any()
+    assert pair.count("T") == WARM_STEPS * (len(probes) - 1)
 
 
 def test_only_decode_steps_price_the_warm_up_before_a_probe(heads_dir, tiny_target,
@@ -391,9 +457,12 @@ def test_only_decode_steps_price_the_warm_up_before_a_probe(heads_dir, tiny_targ
     proposer.clock.record_catch_up = lambda requests, ms: timed.append(requests)
     table = np.arange(2048, dtype=np.int32)[None].repeat(2, 0) % tiny_target.vocab_size
 
-    def call(sampled, rows, starts, pause):
+    def call(sampled, rows, starts, pause=None):
         req_ids = ["a", "b"][: len(rows)]
-        proposer.pauses = {size: pause for size in (1, 2)}
+        if pause is not None:  # paused, on PROBE_ROWS rows of chances that do not pay
+            proposer.pauses = {size: pause for size in (1, 2)}
+            proposer.recent_chance = np.zeros((PROBE_ROWS, proposer.max_drafts))
+            proposer.predicted_gain.clear()
         proposer.propose_from_step(StepRows(
             req_ids=req_ids, sampled_token_ids=sampled,
             hidden_states=torch.randn(sum(rows), tiny_target.hidden_size),
@@ -401,7 +470,7 @@ def test_only_decode_steps_price_the_warm_up_before_a_probe(heads_dir, tiny_targ
             num_draft_tokens=np.zeros(len(rows), np.int64), token_ids=table))
         return "draft" if proposer.last_call[2] else "keep" if _kept_its_rows(proposer) else ""
 
-    assert call([[5]], [9], [0], Pause()) == "draft"  # the first pass: drafting pauses
+    assert call([[5]], [9], [0]) == "draft"  # the first pass
     # As where drafting paid right before: the pause's first calls keep their rows.
     assert call([[5], []], [1, 20], [9, 0], Pause(after_drafting=True)) == "keep"  # b's prompt
     assert call([[5], [6]], [1, 1], [10, 20], Pause(warmed=WARM_STEPS)) == "draft"
@@ -483,11 +552,12 @@ def test_drafting_pauses_when_drafting_steps_run_slower_than_the_step_cost(
                                                            (len(confident), 1))
     passes = _timed_steps(proposer, tiny_target, monkeypatch, extra_ms, accepted_every=2)
     if extra_ms == 0.0:
-        # Plain steps among the first, every second one, until MIN_TIMED are timed (one
-        # more than that many: the clock's counts decay).
+        # Plain steps once the first PROBE_ROWS rows judged drafting, every second one,
+        # until MIN_TIMED are timed (one more than that many: the clock's counts decay).
         plain = [i for i, drafted in enumerate(passes) if not drafted]
         assert plain == list(range(plain[0], plain[0] + 2 * len(plain), 2))
-        assert draft_length.StepClock.MIN_TIMED <= len(plain) <= 10 and plain[-1] < 30
+        assert draft_length.StepClock.MIN_TIMED <= len(plain) <= 10
+        assert plain[0] < WARM_STEPS + PROBE_ROWS
         assert proposer.clock.overhead(1) == pytest.approx(1.0)
         assert proposer.clock.realized_gain(1) > 1.1
     else:
@@ -559,6 +629,7 @@ def test_a_finished_request_takes_what_its_drafts_yielded_with_it(
     paying spaces the next further. When it finishes, what its drafting steps yielded
     and the probes' backoff go with it (with one request in flight the reading is that
     request's text), and the next request drafts from the model's word."""
+    monkeypatch.setattr(draft_length, "PROBE_SHARE", 0.1)  # probes ten times as close
     StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
                          timed=True)

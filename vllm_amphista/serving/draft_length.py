@@ -18,10 +18,11 @@ follow from this machine's numbers, not from constants. The proposer checks that
 against its own steps (`StepClock`): where the drafting steps it timed at a batch size
 yielded fewer tokens per unit of time than the plain ones, drafting pauses there, as
 the model says or not. While drafting is paused the chances are re-measured by an
-occasional probe pass, after WARM_STEPS steps whose rows are kept for it, so that its
-pass catches the SAL caches up over them first (serving/pending_rows.py), spaced so
-that the two cost at most PROBE_SHARE of the plain steps' time (`probe_interval`), and
-less the longer the pause lasts.
+occasional probe, after WARM_STEPS steps whose rows are kept for it, so that its first
+pass catches the SAL caches up over them first (serving/pending_rows.py); it drafts
+until PROBE_ROWS rows of chances judge again, and is spaced so that warm-up and probe
+cost at most PROBE_SHARE of the plain steps' time (`probe_interval`), and less the
+longer the pause lasts.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ MAX_PROBE_BACKOFF = 8
 # conversation before it 51% (`python -m benchmarks.sal_context`). A probe without them
 # would price the heads a third too low and keep drafting paused where it pays.
 WARM_STEPS = 8
+# Rows of chances a probe gathers before they judge whether drafting pays: it drafts for
+# ceil(PROBE_ROWS / requests) steps. A probe judged by its one step paused drafting at 4
+# requests on four rows of unsure text (AMD EPYC of family 26, bf16, T=0: the model's
+# gain 0.94-1.10 against a timed overhead of 1.16-1.17) while drafting steps there paid,
+# and each such probe doubled the spacing of the next.
+PROBE_ROWS = 16
 
 
 def step_cost_path(target_dir: str | Path, target_dtype: str, threads: int | None = None,
@@ -477,13 +484,19 @@ class AcceptanceTracker:
         return np.minimum.accumulate(scaled, axis=-1)
 
 
+def probe_steps(requests: int) -> int:
+    """Drafting steps of one probe at this many requests: PROBE_ROWS rows."""
+    return -(-PROBE_ROWS // requests)
+
+
 def probe_interval(requests: int, cost: StepCost, warm_ms: float = 0.0) -> int:
     """Plain steps per probe while paused: one probe per this many steps costs at most
-    PROBE_SHARE of their time. A probe costs its draft pass, the catch-up over its
-    warm-up's rows (warm_ms) and the verification of about a draft a request (`_plan`
-    cuts its drafts to what pays, and where drafting is paused that is about the first
-    ones: unpriced, probes at 16 requests took ~1.5% of a bench's time, not 1%)."""
+    PROBE_SHARE of their time. A probe costs the catch-up over its warm-up's rows
+    (warm_ms) and, for each of its `probe_steps`, a draft pass and the verification of
+    about a draft a request (`_plan` cuts its drafts to what pays, and where drafting is
+    paused that is about the first ones: unpriced, probes at 16 requests took ~1.5% of a
+    bench's time, not 1%)."""
     plain_ms = float(cost.step_ms(requests, requests))
-    probe_ms = (cost.draft_ms(requests) + warm_ms
-                + float(cost.step_ms(requests, 2 * requests)) - plain_ms)
+    probe_ms = warm_ms + probe_steps(requests) * (
+        cost.draft_ms(requests) + float(cost.step_ms(requests, 2 * requests)) - plain_ms)
     return max(1, int(np.ceil(probe_ms / (PROBE_SHARE * plain_ms))))

@@ -41,6 +41,7 @@ from vllm_amphista.model.sal_cache import SALCache
 from vllm_amphista.model.target import TargetWeights
 from vllm_amphista.serving.draft_length import (
     MAX_PROBE_BACKOFF,
+    PROBE_ROWS,
     WARM_STEPS,
     AcceptanceTracker,
     StepClock,
@@ -73,10 +74,10 @@ RECENT_ROWS = 32
 # from context that far back: the heads' chain tau with every position cached 1.770,
 # with only the last 32 1.715 (`python -m benchmarks.sal_context`, docs/results.md).
 PROMPT_TAIL = 128
-# What a call does (AmphistaProposer._plan): the draft pass and drafts; the same in a
-# pause, its chances replacing the recent ones; keep the step's rows for the next pass's
-# SAL layers (PendingRows), so the caches follow the requests; nothing.
-DRAFT, PROBE, TRACK, SKIP = "draft", "probe", "track", "skip"
+# What a call does (AmphistaProposer._plan): the draft pass and drafts; keep the step's
+# rows for the next pass's SAL layers (PendingRows), so the caches follow the requests;
+# nothing.
+DRAFT, TRACK, SKIP = "draft", "track", "skip"
 
 
 class LastCall(NamedTuple):
@@ -238,7 +239,7 @@ class AmphistaProposer(StepDrafter):
         # A step of prompts only is judged at the size its requests will decode at:
         # where drafting is paused there, caches filled now would restart unused.
         plan = self._plan(decoding or num_reqs, any_sampled)
-        self.last_call = LastCall(now, decoding, plan in (DRAFT, PROBE), 0.0, any_sampled)
+        self.last_call = LastCall(now, decoding, plan == DRAFT, 0.0, any_sampled)
         if plan == SKIP:
             # No pass at all. A skipped request's slot no longer ends where its next rows
             # start, so it restarts when a pass runs again.
@@ -278,7 +279,7 @@ class AmphistaProposer(StepDrafter):
         # 8192 logits: ~2 ms for argmax alone).
         logits = logits.float()
         top_ids = last_dim_argmax(logits)
-        lengths = self._lengths(logits, drafting, sampled[drafting], plan == PROBE)
+        lengths = self._lengths(logits, drafting, sampled[drafting])
         # Drafts (and their q) only where some will be verified, up to the longest.
         kept = [j for j, n in enumerate(lengths) if n]
         if not kept:
@@ -293,16 +294,18 @@ class AmphistaProposer(StepDrafter):
         return Proposal(drafts, draft_probs)
 
     def _plan(self, decoding: int, sampled: bool = False) -> str:
-        """What this call does: DRAFT, PROBE, TRACK or SKIP.
+        """What this call does: DRAFT, TRACK or SKIP.
         - Above the user's batch limit: SKIP.
         - Where drafting pays (the step cost with recent chances, and the step clock's
           check that drafting steps timed at this size, for this step's kind of traffic,
           greedy or sampled, yielded more than plain ones):
           DRAFT, but TRACK every second step until plain steps are timed at this size
           (once per size), so that the check soon has plain steps to compare with.
-        - Elsewhere drafting is paused: SKIP, except a PROBE now and then (a drafting
-          call whose chances replace the recent ones) that measures the chances again,
-          the WARM_STEPS calls before it TRACK so that it drafts with context. The
+        - With fewer than PROBE_ROWS recent chances (at the start, and in a probe): DRAFT.
+        - Elsewhere drafting is paused: SKIP, except a probe now and then that measures
+          the chances again: it drops the recent ones, so that drafting resumes until
+          PROBE_ROWS new rows judge it, the WARM_STEPS calls before it TRACK so that it
+          drafts with context. The
           first WARM_STEPS calls of a pause that follows drafting TRACK as well: near
           the break-even the verdict may turn back within a few steps (the step clock's
           noise), and drafting then resumes with context.
@@ -311,7 +314,7 @@ class AmphistaProposer(StepDrafter):
         there must not restart the pause at 4 with its warm-up and backoff."""
         if self.disable_by_batch_size is not None:
             return SKIP if decoding > self.disable_by_batch_size else DRAFT
-        if self.step_cost is None or not len(self.recent_chance) or decoding == 0:
+        if self.step_cost is None or len(self.recent_chance) < PROBE_ROWS or decoding == 0:
             return DRAFT
         predicted = self.predicted_gain.get(decoding)
         if predicted is None:
@@ -331,7 +334,12 @@ class AmphistaProposer(StepDrafter):
             return TRACK
         if pause.warmed == WARM_STEPS:
             self.pauses[decoding] = Pause(backoff=min(2 * pause.backoff, MAX_PROBE_BACKOFF))
-            return PROBE  # its drafts are still cut to what pays
+            # The recent chances are from before the pause, from text that may be long
+            # gone (at one request a probe adding one row to 32 left drafting paused for
+            # most of a run on the first question's chances).
+            self.recent_chance = self.recent_chance[:0]
+            self.predicted_gain.clear()
+            return DRAFT  # its drafts are still cut to what pays
         if not pause.warmed:
             # Not timed yet: about a draft pass (a catch-up over WARM_STEPS rows reads
             # the same weights once).
@@ -346,13 +354,10 @@ class AmphistaProposer(StepDrafter):
         pause.warmed += 1
         return TRACK
 
-    def _lengths(self, logits: torch.Tensor, rows: list[int], sampled: np.ndarray,
-                 probe: bool = False) -> list[int]:
+    def _lengths(self, logits: torch.Tensor, rows: list[int], sampled: np.ndarray
+                 ) -> list[int]:
         """Drafts to verify per drafting request (batch rows `rows`, `sampled` saying
-        which of them sample): all K, or the step cost's choice. A probe's chances
-        replace the recent ones: those are from before the pause, from text that may be
-        long gone (at one request a probe added one row to 32, and drafting stayed paused
-        for most of a run on the first question's chances)."""
+        which of them sample): all K, or the step cost's choice."""
         if self.step_cost is None:
             return [self.max_drafts] * logits.shape[0]
         confident = confidence(logits)
@@ -361,9 +366,7 @@ class AmphistaProposer(StepDrafter):
         # Only slots with context judge the heads: a restarted slot drafts worse for a
         # few steps (WARM_STEPS), and its chances would keep drafting paused.
         warm = self.cache.lengths[rows] > WARM_STEPS
-        fresh = chance[warm]
-        kept = self.recent_chance if not (probe and len(fresh)) else self.recent_chance[:0]
-        self.recent_chance = np.concatenate((kept, fresh))[-RECENT_ROWS:]
+        self.recent_chance = np.concatenate((self.recent_chance, chance[warm]))[-RECENT_ROWS:]
         self.predicted_gain.clear()
         return choose_lengths(chance, self.step_cost).tolist()
 
