@@ -86,7 +86,7 @@ def demo_verdict(speedup: float, drafts: int, accepted: list[int]) -> str:
     if not drafts:
         return ("Amphista drafted in no step: the step cost judged that no draft of these "
                 "heads would pay on this machine, so after its first step it decoded plainly "
-                "but for an occasional probe pass, at most 2% of the time (`vllm-amphista "
+                "but for an occasional probe, at most 1% of the time (`vllm-amphista "
                 "calibrate` re-measures; README, \"Draft length\").")
     line = (f"tau {tau(sum(accepted), drafts):.2f} (tokens per target step in the "
             f"{drafts} steps that drafted; acceptance per position "
