@@ -19,6 +19,7 @@ from vllm_amphista.serving.draft_length import (
     drafting_gain,
     heads_that_pay,
     probe_interval,
+    probe_steps,
     step_cost_path,
 )
 
@@ -80,13 +81,15 @@ def test_drafting_stops_above_the_batch_size_where_it_cannot_pay():
 def test_probes_while_paused_cost_at_most_their_share(requests):
     """The tightest spacing of probes whose time (the catch-up, and per drafting step of
     the probe a draft pass and a draft verified per request) stays within PROBE_SHARE of
-    the plain steps between them; a probe drafts PROBE_ROWS rows."""
+    the plain steps between them; a probe drafts `probe_rows` rows (PROBE_ROWS, one at
+    one request)."""
     cost = StepCost(batch_sizes=(1, 16), fixed_ms=(55.8, 77.3), per_token_ms=(3.0, 3.0),
                     draft_ms_at=(14.9, 26.9))
     interval = probe_interval(requests, cost, warm_ms=5.0)
     plain_ms = float(cost.step_ms(requests, requests))
-    steps = {1: 16, 4: 4, 16: 1}[requests]
-    assert steps * requests == PROBE_ROWS
+    steps = {1: 1, 4: 4, 16: 1}[requests]
+    assert probe_steps(requests) == steps
+    assert steps * requests == (PROBE_ROWS if requests > 1 else 1)
     probe_ms = 5.0 + steps * (cost.draft_ms(requests) + requests * 3.0)
     assert probe_ms <= PROBE_SHARE * interval * plain_ms
     assert probe_ms > PROBE_SHARE * (interval - 1) * plain_ms

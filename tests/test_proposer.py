@@ -26,6 +26,8 @@ from vllm_amphista.serving.draft_length import (
     choose_lengths,
     confidence,
     probe_interval,
+    probe_rows,
+    probe_steps,
     shipped_step_cost_path,
     step_cost_path,
 )
@@ -265,29 +267,27 @@ def _probes(passes: list[bool]) -> tuple[list[int], list[int]]:
 
 
 def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
-                                                         tiny_target_dir, tmp_path,
-                                                         monkeypatch):
+                                                         tiny_target_dir, tmp_path):
     """With a step cost under which these heads never pay, drafting pauses once the first
-    PROBE_ROWS rows of chances judge it; after that only probes draft, the first after
+    `probe_rows` rows of chances judge it; after that only probes draft, the first after
     probe_interval plain steps (their share counting the warm-up and the probe's steps)
     and each next one twice as far (up to MAX_PROBE_BACKOFF times). A probe drops the
-    recent chances and drafts until PROBE_ROWS new rows judge again (one request: one row
-    a step). The WARM_STEPS calls before each probe keep their rows, so the probe drafts
-    with that much context. Once drafting pays and pauses again, the spacing starts over,
-    and the first WARM_STEPS calls of that pause keep their rows too (the first drafting
-    steps, which never paid, have none)."""
-    monkeypatch.setattr(draft_length, "PROBE_SHARE", 0.1)  # probes ten times as close
+    recent chances and drafts until `probe_rows` new rows judge again. The WARM_STEPS
+    calls before each probe keep their rows, so the probe drafts with that much context.
+    Once drafting pays and pauses again, the spacing starts over, and the first
+    WARM_STEPS calls of that pause keep their rows too (the first drafting steps, which
+    never paid, have none)."""
     dear = StepCost.linear(fixed_ms=10.0, per_token_ms=10.0, draft_ms=1.0)
     dear.save(tmp_path / "dear.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "dear.json"))
     proposer.clock.catch_up_ms = lambda requests: 16.0
     passes, tracked, cached = [], [], []
-    table = np.arange(4096, dtype=np.int32)[None] % tiny_target.vocab_size
-    interval = probe_interval(1, dear, 16.0)
+    table = np.arange(8192, dtype=np.int32)[None] % tiny_target.vocab_size
+    interval, probe = probe_interval(1, dear, 16.0), probe_steps(1)
     assert interval > probe_interval(1, dear) > 1 and interval > 2 * WARM_STEPS
     assert MAX_PROBE_BACKOFF == 8
     chances = []
-    position = iter(range(9, 4096))
+    position = iter(range(9, 8192))
 
     def call(start, rows):
         _step_of_request_a(proposer, start, rows, table)
@@ -301,28 +301,27 @@ def test_a_paused_proposer_probes_the_heads_now_and_then(heads_dir, tiny_target,
             call(next(position), 1)
 
     call(0, 9)  # the prompt, then decoding
-    steps(16 * interval + 5 * PROBE_ROWS)
-    probes, lengths = _probes(passes)
-    assert np.diff(probes).tolist() == [interval + PROBE_ROWS, 2 * interval + PROBE_ROWS,
-                                        4 * interval + PROBE_ROWS, 8 * interval + PROBE_ROWS]
-    assert lengths == [PROBE_ROWS] * 5
+    steps(16 * interval + 5 * probe)
+    starts, lengths = _probes(passes)
+    assert np.diff(starts).tolist() == [interval + probe, 2 * interval + probe,
+                                        4 * interval + probe, 8 * interval + probe]
+    assert lengths == [probe] * 5
     assert np.flatnonzero(tracked).tolist() == [
-        step for probe in probes[1:] for step in range(probe - WARM_STEPS, probe)]
-    assert [cached[probe] for probe in probes[1:]] == [WARM_STEPS + 1] * 4
-    for probe in probes[1:]:  # re-measured by each probe: its rows replace the last
-        assert len(chances[probe - 1]) == PROBE_ROWS and len(chances[probe]) == 1
-        assert not np.allclose(chances[probe - 1][-1], chances[probe])
-        assert len(chances[probe + PROBE_ROWS - 1]) == PROBE_ROWS
+        step for start in starts[1:] for step in range(start - WARM_STEPS, start)]
+    assert [cached[start] for start in starts[1:]] == [WARM_STEPS + 1] * 4
+    for start in starts[1:]:  # re-measured by each probe: its rows replace the last
+        assert len(chances[start - 1]) == probe_rows(1) and len(chances[start]) == 1
+        assert not np.allclose(chances[start - 1][-1], chances[start])
+        assert len(chances[start + probe - 1]) == probe_rows(1)
     proposer.step_cost = StepCost.linear(fixed_ms=10.0, per_token_ms=0.0, draft_ms=0.0)
     proposer.predicted_gain.clear()  # kept only while recent_chance and the cost stand
-    steps(8 * interval + PROBE_ROWS + 2)  # the next probe finds drafting pays
-    assert all(passes[-PROBE_ROWS - 2:])
+    steps(8 * interval + probe + 2)  # the next probe finds drafting pays
+    assert all(passes[-2:])
     proposer.step_cost = dear
     proposer.predicted_gain.clear()
     start = len(passes)
-    steps(3 * interval + 2 * PROBE_ROWS)
-    assert _probes(passes[start:]) == ([interval, 3 * interval + PROBE_ROWS],
-                                       [PROBE_ROWS, PROBE_ROWS])
+    steps(3 * interval + 2 * probe)
+    assert _probes(passes[start:]) == ([interval, 3 * interval + probe], [probe, probe])
     assert np.flatnonzero(tracked[start:]).tolist()[:WARM_STEPS] == list(range(WARM_STEPS))
 
 

@@ -20,7 +20,7 @@ yielded fewer tokens per unit of time than the plain ones, drafting pauses there
 the model says or not. While drafting is paused the chances are re-measured by an
 occasional probe, after WARM_STEPS steps whose rows are kept for it, so that its first
 pass catches the SAL caches up over them first (serving/pending_rows.py); it drafts
-until PROBE_ROWS rows of chances judge again, and is spaced so that warm-up and probe
+until `probe_rows` rows of chances judge again, and is spaced so that warm-up and probe
 cost at most PROBE_SHARE of the plain steps' time (`probe_interval`), and less the
 longer the pause lasts.
 """
@@ -57,11 +57,11 @@ MAX_PROBE_BACKOFF = 8
 # conversation before it 51% (`python -m benchmarks.sal_context`). A probe without them
 # would price the heads a third too low and keep drafting paused where it pays.
 WARM_STEPS = 8
-# Rows of chances a probe gathers before they judge whether drafting pays: it drafts for
-# ceil(PROBE_ROWS / requests) steps. A probe judged by its one step paused drafting at 4
-# requests on four rows of unsure text (AMD EPYC of family 26, bf16, T=0: the model's
-# gain 0.94-1.10 against a timed overhead of 1.16-1.17) while drafting steps there paid,
-# and each such probe doubled the spacing of the next.
+# Rows of chances a probe gathers before they judge whether drafting pays (`probe_rows`).
+# A probe judged by its one step paused drafting at 4 requests on four rows of unsure
+# text (AMD EPYC of family 26, bf16, T=0: the model's gain 0.94-1.10 against a timed
+# overhead of 1.16-1.17) while drafting steps there paid, and each such probe doubled the
+# spacing of the next.
 PROBE_ROWS = 16
 
 
@@ -484,9 +484,19 @@ class AcceptanceTracker:
         return np.minimum.accumulate(scaled, axis=-1)
 
 
+def probe_rows(requests: int) -> int:
+    """Rows of chances that judge drafting after a probe at this many requests:
+    PROBE_ROWS, but one at one request. There a probe's rows are one text's next
+    positions, drafting pays by ~20-25% on the shipped heads, so a pause is a stretch of
+    hard text, and a probe step costs ~10% of a plain step: one-step probes every ~18
+    steps kept 2299-2431 of ~2480 steps drafting in three benches (1.21-1.25x, bf16,
+    T=0), sixteen-step ones, ~16 times as far apart, 1645-1994 (1.07-1.19x)."""
+    return PROBE_ROWS if requests > 1 else 1
+
+
 def probe_steps(requests: int) -> int:
-    """Drafting steps of one probe at this many requests: PROBE_ROWS rows."""
-    return -(-PROBE_ROWS // requests)
+    """Drafting steps of one probe at this many requests."""
+    return -(-probe_rows(requests) // requests)
 
 
 def probe_interval(requests: int, cost: StepCost, warm_ms: float = 0.0) -> int:

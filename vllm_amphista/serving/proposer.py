@@ -41,7 +41,6 @@ from vllm_amphista.model.sal_cache import SALCache
 from vllm_amphista.model.target import TargetWeights
 from vllm_amphista.serving.draft_length import (
     MAX_PROBE_BACKOFF,
-    PROBE_ROWS,
     WARM_STEPS,
     AcceptanceTracker,
     StepClock,
@@ -51,6 +50,7 @@ from vllm_amphista.serving.draft_length import (
     drafting_gain,
     heads_that_pay,
     probe_interval,
+    probe_rows,
     shipped_step_cost_path,
     step_cost_path,
 )
@@ -301,10 +301,11 @@ class AmphistaProposer(StepDrafter):
           greedy or sampled, yielded more than plain ones):
           DRAFT, but TRACK every second step until plain steps are timed at this size
           (once per size), so that the check soon has plain steps to compare with.
-        - With fewer than PROBE_ROWS recent chances (at the start, and in a probe): DRAFT.
+        - With fewer recent chances than `probe_rows` asks (at the start, and in a
+          probe): DRAFT.
         - Elsewhere drafting is paused: SKIP, except a probe now and then that measures
           the chances again: it drops the recent ones, so that drafting resumes until
-          PROBE_ROWS new rows judge it, the WARM_STEPS calls before it TRACK so that it
+          `probe_rows` new rows judge it, the WARM_STEPS calls before it TRACK so that it
           drafts with context. The
           first WARM_STEPS calls of a pause that follows drafting TRACK as well: near
           the break-even the verdict may turn back within a few steps (the step clock's
@@ -314,7 +315,8 @@ class AmphistaProposer(StepDrafter):
         there must not restart the pause at 4 with its warm-up and backoff."""
         if self.disable_by_batch_size is not None:
             return SKIP if decoding > self.disable_by_batch_size else DRAFT
-        if self.step_cost is None or len(self.recent_chance) < PROBE_ROWS or decoding == 0:
+        if (self.step_cost is None or decoding == 0
+                or len(self.recent_chance) < probe_rows(decoding)):
             return DRAFT
         predicted = self.predicted_gain.get(decoding)
         if predicted is None:
