@@ -68,13 +68,18 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--disable-by-batch-size", type=int, default=0,
+                        help="as the bench's: no drafting above this many requests (0: the "
+                        "step cost decides)")
     parser.add_argument("--out", type=Path, default=Path("results/served_ab.json"))
     args = parser.parse_args()
     batch_sizes = [args.concurrency, *([args.before] if args.before else [])]
     bench_args = argparse.ArgumentParser()
     bench.add_arguments(bench_args)
-    bench_args = bench_args.parse_args(["--dtype", args.dtype, "--methods", *args.methods,
-                                        "--concurrency", *map(str, batch_sizes)])
+    bench_args = bench_args.parse_args([
+        "--dtype", args.dtype, "--methods", *args.methods,
+        "--concurrency", *map(str, batch_sizes),
+        "--disable-by-batch-size", str(args.disable_by_batch_size)])
     bench_args.target = export_smollm2()
     prompts = first_turns(None, limit=bench_args.num_prompts)
     runs: list[dict] = []
@@ -115,6 +120,7 @@ def main() -> None:
                             "the idle server's CPU s"], rows)
     write_report(args.out, {"concurrency": args.concurrency, "before": args.before,
                             "temperature": args.temperature, "target_dtype": args.dtype,
+                            "disable_by_batch_size": args.disable_by_batch_size or None,
                             "environment": bench.environment(), "runs": runs}, served)
     print(machine_line(served, target=args.dtype) + f"; {args.concurrency} requests, "
           f"T={args.temperature:g}" + (f", each run after {args.before}" if args.before
