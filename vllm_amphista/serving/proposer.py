@@ -296,20 +296,19 @@ class AmphistaProposer(StepDrafter):
     def _plan(self, decoding: int, sampled: bool = False) -> str:
         """What this call does: DRAFT, TRACK or SKIP.
         - Above the user's batch limit: SKIP.
+        - With fewer recent chances than `probe_rows` asks (at the start, and in a
+          probe): DRAFT.
         - Where drafting pays (the step cost with recent chances, and the step clock's
           check that drafting steps timed at this size, for this step's kind of traffic,
           greedy or sampled, yielded more than plain ones):
           DRAFT, but TRACK every second step until plain steps are timed at this size
           (once per size), so that the check soon has plain steps to compare with.
-        - With fewer recent chances than `probe_rows` asks (at the start, and in a
-          probe): DRAFT.
         - Elsewhere drafting is paused: SKIP, except a probe now and then that measures
           the chances again: it drops the recent ones, so that drafting resumes until
           `probe_rows` new rows judge it, the WARM_STEPS calls before it TRACK so that it
-          drafts with context. The
-          first WARM_STEPS calls of a pause that follows drafting TRACK as well: near
-          the break-even the verdict may turn back within a few steps (the step clock's
-          noise), and drafting then resumes with context.
+          drafts with context. The first WARM_STEPS calls of a pause that follows
+          drafting TRACK as well: near the break-even the verdict may turn back within a
+          few steps (the step clock's noise), and drafting then resumes with context.
         A pause is kept per batch size: with 4 requests in flight the batch dips to 3
         for a step or two whenever one ends before the next comes in, and drafting
         there must not restart the pause at 4 with its warm-up and backoff."""
@@ -356,8 +355,7 @@ class AmphistaProposer(StepDrafter):
         pause.warmed += 1
         return TRACK
 
-    def _lengths(self, logits: torch.Tensor, rows: list[int], sampled: np.ndarray
-                 ) -> list[int]:
+    def _lengths(self, logits: torch.Tensor, rows: list[int], sampled: np.ndarray) -> list[int]:
         """Drafts to verify per drafting request (batch rows `rows`, `sampled` saying
         which of them sample): all K, or the step cost's choice."""
         if self.step_cost is None:
