@@ -364,6 +364,7 @@ def test_a_probe_is_judged_by_probe_rows_rows(heads_dir, tiny_target, tiny_targe
     resume drafting, the probes' backoff starting over; four unsure steps keep drafting
     paused, the next probe twice as far. (Judged by its first step alone, the probe
     paused drafting either way.)"""
+    assert proposer_module.RECENT_ROWS >= PROBE_ROWS  # else a probe drafts on for good
     StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "c.json")
     proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "c.json"))
     sure = np.array([0.9, 0.5, 0.2])

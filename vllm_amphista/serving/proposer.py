@@ -65,7 +65,9 @@ from vllm_amphista.serving.step import Proposal, StepDrafter, StepRows
 
 # A child of vLLM's logger, so our lines appear with vLLM's own, formatted alike.
 logger = logging.getLogger("vllm.amphista")
-# Drafting requests' chances kept to judge whether drafting pays at a batch size.
+# Drafting requests' chances kept to judge whether drafting pays at a batch size; at
+# least PROBE_ROWS, which `_plan` drafts until it has (a probe that could never gather
+# them would draft on for good).
 RECENT_ROWS = 32
 # The most rows of one step a slot takes through the SAL layers: of a longer prompt (or
 # prefill chunk) only the last ones, the slot restarting there. The SAL layers over a
