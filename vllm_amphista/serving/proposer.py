@@ -340,8 +340,7 @@ class AmphistaProposer(StepDrafter):
             # The recent chances are from before the pause, from text that may be long
             # gone (at one request a probe adding one row to 32 left drafting paused for
             # most of a run on the first question's chances).
-            self.recent_chance = self.recent_chance[:0]
-            self.predicted_gain.clear()
+            self._set_recent_chance(self.recent_chance[:0])
             return DRAFT  # its drafts are still cut to what pays
         if not pause.warmed:
             # Not timed yet: about a draft pass (a catch-up over WARM_STEPS rows reads
@@ -368,9 +367,14 @@ class AmphistaProposer(StepDrafter):
         # Only slots with context judge the heads: a restarted slot drafts worse for a
         # few steps (WARM_STEPS), and its chances would keep drafting paused.
         warm = self.cache.lengths[rows] > WARM_STEPS
-        self.recent_chance = np.concatenate((self.recent_chance, chance[warm]))[-RECENT_ROWS:]
-        self.predicted_gain.clear()
+        self._set_recent_chance(np.concatenate((self.recent_chance, chance[warm])))
         return choose_lengths(chance, self.step_cost).tolist()
+
+    def _set_recent_chance(self, rows: np.ndarray) -> None:
+        """Keep the newest RECENT_ROWS of `rows` as the recent chances, and forget the
+        gains predicted from the old ones."""
+        self.recent_chance = rows[-RECENT_ROWS:]
+        self.predicted_gain.clear()
 
     def _time_last_step(self, step: StepRows, now: float) -> None:
         """Time the last call's work and the engine step that followed it (this step)
