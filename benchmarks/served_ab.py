@@ -3,7 +3,7 @@ tokens/s, and the CPU seconds each server's processes spent, the measured server
 idle one's.
 
     python -m benchmarks.served_ab [--concurrency 16] [--before 4] [--temperature 0]
-        [--rounds 4] [--dtype bfloat16] [--out results/served_ab.json]
+        [--rounds 4] [--dtype bfloat16] [--env-b NAME=VALUE ...] [--out results/served_ab.json]
 
 Both servers stay up, as in `vllm-amphista bench` (same server flags, same prompts, the
 same warm-up), and take turns, reversed every other round. `--before N` runs N requests at
@@ -71,8 +71,15 @@ def main() -> None:
     parser.add_argument("--disable-by-batch-size", type=int, default=0,
                         help="as the bench's: no drafting above this many requests (0: the "
                         "step cost decides)")
+    parser.add_argument("--env-b", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="added to the second method's server environment (with "
+                        "--methods vanilla vanilla-sync: one engine under two settings)")
     parser.add_argument("--out", type=Path, default=Path("results/served_ab.json"))
     args = parser.parse_args()
+    if args.methods[0] == args.methods[1]:
+        parser.error("--methods: two different methods (vanilla vanilla-sync for two plain "
+                     "servers)")
+    env_b = dict(setting.split("=", 1) for setting in args.env_b)
     batch_sizes = [args.concurrency, *([args.before] if args.before else [])]
     bench_args = argparse.ArgumentParser()
     bench.add_arguments(bench_args)
@@ -84,7 +91,8 @@ def main() -> None:
     prompts = first_turns(None, limit=bench_args.num_prompts)
     runs: list[dict] = []
     with ExitStack() as servers:
-        bases, served = bench.start_servers(servers, bench_args, prompts, log_dir=Path("/tmp"))
+        bases, served = bench.start_servers(servers, bench_args, prompts, log_dir=Path("/tmp"),
+                                            extra_env={args.methods[1]: env_b})
         processes = {method: server_process(base.rsplit(":", 1)[1])
                      for method, base in bases.items()}
         for round_ in range(args.rounds):
@@ -121,6 +129,7 @@ def main() -> None:
     write_report(args.out, {"concurrency": args.concurrency, "before": args.before,
                             "temperature": args.temperature, "target_dtype": args.dtype,
                             "disable_by_batch_size": args.disable_by_batch_size or None,
+                            "env_b": {args.methods[1]: env_b},
                             "environment": bench.environment(), "runs": runs}, served)
     print(machine_line(served, target=args.dtype) + f"; {args.concurrency} requests, "
           f"T={args.temperature:g}" + (f", each run after {args.before}" if args.before

@@ -1,6 +1,6 @@
 """The command line's engine environment: the commands that fork vLLM engines from their own
-process restart under the served preload (LD_PRELOAD reaches only processes started after
-it is set)."""
+process restart under the served preload and malloc settings (they reach only processes
+started after they are set)."""
 
 from __future__ import annotations
 
@@ -16,19 +16,24 @@ class Restarted(Exception):
     pass
 
 
-@pytest.mark.parametrize("command, user_preload, restarts", [
-    (["demo"], None, True),
-    (["calibrate", "--dtype", "bfloat16"], None, True),
-    (["demo"], "", False),  # the user keeps GNU OpenMP
-    (["demo"], "/opt/libtcmalloc.so", False),  # the user's preload, in place from the start
-    (["bench"], None, False),  # its engines are `vllm serve` processes it starts
+USER_MALLOC = {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+@pytest.mark.parametrize("command, user_env, restarts", [
+    (["demo"], {}, True),
+    (["calibrate", "--dtype", "bfloat16"], {}, True),
+    (["demo"], {"LD_PRELOAD": ""}, True),  # GNU OpenMP kept, the malloc settings added
+    (["demo"], {"LD_PRELOAD": "", **USER_MALLOC}, False),  # all the user's from the start
+    (["demo"], {"LD_PRELOAD": "/opt/libtcmalloc.so", **USER_MALLOC}, False),
+    (["bench"], {}, False),  # its engines are `vllm serve` processes it starts
 ])
-def test_commands_forking_engines_restart_under_the_served_preload(
-        command, user_preload, restarts, monkeypatch, tmp_path):
-    for key in ("LD_PRELOAD", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE"):
+def test_commands_forking_engines_restart_under_the_served_settings(
+        command, user_env, restarts, monkeypatch, tmp_path):
+    for key in (*engine.PROCESS_START_SETTINGS, *USER_MALLOC, "VLLM_CPU_OMP_THREADS_BIND",
+                "VLLM_CPU_KVCACHE_SPACE"):
         monkeypatch.delenv(key, raising=False)  # restored after the test
-    if user_preload is not None:
-        monkeypatch.setenv("LD_PRELOAD", user_preload)
+    for key, value in user_env.items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setattr(engine, "intel_openmp", lambda: tmp_path / "libiomp5.so")
     monkeypatch.setattr(sys, "argv", ["vllm-amphista", *command])
     executed: list[list[str]] = []
@@ -46,9 +51,11 @@ def test_commands_forking_engines_restart_under_the_served_preload(
         with pytest.raises(Restarted):
             cli.main()
         assert executed == [[sys.executable, "-m", "vllm_amphista.cli", *command]]
-        assert ran == [] and engine.os.environ["LD_PRELOAD"] == str(tmp_path / "libiomp5.so")
+        assert ran == [] and engine.os.environ["LD_PRELOAD"] == user_env.get(
+            "LD_PRELOAD", str(tmp_path / "libiomp5.so"))
     else:
         assert cli.main() == 0 and executed == [] and ran == [command[0]]
-    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    for key in engine.PROCESS_START_SETTINGS:
+        monkeypatch.delenv(key, raising=False)
     cli.main(command)  # called with arguments (from Python): never restarts
     assert len(executed) == int(restarts)

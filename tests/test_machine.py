@@ -175,3 +175,20 @@ def test_intel_openmp_is_found_beside_this_python_and_seen_once_preloaded():
                                check=True, env={**os.environ, "LD_PRELOAD": preload}
                                ).stdout.strip() for preload in ("", str(library))]
     assert runtimes == ["gnu", "intel"]
+
+
+@pytest.mark.parametrize("user_env", [{}, {"MALLOC_TRIM_THRESHOLD_": "0"},
+                                      {"MALLOC_MMAP_THRESHOLD_": "65536"}])
+def test_served_engines_fix_glibc_malloc_unless_the_user_tunes_it(user_env, monkeypatch):
+    from vllm_amphista import engine
+
+    for key in machine.SERVED_MALLOC:
+        monkeypatch.delenv(key, raising=False)
+    engine.set_engine_environment(in_process=True)  # read as a process starts: served only
+    assert not any(key in engine.os.environ for key in machine.SERVED_MALLOC)
+    for key, value in user_env.items():
+        monkeypatch.setenv(key, value)
+    engine.set_engine_environment(in_process=False)
+    served = {key: engine.os.environ.get(key) for key in machine.SERVED_MALLOC}
+    assert served == ({**dict.fromkeys(machine.SERVED_MALLOC), **user_env} if user_env
+                      else machine.SERVED_MALLOC)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from vllm_amphista.machine import TARGET_DTYPE, intel_openmp, served_worker_binding
+from vllm_amphista.machine import SERVED_MALLOC, TARGET_DTYPE, intel_openmp, served_worker_binding
 
 # On CPU, vLLM reserves almost all memory for KV cache unless told otherwise (GiB).
 DEFAULT_KV_CACHE_GIB = "2"
@@ -15,13 +15,15 @@ MAX_MODEL_LEN = 2048
 # loop, a whole core): a measurement that starts right after another engine's ends shares
 # the CPU with that spin, so timings of engines taking turns wait this long first.
 ENGINE_SETTLE_S = 1.5
+# Served settings a process reads only as it starts (the dynamic loader, glibc's malloc).
+PROCESS_START_SETTINGS = ("LD_PRELOAD", *SERVED_MALLOC)
 
 
 def set_engine_environment(in_process: bool = True) -> None:
     """Environment every engine of ours starts under; a value the user set wins (an empty
-    LD_PRELOAD keeps GNU OpenMP). LD_PRELOAD reaches only processes started after it is
-    set: `vllm serve` started from here, not engines forked from this process
-    (`fork_engines_as_served`)."""
+    LD_PRELOAD keeps GNU OpenMP; either MALLOC_ setting keeps glibc's own for the other).
+    PROCESS_START_SETTINGS reach only processes started after they are set: `vllm serve`
+    started from here, not engines forked from this process (`fork_engines_as_served`)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_CACHE_GIB)
     if in_process:  # the engine core in this process, where tests and profilers reach it
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -30,17 +32,18 @@ def set_engine_environment(in_process: bool = True) -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", binding)
     if library := intel_openmp():
         os.environ.setdefault("LD_PRELOAD", str(library))
+    if not any(name in os.environ for name in SERVED_MALLOC):
+        os.environ.update(SERVED_MALLOC)
 
 
 def fork_engines_as_served(module: str) -> None:
     """For a command (`python -m module ...`) that forks served engines from its own
     process (`start_llm(as_served=True)`): set the served environment, and where that
-    added a preload this process started without, run the command again under it
-    (LD_PRELOAD takes effect only as a process starts). Once: the new process finds
-    LD_PRELOAD set."""
-    preloaded = "LD_PRELOAD" in os.environ
+    changed a PROCESS_START_SETTINGS this process started without, run the command again
+    under it. Once: the new process finds them set."""
+    started_with = [os.environ.get(name) for name in PROCESS_START_SETTINGS]
     set_engine_environment(in_process=False)
-    if not preloaded and os.environ.get("LD_PRELOAD"):
+    if started_with != [os.environ.get(name) for name in PROCESS_START_SETTINGS]:
         os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
 
 

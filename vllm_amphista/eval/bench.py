@@ -47,7 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from vllm_amphista.convert.medusa import export_vllm_medusa
-from vllm_amphista.engine import ENGINE_SETTLE_S, set_engine_environment
+from vllm_amphista.engine import ENGINE_SETTLE_S, PROCESS_START_SETTINGS, set_engine_environment
 from vllm_amphista.eval.report import machine_line, write_report
 from vllm_amphista.eval.server import get_text, post_json, vllm_server, worker_cores
 from vllm_amphista.eval.tau import acceptance_per_position, tau
@@ -188,18 +188,21 @@ def warm_up(base: str, prompts: list[str], concurrencies: list[int]) -> None:
 
 
 def start_servers(servers: ExitStack, args: argparse.Namespace, prompts: list[str],
-                  log_dir: Path) -> tuple[dict[str, str], dict]:
+                  log_dir: Path, extra_env: dict[str, dict[str, str]] | None = None,
+                  ) -> tuple[dict[str, str], dict]:
     """A `vllm serve` per method in args.methods (stopped as `servers` closes), under the
-    served engine environment, each warmed up at every concurrency in args.concurrency:
-    their base URLs by method, and the machine as the servers compute on it (the threads
-    their workers bound, the OpenMP they preload), not as this process does."""
+    served engine environment (plus extra_env[method], where given), each warmed up at
+    every concurrency in args.concurrency: their base URLs by method, and the machine as
+    the servers compute on it (the threads their workers bound, the OpenMP they preload),
+    not as this process does."""
     set_engine_environment(in_process=False)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     bases, threads = {}, None
     for method in args.methods:
         print(f"starting {method} ...", flush=True)
         bases[method], log = servers.enter_context(vllm_server(
-            server_args(method, args), env, timeout=600, log_dir=log_dir))
+            server_args(method, args), {**env, **(extra_env or {}).get(method, {})},
+            timeout=600, log_dir=log_dir))
         threads = worker_cores(log.read_text()) or threads
         warm_up(bases[method], prompts, args.concurrency)
     return bases, {**describe(), "torch_threads": threads,
@@ -370,7 +373,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 # Environment variables that set how vLLM's CPU engine computes (threads, OpenMP runtime).
-ENGINE_SETTINGS = ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "LD_PRELOAD")
+ENGINE_SETTINGS = ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", *PROCESS_START_SETTINGS)
 
 
 def environment() -> dict:
