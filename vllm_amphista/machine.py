@@ -164,8 +164,8 @@ def intel_openmp() -> Path | None:
 # block it has mmapped and freed, so an engine computes under thresholds its past traffic
 # left: on the AMD EPYC of family 26, bf16, served side by side, Amphista at 16 requests
 # after drafting 4-request runs 0.918x vanilla by default, 0.992x with both fixed; vanilla
-# fixed against vanilla by default +2% at 16 requests, +8% at 4, even at 1 (docs/results.md,
-# "glibc's malloc thresholds fixed, served"). Read as a process starts, as LD_PRELOAD is.
+# fixed against vanilla by default +2% at 16 requests, +8% at 4, +3% at 1 (scattered)
+# (docs/results.md, "glibc's malloc thresholds fixed, served"). Read as a process starts.
 SERVED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
