@@ -3,7 +3,8 @@ tokens/s, and the CPU seconds each server's processes spent, the measured server
 idle one's.
 
     python -m benchmarks.served_ab [--concurrency 16] [--before 4] [--temperature 0]
-        [--rounds 4] [--dtype bfloat16] [--env-b NAME=VALUE ...] [--out results/served_ab.json]
+        [--rounds 4] [--dtype bfloat16] [--env-b NAME[=VALUE] ...]
+        [--out results/served_ab.json]
 
 Both servers stay up, as in `vllm-amphista bench` (same server flags, same prompts, the
 same warm-up), and take turns, reversed every other round. `--before N` runs N requests at
@@ -60,9 +61,8 @@ def server_process(port: str) -> psutil.Process:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs=2, default=["vanilla", "amphista"],
-                        choices=bench.METHODS, help="two bench methods (vanilla and "
-                        "vanilla-sync: two plain servers, to see how far apart two "
-                        "servers of one engine run)")
+                        choices=bench.METHODS, help="two bench methods, or one twice with "
+                        "--env-b")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--before", type=int, help="requests at once right before each run")
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -71,56 +71,63 @@ def main() -> None:
     parser.add_argument("--disable-by-batch-size", type=int, default=0,
                         help="as the bench's: no drafting above this many requests (0: the "
                         "step cost decides)")
-    parser.add_argument("--env-b", nargs="+", default=[], metavar="NAME=VALUE",
-                        help="added to the second method's server environment (with "
-                        "--methods vanilla vanilla-sync: one engine under two settings)")
+    parser.add_argument("--env-b", nargs="+", default=[], metavar="NAME[=VALUE]",
+                        help="the second server's environment: NAME=VALUE set, NAME unset "
+                        "(one method twice: one engine under two settings)")
     parser.add_argument("--out", type=Path, default=Path("results/served_ab.json"))
     args = parser.parse_args()
-    if args.methods[0] == args.methods[1]:
-        parser.error("--methods: two different methods (vanilla vanilla-sync for two plain "
-                     "servers)")
-    env_b = dict(setting.split("=", 1) for setting in args.env_b)
+    env_b = {name: value[0] if value else None
+             for name, *value in (setting.split("=", 1) for setting in args.env_b)}
+    method_a, method_b = args.methods
+    if method_a == method_b and not env_b:
+        parser.error("one method twice needs --env-b")
+    # Each server by a name of its own: its method, the second's marked where they agree.
+    side_b = method_b if method_b != method_a else f"{method_b}+env-b"
+    sides = {method_a: (method_a, {}), side_b: (method_b, env_b)}
     batch_sizes = [args.concurrency, *([args.before] if args.before else [])]
     bench_args = argparse.ArgumentParser()
     bench.add_arguments(bench_args)
     bench_args = bench_args.parse_args([
-        "--dtype", args.dtype, "--methods", *args.methods,
-        "--concurrency", *map(str, batch_sizes),
+        "--dtype", args.dtype, "--concurrency", *map(str, batch_sizes),
         "--disable-by-batch-size", str(args.disable_by_batch_size)])
     bench_args.target = export_smollm2()
     prompts = first_turns(None, limit=bench_args.num_prompts)
     runs: list[dict] = []
     with ExitStack() as servers:
-        bases, served = bench.start_servers(servers, bench_args, prompts, log_dir=Path("/tmp"),
-                                            extra_env={args.methods[1]: env_b})
-        processes = {method: server_process(base.rsplit(":", 1)[1])
-                     for method, base in bases.items()}
+        bases = {}
+        for side, (method, env) in sides.items():
+            bench_args.methods = [method]
+            started, served = bench.start_servers(servers, bench_args, prompts,
+                                                  log_dir=Path("/tmp"), extra_env=env)
+            bases[side] = started[method]
+        processes = {side: server_process(base.rsplit(":", 1)[1])
+                     for side, base in bases.items()}
         for round_ in range(args.rounds):
-            for method in bench.methods_in_turn(args.methods, round_):
-                idle = processes[next(m for m in args.methods if m != method)]
+            for side in bench.methods_in_turn(list(sides), round_):
+                idle = processes[next(other for other in sides if other != side)]
                 if args.before:
                     time.sleep(ENGINE_SETTLE_S)
-                    bench.measure(bases[method], prompts, args.before, args.temperature,
+                    bench.measure(bases[side], prompts, args.before, args.temperature,
                                   bench_args.max_tokens)
                 time.sleep(ENGINE_SETTLE_S)
-                before = cpu_seconds(processes[method]), cpu_seconds(idle)
-                run = bench.measure(bases[method], prompts, args.concurrency,
+                before = cpu_seconds(processes[side]), cpu_seconds(idle)
+                run = bench.measure(bases[side], prompts, args.concurrency,
                                     args.temperature, bench_args.max_tokens)
-                runs.append({"method": method, "round": round_,
+                runs.append({"method": side, "round": round_,
                              "tokens_per_s": run.tokens_per_s, "drafts": run.drafts,
                              "tokens": sum(map(len, run.outputs)),
-                             "cpu_s": spent(cpu_seconds(processes[method]), before[0]),
+                             "cpu_s": spent(cpu_seconds(processes[side]), before[0]),
                              "idle_server_cpu_s": spent(cpu_seconds(idle), before[1])})
-                print(f"{method:>9} round {round_}: {run.tokens_per_s:6.1f} tokens/s, "
+                print(f"{side:>9} round {round_}: {run.tokens_per_s:6.1f} tokens/s, "
                       f"{run.drafts} drafts", flush=True)
     rows = []
-    for method in args.methods:
-        mine = [r for r in runs if r["method"] == method]
+    for side in sides:
+        mine = [r for r in runs if r["method"] == side]
         speeds = [r["tokens_per_s"] for r in mine]
         cpu = {name: statistics.mean(r["cpu_s"].get(name, 0.0) for r in mine)
                for name in mine[0]["cpu_s"]}
         idle = statistics.mean(sum(r["idle_server_cpu_s"].values()) for r in mine)
-        rows.append([method, f"{statistics.mean(speeds):.1f}",
+        rows.append([side, f"{statistics.mean(speeds):.1f}",
                      " / ".join(f"{s:.1f}" for s in speeds),
                      sum(r["drafts"] for r in mine),
                      ", ".join(f"{name} {s:.2f}" for name, s in cpu.items()), f"{idle:.3f}"])
@@ -129,12 +136,11 @@ def main() -> None:
     write_report(args.out, {"concurrency": args.concurrency, "before": args.before,
                             "temperature": args.temperature, "target_dtype": args.dtype,
                             "disable_by_batch_size": args.disable_by_batch_size or None,
-                            "env_b": {args.methods[1]: env_b},
+                            "env_b": {side_b: env_b},
                             "environment": bench.environment(), "runs": runs}, served)
     print(machine_line(served, target=args.dtype) + f"; {args.concurrency} requests, "
           f"T={args.temperature:g}" + (f", each run after {args.before}" if args.before
                                        else "") + "\n\n" + table)
-
 
 if __name__ == "__main__":
     main()

@@ -188,21 +188,21 @@ def warm_up(base: str, prompts: list[str], concurrencies: list[int]) -> None:
 
 
 def start_servers(servers: ExitStack, args: argparse.Namespace, prompts: list[str],
-                  log_dir: Path, extra_env: dict[str, dict[str, str]] | None = None,
+                  log_dir: Path, extra_env: dict[str, str | None] | None = None,
                   ) -> tuple[dict[str, str], dict]:
     """A `vllm serve` per method in args.methods (stopped as `servers` closes), under the
-    served engine environment (plus extra_env[method], where given), each warmed up at
-    every concurrency in args.concurrency: their base URLs by method, and the machine as
-    the servers compute on it (the threads their workers bound, the OpenMP they preload),
-    not as this process does."""
+    served engine environment changed by extra_env (None unsets), each warmed up at every
+    concurrency in args.concurrency: their base URLs by method, and the machine as the
+    servers compute on it (the threads their workers bound, the OpenMP they preload), not
+    as this process does."""
     set_engine_environment(in_process=False)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in {**os.environ, **(extra_env or {})}.items()
+           if k != "TRITON_INTERPRET" and v is not None}
     bases, threads = {}, None
     for method in args.methods:
         print(f"starting {method} ...", flush=True)
         bases[method], log = servers.enter_context(vllm_server(
-            server_args(method, args), {**env, **(extra_env or {}).get(method, {})},
-            timeout=600, log_dir=log_dir))
+            server_args(method, args), env, timeout=600, log_dir=log_dir))
         threads = worker_cores(log.read_text()) or threads
         warm_up(bases[method], prompts, args.concurrency)
     return bases, {**describe(), "torch_threads": threads,
