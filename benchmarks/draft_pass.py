@@ -1,20 +1,20 @@
 """Where the draft pass's time goes: each weight product, and everything around them.
 
     python -m benchmarks.draft_pass [--heads H] [--requests 1 4 16] [--cached 200]
-                                    [--passes 60] [--flush-mb N] [--threads N]
+                                    [--rows 1] [--passes 60] [--flush-mb N] [--threads N]
                                     [--out results/draft_pass.json]
 
-The heads' draft pass (`AmphistaDraftModel.extend`: one new row per request against
-`--cached` positions each) as the proposer runs it: weights packed, this machine's draft
-dtype, the threads a served worker computes with here (`--threads`). Before every pass a
-buffer twice the size of the last-level cache (`--flush-mb`, default from this CPU's
-sysfs) is rewritten, as in serving, where the target's forward reads ~0.5 GB between two
-passes, so the draft weights are read from memory every time. Three ways, taking turns
-pass by pass: the whole pass; the pass with each packed product timed (its bytes, ms,
-GB/s); the pass with every product replaced by an empty result of its shape (what the
-operations around the products cost); the pass without logits (`logits=False`: the SAL
-caches only, what a paused proposer's warm-up before a probe costs). Medians. JSON +
-table.
+The heads' draft pass (`AmphistaDraftModel.extend`: `--rows` new rows per request, one
+more than the drafts it accepted, against `--cached` positions each) as the proposer
+runs it: weights packed, this machine's draft dtype, the threads a served worker
+computes with here (`--threads`). Before every pass a buffer twice the size of the
+last-level cache (`--flush-mb`, default from this CPU's sysfs) is rewritten, as in serving,
+where the target's forward reads ~0.5 GB between two passes, so the draft weights are
+read from memory every time. Three ways, taking turns pass by pass: the whole pass; the
+pass with each packed product timed (its bytes, ms, GB/s); the pass with every product
+replaced by an empty result of its shape (what the operations around the products cost);
+the pass without logits (`logits=False`: the SAL caches only, what a paused proposer's
+warm-up before a probe costs). Medians. JSON + table.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ def flush_mb(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
     return 2 * max(sizes) >> 20 if sizes else 64
 
 
-def measure(model, requests: int, cached: int, passes: int, flush: int) -> dict:
-    """flush: MB rewritten before every pass."""
+def measure(model, requests: int, cached: int, passes: int, flush: int, rows: int = 1
+            ) -> dict:
+    """flush: MB rewritten before every pass; rows: new rows per request."""
     d, dtype = model.config.hidden_size, compute_dtype()
     cache = model.new_cache()
     model.extend(cache, torch.randn(requests * cached, d, dtype=dtype),
@@ -76,12 +77,12 @@ def measure(model, requests: int, cached: int, passes: int, flush: int) -> dict:
         for _ in range(passes + 5):  # the first 5 of each are warm-up
             for mode, product in zip(MODES, (forward, timed, skipped, forward), strict=True):
                 PackedLinear.forward = product
-                cache.lengths[:requests] -= 1  # the same positions every pass
-                rows = torch.randn(requests, d, dtype=dtype)
-                tokens = torch.randint(0, model.config.vocab_size, (requests,))
+                cache.lengths[:requests] -= rows  # the same positions every pass
+                hidden = torch.randn(requests * rows, d, dtype=dtype)
+                tokens = torch.randint(0, model.config.vocab_size, (requests * rows,))
                 flush_buffer.add_(1.0)
                 started = time.perf_counter()
-                model.extend(cache, rows, tokens, np.ones(requests, np.int64),
+                model.extend(cache, hidden, tokens, np.full(requests, rows),
                              logits=mode != "cache only")
                 times[mode].append(1e3 * (time.perf_counter() - started))
     finally:
@@ -92,7 +93,7 @@ def measure(model, requests: int, cached: int, passes: int, flush: int) -> dict:
         ms = statistics.median(product_ms[name][5:])
         per_product.append({"product": name, "mb": module.weight_bytes / 1e6, "ms": ms,
                             "gb_per_s": module.weight_bytes / 1e6 / ms})
-    return {"requests": requests, "cached": cached,
+    return {"requests": requests, "cached": cached, "rows": rows,
             **{f"{mode.replace(' ', '_')}_ms": statistics.median(times[mode][5:])
                for mode in MODES},
             "products_ms": sum(p["ms"] for p in per_product),
@@ -104,6 +105,8 @@ def main() -> None:
     parser.add_argument("--heads", type=Path, default=SHIPPED_HEADS / "amphista")
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--cached", type=int, default=200)
+    parser.add_argument("--rows", type=int, default=1,
+                        help="new rows per request a pass (1 + the drafts accepted)")
     parser.add_argument("--passes", type=int, default=60)
     parser.add_argument("--flush-mb", type=int, default=flush_mb(),
                         help="MB rewritten before every pass (default: twice the largest cache)")
@@ -116,7 +119,8 @@ def main() -> None:
                             dtype=compute_dtype())
     if not model.pack_for_drafting():
         raise SystemExit("this machine cannot pack the draft weights: nothing to measure")
-    rows = [measure(model, n, args.cached, args.passes, args.flush_mb) for n in args.requests]
+    rows = [measure(model, n, args.cached, args.passes, args.flush_mb, args.rows)
+            for n in args.requests]
     write_report(args.out, {"heads": str(args.heads), "passes": args.passes,
                             "flush_mb": args.flush_mb, "rows": rows})
     print(machine_line(draft=compute_dtype()))

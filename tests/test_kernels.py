@@ -13,6 +13,7 @@ from benchmarks.bench_kernels import main
 from tests.conftest import needs_bf16_packing
 from vllm_amphista.kernels import packed_linear
 from vllm_amphista.kernels.argmax import BLOCK, last_dim_argmax
+from vllm_amphista.kernels.cache_attention import cache_attention, grouped_products_attention
 from vllm_amphista.kernels.head_attention import head_attention_reference
 from vllm_amphista.kernels.packed_linear import PackedLinear, can_pack
 from vllm_amphista.kernels.tree_attention import tree_attention_reference
@@ -164,3 +165,18 @@ def test_last_dim_argmax_is_torch_argmax_ties_included(shape):
     x[0, ..., [7, BLOCK + 3, 2 * BLOCK + 1]] = 100.0  # first of three, in three blocks
     x[-1, ..., [2 * BLOCK + 5, 2 * BLOCK + 9]] = 50.0  # first of two, in one block
     assert torch.equal(last_dim_argmax(x), x.argmax(-1))
+
+
+@pytest.mark.parametrize("requests, rows, cached", [(1, 1, 9), (4, 3, 201), (16, 2, 40)])
+def test_cache_attention_is_pytorch_attention(requests, rows, cached):
+    """The SAL cache's attention as grouped products equals PyTorch's kernel, for query
+    heads sharing key heads and a mask that hides each row's later keys."""
+    q = torch.randn(requests, 9, rows, 64)
+    keys, values = torch.randn(2, requests, 3, cached, 64).unbind()
+    past = torch.randint(0, cached - rows + 1, (requests,))
+    positions = past[:, None] + torch.arange(rows)
+    mask = (torch.arange(cached) <= positions[..., None])[:, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(grouped_products_attention(q, keys, values, mask), expected)
+    torch.testing.assert_close(cache_attention(q, keys, values, mask), expected)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm_amphista.kernels.cache_attention import cache_attention
 from vllm_amphista.kernels.head_attention import head_attention
 from vllm_amphista.kernels.packed_linear import PackedLinear
 from vllm_amphista.machine import CpuInfo, cpu_info
@@ -143,12 +144,11 @@ class StagedAdaptationLayer(nn.Module):
         Drafting (a mask, a few queries against the cache) computes in
         `attention_dtype`, which the cache is kept in: only q is cast then."""
         dtype = q.dtype
-        if mask is not None:
-            work = attention_dtype(dtype, q.device)
-            q, keys, values = q.to(work), keys.to(work), values.to(work)
-        return F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, is_causal=mask is None,
-            enable_gqa=self.num_heads != self.num_kv_heads).to(dtype)
+        if mask is None:
+            return F.scaled_dot_product_attention(
+                q, keys, values, is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads)
+        work = attention_dtype(dtype, q.device)
+        return cache_attention(q.to(work), keys.to(work), values.to(work), mask).to(dtype)
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = attn.shape
