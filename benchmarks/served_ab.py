@@ -11,7 +11,9 @@ same warm-up), and take turns, reversed every other round. `--before N` runs N r
 once, unmeasured, right before each measured run, as the bench runs its 4-request cell
 right before its 16-request one: what the proposer learnt there carries over. A bench
 cell is two runs; this puts many behind one comparison, and the CPU seconds say which
-process (API server, engine core, worker) any difference comes from.
+process (API server, engine core, worker) any difference comes from. `--env-b` changes
+the second server's environment: with one method twice (`--methods vanilla vanilla`),
+what an engine setting does to one engine.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ def main() -> None:
     print(machine_line(served, target=args.dtype) + f"; {args.concurrency} requests, "
           f"T={args.temperature:g}" + (f", each run after {args.before}" if args.before
                                        else "") + "\n\n" + table)
+
 
 if __name__ == "__main__":
     main()

@@ -39,8 +39,8 @@ def set_engine_environment(in_process: bool = True) -> None:
 def fork_engines_as_served(module: str) -> None:
     """For a command (`python -m module ...`) that forks served engines from its own
     process (`start_llm(as_served=True)`): set the served environment, and where that
-    changed a PROCESS_START_SETTINGS this process started without, run the command again
-    under it. Once: the new process finds them set."""
+    changed any of PROCESS_START_SETTINGS, run the command again under it. Once: the new
+    process starts with them set."""
     started_with = [os.environ.get(name) for name in PROCESS_START_SETTINGS]
     set_engine_environment(in_process=False)
     if started_with != [os.environ.get(name) for name in PROCESS_START_SETTINGS]:
