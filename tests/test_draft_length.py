@@ -46,12 +46,12 @@ def test_choice_is_the_best_prefix_lengths(per_token):
 
 def test_nothing_is_proposed_when_no_draft_pays_for_its_verification():
     cost = StepCost.linear(10.0, 5.0, 2.0)
-    assert choose_lengths(np.array([[0.1, 0.01]]), cost).tolist() == [0]
-    assert choose_lengths(np.array([[0.99, 0.98]]), cost).tolist() == [2]
+    assert choose_lengths(np.array([[0.1, 0.01]]), cost) == [0]
+    assert choose_lengths(np.array([[0.99, 0.98]]), cost) == [2]
     # The draft pass is sunk: a draft that pays for its verification is verified even
     # where the whole drafting step does not beat a plain one.
     dear_pass = StepCost.linear(10.0, 1.0, 50.0)
-    assert choose_lengths(np.array([[0.2, 0.01]]), dear_pass).tolist() == [1]
+    assert choose_lengths(np.array([[0.2, 0.01]]), dear_pass) == [1]
     assert drafting_gain(1, np.array([0.2, 0.01]), dear_pass) < 1
 
 

@@ -769,7 +769,7 @@ def test_draft_lengths_follow_the_step_cost(heads_dir, tiny_target, tiny_target_
                                    torch.from_numpy(table[[0] * 8 + [1] * 8 + [2] * 8,
                                                           list(range(1, 9)) * 3]).long(),
                                    np.array([8, 8, 8]))[:, :3]
-    want = choose_lengths(confidence(logits), costly).tolist()
+    want = choose_lengths(confidence(logits), costly)
     assert [len(t) for t in cut] == want and want != [3, 3, 3]
     full = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "free.json"))
     assert [len(t) for t in full.propose_from_step(rows).tokens] == [3, 3, 3]
@@ -778,9 +778,9 @@ def test_draft_lengths_follow_the_step_cost(heads_dir, tiny_target, tiny_target_
     chance = confidence(logits)
     mixed = next(cost for cost in (StepCost.linear(10.0, 10.0 ** e, 0.0)
                                    for e in np.linspace(-4, 1, 2001))
-                 if 0 < (n := choose_lengths(chance, cost)).max() < 3 and n.min() < n.max())
+                 if 0 < max(n := choose_lengths(chance, cost)) < 3 and min(n) < max(n))
     mixed.save(tmp_path / "mixed.json")
-    want = choose_lengths(chance, mixed).tolist()
+    want = choose_lengths(chance, mixed)
     rows.sampling = RequestSampling(temperature=torch.ones(3), top_p=None, top_k=None,
                                     generators={})
     sampled = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "mixed.json"))

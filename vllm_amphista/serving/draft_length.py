@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -121,9 +122,13 @@ class StepCost:
         slope = (values[upper] - values[lower]) / (sizes[upper] - sizes[lower])
         return values[lower] + slope * (requests - sizes[lower])
 
+    def line(self, requests: int) -> tuple[float, float]:
+        """A step of `requests`: its fixed ms and its ms per token verified."""
+        return self._at(self.fixed_ms, requests), self._at(self.per_token_ms, requests)
+
     def step_ms(self, requests: int, tokens: int | np.ndarray) -> float | np.ndarray:
-        return (self._at(self.fixed_ms, requests)
-                + self._at(self.per_token_ms, requests) * tokens)
+        fixed_ms, per_token_ms = self.line(requests)
+        return fixed_ms + per_token_ms * tokens
 
     def draft_ms(self, requests: int) -> float:
         return self._at(self.draft_ms_at, requests)
@@ -184,28 +189,41 @@ def confidence(logits: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits.float(), -1).amax(-1).cumprod(-1).cpu().numpy()
 
 
-def _best_steps(chances: np.ndarray, cost: StepCost):
-    """chances [S, B, K]: S steps of B requests -> per step its drafts by falling chance
-    (flat indices [S, B*K]), how many of them to verify [S], and that step's expected
-    tokens [S] and time [S], draft pass included."""
-    steps, requests, k = chances.shape
-    flat = chances.reshape(steps, -1)
-    order = np.argsort(-flat, axis=1, kind="stable")
-    gains = np.concatenate((np.zeros((steps, 1)),
-                            np.cumsum(np.take_along_axis(flat, order, 1), 1)), 1)
-    time = (cost.step_ms(requests, requests + np.arange(requests * k + 1))
-            + cost.draft_ms(requests))
-    best = ((requests + gains) / time).argmax(1)  # the first maximum: no draft unless one pays
-    return order, best, requests + gains[np.arange(steps), best], time[best]
+def _best_step(chances: list[float], requests: int, fixed_ms: float, per_token_ms: float
+               ) -> tuple[list[int], int, float, float]:
+    """One step's chances (its B requests' K each, flat) -> its drafts by falling chance
+    (flat indices), how many of them to verify, and the step's expected tokens and time
+    (fixed_ms, draft pass included, + per_token_ms a token verified). In plain Python:
+    the proposer asks every drafting step, over a few dozen chances, where numpy's fixed
+    cost a call is most of the work."""
+    order = sorted(range(len(chances)), key=chances.__getitem__, reverse=True)  # stable
+    best, tokens, time = 0, float(requests), fixed_ms + per_token_ms * requests
+    best_pace, gained = tokens / time, 0.0
+    for verified, index in enumerate(order, 1):
+        gained += chances[index]
+        step_ms = fixed_ms + per_token_ms * (requests + verified)
+        if (requests + gained) / step_ms > best_pace:  # the first best: none unless one pays
+            best, tokens, time = verified, requests + gained, step_ms
+            best_pace = tokens / time
+    return order, best, tokens, time
 
 
-def choose_lengths(chance: np.ndarray, cost: StepCost) -> np.ndarray:
+def _drafting_line(requests: int, cost: StepCost) -> tuple[float, float]:
+    """A drafting step of `requests`: its fixed ms, draft pass included, and its ms per
+    token verified."""
+    fixed_ms, per_token_ms = cost.line(requests)
+    return fixed_ms + cost.draft_ms(requests), per_token_ms
+
+
+def choose_lengths(chance: np.ndarray, cost: StepCost) -> list[int]:
     """chance [B, K] (non-increasing along K) -> drafts to verify per request [B], for a
     step whose draft pass has already run (its time is spent whatever is verified)."""
     requests, k = chance.shape
-    order, best, _, _ = _best_steps(chance[None], cost)
-    lengths = np.zeros(requests, np.int64)
-    np.add.at(lengths, order[0, : best[0]] // k, 1)
+    order, best, _, _ = _best_step(chance.ravel().tolist(), requests,
+                                   *_drafting_line(requests, cost))
+    lengths = [0] * requests
+    for index in order[:best]:
+        lengths[index // k] += 1
     return lengths
 
 
@@ -215,11 +233,15 @@ def drafting_gain(requests: int, recent: np.ndarray, cost: StepCost) -> float:
     typical row [K]): steps of `requests` rows taken from them in turn, each verifying its
     best choice of drafts, draft pass included. Rows, not their mean: a step drafts only
     for its confident requests, which a mean chance would hide."""
-    recent = np.atleast_2d(recent)
-    steps = max(1, len(recent) // requests)
-    rows = recent[np.arange(steps * requests) % len(recent)].reshape(steps, requests, -1)
-    _, _, tokens, time = _best_steps(rows, cost)
-    return float(tokens.sum() / time.sum() / (requests / cost.step_ms(requests, requests)))
+    rows = np.atleast_2d(recent).tolist()
+    line = _drafting_line(requests, cost)
+    tokens = time = 0.0
+    for step in range(max(1, len(rows) // requests)):
+        chances = [chance for row in range(step * requests, (step + 1) * requests)
+                   for chance in rows[row % len(rows)]]
+        _, _, step_tokens, step_ms = _best_step(chances, requests, *line)
+        tokens, time = tokens + step_tokens, time + step_ms
+    return tokens / time / (requests / cost.step_ms(requests, requests))
 
 
 def heads_that_pay(top1: list[float], cost_of_heads: Callable[[int], StepCost]
@@ -300,26 +322,36 @@ class StepClock:
     MIN_TIMED = 8.0
 
     def __init__(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
-        self.log_sizes = np.log(np.asarray(batch_sizes, float))
-        # Readings per batch size and kind of traffic (`_reading`), each [plain, drafting].
-        shape = (2 * len(batch_sizes), 2)
-        # Decayed sums of measured / predicted.
-        self.observed = np.zeros(shape)
-        # Decayed step counts, tokens emitted per request, and time in units of a plain
-        # step's prediction.
-        self.timed = np.zeros(shape)
-        self.tokens = np.zeros(shape)
-        self.paced = np.zeros(shape)
+        # Plain Python floats, not numpy: the proposer reads and records every engine
+        # step, and right after the target's forward each numpy call on a few values
+        # costs microseconds (in-process at 16 requests, bf16, family-26 EPYC: 0.27 ms a
+        # paused call with numpy here; docs/results.md, "The proposer's own work").
+        self.log_sizes = [math.log(size) for size in batch_sizes]
+        self.sizes_of: dict[int, int] = {}  # requests -> `_size`, memoised
+        readings = 2 * len(batch_sizes)
+        # Per reading (`_reading`), [plain, drafting]: decayed sums of measured /
+        # predicted, decayed step counts, tokens emitted per request, and time in units
+        # of a plain step's prediction.
+        self.observed = [[0.0, 0.0] for _ in range(readings)]
+        self.timed = [[0.0, 0.0] for _ in range(readings)]
+        self.tokens = [[0.0, 0.0] for _ in range(readings)]
+        self.paced = [[0.0, 0.0] for _ in range(readings)]
         # Per reading: the drafting steps in the realized gain's reading, decayed as
         # they are timed (and gone at one request when it finishes).
-        self.yielded = np.zeros(2 * len(batch_sizes))
+        self.yielded = [0.0] * readings
         # Per batch size: the proposer's catch-up pass over kept rows (ms, a running
         # mean; 0 until one was timed).
-        self.catch_up = np.zeros(len(batch_sizes))
+        self.catch_up = [0.0] * len(batch_sizes)
 
     def _size(self, requests: int) -> int:
-        """The calibrated batch size nearest `requests`, on a log scale."""
-        return int(np.abs(self.log_sizes - np.log(max(requests, 1))).argmin())
+        """The calibrated batch size nearest `requests`, on a log scale (the first of
+        two as near)."""
+        size = self.sizes_of.get(requests)
+        if size is None:
+            log = math.log(max(requests, 1))
+            size = min(range(len(self.log_sizes)), key=lambda i: abs(self.log_sizes[i] - log))
+            self.sizes_of[requests] = size
+        return size
 
     def _reading(self, requests: int, sampled: bool) -> int:
         """The readings of that size and kind of traffic (greedy or sampled)."""
@@ -330,15 +362,13 @@ class StepClock:
         """One step of `requests` that took measured_ms against the step cost's
         predicted_ms (plain_ms for a plain step of that size) and emitted `tokens`;
         sampled: a request in it samples."""
-        at = (self._reading(requests, sampled), int(drafted))
-        for sums in (self.observed, self.timed, self.tokens, self.paced):
-            sums[at] *= self.DECAY
-        self.observed[at] += min(measured_ms / predicted_ms, self.MAX_RATIO)
-        self.timed[at] += 1.0
-        self.tokens[at] += tokens / requests
-        self.paced[at] += min(measured_ms / plain_ms, self.MAX_RATIO)
+        at, kind = self._reading(requests, sampled), int(drafted)
+        for sums, value in ((self.observed, min(measured_ms / predicted_ms, self.MAX_RATIO)),
+                            (self.timed, 1.0), (self.tokens, tokens / requests),
+                            (self.paced, min(measured_ms / plain_ms, self.MAX_RATIO))):
+            sums[at][kind] = sums[at][kind] * self.DECAY + value
         if drafted:
-            self.yielded[at[0]] = self.DECAY * self.yielded[at[0]] + 1.0
+            self.yielded[at] = self.DECAY * self.yielded[at] + 1.0
 
     def request_finished(self) -> None:
         """The only request in flight ended: what drafting yielded at one request was
@@ -346,8 +376,8 @@ class StepClock:
         model's expectation decides there again. Not at larger batch sizes: their
         readings average many requests and read the engine more than the text (the ways
         of fading them that were measured: docs/decisions.md). The overhead stays."""
-        at = [self._reading(1, sampled) for sampled in (False, True)]
-        self.tokens[at, 1] = self.paced[at, 1] = self.yielded[at] = 0.0
+        for at in (self._reading(1, sampled) for sampled in (False, True)):
+            self.tokens[at][1] = self.paced[at][1] = self.yielded[at] = 0.0
 
     def record_catch_up(self, requests: int, ms: float) -> None:
         size = self._size(requests)
@@ -356,12 +386,12 @@ class StepClock:
 
     def catch_up_ms(self, requests: int) -> float | None:
         """A catch-up pass over a warm-up's kept rows at this size (ms); None until timed."""
-        return float(self.catch_up[self._size(requests)]) or None
+        return self.catch_up[self._size(requests)] or None
 
-    def _unfaded(self, counts: float | np.ndarray) -> float | np.ndarray:
-        """DECAY ** n for decayed step counts (1 - DECAY ** n) / (1 - DECAY): what is
+    def _unfaded(self, count: float) -> float:
+        """DECAY ** n for a decayed step count (1 - DECAY ** n) / (1 - DECAY): what is
         left of a prior's weight after n steps."""
-        return 1.0 - (1.0 - self.DECAY) * counts
+        return 1.0 - (1.0 - self.DECAY) * count
 
     def overhead(self, requests: int, sampled: bool = False) -> float:
         at = self._reading(requests, sampled)
@@ -371,29 +401,32 @@ class StepClock:
         """Drafting's ratio over plain's in a reading, each kind's sums joined by PRIOR
         fading pseudo-steps: plain's at the reading's pooled ratio, drafting's at that
         times `prior_overhead`."""
-        steps = self.timed[at].sum()
-        pooled = self.observed[at].sum() / steps if steps else 1.0
-        prior = self.PRIOR * self._unfaded(self.timed[at])
-        plain, drafting = ((self.observed[at] + prior * pooled * np.array([1.0, prior_overhead]))
-                           / (self.timed[at] + prior))
-        return float(drafting / plain)
+        observed, timed = self.observed[at], self.timed[at]
+        steps = timed[0] + timed[1]
+        pooled = (observed[0] + observed[1]) / steps if steps else 1.0
+        plain, drafting = (
+            (sum_ + self.PRIOR * self._unfaded(count) * pooled * scale)
+            / (count + self.PRIOR * self._unfaded(count))
+            for sum_, count, scale in zip(observed, timed, (1.0, prior_overhead), strict=True))
+        return drafting / plain
 
     def _overhead_nearest(self, at: int) -> float:
         """The overhead of the same kind of traffic at the calibrated size nearest this
         reading's (log scale) where both kinds of step were timed, 1 where none was: what
         drafting is taken to cost over plain steps there until its own drafting steps
         are timed."""
-        both = np.flatnonzero((self.timed > 0).all(1))
-        others = both[(both != at) & (both % 2 == at % 2)] // 2
-        if not len(others):
+        here = self.log_sizes[at // 2]
+        others = [reading // 2 for reading in range(at % 2, len(self.timed), 2)
+                  if reading != at and min(self.timed[reading]) > 0]
+        if not others:
             return 1.0
-        nearest = others[np.abs(self.log_sizes[others] - self.log_sizes[at // 2]).argmin()]
-        return self._overhead_at(int(2 * nearest + at % 2), 1.0)
+        nearest = min(others, key=lambda size: abs(self.log_sizes[size] - here))
+        return self._overhead_at(2 * nearest + at % 2, 1.0)
 
     def plain_timed(self, requests: int, sampled: bool = False) -> bool:
         """Whether plain steps were timed often enough at this size and kind of traffic
         to be compared."""
-        return bool(self.timed[self._reading(requests, sampled), 0] >= self.MIN_TIMED)
+        return self.timed[self._reading(requests, sampled)][0] >= self.MIN_TIMED
 
     def realized_gain(self, requests: int, expected: float | None = None,
                       sampled: bool = False) -> float | None:
@@ -405,14 +438,15 @@ class StepClock:
         one request when it ends)."""
         at = self._reading(requests, sampled)
         yielded = self.yielded[at]
-        if (self.timed[at] < self.MIN_TIMED).any() or not yielded:
+        if min(self.timed[at]) < self.MIN_TIMED or not yielded:
             return None
-        plain, drafting = self.tokens[at] / self.paced[at]
-        measured = float(drafting / plain)
+        (plain_tokens, drafting_tokens), (plain_time, drafting_time) = (self.tokens[at],
+                                                                        self.paced[at])
+        measured = drafting_tokens / drafting_time / (plain_tokens / plain_time)
         if expected is None:
             return measured
         weight = self.EXPECTED_STEPS * self._unfaded(yielded)
-        return float((yielded * measured + weight * expected) / (yielded + weight))
+        return (yielded * measured + weight * expected) / (yielded + weight)
 
 
 class AcceptanceTracker:
@@ -445,43 +479,46 @@ class AcceptanceTracker:
         self.expected = np.zeros((2, k, self.BANDS))
         self.accepted = np.zeros((2, k, self.BANDS))
 
-    def _band(self, confidence: np.ndarray) -> np.ndarray:
-        return np.minimum((confidence * self.BANDS).astype(np.int64), self.BANDS - 1)
-
-    @staticmethod
-    def _kind(confidence: np.ndarray, sampled: np.ndarray | None) -> np.ndarray:
-        """[n, K] kind index of each draft (0 greedy, 1 sampled); None: all greedy."""
-        kind = np.zeros(len(confidence), np.int64) if sampled is None else sampled.astype(np.int64)
-        return np.broadcast_to(kind[:, None], confidence.shape)
+    def _band(self, confidence: float) -> int:
+        return min(int(confidence * self.BANDS), self.BANDS - 1)
 
     def record(self, confidence: np.ndarray, verified: np.ndarray, accepted: np.ndarray,
                sampled: np.ndarray | None = None) -> None:
         """confidence [n, K] of n requests' drafts, of which verified [n] were verified
-        and accepted [n] accepted; sampled [n]: which requests sample (None: none)."""
-        position = np.broadcast_to(np.arange(confidence.shape[1]), confidence.shape)
-        checked = position < verified[:, None]
-        at = (self._kind(confidence, sampled)[checked], position[checked],
-              self._band(confidence[checked]))
+        and accepted [n] accepted; sampled [n]: which requests sample (None: none). A
+        loop over the verified drafts, a few a request: every drafting step records,
+        and numpy's scatter costs more than the additions (as StepClock's)."""
         self.expected *= self.DECAY
         self.accepted *= self.DECAY
-        np.add.at(self.expected, at, confidence[checked])
-        np.add.at(self.accepted, at, (position < accepted[:, None])[checked])
-
-    def factors(self) -> np.ndarray:
-        """[2, K, BANDS]: per kind, accepted over expected per position and band, drawn
-        to the position's own factor where a band has little evidence."""
-        position = ((self.accepted.sum(-1) + self.PRIOR)
-                    / (self.expected.sum(-1) + self.PRIOR))[..., None]
-        return (self.accepted + self.PRIOR * position) / (self.expected + self.PRIOR)
+        kinds = [False] * len(verified) if sampled is None else sampled.tolist()
+        for row, count, taken, kind in zip(confidence.tolist(), verified.tolist(),
+                                           accepted.tolist(), kinds, strict=True):
+            for position, value in enumerate(row[:count]):
+                at = int(kind), position, self._band(value)
+                self.expected[at] += value
+                self.accepted[at] += position < taken
 
     def chance(self, confidence: np.ndarray, sampled: np.ndarray | None = None) -> np.ndarray:
         """[B, K] confidence (sampled [B]: which requests sample) -> chance of
-        acceptance, still non-increasing along K."""
-        position = np.broadcast_to(np.arange(confidence.shape[-1]), confidence.shape)
-        factor = self.factors()[self._kind(confidence, sampled), position,
-                                self._band(confidence)]
-        scaled = np.clip(confidence * factor, 0.0, 1.0)
-        return np.minimum.accumulate(scaled, axis=-1)
+        acceptance, still non-increasing along K: confidence times its kind's, position's
+        and band's accepted over expected, drawn to the position's own factor where the
+        band has little evidence (PRIOR)."""
+        accepted, expected = self.accepted.tolist(), self.expected.tolist()
+        position_factor = [[(sum(a) + self.PRIOR) / (sum(e) + self.PRIOR)
+                            for a, e in zip(accepted[kind], expected[kind], strict=True)]
+                           for kind in (0, 1)]
+        kinds = [False] * len(confidence) if sampled is None else sampled.tolist()
+        chances = []
+        for row, kind in zip(confidence.tolist(), kinds, strict=True):
+            running = 1.0
+            for position, value in enumerate(row):
+                band = self._band(value)
+                factor = ((accepted[kind][position][band]
+                           + self.PRIOR * position_factor[kind][position])
+                          / (expected[kind][position][band] + self.PRIOR))
+                running = min(running, max(value * factor, 0.0))
+                chances.append(running)
+        return np.array(chances).reshape(confidence.shape)
 
 
 def probe_rows(requests: int) -> int:

@@ -368,7 +368,7 @@ class AmphistaProposer(StepDrafter):
         # few steps (WARM_STEPS), and its chances would keep drafting paused.
         warm = self.cache.lengths[rows] > WARM_STEPS
         self._set_recent_chance(np.concatenate((self.recent_chance, chance[warm])))
-        return choose_lengths(chance, self.step_cost).tolist()
+        return choose_lengths(chance, self.step_cost)
 
     def _set_recent_chance(self, rows: np.ndarray) -> None:
         """Keep the newest RECENT_ROWS of `rows` as the recent chances, and forget the
@@ -386,7 +386,7 @@ class AmphistaProposer(StepDrafter):
         if not step.decode_only():
             return
         num_reqs = len(step.req_ids)
-        predicted = float(self.step_cost.step_ms(num_reqs, int(step.scheduled_rows().sum())))
+        predicted = float(self.step_cost.step_ms(num_reqs, step.rows_run()))
         if drafted:
             predicted += self.step_cost.draft_ms(max(decoded, 1))
         self.clock.record(num_reqs, drafted, 1e3 * (now - started) - own_ms, predicted,

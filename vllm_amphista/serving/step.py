@@ -48,8 +48,17 @@ class StepRows:
         return self.scheduled_rows() != 1 + verified
 
     def decode_only(self) -> bool:
-        """Whether every request ran one row plus its verified drafts (no prefill chunk)."""
-        return not self.prefilling().any()
+        """Whether every request ran one row plus its verified drafts (no prefill chunk).
+        In plain Python: the proposer asks every engine step (draft_length.StepClock)."""
+        num_reqs = len(self.req_ids)
+        starts = self.query_start_loc[: num_reqs + 1].tolist()
+        return all(end - start == 1 + verified for start, end, verified
+                   in zip(starts[:-1], starts[1:], self.num_draft_tokens[:num_reqs].tolist(),
+                          strict=True))
+
+    def rows_run(self) -> int:
+        """The rows every request ran this step, in all."""
+        return int(self.query_start_loc[len(self.req_ids)] - self.query_start_loc[0])
 
     def sampled_requests(self) -> np.ndarray:
         """[num_reqs] bool: which requests sample (temperature > 0)."""
