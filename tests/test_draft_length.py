@@ -260,6 +260,19 @@ def test_step_clock_keeps_greedy_and_sampled_traffic_apart():
     assert clock.realized_gain(4, sampled=True) == pytest.approx(1.2 / 1.5)
 
 
+def test_step_clock_borrows_an_overhead_from_the_same_kind_of_traffic_only():
+    """Greedy drafting timed only at one request (0.9), sampled only at 16 (1.5): an
+    untimed size borrows each kind's from where that kind was timed, even where a size
+    timed for the other kind is as near."""
+    clock = StepClock((1, 4, 16))
+    for _ in range(300):
+        for size, sampled, ratio in ((1, False, 0.9), (16, True, 1.5)):
+            clock.record(size, False, 10.0, 10.0, 10.0, size, sampled=sampled)
+            clock.record(size, True, 10.0 * ratio, 10.0, 10.0, size, sampled=sampled)
+    assert clock.overhead(4, sampled=True) == pytest.approx(1.5, abs=0.01)
+    assert clock.overhead(4) == pytest.approx(0.9, abs=0.01)
+
+
 def test_step_clock_checks_what_drafting_steps_yielded_against_plain_ones():
     """Nothing to compare until both kinds are timed MIN_TIMED times at a size. Plain
     steps of 3 requests emit 3 tokens in the predicted plain time; drafting steps of 3
