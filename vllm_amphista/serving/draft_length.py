@@ -31,7 +31,7 @@ import bisect
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -482,17 +482,18 @@ class AcceptanceTracker:
     def _band(self, confidence: float) -> int:
         return min(int(confidence * self.BANDS), self.BANDS - 1)
 
-    def record(self, confidence: np.ndarray, verified: np.ndarray, accepted: np.ndarray,
+    def record(self, confidence: np.ndarray, verified: Sequence[int], accepted: Sequence[int],
                sampled: np.ndarray | None = None) -> None:
         """confidence [n, K] of n requests' drafts, of which verified [n] were verified
-        and accepted [n] accepted; sampled [n]: which requests sample (None: none). A
-        loop over the verified drafts, a few a request: every drafting step records,
-        and numpy's scatter costs more than the additions (as StepClock's)."""
+        (0: a request without drafts this step) and accepted [n] accepted; sampled [n]:
+        which requests sample (None: none). A loop over the verified drafts, a few a
+        request: every drafting step records, and numpy's scatter costs more than the
+        additions (as StepClock's)."""
         self.expected *= self.DECAY
         self.accepted *= self.DECAY
         kinds = [False] * len(verified) if sampled is None else sampled.tolist()
-        for row, count, taken, kind in zip(confidence.tolist(), verified.tolist(),
-                                           accepted.tolist(), kinds, strict=True):
+        for row, count, taken, kind in zip(confidence.tolist(), verified, accepted, kinds,
+                                           strict=True):
             for position, value in enumerate(row[:count]):
                 at = int(kind), position, self._band(value)
                 self.expected[at] += value

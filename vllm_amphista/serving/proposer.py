@@ -413,13 +413,11 @@ class AmphistaProposer(StepDrafter):
         holds row i's confidence from the step that proposed them; sampled [num_reqs]:
         which requests sample)."""
         num_reqs = len(step.req_ids)
-        verified = np.asarray(step.num_draft_tokens[:num_reqs], np.int64)
-        rows = np.flatnonzero(verified)
-        if len(rows):
-            emitted = np.fromiter(map(len, step.sampled_token_ids), np.int64, num_reqs)
-            self.acceptance.record(self.draft_confidence[rows], verified[rows],
-                                   np.maximum(emitted[rows] - 1, 0),
-                                   sampled[rows])
+        verified = step.num_draft_tokens[:num_reqs].tolist()
+        if any(verified):
+            accepted = [max(len(tokens) - 1, 0) for tokens in step.sampled_token_ids[:num_reqs]]
+            self.acceptance.record(self.draft_confidence[:num_reqs], verified, accepted,
+                                   sampled)
 
     def _follow_batch(self, req_ids: list[str]) -> SALCache:
         """Make slot i hold request req_ids[i]: move the slots of requests vLLM moved,

@@ -37,9 +37,11 @@ class StepRows:
         chunk, or in a decode step the last sampled token plus the accepted drafts
         (len(sampled) rows)."""
         num_reqs = len(self.req_ids)
-        sampled = np.fromiter(map(len, self.sampled_token_ids), np.int64, num_reqs)
-        kept = self.scheduled_rows() - np.asarray(self.num_draft_tokens[:num_reqs], np.int64)
-        return np.where(sampled == 0, kept, kept + sampled - 1)
+        starts = self.query_start_loc[: num_reqs + 1].tolist()
+        return np.array([end - start - verified + max(len(tokens) - 1, 0)
+                         for start, end, verified, tokens
+                         in zip(starts[:-1], starts[1:], self.num_draft_tokens[:num_reqs].tolist(),
+                                self.sampled_token_ids[:num_reqs], strict=True)], np.int64)
 
     def prefilling(self) -> np.ndarray:
         """[num_reqs] bool: which requests ran a prefill chunk (rows other than one plus
