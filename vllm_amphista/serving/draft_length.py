@@ -324,8 +324,9 @@ class StepClock:
     def __init__(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         # Plain Python floats, not numpy: the proposer reads and records every engine
         # step, and right after the target's forward each numpy call on a few values
-        # costs microseconds (in-process at 16 requests, bf16, family-26 EPYC: 0.27 ms a
-        # paused call with numpy here; docs/results.md, "The proposer's own work").
+        # costs microseconds (in-process at 16 requests, bf16, family-26 EPYC: 0.26 ms a
+        # paused call with numpy here, 0.12 without; docs/results.md, "The proposer's own
+        # work per step").
         self.log_sizes = [math.log(size) for size in batch_sizes]
         self.sizes_of: dict[int, int] = {}  # requests -> `_size`, memoised
         readings = 2 * len(batch_sizes)

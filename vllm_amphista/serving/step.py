@@ -28,35 +28,35 @@ class StepRows:
     token_ids: np.ndarray  # [max_reqs, max_len] every known token of each request
     sampling: RequestSampling | None = None  # per request; None = every request greedy
 
-    def scheduled_rows(self) -> np.ndarray:
-        """[num_reqs] int64: the rows each request ran this step."""
-        return np.diff(self.query_start_loc[: len(self.req_ids) + 1]).astype(np.int64)
+    def _rows_and_verified(self) -> list[tuple[int, int]]:
+        """Per request, the rows it ran this step and the drafts of them verified. In
+        plain Python: the proposer asks every engine step, and numpy's calls on a few
+        values cost more than the arithmetic (draft_length.StepClock)."""
+        num_reqs = len(self.req_ids)
+        starts = self.query_start_loc[: num_reqs + 1].tolist()
+        return [(end - start, verified) for start, end, verified
+                in zip(starts[:-1], starts[1:], self.num_draft_tokens[:num_reqs].tolist(),
+                       strict=True)]
 
     def accepted_counts(self) -> np.ndarray:
         """How many of each request's rows the target kept, [num_reqs] int64: the prefill
         chunk, or in a decode step the last sampled token plus the accepted drafts
         (len(sampled) rows)."""
-        num_reqs = len(self.req_ids)
-        starts = self.query_start_loc[: num_reqs + 1].tolist()
-        return np.array([end - start - verified + max(len(tokens) - 1, 0)
-                         for start, end, verified, tokens
-                         in zip(starts[:-1], starts[1:], self.num_draft_tokens[:num_reqs].tolist(),
-                                self.sampled_token_ids[:num_reqs], strict=True)], np.int64)
+        return np.array([rows - verified + max(len(tokens) - 1, 0)
+                         for (rows, verified), tokens
+                         in zip(self._rows_and_verified(),
+                                self.sampled_token_ids[: len(self.req_ids)], strict=True)],
+                        np.int64)
 
     def prefilling(self) -> np.ndarray:
         """[num_reqs] bool: which requests ran a prefill chunk (rows other than one plus
         their verified drafts)."""
-        verified = np.asarray(self.num_draft_tokens[: len(self.req_ids)])
-        return self.scheduled_rows() != 1 + verified
+        return np.array([rows != 1 + verified for rows, verified in self._rows_and_verified()],
+                        bool)
 
     def decode_only(self) -> bool:
-        """Whether every request ran one row plus its verified drafts (no prefill chunk).
-        In plain Python: the proposer asks every engine step (draft_length.StepClock)."""
-        num_reqs = len(self.req_ids)
-        starts = self.query_start_loc[: num_reqs + 1].tolist()
-        return all(end - start == 1 + verified for start, end, verified
-                   in zip(starts[:-1], starts[1:], self.num_draft_tokens[:num_reqs].tolist(),
-                          strict=True))
+        """Whether every request ran one row plus its verified drafts (no prefill chunk)."""
+        return all(rows == 1 + verified for rows, verified in self._rows_and_verified())
 
     def rows_run(self) -> int:
         """The rows every request ran this step, in all."""
