@@ -415,9 +415,8 @@ class AmphistaProposer(StepDrafter):
         num_reqs = len(step.req_ids)
         verified = step.num_draft_tokens[:num_reqs].tolist()
         if any(verified):
-            accepted = [max(len(tokens) - 1, 0) for tokens in step.sampled_token_ids[:num_reqs]]
-            self.acceptance.record(self.draft_confidence[:num_reqs], verified, accepted,
-                                   sampled)
+            self.acceptance.record(self.draft_confidence[:num_reqs], verified,
+                                   step.accepted_drafts(), sampled)
 
     def _follow_batch(self, req_ids: list[str]) -> SALCache:
         """Make slot i hold request req_ids[i]: move the slots of requests vLLM moved,

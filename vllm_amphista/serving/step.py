@@ -42,11 +42,14 @@ class StepRows:
         """How many of each request's rows the target kept, [num_reqs] int64: the prefill
         chunk, or in a decode step the last sampled token plus the accepted drafts
         (len(sampled) rows)."""
-        return np.array([rows - verified + max(len(tokens) - 1, 0)
-                         for (rows, verified), tokens
-                         in zip(self._rows_and_verified(),
-                                self.sampled_token_ids[: len(self.req_ids)], strict=True)],
+        return np.array([rows - verified + accepted for (rows, verified), accepted
+                         in zip(self._rows_and_verified(), self.accepted_drafts(), strict=True)],
                         np.int64)
+
+    def accepted_drafts(self) -> list[int]:
+        """Per request, the drafts the target accepted this step: the tokens it emitted
+        past the first (none for a partial prefill, which emitted nothing)."""
+        return [max(len(tokens) - 1, 0) for tokens in self.sampled_token_ids[: len(self.req_ids)]]
 
     def prefilling(self) -> np.ndarray:
         """[num_reqs] bool: which requests ran a prefill chunk (rows other than one plus
