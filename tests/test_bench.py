@@ -106,24 +106,26 @@ def test_summarise_speedup_tau_and_lossless_flag():
     same, other = [[1, 2], [3]], [[1, 2], [4]]
     rows = summarise({
         ("vanilla", 0.0, 1): [_run(10.0, same), _run(12.0, same)],
-        ("amphista", 0.0, 1): [_run(15.0, same, 10, (5, 2)), _run(18.0, same, 10, (3, 0))],
+        ("amphista", 0.0, 1): [_run(15.0, same, 10, (5, 2)), _run(15.6, same, 10, (3, 0))],
         ("medusa", 0.0, 1): [_run(11.0, other, 4, (1, 0))],
         ("vanilla", 0.7, 1): [_run(10.0, other)],
         ("amphista", 0.7, 1): [_run(9.0, same, 2, (1, 1))],
     })
     by = {(r["method"], r["temperature"]): r for r in rows}
     amphista = by[("amphista", 0.0)]
-    assert amphista["speedup"] == pytest.approx(16.5 / 11.0)
+    assert amphista["speedup"] == pytest.approx(15.3 / 11.0)
+    assert amphista["speedup_runs"] == pytest.approx([1.5, 1.3])  # each repeat's own pair
     assert amphista["tau"] == pytest.approx(1 + 10 / 20)
     assert amphista["acceptance_per_position"] == pytest.approx([0.4, 0.1])
-    assert amphista["tokens_per_s_stdev"] == pytest.approx(2.1213, abs=1e-3)
+    assert amphista["tokens_per_s_stdev"] == pytest.approx(0.4243, abs=1e-3)
     assert amphista["identical_to_vanilla"] is True
     assert by[("medusa", 0.0)]["identical_to_vanilla"] is False
     assert by[("medusa", 0.0)]["mismatched_prompts"] == [1]
     assert "identical_to_vanilla" not in by[("amphista", 0.7)]  # sampled: not compared
     table = markdown(rows)
     assert "NO (1 prompts; per run 1; 500.0 flips / 1k tokens)" in table
-    assert "| amphista | 0 | 1 | 16.5 ± 2.1 | 1.50x |" in table
+    assert "| amphista | 0 | 1 | 15.3 ± 0.4 | 1.39x (1.30-1.50) |" in table
+    assert "| medusa | 0 | 1 | 11.0 ± 0.0 | 1.00x |" in table  # one repeat: no spread
 
 
 def test_flips_are_counted_per_run_and_per_token_matched():

@@ -276,6 +276,10 @@ def summarise(runs: dict[tuple[str, float, int], list[Run]],
             "latency_p90_s": percentile(latencies, 0.9),
             "speedup": (statistics.mean(speeds) / statistics.mean(
                 r.tokens_per_s for r in vanilla)) if vanilla else None,
+            # Repeat by repeat: a method's run against vanilla's of the same repeat, run
+            # next to it in time, so their spread is what one repeat can resolve.
+            "speedup_runs": [mine / theirs.tokens_per_s for mine, theirs
+                             in zip(speeds, vanilla or [], strict=False)],
             "drafts": drafts,
             "tau": tau(sum(accepted), drafts) if drafts else None,
             "acceptance_per_position": acceptance_per_position(accepted, drafts) if drafts else [],
@@ -317,20 +321,29 @@ def greedy_verdict(rows: list[dict], dtype: str, vanilla_flips: int = 0) -> tupl
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| method | temp | conc | tokens/s (± sd) | speedup | p50 / p90 latency s | tau "
-             "| acceptance per position | same tokens as vanilla |",
+    lines = ["| method | temp | conc | tokens/s (± sd) | speedup (runs) | p50 / p90 latency s "
+             "| tau | acceptance per position | same tokens as vanilla |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in sorted(rows, key=lambda r: (r["temperature"], r["concurrency"],
                                          METHODS.index(r["method"]))):
         lines.append(
             f"| {r['method']} | {r['temperature']:g} | {r['concurrency']} | "
             f"{r['tokens_per_s']:.1f} ± {r['tokens_per_s_stdev']:.1f} | "
-            f"{'-' if r['speedup'] is None else format(r['speedup'], '.2f') + 'x'} | "
+            f"{speedup_cell(r)} | "
             f"{r['latency_p50_s']:.2f} / {r['latency_p90_s']:.2f} | "
             f"{'-' if r['tau'] is None else format(r['tau'], '.2f')} | "
             f"{' '.join(f'{a:.2f}' for a in r['acceptance_per_position']) or '-'} | "
             f"{greedy_cell(r)} |")
     return "\n".join(lines)
+
+
+def speedup_cell(row: dict) -> str:
+    """"1.02x (0.97-1.06)": the speedup, and the lowest and highest of its repeats'."""
+    if row["speedup"] is None:
+        return "-"
+    runs = row.get("speedup_runs", [])
+    spread = f" ({min(runs):.2f}-{max(runs):.2f})" if len(runs) > 1 else ""
+    return f"{row['speedup']:.2f}x{spread}"
 
 
 def greedy_cell(row: dict) -> str:
