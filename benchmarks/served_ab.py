@@ -1,6 +1,7 @@
 """Vanilla and Amphista served side by side at one concurrency, many alternating runs:
 tokens/s, and the CPU seconds each server's processes spent, the measured server's and the
-idle one's.
+idle one's, and the second's tokens/s over the first's round by round (their mean and
+standard error).
 
     python -m benchmarks.served_ab [--concurrency 16] [--before 4] [--temperature 0]
         [--rounds 4] [--dtype bfloat16] [--env-b NAME[=VALUE] ...]
@@ -135,10 +136,18 @@ def main() -> None:
                      ", ".join(f"{name} {s:.2f}" for name, s in cpu.items()), f"{idle:.3f}"])
     table = markdown_table(["method", "tokens/s", "runs", "drafts", "CPU s a run",
                             "the idle server's CPU s"], rows)
+    # Round by round: the two runs of a round ran next to each other in time.
+    ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(
+        *([r for r in runs if r["method"] == side] for side in sides), strict=True)]
+    spread = (f", standard error {statistics.stdev(ratios) / len(ratios) ** 0.5:.3f}"
+              if len(ratios) > 1 else "")
+    table += (f"\n\n{side_b} over {method_a}, round by round: "
+              f"{' '.join(f'{r:.3f}' for r in ratios)}; mean {statistics.mean(ratios):.3f}"
+              f"{spread}")
     write_report(args.out, {"concurrency": args.concurrency, "before": args.before,
                             "temperature": args.temperature, "target_dtype": args.dtype,
                             "disable_by_batch_size": args.disable_by_batch_size or None,
-                            "env_b": {side_b: env_b},
+                            "env_b": {side_b: env_b}, "ratios_by_round": ratios,
                             "environment": bench.environment(), "runs": runs}, served)
     print(machine_line(served, target=args.dtype) + f"; {args.concurrency} requests, "
           f"T={args.temperature:g}" + (f", each run after {args.before}" if args.before
