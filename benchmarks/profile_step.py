@@ -12,8 +12,12 @@ rejection sampler under speculation), the draft model (`AmphistaDraftModel.exten
 proposer glue around it (the runner patch's row bookkeeping in `propose_from_step`), and
 everything else vLLM does in the step (scheduling, output handling). It counts the
 drafts proposed, and times each drafting pass on its own (catch-ups over kept rows
-apart): a pass's cost, which paused steps would dilute in the per-step figure. The
-timers are plain wrappers on this engine's objects, installed by this script only. JSON + table.
+apart): a pass's cost, which paused steps would dilute in the per-step figure. A second
+table gives the speculative path's small pieces per call (medians): vLLM's input
+preparation and sampler bookkeeping, the runner patch's hand-over to the proposer, the
+engine core's fetch of the drafts, and the proposer's calls by what it did (paused,
+keeping rows for a probe, drafting). The timers are plain wrappers on this engine's
+objects, installed by this script only. JSON + tables.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 from vllm_amphista.engine import start_llm
@@ -65,6 +71,42 @@ def _timed_passes(extend, totals: dict[str, float]):
     return wrapper
 
 
+def _each_call(function, seconds: list[float]):
+    """`function`, each call's seconds appended to `seconds` (for medians: a step's small
+    pieces, which a few slow calls would swamp in a total)."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - started)
+    return wrapper
+
+
+def _calls_by_plan(drafter, calls: dict[str, list[float]]) -> None:
+    """Time the proposer's calls apart by what its plan made of them: paused (skip),
+    keeping rows for a probe (track) or drafting (draft)."""
+    plans: list[str] = []
+    plan, propose = drafter._plan, drafter.propose_from_step
+
+    @functools.wraps(plan)
+    def recording_plan(*args, **kwargs):
+        plans.append(plan(*args, **kwargs))
+        return plans[-1]
+
+    @functools.wraps(propose)
+    def by_plan(step):
+        started, seen = time.perf_counter(), len(plans)
+        try:
+            return propose(step)
+        finally:
+            chosen = plans[seen] if len(plans) > seen else "none"
+            calls[f"proposer {chosen}"].append(time.perf_counter() - started)
+
+    drafter._plan, drafter.propose_from_step = recording_plan, by_plan
+
+
 def _counting_drafts(propose, totals: dict[str, float]):
     @functools.wraps(propose)
     def wrapper(*args, **kwargs):
@@ -97,6 +139,17 @@ def profile_one(target: str, heads: str | None, k: int | None, prompts: list[str
         drafter.propose_from_step = _timed(_counting_drafts(drafter.propose_from_step, totals),
                                            totals, "proposer")
         drafter.model.extend = _timed_passes(drafter.model.extend, totals)
+    # The speculative path's own pieces, per call: vLLM's input preparation and sampler
+    # bookkeeping (every engine has them; a speculative one adds draft metadata), the
+    # runner patch (its StepRows and the proposer), the engine core's fetch of the drafts
+    # after each step, and the proposer by plan.
+    calls: dict[str, list[float]] = defaultdict(list)
+    core = llm.llm_engine.engine_core.engine_core
+    for owner, name in ((runner, "_prepare_inputs"), (runner, "_bookkeeping_sync"),
+                        (runner, "propose_draft_token_ids"), (core, "post_step")):
+        setattr(owner, name, _each_call(getattr(owner, name), calls[name]))
+    if drafter is not None:
+        _calls_by_plan(drafter, calls)
     tokens = 0
     started = time.perf_counter()
     for first in range(0, len(prompts), concurrency):
@@ -120,7 +173,18 @@ def profile_one(target: str, heads: str | None, k: int | None, prompts: list[str
             "tokens_per_step": tokens / steps, "drafts_per_step": totals.get("drafts", 0) / steps,
             "step_ms": 1e3 * total / steps, **per_step,
             "draft_passes_per_step": passes / steps,
-            "draft_pass_ms": 1e3 * totals["draft_pass"] / passes if passes else 0.0}
+            "draft_pass_ms": 1e3 * totals["draft_pass"] / passes if passes else 0.0,
+            "calls": {name: {"per_step": len(seconds) / steps,
+                             "median_us": 1e6 * statistics.median(seconds)}
+                      for name, seconds in calls.items() if seconds}}
+
+
+def _call_cell(call: dict | None) -> str:
+    """"41 us" for a piece every step runs once, "41 us x 0.98" otherwise."""
+    if call is None:
+        return "-"
+    share = "" if abs(call["per_step"] - 1) < 0.005 else f" x {call['per_step']:.2f}"
+    return f"{call['median_us']:.0f} us{share}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['draft_model_ms']:.1f}", f"{r['proposer_glue_ms']:.1f}",
           f"{r['rest_of_vllm_ms']:.1f}", f"{r['draft_passes_per_step']:.2f}",
           f"{r['draft_pass_ms']:.2f}"] for r in rows]))
+    print("\nThe speculative path, per call (median us; proposer calls a step):")
+    names = sorted({name for r in rows for name in r["calls"]})
+    print(markdown_table(
+        ["method", *names],
+        [[r["method"] if r["heads"] is None else Path(r["heads"]).name,
+          *(_call_cell(r["calls"].get(name)) for name in names)] for r in rows]))
     print(f"wrote {args.out}")
     return 0
 
