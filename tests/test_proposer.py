@@ -883,6 +883,40 @@ def test_requests_beside_a_partial_prefill_draft_from_their_own_rows(heads_dir, 
     assert tokens[0] != tokens[2]
 
 
+def _rows(query_start_loc: list[int], verified: list[int], sampled: list[list[int]],
+          temperature: list[float] | None = None) -> StepRows:
+    """A step's rows for the row-count checks (hidden states and tokens unread)."""
+    count = len(verified)
+    return StepRows(
+        req_ids=[f"r{i}" for i in range(count)], sampled_token_ids=sampled,
+        hidden_states=torch.zeros(query_start_loc[-1], 4),
+        query_start_loc=np.array(query_start_loc), start_positions=np.zeros(count, np.int64),
+        num_draft_tokens=np.array(verified), token_ids=np.zeros((count, 8), np.int32),
+        sampling=None if temperature is None else RequestSampling(
+            temperature=torch.tensor(temperature), top_k=None, top_p=None, generators={}))
+
+
+def test_step_rows_count_what_each_request_ran_and_kept():
+    """A decode with two verified drafts, one accepted (3 rows), beside a prefill chunk
+    of 4 rows (no token yet) and a plain decode: the prefill chunk keeps every row and
+    makes the step other than decode-only, which only decode steps are timed as."""
+    mixed = _rows([0, 3, 7, 8], [2, 0, 0], [[5, 6], [], [9]])
+    assert mixed.accepted_counts().tolist() == [2, 4, 1]
+    assert mixed.prefilling().tolist() == [False, True, False]
+    assert mixed.rows_run() == 8 and not mixed.decode_only()
+    # A one-row prefill chunk runs as a decode does: the step times as decode-only.
+    assert _rows([0, 3, 4], [2, 0], [[5, 6], []]).decode_only()
+    assert _rows([0, 3, 4], [2, 0], [[5, 6], [9]]).decode_only()
+
+
+@pytest.mark.parametrize("temperature, sampled", [
+    (None, [False, False]), ([0.0, 0.0], [False, False]), ([0.0, 0.7], [False, True])])
+def test_step_rows_say_which_requests_sample(temperature, sampled):
+    rows = _rows([0, 1, 2], [0, 0], [[1], [2]], temperature)
+    assert rows.sampled_requests().tolist() == sampled
+    assert rows.any_sampled() == any(sampled)
+
+
 def test_each_kind_of_bf16_cpu_has_its_own_shipped_step_cost(heads_dir):
     kinds = [frozenset({"avx2"}), frozenset({"avx512_bf16"}),
              frozenset({"avx512_bf16", "amx_bf16", "amx_tile"})]

@@ -548,4 +548,4 @@ def probe_interval(requests: int, cost: StepCost, warm_ms: float = 0.0) -> int:
     plain_ms = float(cost.step_ms(requests, requests))
     probe_ms = warm_ms + probe_steps(requests) * (
         cost.draft_ms(requests) + float(cost.step_ms(requests, 2 * requests)) - plain_ms)
-    return max(1, int(np.ceil(probe_ms / (PROBE_SHARE * plain_ms))))
+    return max(1, math.ceil(probe_ms / (PROBE_SHARE * plain_ms)))

@@ -236,8 +236,7 @@ class AmphistaProposer(StepDrafter):
         now = perf_counter()
         if self.step_cost is not None:
             self._time_last_step(step, now)
-        sampled = step.sampled_requests()
-        any_sampled = bool(sampled.any())
+        any_sampled = step.any_sampled()
         # A step of prompts only is judged at the size its requests will decode at:
         # where drafting is paused there, caches filled now would restart unused.
         plan = self._plan(decoding or num_reqs, any_sampled)
@@ -246,6 +245,7 @@ class AmphistaProposer(StepDrafter):
             # No pass at all. A skipped request's slot no longer ends where its next rows
             # start, so it restarts when a pass runs again.
             return Proposal(drafts)
+        sampled = step.sampled_requests()
         cache = self._follow_batch(step.req_ids)
         if self.step_cost is not None:
             self._score_drafts(step, sampled)
