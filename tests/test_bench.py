@@ -126,6 +126,7 @@ def test_summarise_speedup_tau_and_lossless_flag():
     assert "NO (1 prompts; per run 1; 500.0 flips / 1k tokens)" in table
     assert "| amphista | 0 | 1 | 15.3 ± 0.4 | 1.39x (1.30-1.50) |" in table
     assert "| medusa | 0 | 1 | 11.0 ± 0.0 | 1.00x |" in table  # one repeat: no spread
+    assert "| vanilla | 0 | 1 | 11.0 ± 1.4 | 1.00x |" in table  # itself: no spread
 
 
 def test_flips_are_counted_per_run_and_per_token_matched():

@@ -279,7 +279,8 @@ def summarise(runs: dict[tuple[str, float, int], list[Run]],
             # Repeat by repeat: a method's run against vanilla's of the same repeat, run
             # next to it in time, so their spread is what one repeat can resolve.
             "speedup_runs": [mine / theirs.tokens_per_s for mine, theirs
-                             in zip(speeds, vanilla or [], strict=False)],
+                             in zip(speeds, vanilla or [], strict=False)]
+            if method != "vanilla" else [],
             "drafts": drafts,
             "tau": tau(sum(accepted), drafts) if drafts else None,
             "acceptance_per_position": acceptance_per_position(accepted, drafts) if drafts else [],
