@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from vllm_amphista.engine import start_llm
@@ -47,16 +48,24 @@ from vllm_amphista.paths import SHIPPED_HEADS
 from vllm_amphista.prompts import first_turns
 
 
-def _timed(function, totals: dict[str, float], key: str):
+def _timing(function, record: Callable[[float], object]):
+    """`function`, each call's seconds handed to `record`."""
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         started = time.perf_counter()
         try:
             return function(*args, **kwargs)
         finally:
-            totals[key] = totals.get(key, 0.0) + time.perf_counter() - started
-            totals[key + "_calls"] = totals.get(key + "_calls", 0) + 1
+            record(time.perf_counter() - started)
     return wrapper
+
+
+def _timed(function, totals: dict[str, float], key: str):
+    """`function`, its calls' seconds summed in totals[key], counted in key_calls."""
+    def add(seconds: float) -> None:
+        totals[key] = totals.get(key, 0.0) + seconds
+        totals[key + "_calls"] = totals.get(key + "_calls", 0) + 1
+    return _timing(function, add)
 
 
 def _timed_passes(extend, totals: dict[str, float]):
@@ -68,19 +77,6 @@ def _timed_passes(extend, totals: dict[str, float]):
     @functools.wraps(extend)
     def wrapper(*args, **kwargs):
         return timed[kwargs.get("logits", True)](*args, **kwargs)
-    return wrapper
-
-
-def _each_call(function, seconds: list[float]):
-    """`function`, each call's seconds appended to `seconds` (for medians: a step's small
-    pieces, which a few slow calls would swamp in a total)."""
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            seconds.append(time.perf_counter() - started)
     return wrapper
 
 
@@ -147,7 +143,8 @@ def profile_one(target: str, heads: str | None, k: int | None, prompts: list[str
     core = llm.llm_engine.engine_core.engine_core
     for owner, name in ((runner, "_prepare_inputs"), (runner, "_bookkeeping_sync"),
                         (runner, "propose_draft_token_ids"), (core, "post_step")):
-        setattr(owner, name, _each_call(getattr(owner, name), calls[name]))
+        # Each call kept, for medians: a few slow calls would swamp these in a total.
+        setattr(owner, name, _timing(getattr(owner, name), calls[name].append))
     if drafter is not None:
         _calls_by_plan(drafter, calls)
     tokens = 0
