@@ -172,6 +172,40 @@ def test_lossless_with_default_engine_settings(smollm2, smollm2_heads, plain):
     assert len(per_position) == 3 and per_position[0] > 0
 
 
+def test_steps_without_drafts_run_vllms_plain_path(smollm2, smollm2_heads, plain):
+    """Drafting paused above two decoding requests: the batch's steps get no drafts until
+    two requests are left. Those steps skip vLLM's spec-decode metadata (and so the
+    rejection sampler), the drafting ones keep it, and the greedy tokens are plain vLLM's
+    across the switch."""
+    speculative_config = _amphista(smollm2_heads["trained"], disable_by_batch_size=2)
+    result = run_engine_script(f"""
+import json
+from vllm import LLM
+from tests.engine_scenarios import scenario_batch
+from vllm_amphista.eval.report import print_result
+llm = LLM(model={smollm2!r}, enforce_eager=True, seed=0, dtype="float32", max_model_len=2048,
+          speculative_config=json.loads({json.dumps(speculative_config)!r}))
+tokenizer = llm.get_tokenizer()
+prompts = [tokenizer.apply_chat_template([{{"role": "user", "content": p}}], tokenize=False,
+                                         add_generation_prompt=True)
+           for p in json.loads({json.dumps(_prompts())!r})]
+runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+prepare, steps = runner._prepare_inputs, []
+def recording_prepare(scheduler_output, num_scheduled_tokens):
+    out = prepare(scheduler_output, num_scheduled_tokens)
+    steps.append((any(scheduler_output.scheduled_spec_decode_tokens.values()),
+                  out[1] is not None))
+    return out
+runner._prepare_inputs = recording_prepare
+print_result({{"outputs": scenario_batch(llm, prompts, {PLAIN_TOKENS}), "steps": steps}})
+""")
+    assert result["outputs"] == plain["batch"]
+    with_drafts = [metadata for drafts, metadata in result["steps"] if drafts]
+    without = [metadata for drafts, metadata in result["steps"] if not drafts]
+    assert with_drafts and all(with_drafts), "no drafting step, or one without metadata"
+    assert without and not any(without), "a step without drafts built spec-decode metadata"
+
+
 def test_vllm_medusa_on_our_exported_heads_drafts_as_our_medusa_mode(smollm2, smollm2_heads):
     """vLLM's own Medusa proposer serving the Medusa-mode heads exported to its format
     drafts nearly what our proposer drafts in Medusa mode from the same heads: the same

@@ -58,9 +58,11 @@ def test_patches_are_idempotent_and_add_the_flags():
     vllm_patches.patch_engine_args()
     vllm_patches.patch_model_runner()
     vllm_patches.patch_model_runner()
+    vllm_patches.patch_draftless_steps_plain()
+    vllm_patches.patch_draftless_steps_plain()
     assert EngineArgs.create_speculative_config is first
-    assert not hasattr(GPUModelRunner.propose_draft_token_ids._amphista_original,
-                       "_amphista_original")
+    for method in (GPUModelRunner.propose_draft_token_ids, GPUModelRunner._prepare_inputs):
+        assert not hasattr(method._amphista_original, "_amphista_original")
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
@@ -521,3 +523,21 @@ def test_drafts_sent_with_the_output_answer_the_executors_next_call_for_them():
     assert MultiprocExecutor.take_draft_token_ids(executor) == "asked"
     assert calls == ["sample_tokens", "take_draft_token_ids", "sample_tokens",
                      "take_draft_token_ids"]
+
+
+def test_engine_still_builds_spec_metadata_for_every_step():
+    """Tripwire for patch_draftless_steps_plain: vLLM's _prepare_inputs still decides the
+    speculative path by the config alone, and reads the scheduler's drafts and no other
+    speculative state; the CPU runner inherits it. The day the first assertion fails,
+    vLLM skips the metadata for draftless steps itself: drop the patch."""
+    from vllm.config import ModelConfig
+
+    original = getattr(GPUModelRunner._prepare_inputs, "_amphista_original",
+                       GPUModelRunner._prepare_inputs)
+    assert tuple(inspect.signature(original).parameters) == vllm_patches.PREPARE_INPUTS_PARAMS
+    source = inspect.getsource(original)
+    assert "use_spec_decode = self.speculative_config is not None" in source
+    assert source.count("self.speculative_config") == 1
+    assert "scheduler_output.scheduled_spec_decode_tokens" in source
+    assert "_prepare_inputs" not in CPUModelRunner.__dict__
+    assert isinstance(inspect.getattr_static(ModelConfig, "has_inner_state"), property)

@@ -566,6 +566,52 @@ def patch_greedy_verification_argmax() -> None:
     rejection_sampler.rejection_sample = _mark(rejection_sample, original)
 
 
+# The method's parameters as of vLLM 0.32.0; test_vllm_patches checks them.
+PREPARE_INPUTS_PARAMS = ("self", "scheduler_output", "num_scheduled_tokens")
+
+
+def patch_draftless_steps_plain() -> None:
+    """A step in which no request verifies a draft runs vLLM's plain path.
+
+    Wraps (vLLM 0.32.0): GPUModelRunner._prepare_inputs (vllm/v1/worker/
+    gpu_model_runner.py; the CPU runner inherits it). With a speculative config it builds
+    spec-decode metadata for every step, drafts or not (`use_spec_decode =
+    self.speculative_config is not None`), and the step then samples through the rejection
+    sampler with no drafts to verify. For our drafter (a StepDrafter), whose paused steps
+    schedule none, it runs with `speculative_config` hidden when the scheduler sent no
+    drafts: no metadata, so the step samples as a vanilla engine's does, and the rest of
+    the step (attention metadata, the drafter's call) still sees the speculative config.
+    Not for models with recurrent state (Mamba, hybrids): vLLM counts their draftless
+    decode rows as speculative rows with zero drafts, because some recurrent backends
+    read state at an offset only the speculative path applies. In-process on a
+    family-26 EPYC (bf16) the speculative metadata cost ~40-70 us a paused step
+    (docs/results.md, "Paused steps on vLLM's plain path").
+    """
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if _is_patched(GPUModelRunner._prepare_inputs):
+        return
+    original = GPUModelRunner._prepare_inputs
+    if tuple(inspect.signature(original).parameters) != PREPARE_INPUTS_PARAMS:
+        raise RuntimeError(
+            "vllm-amphista: GPUModelRunner._prepare_inputs changed signature; this plugin "
+            f"targets vLLM {PINNED_VLLM_VERSION}")
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        if (any(scheduler_output.scheduled_spec_decode_tokens.values())
+                or not isinstance(getattr(self, "drafter", None), StepDrafter)
+                or self.model_config.has_inner_state):
+            return original(self, scheduler_output, num_scheduled_tokens)
+        speculative_config, self.speculative_config = self.speculative_config, None
+        try:
+            return original(self, scheduler_output, num_scheduled_tokens)
+        finally:
+            self.speculative_config = speculative_config
+
+    GPUModelRunner._prepare_inputs = _mark(functools.wraps(original)(_prepare_inputs),
+                                           original)
+
+
 # Set on a ModelRunnerOutput by the worker, read by the engine core's executor.
 DRAFTS_ATTRIBUTE = "amphista_draft_token_ids"
 _NOT_SENT = object()

@@ -13,6 +13,7 @@ from vllm_amphista.model.config import ARCHITECTURE
 from vllm_amphista.serving.patches import (
     patch_cpu_expand_kernel,
     patch_cpu_generator_rewind,
+    patch_draftless_steps_plain,
     patch_drafts_with_sampled_tokens,
     patch_empty_draft_constraints,
     patch_engine_args,
@@ -39,6 +40,7 @@ def register() -> None:
     patch_engine_args()
     patch_model_runner()  # routes the runner's hidden states to our drafters
     patch_drafts_with_sampled_tokens()  # speed only: one round trip a step less
+    patch_draftless_steps_plain()  # speed only: a paused step is a vanilla one
     # Every speculative method on the CPU build needs these, not only ours.
     patch_cpu_expand_kernel()
     patch_empty_draft_constraints()
