@@ -503,6 +503,18 @@ def test_only_slots_with_context_judge_the_heads(num_stages, tiny_target, tiny_t
     assert proposer.cached_positions("a") == WARM_STEPS + 2
 
 
+def _clocked_proposer(heads_dir, target_dir, folder, chances: list[float] | None = None
+                      ) -> AmphistaProposer:
+    """A proposer with its step clock on, under StepCost.linear(10, 1, 1) (what
+    `_timed_steps` times against); `chances`: every request's chance per position."""
+    StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(folder / "cost.json")
+    proposer = _proposer(heads_dir, target_dir, step_cost=str(folder / "cost.json"), timed=True)
+    if chances is not None:
+        proposer.acceptance.chance = lambda confident, sampled: np.tile(chances,
+                                                                       (len(confident), 1))
+    return proposer
+
+
 def _timed_steps(proposer, tiny_target, monkeypatch, extra_ms: float,
                  accepted_every: int, steps: int = 200, pace: float = 1.0,
                  first_rejected: int = 0, sampled: bool = False,
@@ -550,11 +562,7 @@ def test_drafting_pauses_when_drafting_steps_run_slower_than_the_step_cost(
     then, until MIN_TIMED plain steps are timed. When those take 18 ms more (a cost the
     calibration did not see), the proposer's clock notices and drafting pauses, with
     only a probe pass now and then."""
-    StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
-    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
-                         timed=True)
-    proposer.acceptance.chance = lambda confident, sampled: np.tile([0.5, 0.2, 0.05],
-                                                           (len(confident), 1))
+    proposer = _clocked_proposer(heads_dir, tiny_target_dir, tmp_path, [0.5, 0.2, 0.05])
     passes = _timed_steps(proposer, tiny_target, monkeypatch, extra_ms, accepted_every=2)
     if extra_ms == 0.0:
         # Plain steps once the first PROBE_ROWS rows judged drafting, every second one,
@@ -574,11 +582,7 @@ def test_a_shapes_first_step_does_not_price_drafting(heads_dir, tiny_target,
     """The first step of each shape (rows verified, after a pass or not) takes 30 ms more:
     kernels and buffers made for it, once in an engine's life. Those steps are not
     timed, so the clock reads no overhead where the others run as predicted."""
-    StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
-    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
-                         timed=True)
-    proposer.acceptance.chance = lambda confident, sampled: np.tile([0.5, 0.2, 0.05],
-                                                           (len(confident), 1))
+    proposer = _clocked_proposer(heads_dir, tiny_target_dir, tmp_path, [0.5, 0.2, 0.05])
     passes = _timed_steps(proposer, tiny_target, monkeypatch, 0.0, accepted_every=2,
                           steps=40, first_shape_ms=30.0)
     assert sum(passes[20:]) > 15
@@ -592,11 +596,7 @@ def test_sampled_drafting_steps_are_judged_apart_from_greedy_ones(
     (q and rejection sampling, which the calibration does not time) pauses drafting for
     sampled traffic; a greedy request after it is judged by greedy steps (none timed
     yet), and drafts."""
-    StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
-    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
-                         timed=True)
-    proposer.acceptance.chance = lambda confident, sampled: np.tile([0.5, 0.2, 0.05],
-                                                           (len(confident), 1))
+    proposer = _clocked_proposer(heads_dir, tiny_target_dir, tmp_path, [0.5, 0.2, 0.05])
     sampled = _timed_steps(proposer, tiny_target, monkeypatch, 18.0, accepted_every=2,
                            sampled=True)
     assert sum(sampled) < 40 and proposer.clock.overhead(1, sampled=True) > 1.5
@@ -613,9 +613,7 @@ def test_a_few_rejected_first_drafts_do_not_pause_drafting_for_good(
     first draft is accepted every second step, which pays. Drafting goes on: the first
     drafting steps' yields, read against plain steps before they are many, start from
     the model's expectation, so they do not pause it for good."""
-    StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
-    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
-                         timed=True)
+    proposer = _clocked_proposer(heads_dir, tiny_target_dir, tmp_path)
     monkeypatch.setattr(proposer_module, "confidence",
                         lambda logits: np.tile([0.6, 0.3, 0.1], (len(logits), 1)))
     passes = _timed_steps(proposer, tiny_target, monkeypatch, 0.0, accepted_every=2,
@@ -631,13 +629,9 @@ def test_drafting_pauses_where_drafting_steps_yield_less_than_plain_ones(
     tokens in over 12/11 of a plain step's time. Once plain steps are timed beside them, the
     step clock's check pauses drafting (probes only); drafts accepted every second step
     keep it drafting."""
-    StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
     passes = {}
     for every in (20, 2):
-        proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
-                             timed=True)
-        proposer.acceptance.chance = lambda confident, sampled: np.tile([0.9, 0.5, 0.2],
-                                                               (len(confident), 1))
+        proposer = _clocked_proposer(heads_dir, tiny_target_dir, tmp_path, [0.9, 0.5, 0.2])
         passes[every] = _timed_steps(proposer, tiny_target, monkeypatch, 0.0, every)
         assert proposer.clock.overhead(1) == pytest.approx(1.0)
     assert sum(passes[20][100:]) < 20
@@ -652,11 +646,7 @@ def test_a_finished_request_takes_what_its_drafts_yielded_with_it(
     and the probes' backoff go with it (with one request in flight the reading is that
     request's text), and the next request drafts from the model's word."""
     monkeypatch.setattr(draft_length, "PROBE_SHARE", 0.1)  # probes ten times as close
-    StepCost.linear(fixed_ms=10.0, per_token_ms=1.0, draft_ms=1.0).save(tmp_path / "cost.json")
-    proposer = _proposer(heads_dir, tiny_target_dir, step_cost=str(tmp_path / "cost.json"),
-                         timed=True)
-    proposer.acceptance.chance = lambda confident, sampled: np.tile([0.9, 0.5, 0.2],
-                                                           (len(confident), 1))
+    proposer = _clocked_proposer(heads_dir, tiny_target_dir, tmp_path, [0.9, 0.5, 0.2])
     passes = _timed_steps(proposer, tiny_target, monkeypatch, 0.0, accepted_every=0)
     assert sum(passes[100:]) < 20 and proposer.clock.realized_gain(1) < 1.0
     assert proposer._plan(1) != proposer_module.DRAFT and proposer.pauses[1].backoff > 1

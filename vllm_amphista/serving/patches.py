@@ -74,6 +74,14 @@ def _is_patched(attribute) -> bool:
     return hasattr(getattr(attribute, "__func__", attribute), "_amphista_original")
 
 
+def _check_params(original, params: tuple[str, ...]) -> None:
+    """Refuse to wrap a vLLM method whose parameters are not the ones its wrapper passes
+    on by position."""
+    if tuple(inspect.signature(original).parameters) != params:
+        raise RuntimeError(f"vllm-amphista: {original.__qualname__} changed signature; this "
+                           f"plugin targets vLLM {PINNED_VLLM_VERSION}")
+
+
 def _on_cpu() -> bool:
     """The CPU-only patches apply on vLLM's CPU platform (CUDA runs vLLM's own code)."""
     from vllm.platforms import current_platform
@@ -190,10 +198,7 @@ def patch_model_runner() -> None:
     if _is_patched(GPUModelRunner.propose_draft_token_ids):
         return
     original_propose = GPUModelRunner.propose_draft_token_ids
-    if tuple(inspect.signature(original_propose).parameters) != PROPOSE_DRAFT_TOKEN_IDS_PARAMS:
-        raise RuntimeError(
-            "vllm-amphista: GPUModelRunner.propose_draft_token_ids changed signature; "
-            f"this plugin targets vLLM {PINNED_VLLM_VERSION}")
+    _check_params(original_propose, PROPOSE_DRAFT_TOKEN_IDS_PARAMS)
 
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
                                 hidden_states, sample_hidden_states, aux_hidden_states,
@@ -592,10 +597,7 @@ def patch_draftless_steps_plain() -> None:
     if _is_patched(GPUModelRunner._prepare_inputs):
         return
     original = GPUModelRunner._prepare_inputs
-    if tuple(inspect.signature(original).parameters) != PREPARE_INPUTS_PARAMS:
-        raise RuntimeError(
-            "vllm-amphista: GPUModelRunner._prepare_inputs changed signature; this plugin "
-            f"targets vLLM {PINNED_VLLM_VERSION}")
+    _check_params(original, PREPARE_INPUTS_PARAMS)
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         if (any(scheduler_output.scheduled_spec_decode_tokens.values())
