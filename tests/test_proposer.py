@@ -517,28 +517,23 @@ def _clocked_proposer(heads_dir, target_dir, folder, chances: list[float] | None
 
 def _timed_steps(proposer, tiny_target, monkeypatch, extra_ms: float,
                  accepted_every: int, steps: int = 200, pace: float = 1.0,
-                 first_rejected: int = 0, sampled: bool = False,
-                 first_shape_ms: float = 0.0) -> list[bool]:
+                 first_rejected: int = 0, sampled: bool = False) -> list[bool]:
     """One request decoding `steps` steps under StepCost.linear(10, 1, 1): each step
     verifies the drafts proposed before it and takes `pace` times what the step cost
-    predicts, plus `extra_ms` after a draft pass, plus `first_shape_ms` the first time
-    a step of its shape (rows verified, after a pass or not) runs; the first draft is
-    accepted every `accepted_every` steps (0: never), except in the first
-    `first_rejected` steps that verify drafts; sampled: the request samples (T=1).
-    Returns which steps ran the draft pass."""
+    predicts, plus `extra_ms` after a draft pass; the first draft is accepted every
+    `accepted_every` steps (0: never), except in the first `first_rejected` steps that
+    verify drafts; sampled: the request samples (T=1). Returns which steps ran the draft
+    pass."""
     sampling = (RequestSampling(temperature=torch.ones(1), top_p=None, top_k=None,
                                 generators={}) if sampled else None)
     now = [0.0]
     monkeypatch.setattr(proposer_module, "perf_counter", lambda: now[0])
     d = tiny_target.hidden_size
     table = np.arange(1024, dtype=np.int32)[None] % tiny_target.vocab_size
-    passes, drafts, position, verifying, shapes = [], 0, 8, 0, set()
+    passes, drafts, position, verifying = [], 0, 8, 0
     for index in range(steps):
         drafted = proposer.last_call is not None and proposer.last_call[2]
         now[0] += 1e-3 * pace * (11.0 + drafts + (1.0 + extra_ms if drafted else 0.0))
-        if (drafts, drafted) not in shapes:
-            shapes.add((drafts, drafted))
-            now[0] += 1e-3 * first_shape_ms
         verifying += drafts > 0
         accepted = int(drafts > 0 and accepted_every > 0 and index % accepted_every == 0
                        and verifying > first_rejected)
@@ -575,19 +570,6 @@ def test_drafting_pauses_when_drafting_steps_run_slower_than_the_step_cost(
         assert proposer.clock.realized_gain(1) > 1.1
     else:
         assert sum(passes) < 40 and proposer.clock.overhead(1) > 1.5
-
-
-def test_a_shapes_first_step_does_not_price_drafting(heads_dir, tiny_target,
-                                                    tiny_target_dir, tmp_path, monkeypatch):
-    """The first step of each shape (rows verified, after a pass or not) takes 30 ms more:
-    kernels and buffers made for it, once in an engine's life. Those steps are not
-    timed, so the clock reads no overhead where the others run as predicted."""
-    proposer = _clocked_proposer(heads_dir, tiny_target_dir, tmp_path, [0.5, 0.2, 0.05])
-    passes = _timed_steps(proposer, tiny_target, monkeypatch, 0.0, accepted_every=2,
-                          steps=40, first_shape_ms=30.0)
-    assert sum(passes[20:]) > 15
-    # Timed, the few first steps read 1.04 here (the ratio of one step is capped).
-    assert proposer.clock.overhead(1) == pytest.approx(1.0)
 
 
 def test_sampled_drafting_steps_are_judged_apart_from_greedy_ones(

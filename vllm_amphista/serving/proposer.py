@@ -156,8 +156,6 @@ class AmphistaProposer(StepDrafter):
         self.steps_drafting = 0  # steps drafting paid, for timing plain ones among them
         self.clock = StepClock(self.step_cost.batch_sizes if self.step_cost else (1,))
         self.last_call: LastCall | None = None
-        # (requests, rows run, drafted, sampled) of the decode steps timed or seen so far
-        self.shapes_run: set[tuple[int, int, bool, bool]] = set()
         self.cache: SALCache | None = None  # created at the first step, dropped when idle
         self.pending: PendingRows | None = None  # created and dropped with the cache
         self.slot_reqs: list[str | None] = []  # the request in each slot
@@ -388,15 +386,6 @@ class AmphistaProposer(StepDrafter):
         if not step.decode_only():
             return
         num_reqs = len(step.req_ids)
-        # A step of a shape this engine has not run before pays one-off costs (kernels
-        # and buffers made for it): at 4 requests ~2 ms, 0.12-0.15 of a plain step's
-        # prediction, at each new count of rows verified (docs/results.md, "A shape's
-        # first step"). Timed, they priced a probe's drafting steps, whose shapes are new
-        # at first, ~30% over plain ones, where drafting ran ~7-9% over once running.
-        shape = (num_reqs, step.rows_run(), drafted, sampled)
-        if shape not in self.shapes_run:
-            self.shapes_run.add(shape)
-            return
         predicted = float(self.step_cost.step_ms(num_reqs, step.rows_run()))
         if drafted:
             predicted += self.step_cost.draft_ms(max(decoded, 1))
