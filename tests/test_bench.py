@@ -67,15 +67,18 @@ def test_sampled_runs_generate_max_tokens_for_every_method(monkeypatch, temperat
     assert all(p["top_p"] == (0.9 if temperature > 0 else 1.0) for p in sent)
 
 
-def test_servers_warm_up_at_every_concurrency_measured(monkeypatch):
-    """A server's first run at a batch size pays one-off costs: each measured concurrency
-    is run once, unmeasured, with as many requests at once (as many as there are prompts
-    at most)."""
-    warmed = []
-    monkeypatch.setattr(bench, "measure", lambda base, prompts, concurrency, *rest:
-                        warmed.append((len(prompts), concurrency)))
+def test_servers_warm_up_every_batch_size_up_to_each_concurrency(monkeypatch):
+    """A server's first steps at a batch size pay one-off costs: for each measured
+    concurrency, that many requests at once, unmeasured, of lengths that end them one by
+    one (EOS ignored), so the batch runs every size from the concurrency down to one."""
+    sent = []
+    monkeypatch.setattr(bench, "post_json", lambda url, payload, timeout: sent.append(payload))
     bench.warm_up("http://server", ["a", "b", "c", "d", "e"], [1, 4, 16])
-    assert warmed == [(1, 1), (4, 4), (5, 16)]
+    lengths = sorted(p["max_tokens"] for p in sent)
+    step = bench.WARM_UP_TOKENS
+    assert lengths == sorted([step] + [step * i for i in range(1, 5)]
+                             + [step * i for i in range(1, 17)])
+    assert all(p["ignore_eos"] and p["temperature"] == 0.0 for p in sent)
 
 
 # What vLLM 0.32's CPU worker logs as `vllm serve` starts on a 2-core machine.

@@ -197,9 +197,13 @@ def recording_prepare(scheduler_output, num_scheduled_tokens):
                   out[1] is not None))
     return out
 runner._prepare_inputs = recording_prepare
-print_result({{"outputs": scenario_batch(llm, prompts, {PLAIN_TOKENS}), "steps": steps}})
+print_result({{"outputs": scenario_batch(llm, prompts, {PLAIN_TOKENS}), "steps": steps,
+               "warmed": runner.drafter.warmed_shapes}})
 """)
     assert result["outputs"] == plain["batch"]
+    # serving/warm_up.py found vLLM's CPU linears: SmolLM2's q/k/v, o, gate/up, down and
+    # vocabulary shapes (vLLM 0.32.0 sets `cpu_linear` on them at load).
+    assert result["warmed"]["target"] == 5 and result["warmed"]["draft"] > 0, result["warmed"]
     with_drafts = [metadata for drafts, metadata in result["steps"] if drafts]
     without = [metadata for drafts, metadata in result["steps"] if not drafts]
     assert with_drafts and all(with_drafts), "no drafting step, or one without metadata"

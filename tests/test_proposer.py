@@ -58,6 +58,7 @@ def _proposer(heads_dir, target_dir, num_tokens=3, pause=None,
         model_config=SimpleNamespace(model=str(target_dir), dtype=torch.float32),
         device_config=SimpleNamespace(device="cpu"),
         parallel_config=SimpleNamespace(tensor_parallel_size=2),  # read target files
+        scheduler_config=SimpleNamespace(max_num_seqs=256, max_num_batched_tokens=8192),
     )
     proposer = AmphistaProposer(config)
     proposer.load_model(torch.nn.Module())

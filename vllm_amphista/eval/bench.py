@@ -150,6 +150,9 @@ def spec_counters(metrics_text: str) -> tuple[int, list[int]]:
     return drafts, [per_position[p] for p in sorted(per_position)]
 
 
+WARM_UP_TOKENS = 4  # steps, about, between two warm-up requests' ends
+
+
 def measure(base: str, prompts: list[str], concurrency: int, temperature: float,
             max_tokens: int, top_p: float = 1.0) -> Run:
     """Every prompt at `concurrency` at once; sampled requests (temperature > 0) with
@@ -177,14 +180,23 @@ def measure(base: str, prompts: list[str], concurrency: int, temperature: float,
 
 
 def warm_up(base: str, prompts: list[str], concurrencies: list[int]) -> None:
-    """A few tokens at every concurrency to be measured, not measured: a server's first
-    steps at a batch size pay one-off costs (allocations, oneDNN primitives for the new
-    shapes), a speculative server's more (its draft model's shapes too). Warmed up at two
-    requests only, both servers' first 16-request run read 3-8% under their next ones
-    (family-26 EPYC, bf16, one server at a time), Amphista's the more, and that run was
-    the bench's T=0 cell."""
+    """Every batch size up to each concurrency to be measured, not measured: a server's
+    first steps at a batch size pay one-off costs (allocations, oneDNN primitives for the
+    new shapes). Warmed up at two requests only, both servers' first 16-request run read
+    3-8% under their next ones (family-26 EPYC, bf16, one server at a time), and that run
+    was the bench's T=0 cell. The i-th of a concurrency's requests asks for
+    WARM_UP_TOKENS * (i + 1) tokens, EOS ignored, so the batch then shrinks one request at
+    a time down to one: a measured run's tail meets those sizes too. (Our proposer warms
+    the token counts its drafting steps add when it loads: serving/warm_up.py.)"""
+    def one(index: int) -> None:
+        post_json(f"{base}/v1/chat/completions", {
+            "messages": [{"role": "user", "content": prompts[index % len(prompts)]}],
+            "max_tokens": WARM_UP_TOKENS * (index + 1), "temperature": 0.0,
+            "ignore_eos": True}, timeout=1800)
+
     for concurrency in concurrencies:
-        measure(base, prompts[:concurrency], concurrency, 0.0, 16)
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, range(concurrency)))
 
 
 def start_servers(servers: ExitStack, args: argparse.Namespace, prompts: list[str],

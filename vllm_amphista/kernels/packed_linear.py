@@ -51,7 +51,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.out_features = weight.shape[0]
+        self.out_features, self.in_features = weight.shape
         weight, bias = weight.detach(), None if bias is None else bias.detach()
         # fp32: FBGEMM's packed fp16 copy, a TorchScript object (so not a buffer).
         self.half_weight = (torch.ops.quantized.linear_prepack_fp16(weight, bias)

@@ -62,6 +62,7 @@ from vllm_amphista.serving.draft_sampling import (
 from vllm_amphista.serving.pending_rows import PendingRows
 from vllm_amphista.serving.spec_config import ADDITIONAL_CONFIG_KEY, DEFAULT_DRAFT_SAMPLING
 from vllm_amphista.serving.step import Proposal, StepDrafter, StepRows
+from vllm_amphista.serving.warm_up import warm_products, warm_token_counts
 
 # A child of vLLM's logger, so our lines appear with vLLM's own, formatted alike.
 logger = logging.getLogger("vllm.amphista")
@@ -141,6 +142,11 @@ class AmphistaProposer(StepDrafter):
         self.max_drafts = (self._heads_to_draft(step_cost) if settings.get("choose_heads")
                            else self.num_speculative_tokens)
         self.model.draft_leading_heads(self.max_drafts)
+        scheduler = vllm_config.scheduler_config
+        self.target_dtype: torch.dtype = vllm_config.model_config.dtype
+        self.warmed_shapes: dict[str, int] = {}  # by model, once load_model warmed them
+        self.warm_counts = warm_token_counts(self.max_drafts, scheduler.max_num_seqs,
+                                             scheduler.max_num_batched_tokens)
         self.step_cost = StepCost.load(step_cost, self.max_drafts) if step_cost else None
         logger.info("amphista: drafting up to %d tokens per step with the heads in %s "
                     "(draft dtype %s)", self.max_drafts, self.heads_dir,
@@ -207,7 +213,8 @@ class AmphistaProposer(StepDrafter):
     # -- vLLM's custom_class interface ---------------------------------------------------
     def load_model(self, target_model: torch.nn.Module) -> None:
         """Attach the target's frozen embedding and lm_head (called by the runner), then
-        prepack the draft model's weights for drafting on a CPU (kernels/packed_linear.py)."""
+        prepack the draft model's weights for drafting on a CPU (kernels/packed_linear.py)
+        and warm the products drafting steps run (serving/warm_up.py)."""
         target = None
         if self.tensor_parallel_size == 1:
             target = self._weights_from_vllm_model(target_model)
@@ -217,6 +224,9 @@ class AmphistaProposer(StepDrafter):
         self.model.attach_target(target)
         self.model.to(self.device)
         self.model.pack_for_drafting()
+        if self.device.type == "cpu":
+            self.warmed_shapes = warm_products(target_model, self.model, self.warm_counts,
+                                               self.target_dtype, self.dtype)
 
     def _weights_from_vllm_model(self, target_model: torch.nn.Module) -> TargetWeights | None:
         vocab = self.model.config.vocab_size
