@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from vllm_amphista.eval.report import machine_line, print_result, result_from, write_report
+from vllm_amphista.eval.report import machine_line, print_result, run_child, write_report
 from vllm_amphista.machine import TARGET_DTYPE, compute_dtype, intel_openmp
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
@@ -79,16 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         if "LD_PRELOAD" in env and IOMP is None:
             continue
         for heads, step_cost in methods:
-            job = json.dumps({"target": target, "heads": heads, "prompts": prompts,
-                              "max_tokens": args.max_tokens, "step_cost": step_cost})
             child_env = {k: v for k, v in os.environ.items()
                          if k not in ("TRITON_INTERPRET", "OMP_NUM_THREADS", "LD_PRELOAD")}
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.engine_settings", "--one",
-                                   job], capture_output=True, text=True,
-                                  env={**child_env, **env})
-            result = result_from(proc.stdout)
+            result = run_child("benchmarks.engine_settings", {
+                "target": target, "heads": heads, "prompts": prompts,
+                "max_tokens": args.max_tokens, "step_cost": step_cost}, {**child_env, **env})
             if result is None:
-                print(proc.stderr[-3000:], file=sys.stderr)
                 return 1
             rows.append({"setting": name, "env": env,
                          "method": f"amphista (step cost {step_cost})" if heads else "vanilla",

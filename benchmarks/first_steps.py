@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,7 +27,7 @@ from vllm_amphista.eval.report import (
     machine_line,
     markdown_table,
     print_result,
-    result_from,
+    run_child,
     write_report,
 )
 from vllm_amphista.machine import DTYPE_NAMES, TARGET_DTYPE, compute_dtype
@@ -125,15 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = first_turns(limit=args.num_prompts)
     results = []
     for warm in (False, True):
-        job = json.dumps({"target": target, "heads": args.heads, "k": args.k,
-                          "prompts": prompts, "max_tokens": args.max_tokens,
-                          "dtype": args.dtype, "warm": warm})
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.first_steps", "--one", job],
-                              capture_output=True, text=True, env=env)
-        result = result_from(proc.stdout)
+        result = run_child("benchmarks.first_steps", {
+            "target": target, "heads": args.heads, "k": args.k, "prompts": prompts,
+            "max_tokens": args.max_tokens, "dtype": args.dtype, "warm": warm})
         if result is None:
-            print(proc.stderr[-4000:], file=sys.stderr)
             return 1
         results.append(result)
     write_report(args.out, {"target_dtype": args.dtype, "k": args.k, "prompts": len(prompts),

@@ -25,10 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -39,7 +36,7 @@ from vllm_amphista.eval.report import (
     machine_line,
     markdown_table,
     print_result,
-    result_from,
+    run_child,
     write_report,
 )
 from vllm_amphista.machine import DTYPE_NAMES, TARGET_DTYPE, compute_dtype
@@ -212,16 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     prompts = first_turns(args.prompts, limit=args.num_prompts)
     rows = []
     for heads, k in [(None, None), *((h, k) for h in args.heads for k in args.k)]:
-        job = json.dumps({"target": target, "heads": heads, "k": k, "prompts": prompts,
-                          "max_tokens": args.max_tokens, "temperature": args.temperature,
-                          "concurrency": args.concurrency, "dtype": args.dtype,
-                          "step_cost": args.step_cost})
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--one", job],
-                              capture_output=True, text=True, env=env)
-        result = result_from(proc.stdout)
+        result = run_child("benchmarks.profile_step", {
+            "target": target, "heads": heads, "k": k, "prompts": prompts,
+            "max_tokens": args.max_tokens, "temperature": args.temperature,
+            "concurrency": args.concurrency, "dtype": args.dtype,
+            "step_cost": args.step_cost})
         if result is None:
-            print(proc.stderr[-4000:], file=sys.stderr)
             return 1
         rows.append(result)
     write_report(args.out, {"target": target, "target_dtype": args.dtype,

@@ -4,6 +4,9 @@ measured on, and a markdown table under one line that names it too."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +58,18 @@ def markdown_table(columns: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_child(module: str, job: dict, env: dict[str, str] | None = None) -> Any:
+    """`python -m <module> --one <job as JSON>` in a fresh Python (vLLM's CPU build starts
+    one engine a process): the value it handed back with print_result, or None, the
+    child's stderr then printed. env: the child's (default: this one's, without
+    TRITON_INTERPRET)."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", module, "--one", json.dumps(job)],
+                          capture_output=True, text=True, env=env)
+    result = result_from(proc.stdout)
+    if result is None:
+        print(proc.stderr[-4000:], file=sys.stderr)
+    return result
