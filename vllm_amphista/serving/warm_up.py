@@ -3,14 +3,14 @@
 oneDNN builds a matmul primitive the first time a weight is multiplied by a new number of
 rows, and vLLM's CPU linears (`cpu_linear`, set at load by
 vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm, vLLM 0.32.0) and the
-draft model's packed ones (kernels/packed_linear.py) pay for it in that step: in-process,
-bf16, AMD EPYC of family 25, a target forward over a token count the engine had not run
-took ~8-9 ms longer than its later ones, a draft pass of a new shape ~2.3 ms. A plain
+draft model's packed ones (kernels/packed_linear.py) pay for it in that step. A plain
 engine meets one token count per batch size; a drafting one up to 1 + K of them, so it
-pays these costs far more often: in a bench's short runs, and in the step clock's first
-readings of drafting steps (serving/draft_length.py), which then price drafting dearer
-than it is. Multiplying each distinct weight shape by every token count up to
-`warm_token_counts` once at load removes them (the same probe warmed: ~0 ms).
+pays far more often: in a bench's short runs, and in the step clock's first readings of
+drafting steps (serving/draft_length.py), which then price drafting dearer than it is.
+So each distinct weight shape runs over every count of `warm_token_counts`, once, at
+load. In-process, bf16, AMD EPYC of family 25 (`python -m benchmarks.first_steps`): the
+primitives of SmolLM2's 12 shapes cost ~8 ms a token count, and a draft pass of a new
+shape took +2.2 ms over its later ones without the warm-up, -0.5 ms with it.
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ def _vllm_cpu_linears(model: nn.Module) -> dict[tuple, Callable[[torch.Tensor], 
     (the weights' primitives are cached per shape, whichever layer made them)."""
     products = {}
     for layer in model.modules():
-        cpu_linear = getattr(layer, "cpu_linear", None)
-        if cpu_linear is None:
+        if not hasattr(layer, "cpu_linear"):
             continue
         if hasattr(layer, "input_size_per_partition"):  # LinearBase: its weight was freed
             out_features, in_features = (layer.output_size_per_partition,
@@ -55,13 +54,13 @@ def _vllm_cpu_linears(model: nn.Module) -> dict[tuple, Callable[[torch.Tensor], 
             out_features, in_features = layer.weight.shape
         bias = getattr(layer, "bias", None)
         products.setdefault(
-            ("vllm", out_features, in_features, bias is not None),
+            (out_features, in_features, bias is not None),
             lambda x, layer=layer, bias=bias: layer.cpu_linear(x, layer.weight, bias))
     return products
 
 
 def _packed_linears(model: nn.Module) -> dict[tuple, Callable[[torch.Tensor], object]]:
-    return {("packed", m.out_features, m.in_features, m.bias is not None): m
+    return {(m.out_features, m.in_features, m.bias is not None): m
             for m in model.modules() if isinstance(m, PackedLinear)}
 
 
@@ -75,7 +74,7 @@ def warm_products(target: nn.Module, draft: nn.Module, token_counts: Iterable[in
     products = {"target": (_vllm_cpu_linears(target), target_dtype),
                 "draft": (_packed_linears(draft), draft_dtype)}
     for shapes, dtype in products.values():
-        for (_, _, in_features, _), product in shapes.items():
+        for (_, in_features, _), product in shapes.items():
             for count in counts:
                 product(torch.zeros(count, in_features, dtype=dtype))
     warmed = {name: len(shapes) for name, (shapes, _) in products.items()}
