@@ -13,12 +13,16 @@ time and 16 at once, plain and with the shipped heads, tokens/s. JSON + table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
-from vllm_amphista.eval.report import machine_line, print_result, run_child, write_report
+from vllm_amphista.eval.report import (
+    answered_as_child,
+    machine_line,
+    run_child,
+    write_report,
+)
 from vllm_amphista.machine import TARGET_DTYPE, compute_dtype, intel_openmp
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
@@ -65,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Amphista's draft-length setting(s): off, auto or a file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
     args = parser.parse_args(argv)
-    if args.one:
-        print_result(run_one(**json.loads(args.one)))
+    if answered_as_child(args.one, run_one):
         return 0
     target = str(export_smollm2())
     prompts = first_turns(limit=args.num_prompts)

@@ -16,7 +16,6 @@ JSON + table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections import defaultdict
@@ -24,9 +23,9 @@ from pathlib import Path
 
 from vllm_amphista.engine import start_llm
 from vllm_amphista.eval.report import (
+    answered_as_child,
     machine_line,
     markdown_table,
-    print_result,
     run_child,
     write_report,
 )
@@ -114,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/first_steps.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
     args = parser.parse_args(argv)
-    if args.one:
-        print_result(run_one(**json.loads(args.one)))
+    if answered_as_child(args.one, run_one):
         return 0
 
     target = str(export_smollm2())

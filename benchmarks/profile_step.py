@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import time
 from collections import defaultdict
@@ -33,9 +32,9 @@ from pathlib import Path
 
 from vllm_amphista.engine import start_llm
 from vllm_amphista.eval.report import (
+    answered_as_child,
     machine_line,
     markdown_table,
-    print_result,
     run_child,
     write_report,
 )
@@ -200,9 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/profile_step.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
     args = parser.parse_args(argv)
-    if args.one:
-        job = json.loads(args.one)
-        print_result(profile_one(**job))
+    if answered_as_child(args.one, profile_one):
         return 0
 
     target = args.target or str(export_smollm2())

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,15 @@ def markdown_table(columns: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def answered_as_child(job: str | None, run: Callable[..., Any]) -> bool:
+    """The child's half of run_child: where `--one` carried a job (JSON), run it and hand
+    its value back with print_result; whether there was one."""
+    if job is None:
+        return False
+    print_result(run(**json.loads(job)))
+    return True
 
 
 def run_child(module: str, job: dict, env: dict[str, str] | None = None) -> Any:
