@@ -8,6 +8,10 @@ import os
 # anything imports triton (triton.language's own helpers are built at import time).
 # Engine subprocesses drop it again (tests/engine_helpers.py).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Our commands' engines (the demo, the bench's servers, recording) run the target eagerly
+# here: compiling it takes 15-60 s a start. The compiled default has its own test
+# (test_engine_amphista.py, test_compiled_target_is_lossless).
+os.environ.setdefault("VLLM_AMPHISTA_ENFORCE_EAGER", "1")
 
 from pathlib import Path
 

@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from vllm_amphista.serving.draft_length import compiled_target
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -146,9 +148,10 @@ def run(spec: dict, speculative_config: dict | None) -> dict:
     from vllm import LLM
 
     started = time.perf_counter()
-    llm = LLM(model=spec["target"], enforce_eager=True, seed=0, dtype=spec.get("dtype", "float32"),
+    settings = {"enforce_eager": True, **spec.get("engine", {})}  # eager: starts in seconds
+    llm = LLM(model=spec["target"], seed=0, dtype=spec.get("dtype", "float32"),
               max_model_len=spec.get("max_model_len", 2048), disable_log_stats=False,
-              speculative_config=speculative_config, **spec.get("engine", {}))
+              speculative_config=speculative_config, **settings)
     tokenizer = llm.get_tokenizer()
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                              add_generation_prompt=True)
@@ -163,7 +166,9 @@ def run(spec: dict, speculative_config: dict | None) -> dict:
     llm.llm_engine.step()
     drafter = _drafter(llm)
     return {"outputs": results, "metrics": _metrics(llm), "seconds": seconds,
-            "cache": drafter.cache_stats() if hasattr(drafter, "cache_stats") else None}
+            "cache": drafter.cache_stats() if hasattr(drafter, "cache_stats") else None,
+            "warmed": getattr(drafter, "warmed_shapes", None),
+            "compiled": compiled_target(llm.llm_engine.vllm_config)}
 
 
 def main(spec: dict) -> list[dict]:

@@ -210,6 +210,22 @@ print_result({{"outputs": scenario_batch(llm, prompts, {PLAIN_TOKENS}), "steps":
     assert without and not any(without), "a step without drafts built spec-decode metadata"
 
 
+@pytest.mark.slow
+def test_a_compiled_target_is_lossless(smollm2, smollm2_heads):
+    """vLLM's default engine compiles the target (inductor, on a CPU), as the bench, the
+    demo and `vllm serve` run it, where the other engine tests run it eagerly: Amphista
+    gives a compiled plain vLLM's greedy tokens there too, its drafts are accepted (the
+    hidden states it reads are the compiled target's), and the proposer still warms the
+    target's CPU linears (SmolLM2's five shapes)."""
+    spec = {"target": smollm2, "prompts": _prompts()[:4], "max_tokens": PLAIN_TOKENS,
+            "scenarios": ["single", "batch"], "engine": {"enforce_eager": False}}
+    plain, amphista = run_scenarios(spec, None, _amphista(smollm2_heads["trained"]))
+    assert plain["compiled"] and amphista["compiled"]
+    assert amphista["outputs"] == plain["outputs"]
+    assert amphista["metrics"]["vllm:spec_decode_num_accepted_tokens_per_pos"][0] > 0
+    assert amphista["warmed"]["target"] == 5, amphista["warmed"]
+
+
 def test_vllm_medusa_on_our_exported_heads_drafts_as_our_medusa_mode(smollm2, smollm2_heads):
     """vLLM's own Medusa proposer serving the Medusa-mode heads exported to its format
     drafts nearly what our proposer drafts in Medusa mode from the same heads: the same

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from vllm.config import CompilationMode
 
 from tests.conftest import draft_model, needs_bf16_packing
 from vllm_amphista.eval.calibrate import measure_draft_pass
@@ -46,7 +47,8 @@ def heads_dir(tiny_target, tmp_path):
 
 def _proposer(heads_dir, target_dir, num_tokens=3, pause=None,
               draft_sampling="sample", step_cost="off",
-              draft_dtype="float32", timed=False, choose_heads=False) -> AmphistaProposer:
+              draft_dtype="float32", timed=False, choose_heads=False,
+              compiled=False) -> AmphistaProposer:
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=num_tokens),
         additional_config={"amphista": {"heads": str(heads_dir),
@@ -59,6 +61,8 @@ def _proposer(heads_dir, target_dir, num_tokens=3, pause=None,
         device_config=SimpleNamespace(device="cpu"),
         parallel_config=SimpleNamespace(tensor_parallel_size=2),  # read target files
         scheduler_config=SimpleNamespace(max_num_seqs=256, max_num_batched_tokens=8192),
+        compilation_config=SimpleNamespace(
+            mode=CompilationMode.DYNAMO_TRACE_ONCE if compiled else CompilationMode.NONE),
     )
     proposer = AmphistaProposer(config)
     proposer.load_model(torch.nn.Module())
@@ -950,6 +954,21 @@ def test_auto_step_cost_is_this_machines_else_the_one_shipped_with_the_heads(
         own.save(step_cost_path(tiny_target_dir, "torch.float32"))
         assert _proposer(heads_dir, tiny_target_dir, step_cost="auto").step_cost == own
         assert _proposer(heads_dir, tiny_target_dir, step_cost="off").step_cost is None
+        # A compiled target: the eager engine's files are not its own; the shipped eager
+        # one is its start until one for compiled targets is shipped, then that one.
+        caplog.clear()
+        assert _proposer(heads_dir, tiny_target_dir, step_cost="auto",
+                         compiled=True).step_cost == shipped
+        assert "its target compiled" in caplog.text and "its target eager" in caplog.text
+        shipped_compiled = StepCost.linear(7.0, 1.0, 2.0)
+        shipped_compiled.save(shipped_step_cost_path(heads_dir, "float32", compiled=True))
+        assert _proposer(heads_dir, tiny_target_dir, step_cost="auto",
+                         compiled=True).step_cost == shipped_compiled
+        assert _proposer(heads_dir, tiny_target_dir, step_cost="auto").step_cost == own
+        own_compiled = StepCost.linear(9.0, 1.0, 2.0)
+        own_compiled.save(step_cost_path(tiny_target_dir, "torch.float32", compiled=True))
+        assert _proposer(heads_dir, tiny_target_dir, step_cost="auto",
+                         compiled=True).step_cost == own_compiled
     finally:
         logging.getLogger("vllm.amphista").removeHandler(caplog.handler)
 

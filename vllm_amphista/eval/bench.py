@@ -47,7 +47,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from vllm_amphista.convert.medusa import export_vllm_medusa
-from vllm_amphista.engine import ENGINE_SETTLE_S, PROCESS_START_SETTINGS, set_engine_environment
+from vllm_amphista.engine import (
+    EAGER_ENV,
+    ENGINE_SETTLE_S,
+    PROCESS_START_SETTINGS,
+    eager_engines,
+    set_engine_environment,
+)
 from vllm_amphista.eval.report import machine_line, write_report
 from vllm_amphista.eval.server import get_text, post_json, vllm_server, worker_cores
 from vllm_amphista.eval.tau import acceptance_per_position, tau
@@ -101,8 +107,9 @@ def flip_check_concurrency(args: argparse.Namespace) -> int | None:
 
 def server_args(method: str, args: argparse.Namespace) -> list[str]:
     batch = max(*args.concurrency, flip_check_concurrency(args) or 1)
-    common = [str(args.target), "--dtype", args.dtype, "--enforce-eager", "--seed", "0",
-              "--max-model-len", "2048", "--max-num-seqs", str(batch)]
+    common = [str(args.target), "--dtype", args.dtype, "--seed", "0",
+              "--max-model-len", "2048", "--max-num-seqs", str(batch),
+              *(["--enforce-eager"] if eager_engines() else [])]
     ours = {"method": "amphista", "step_cost": args.step_cost, "draft_dtype": args.draft_dtype}
     if args.k:
         ours["num_speculative_tokens"] = args.k
@@ -399,7 +406,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 # Environment variables that set how vLLM's CPU engine computes (threads, OpenMP runtime).
-ENGINE_SETTINGS = ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", *PROCESS_START_SETTINGS)
+ENGINE_SETTINGS = ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "VLLM_USE_AOT_COMPILE",
+                   EAGER_ENV, *PROCESS_START_SETTINGS)
 
 
 def environment() -> dict:

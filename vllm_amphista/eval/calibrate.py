@@ -5,7 +5,8 @@ their own, the worker's threads bound by vLLM) with a drafter that proposes a fi
 of throw-away drafts (so every step verifies exactly that many tokens per request), for a
 few batch sizes and draft counts, and times the draft pass of the heads at the same batch
 sizes inside that worker, with its threads. The fitted `StepCost` is written where the
-proposer looks for it: one file per CPU, target, target dtype and thread count under
+proposer looks for it: one file per CPU, target, target dtype, thread count and OpenMP,
+for a compiled target (vLLM's default) or an eager one (VLLM_AMPHISTA_ENFORCE_EAGER=1), under
 ~/.cache/vllm-amphista/step_cost/, or with --ship into the heads folder (the calibration
 that travels with the heads).
 """
@@ -26,6 +27,7 @@ from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights
 from vllm_amphista.serving.draft_length import (
     StepCost,
+    compiled_target,
     shipped_step_cost_path,
     step_cost_path,
 )
@@ -147,6 +149,7 @@ def calibrate(target_dir: Path, heads: Path, target_dtype: str, draft_dtype: tor
                     as_served=True, worker_extension_cls=CALIBRATION_WORKER_PATH,
                     speculative_config={"method": "custom_class", "model": FIXED_DRAFTER_PATH,
                                         "num_speculative_tokens": max(draft_counts)})
+    compiled = compiled_target(llm.llm_engine.vllm_config)
     steps = measure_steps(llm, batch_sizes, draft_counts)
     drafts = llm.collective_rpc("measure_draft_pass",
                                 args=(str(target_dir), str(heads), dtype_name,
@@ -159,10 +162,10 @@ def calibrate(target_dir: Path, heads: Path, target_dtype: str, draft_dtype: tor
     shares = {count: [row["ms"] / cost.draft_ms(row["requests"]) for row in drafts
                       if row["heads"] == count]
               for count in range(1, all_heads + 1)}
-    path = (shipped_step_cost_path(heads, target_dtype) if ship
-            else step_cost_path(target_dir, target_dtype, threads, openmp))
+    path = (shipped_step_cost_path(heads, target_dtype, compiled=compiled) if ship
+            else step_cost_path(target_dir, target_dtype, threads, openmp, compiled))
     cost.save(path, machine={**describe(), "torch_threads": threads, "openmp": openmp},
-              target=Path(target_dir).name,
+              target=Path(target_dir).name, compiled=compiled,
               target_dtype=target_dtype, draft_dtype=dtype_name,
               draft_share_by_heads=shares, steps=steps, drafts=drafts)
     return cost, path

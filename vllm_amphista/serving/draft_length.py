@@ -66,25 +66,35 @@ WARM_STEPS = 8
 PROBE_ROWS = 16
 
 
+def compiled_target(vllm_config) -> bool:
+    """Whether vLLM compiles the target (its default on a CPU; `enforce_eager` or
+    compilation mode 0 keep it eager). A compiled SmolLM2 steps 30-45% faster, so its
+    step cost is its own (`step_cost_path`, `shipped_step_cost_path`)."""
+    from vllm.config import CompilationMode  # heavy: only where an engine runs
+
+    return vllm_config.compilation_config.mode != CompilationMode.NONE
+
+
 def step_cost_path(target_dir: str | Path, target_dtype: str, threads: int | None = None,
-                   openmp: str | None = None) -> Path:
+                   openmp: str | None = None, compiled: bool = False) -> Path:
     """Where `vllm-amphista calibrate` keeps the step cost of this CPU serving this target
     in this dtype with this many compute threads and this OpenMP (default: this
-    process's). Threads are part of the key: on 2 cores one thread verifies a token in
-    ~1.5-1.7x the time two do, and an in-process engine computes with every core while a
-    served one gets what vLLM binds (on 2 cores both, `served_worker_binding`; elsewhere
-    one less). So is the OpenMP: on a family-26 EPYC a verified token at one request took
-    0.17 ms under Intel's against 0.80 ms under GNU's. And the CPU's family: a VM's model
-    name ("AMD EPYC") names two generations ~2x apart."""
+    process's), compiled or eager. Threads are part of the key: on 2 cores one thread
+    verifies a token in ~1.5-1.7x the time two do, and an in-process engine computes with
+    every core while a served one gets what vLLM binds (on 2 cores both,
+    `served_worker_binding`; elsewhere one less). So is the OpenMP: on a family-26 EPYC a
+    verified token at one request took 0.17 ms under Intel's against 0.80 ms under GNU's.
+    And the CPU's family: a VM's model name ("AMD EPYC") names two generations ~2x apart.
+    An eager engine's key is what it was before compiled ones were calibrated."""
     cpu = cpu_info()
-    key = json.dumps([cpu.model, cpu.family, Path(target_dir).name,
-                      str(target_dtype).removeprefix("torch."),
-                      threads or torch.get_num_threads(), openmp or openmp_runtime()])
-    return STEP_COST_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    key = [cpu.model, cpu.family, Path(target_dir).name, str(target_dtype).removeprefix("torch."),
+           threads or torch.get_num_threads(), openmp or openmp_runtime()]
+    digest = hashlib.sha256(json.dumps(key + ["compiled"] * compiled).encode()).hexdigest()
+    return STEP_COST_DIR / f"{digest[:16]}.json"
 
 
 def shipped_step_cost_path(heads_dir: str | Path, target_dtype: str,
-                           cpu: CpuInfo | None = None) -> Path:
+                           cpu: CpuInfo | None = None, compiled: bool = False) -> Path:
     """A calibration that travels with the heads (`calibrate --ship`), for the target they
     fit in this dtype on this kind of CPU: what a machine without its own calibration
     starts from. The kind is how the CPU computes bf16 (`CpuInfo.bf16_kind`): natively or
@@ -92,8 +102,9 @@ def shipped_step_cost_path(heads_dir: str | Path, target_dtype: str,
     verified a draft at 4 requests for ~40% of what an AVX-512 BF16 EPYC took (0.58
     against 1.44 ms a token, `vllm-amphista calibrate`, bf16). Within a kind machines
     still differ (a family-26 EPYC: 0.37 ms, the worker on both cores), so the shipped
-    file is a start, and `calibrate` measures the machine."""
-    kind = (cpu or cpu_info()).bf16_kind
+    file is a start, and `calibrate` measures the machine. A compiled target's file ends
+    in "-compiled"."""
+    kind = (cpu or cpu_info()).bf16_kind + "-compiled" * compiled
     return Path(heads_dir) / f"step_cost-{str(target_dtype).removeprefix('torch.')}-{kind}.json"
 
 
@@ -171,10 +182,13 @@ class StepCost:
     @staticmethod
     def measured_on(path: Path) -> str:
         """The CPU a calibration file was measured on, with its bf16 flags, threads and
-        OpenMP (GNU where not recorded: calibrations before Intel's was preloaded)."""
-        machine = json.loads(path.read_text()).get("machine", {})
+        OpenMP (GNU where not recorded: calibrations before Intel's was preloaded), and
+        whether the target was compiled (eager where not recorded: before it was)."""
+        data = json.loads(path.read_text())
+        machine = data.get("machine", {})
         return (f"{cpu_label(machine)} with {machine.get('torch_threads', '?')} threads, "
-                f"{machine.get('openmp', 'gnu')} OpenMP")
+                f"{machine.get('openmp', 'gnu')} OpenMP, its target "
+                f"{'compiled' if data.get('compiled') else 'eager'}")
 
     @classmethod
     def linear(cls, fixed_ms: float, per_token_ms: float, draft_ms: float) -> StepCost:

@@ -46,6 +46,7 @@ from vllm_amphista.serving.draft_length import (
     StepClock,
     StepCost,
     choose_lengths,
+    compiled_target,
     confidence,
     drafting_gain,
     heads_that_pay,
@@ -136,7 +137,8 @@ class AmphistaProposer(StepDrafter):
                 f"num_speculative_tokens={self.num_speculative_tokens} exceeds the "
                 f"{self.model.config.num_heads} heads in {self.heads_dir}")
         step_cost = self._step_cost_file(settings.get("step_cost", "auto"),
-                                         vllm_config.model_config.dtype)
+                                         vllm_config.model_config.dtype,
+                                         compiled_target(vllm_config))
         # The heads drafted: num_speculative_tokens where the user set it, else those
         # that pay for their part of the pass here.
         self.max_drafts = (self._heads_to_draft(step_cost) if settings.get("choose_heads")
@@ -170,22 +172,28 @@ class AmphistaProposer(StepDrafter):
         # what the target accepted in the next.
         self.draft_confidence = np.zeros((0, self.max_drafts))
 
-    def _step_cost_file(self, setting: str, target_dtype) -> Path | None:
-        """"auto": this machine's calibration, else the one shipped with the heads."""
+    def _step_cost_file(self, setting: str, target_dtype, compiled: bool) -> Path | None:
+        """"auto": this machine's calibration for this engine (its target compiled or
+        not), else the one shipped with the heads for this kind of CPU, for such an
+        engine where there is one, else for the other (a compiled target's plain steps
+        are shorter: a start, not this engine's figures)."""
         if setting == "off":
             return None
         if setting != "auto":
             path = Path(setting)
         else:
-            path = step_cost_path(self.target_dir, str(target_dtype))
-            shipped = shipped_step_cost_path(self.heads_dir, str(target_dtype))
-            if not path.is_file() and shipped.is_file():
+            path = step_cost_path(self.target_dir, str(target_dtype), compiled=compiled)
+            shipped = [file for mode in (compiled, not compiled)
+                       if (file := shipped_step_cost_path(self.heads_dir, str(target_dtype),
+                                                          compiled=mode)).is_file()]
+            if not path.is_file() and shipped:
                 logger.info("amphista: draft lengths chosen per step from the step cost "
                             "shipped with the heads (%s, measured on %s; this engine "
-                            "computes with %d, %s OpenMP); `vllm-amphista calibrate` "
-                            "measures this machine's", shipped, StepCost.measured_on(shipped),
-                            torch.get_num_threads(), openmp_runtime())
-                return shipped
+                            "computes with %d, %s OpenMP, its target %s); `vllm-amphista "
+                            "calibrate` measures this machine's", shipped[0],
+                            StepCost.measured_on(shipped[0]), torch.get_num_threads(),
+                            openmp_runtime(), "compiled" if compiled else "eager")
+                return shipped[0]
         if not path.is_file():
             logger.info("amphista: no step-cost calibration for this machine and target "
                         "(%s): verifying all %d drafts every step. `vllm-amphista "
