@@ -1,6 +1,8 @@
-"""Engine settings on this CPU: threads and preloaded libraries, vanilla and Amphista.
+"""Engine settings on this CPU: threads, preloaded libraries and the target compiled or
+eager, vanilla and Amphista.
 
-    python -m benchmarks.engine_settings [--out results/engine_settings.json]
+    python -m benchmarks.engine_settings [--settings ...] [--step-cost off|auto|FILE]
+                                         [--dtype D] [--out results/engine_settings.json]
 
 vLLM's CPU engine drops Torch to 1 thread for serving unless OMP_NUM_THREADS is set, and
 warns when neither tcmalloc nor Intel OpenMP is preloaded. Each setting runs in a fresh
@@ -17,6 +19,7 @@ import os
 import time
 from pathlib import Path
 
+from vllm_amphista.engine import EAGER_ENV
 from vllm_amphista.eval.report import (
     answered_as_child,
     machine_line,
@@ -34,18 +37,22 @@ SETTINGS = {
     "OMP_NUM_THREADS=2": {"OMP_NUM_THREADS": "2"},
     "libiomp5 preloaded": {"LD_PRELOAD": str(IOMP)},
     "OMP_NUM_THREADS=2 + libiomp5": {"OMP_NUM_THREADS": "2", "LD_PRELOAD": str(IOMP)},
+    # vLLM compiles the target by default; the project's engines did not until it was
+    # measured here (docs/decisions.md, "The target is compiled").
+    "target eager": {EAGER_ENV: "1"},
+    "libiomp5 + target eager": {"LD_PRELOAD": str(IOMP), EAGER_ENV: "1"},
 }
 
 
 def run_one(target: str, heads: str | None, prompts: list[str], max_tokens: int,
-            step_cost: str) -> dict:
+            step_cost: str, dtype: str) -> dict:
     """In the child: tokens/s at concurrency 1 and 16."""
     from vllm import SamplingParams
 
     from vllm_amphista.engine import start_llm
 
     spec = {"method": "amphista", "model": heads, "step_cost": step_cost} if heads else None
-    llm = start_llm(target, speculative_config=spec)
+    llm = start_llm(target, speculative_config=spec, dtype=dtype)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     chats = [[{"role": "user", "content": p}] for p in prompts]
     llm.chat(chats[:1], params, use_tqdm=False)  # warm-up
@@ -67,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--step-cost", nargs="+", default=["off"],
                         help="Amphista's draft-length setting(s): off, auto or a file")
+    parser.add_argument("--dtype", default=TARGET_DTYPE, help="the target's dtype")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
     args = parser.parse_args(argv)
     if answered_as_child(args.one, run_one):
@@ -84,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                          if k not in ("TRITON_INTERPRET", "OMP_NUM_THREADS", "LD_PRELOAD")}
             result = run_child("benchmarks.engine_settings", {
                 "target": target, "heads": heads, "prompts": prompts,
-                "max_tokens": args.max_tokens, "step_cost": step_cost}, {**child_env, **env})
+                "max_tokens": args.max_tokens, "step_cost": step_cost, "dtype": args.dtype},
+                {**child_env, **env})
             if result is None:
                 return 1
             rows.append({"setting": name, "env": env,
@@ -92,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                          **result})
             print(rows[-1], flush=True)
     write_report(args.out, {"prompts": len(prompts), "max_tokens": args.max_tokens,
-                            "rows": rows})
-    print(machine_line(target=TARGET_DTYPE, draft=compute_dtype()))
+                            "dtype": args.dtype, "rows": rows})
+    print(machine_line(target=args.dtype, draft=compute_dtype()))
     print("| setting | method | tokens/s c=1 | tokens/s c=16 |\n| --- | --- | ---: | ---: |")
     for r in rows:
         print(f"| {r['setting']} | {r['method']} | {r['c1']:.1f} | {r['c16']:.1f} |")
