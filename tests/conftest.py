@@ -8,20 +8,22 @@ import os
 # anything imports triton (triton.language's own helpers are built at import time).
 # Engine subprocesses drop it again (tests/engine_helpers.py).
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# Our commands' engines (the demo, the bench's servers, recording) run the target eagerly
-# here: compiling it takes 15-60 s a start. The compiled default has its own test
-# (test_engine_amphista.py, test_compiled_target_is_lossless).
-os.environ.setdefault("VLLM_AMPHISTA_ENFORCE_EAGER", "1")
 
 from pathlib import Path
 
 import pytest
 import torch
 
+from vllm_amphista.engine import EAGER_ENV
 from vllm_amphista.kernels.packed_linear import can_pack
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights, build_tiny_target
+
+# Our commands' engines (the demo, the bench's servers, recording) run the target eagerly
+# here: compiling it takes 15-60 s a start. The compiled default has its own test
+# (test_engine_amphista.py, test_a_compiled_target_is_lossless).
+os.environ.setdefault(EAGER_ENV, "1")
 
 # `make test` runs two pytest workers (pytest -n 2), one per core. vLLM's "auto" thread
 # binding puts every engine on core 0, so each worker's engines get a core of their own,
