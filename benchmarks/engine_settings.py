@@ -21,12 +21,12 @@ from pathlib import Path
 
 from vllm_amphista.engine import EAGER_ENV
 from vllm_amphista.eval.report import (
-    answered_as_child,
     machine_line,
+    parse_unless_child,
     run_child,
     write_report,
 )
-from vllm_amphista.machine import TARGET_DTYPE, compute_dtype, intel_openmp
+from vllm_amphista.machine import DTYPE_NAMES, TARGET_DTYPE, compute_dtype, intel_openmp
 from vllm_amphista.model.target import export_smollm2
 from vllm_amphista.paths import SHIPPED_HEADS
 from vllm_amphista.prompts import first_turns
@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--step-cost", nargs="+", default=["off"],
                         help="Amphista's draft-length setting(s): off, auto or a file")
-    parser.add_argument("--dtype", default=TARGET_DTYPE, help="the target's dtype")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
-    args = parser.parse_args(argv)
-    if answered_as_child(args.one, run_one):
+    parser.add_argument("--dtype", default=TARGET_DTYPE, choices=list(DTYPE_NAMES),
+                        help="the target's dtype")
+    args = parse_unless_child(parser, argv, run_one)
+    if args is None:  # a child, whose job ran
         return 0
     target = str(export_smollm2())
     prompts = first_turns(limit=args.num_prompts)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from vllm_amphista.engine import start_llm
 from vllm_amphista.eval.report import (
-    answered_as_child,
     machine_line,
     markdown_table,
+    parse_unless_child,
     run_child,
     write_report,
 )
@@ -111,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=3, help="drafts per step")
     parser.add_argument("--dtype", default=TARGET_DTYPE, choices=list(DTYPE_NAMES))
     parser.add_argument("--out", type=Path, default=Path("runs/first_steps.json"))
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
-    args = parser.parse_args(argv)
-    if answered_as_child(args.one, run_one):
+    args = parse_unless_child(parser, argv, run_one)
+    if args is None:  # a child, whose job ran
         return 0
 
     target = str(export_smollm2())

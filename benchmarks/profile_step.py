@@ -32,9 +32,9 @@ from pathlib import Path
 
 from vllm_amphista.engine import start_llm
 from vllm_amphista.eval.report import (
-    answered_as_child,
     machine_line,
     markdown_table,
+    parse_unless_child,
     run_child,
     write_report,
 )
@@ -197,9 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the proposer's step cost: auto, off (draft every step, every "
                         "draft verified) or a calibration file")
     parser.add_argument("--out", type=Path, default=Path("runs/profile_step.json"))
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
-    args = parser.parse_args(argv)
-    if answered_as_child(args.one, profile_one):
+    args = parse_unless_child(parser, argv, profile_one)
+    if args is None:  # a child, whose job ran
         return 0
 
     target = args.target or str(export_smollm2())

@@ -3,6 +3,7 @@ measured on, and a markdown table under one line that names it too."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -61,13 +62,17 @@ def markdown_table(columns: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def answered_as_child(job: str | None, run: Callable[..., Any]) -> bool:
-    """The child's half of run_child: where `--one` carried a job (JSON), run it and hand
-    its value back with print_result; whether there was one."""
-    if job is None:
-        return False
-    print_result(run(**json.loads(job)))
-    return True
+def parse_unless_child(parser: argparse.ArgumentParser, argv: list[str] | None,
+                       run: Callable[..., Any]) -> argparse.Namespace | None:
+    """The child's half of run_child: parse argv with `parser` and the hidden `--one`;
+    where `--one` carried a job (JSON), run it, hand its value back with print_result and
+    return None, else the parsed arguments."""
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON job for a child
+    args = parser.parse_args(argv)
+    if args.one is None:
+        return args
+    print_result(run(**json.loads(args.one)))
+    return None
 
 
 def run_child(module: str, job: dict, env: dict[str, str] | None = None) -> Any:
