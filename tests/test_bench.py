@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from vllm_amphista.eval import bench
 from vllm_amphista.eval.bench import (
     FLIP_CHECK_CONCURRENCY,
     Run,
+    excess_flips_p,
     first_difference,
     flip_check_concurrency,
     flip_record,
@@ -149,77 +151,98 @@ def test_flips_are_counted_per_run_and_per_token_matched():
         1e3 / 6)
 
 
-def test_greedy_verdict_holds_bf16_to_vanillas_own_flips():
-    """bf16: vanilla at 4 requests flips 2 prompts against vanilla alone, so a method may
-    flip 2, not 3; float32: not one."""
-    alone, batched, worse = [[1], [2], [3]], [[9], [9], [3]], [[9], [9], [9]]
-    runs = {("vanilla", 0.0, 1): [_run(10.0, alone)],
-            ("vanilla", 0.0, 4): [_run(30.0, batched)],
-            ("amphista", 0.0, 1): [_run(12.0, batched)]}
-    assert greedy_verdict(summarise(runs), "bfloat16")[0] is True
-    assert greedy_verdict(summarise(runs), "float32")[0] is False
-    runs[("amphista", 0.0, 4)] = [_run(30.0, worse)]
+def _answers(flip_at: list[int | None], length: int = 100) -> list[list[int]]:
+    """Greedy answers of `length` tokens, the i-th parting from _REFERENCE at flip_at[i]."""
+    return [[t if at is None or j < at else -1 for j, t in enumerate(ref[:length])]
+            for ref, at in zip(_REFERENCE, flip_at, strict=False)]
+
+
+_REFERENCE = [list(range(100 * i, 100 * i + 100)) for i in range(16)]
+
+
+def test_excess_flips_p_is_the_binomial_tail():
+    """Given both cells' flips, the method's count is binomial with its share of the
+    matched tokens: 5 flips of 5 at a share of 1/2 is 1/32; none is certain."""
+    assert excess_flips_p(5, 100, 0, 100) == pytest.approx(1 / 32)
+    tail = sum(math.comb(40, k) / 2 ** 40 for k in range(30, 41))
+    assert excess_flips_p(30, 1000, 10, 1000) == pytest.approx(tail)
+    assert excess_flips_p(0, 100, 5, 100) == 1.0
+    assert excess_flips_p(3, 0, 5, 100) == 0.0  # every answer flipped at its first token
+    assert excess_flips_p(3, 100, 5, 0) == 1.0  # ... vanilla's did
+
+
+def test_bf16_is_held_to_vanillas_own_flip_rate_not_its_count_of_prompts():
+    """Vanilla at 4 requests parts from vanilla alone on 13 of 16 answers at token 70; a
+    method parting on 14 at token 70 flips at about vanilla's rate (one prompt over its
+    count, which is at the ceiling) and passes; one parting on 14 at token 10 flips four
+    times as often per token and fails. float32: any difference fails."""
+    runs = {("vanilla", 0.0, 1): [_run(10.0, _REFERENCE)],
+            ("vanilla", 0.0, 4): [_run(30.0, _answers([70] * 13 + [None] * 3))],
+            ("amphista", 0.0, 1): [_run(12.0, _answers([70] * 14 + [None] * 2))]}
     ok, line = greedy_verdict(summarise(runs), "bfloat16")
-    assert not ok and "up to 3 prompts" in line and "flips: 2" in line
-    same = {("vanilla", 0.0, 1): [_run(10.0, alone)], ("amphista", 0.0, 1): [_run(9.0, alone)]}
+    assert ok and "no more often than vanilla's own" in line and "at 4 requests" in line
+    assert greedy_verdict(summarise(runs), "float32")[0] is False
+    runs[("amphista", 0.0, 4)] = [_run(31.0, _answers([10] * 14 + [None] * 2))]
+    ok, line = greedy_verdict(summarise(runs), "bfloat16")
+    assert not ok and "amphista at 4 requests 41.2 flips per 1000" in line
+    same = {("vanilla", 0.0, 1): [_run(10.0, _REFERENCE)],
+            ("amphista", 0.0, 1): [_run(9.0, _REFERENCE)]}
     assert greedy_verdict(summarise(same), "float32") == (
         True, "temperature 0: every method produced vanilla's tokens")
 
 
-def test_bf16_flips_are_held_run_against_run_not_to_the_union_over_repeats():
-    """Vanilla at 4 requests flips the same prompt in both its runs (its shapes repeat); a
-    method flips one prompt in each run, another each time: two in the union, one a run,
-    as many as vanilla's, so it passes; a run that flips two does not."""
-    alone = [[1], [2], [3]]
-    runs = {("vanilla", 0.0, 1): [_run(10.0, alone)],
-            ("vanilla", 0.0, 4): [_run(30.0, [[9], [2], [3]])] * 2,
-            ("amphista", 0.0, 4): [_run(31.0, [[1], [9], [3]]), _run(31.0, [[1], [2], [9]])]}
+def test_bf16_reference_is_vanillas_most_flipping_concurrency():
+    """Verifying several tokens a request, a method's batches are as tall as vanilla's at
+    a higher concurrency, and so are its flips: it is held to vanilla's worst cell (16
+    requests here), not to the one at its own concurrency."""
+    runs = {("vanilla", 0.0, 1): [_run(10.0, _REFERENCE)],
+            ("vanilla", 0.0, 4): [_run(30.0, _answers([90] * 4 + [None] * 12))],
+            ("vanilla", 0.0, 16): [_run(60.0, _answers([40] * 14 + [None] * 2))],
+            ("amphista", 0.0, 4): [_run(31.0, _answers([40] * 14 + [None] * 2))]}
     ok, line = greedy_verdict(summarise(runs), "bfloat16")
-    assert ok and "at most 1 prompts in a run" in line
-    runs[("amphista", 0.0, 4)].append(_run(31.0, [[9], [9], [3]]))
-    ok, line = greedy_verdict(summarise(runs), "bfloat16")
-    assert not ok and "up to 2 prompts in a run" in line and "flips: 1" in line
+    assert ok and "at 16 requests" in line
+    del runs[("vanilla", 0.0, 16)]
+    assert greedy_verdict(summarise(runs), "bfloat16")[0] is False
 
 
 def test_vanilla_without_async_scheduling_flips_as_vanilla_does():
     """`vanilla-sync` is vanilla (on a CPU the very same engine): its bf16 flips are
-    vanilla's own, it is not held to them, and a method may flip as many."""
-    alone = [[1], [2], [3]]
-    runs = {("vanilla", 0.0, 1): [_run(10.0, alone)],
-            ("vanilla", 0.0, 4): [_run(30.0, [[9], [2], [3]])],
-            ("vanilla-sync", 0.0, 4): [_run(30.0, [[9], [9], [3]])],
-            ("amphista", 0.0, 4): [_run(31.0, [[1], [9], [9]])]}
-    ok, line = greedy_verdict(summarise(runs), "bfloat16")
-    assert ok and "at most 2 prompts in a run" in line and "(2)" in line
-    runs[("amphista", 0.0, 4)] = [_run(31.0, [[9], [9], [9]])]
+    vanilla's own, it is not held to them, and a method may flip as often."""
+    runs = {("vanilla", 0.0, 1): [_run(10.0, _REFERENCE)],
+            ("vanilla", 0.0, 4): [_run(30.0, _answers([90] * 2 + [None] * 14))],
+            ("vanilla-sync", 0.0, 4): [_run(30.0, _answers([30] * 14 + [None] * 2))],
+            ("amphista", 0.0, 4): [_run(31.0, _answers([30] * 14 + [None] * 2))]}
+    assert greedy_verdict(summarise(runs), "bfloat16")[0] is True
+    del runs[("vanilla-sync", 0.0, 4)]
     assert greedy_verdict(summarise(runs), "bfloat16")[0] is False
 
 
 def test_greedy_outputs_are_held_to_vanilla_alone_without_concurrency_1():
     """A bench of 4 and 16 requests only: vanilla's outputs with each prompt alone (run
     apart) are the reference, so vanilla's own bf16 flips at 4 are counted and a method
-    with as many passes; without that reference vanilla at 4 would be compared with
-    itself and count none."""
-    alone, batched = [[1], [2], [3]], [[9], [2], [3]]
+    flipping as often passes; without that reference vanilla at 4 would be compared with
+    itself, count none, and fail the method."""
+    batched = _answers([50] * 8 + [None] * 8)
     runs = {("vanilla", 0.0, 4): [_run(30.0, batched)],
-            ("amphista", 0.0, 4): [_run(31.0, [[1], [9], [3]])]}
-    rows = {r["method"]: r for r in summarise(runs, alone)}
-    assert rows["vanilla"]["mismatched_prompts"] == [0]
-    assert rows["amphista"]["mismatched_prompts"] == [1]
+            ("amphista", 0.0, 4): [_run(31.0, _answers([None] * 8 + [50] * 8))]}
+    rows = {r["method"]: r for r in summarise(runs, _REFERENCE)}
+    assert rows["vanilla"]["mismatched_prompts"] == list(range(8))
+    assert rows["amphista"]["mismatched_prompts"] == list(range(8, 16))
     assert greedy_verdict(list(rows.values()), "bfloat16")[0] is True
     assert greedy_verdict(summarise(runs), "bfloat16")[0] is False
 
 
 def test_bf16_flips_of_vanilla_counted_apart_where_only_one_request_is_benched():
-    """A bf16 bench of one request at a time: vanilla's own flips come from its run at
-    another concurrency, counted apart (the bench runs it unmeasured)."""
-    alone = [[1], [2], [3]]
-    runs = {("vanilla", 0.0, 1): [_run(10.0, alone)],
-            ("amphista", 0.0, 1): [_run(14.0, [[9], [9], [3]])]}
+    """A bf16 bench of one request at a time: vanilla's own flip rate comes from its run
+    at another concurrency, counted apart (the bench runs it unmeasured)."""
+    runs = {("vanilla", 0.0, 1): [_run(10.0, _REFERENCE)],
+            ("amphista", 0.0, 1): [_run(14.0, _answers([60] * 12 + [None] * 4))]}
     assert greedy_verdict(summarise(runs), "bfloat16")[0] is False
-    assert greedy_verdict(summarise(runs), "bfloat16", vanilla_flips=2)[0] is True
-    assert greedy_verdict(summarise(runs), "bfloat16", vanilla_flips=1)[0] is False
-    assert greedy_verdict(summarise(runs), "float32", vanilla_flips=2)[0] is False
+    alike = flip_record([_run(0.0, _answers([60] * 12 + [None] * 4))], _REFERENCE)
+    assert greedy_verdict(summarise(runs), "bfloat16", alike)[0] is True
+    rarer = flip_record([_run(0.0, _answers([95] * 3 + [None] * 13))], _REFERENCE)
+    assert greedy_verdict(summarise(runs), "bfloat16", rarer)[0] is False
+    assert greedy_verdict(summarise(runs), "float32", alike)[0] is False
 
 
 def test_servers_of_a_bf16_bench_of_one_request_take_the_flip_checks_batch():

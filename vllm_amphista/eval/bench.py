@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -69,6 +70,8 @@ METHODS = ("vanilla", "amphista", "medusa", "vllm-medusa", "vanilla-sync")
 # Methods that run vLLM without speculation: their bf16 flips are vanilla's own.
 PLAIN_METHODS = ("vanilla", "vanilla-sync")
 FLIP_CHECK_CONCURRENCY = 4  # see flip_check_concurrency
+# bf16 greedy_verdict: the chance of failing a bench whose methods flip at vanilla's rate.
+FLIP_ALPHA = 0.05
 
 
 @dataclass
@@ -234,10 +237,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def differing_prompts(outputs: list[list[int]], reference: list[list[int]]) -> list[int]:
-    return [i for i, out in enumerate(outputs) if out != reference[i]]
-
-
 def first_difference(output: list[int], reference: list[int]) -> int | None:
     """The index of the first token where two greedy answers part (one ending before the
     other counts as parting there); None if they are the same."""
@@ -265,6 +264,7 @@ def flip_record(reps: list[Run], reference: list[list[int]]) -> dict:
                                           for i, at in enumerate(run) if at is not None}),
             "mismatched_per_run": [sum(at is not None for at in run) for run in parted],
             "first_differences": sorted(at for run in parted for at in run if at is not None),
+            "flips": flips, "matched_tokens": matched,
             "flips_per_1k_tokens": 1e3 * flips / max(matched, 1)}
 
 
@@ -311,33 +311,61 @@ def summarise(runs: dict[tuple[str, float, int], list[Run]],
     return rows
 
 
-def greedy_verdict(rows: list[dict], dtype: str, vanilla_flips: int = 0) -> tuple[bool, str]:
+def excess_flips_p(flips: int, matched: int, ref_flips: int, ref_matched: int) -> float:
+    """One-sided p-value of `flips` in `matched` tokens against a reference's rate: how
+    likely a share this large of the two cells' flips falls to the first if both flip at
+    one rate (given the total, the first's count is binomial with its share of the tokens)."""
+    if ref_matched == 0:  # the reference flipped every answer at its first token
+        return 1.0
+    if matched == 0:
+        return 0.0 if flips else 1.0
+    total, share = flips + ref_flips, matched / (matched + ref_matched)
+    return min(1.0, sum(math.exp(math.lgamma(total + 1) - math.lgamma(k + 1)
+                                 - math.lgamma(total - k + 1) + k * math.log(share)
+                                 + (total - k) * math.log1p(-share))
+                        for k in range(flips, total + 1)))
+
+
+def greedy_verdict(rows: list[dict], dtype: str,
+                   vanilla_apart: dict | None = None) -> tuple[bool, str]:
     """Whether the greedy outputs are vanilla's, and the line that says so. In float32
-    every token must match vanilla's lowest concurrency. In bf16 vanilla itself flips
-    near-ties with the batch's shape, so a method's run may differ from it on as many
-    prompts as a run of vanilla at another concurrency does (its rows, or
-    `vanilla_flips` counted apart), no more. Run against run: the union over repeats
-    grows with each repeat for a method whose batch shapes change from run to run and
-    not for vanilla, whose shapes repeat (flip_record), so it would hold a method to
-    more repeats' flips than vanilla's. `vanilla-sync` is vanilla too (PLAIN_METHODS):
-    two vanilla engines of one bench flipped 47 and 49 prompts in their worst runs (bf16,
-    16 requests), their batches formed by timing."""
+    every token must match vanilla alone (concurrency 1). In bf16 vanilla itself flips
+    near-ties with the batch's shape, so each cell of a method is held to the flip rate
+    (flips per 1000 tokens matched before them, flip_record) of vanilla's most flipping
+    cell at another concurrency (its rows, or `vanilla_apart`, a flip_record counted
+    apart): it fails where its rate is higher than chance explains, a one-sided test at
+    FLIP_ALPHA shared among the method cells tested. A rate, not a count of prompts: in
+    128 tokens 13-15 of 16 prompts flip somewhere for vanilla and a method alike, so the
+    count sits at its ceiling and one prompt over vanilla's failed a run whose rate was
+    vanilla's (docs/decisions.md, "bf16 greedy outputs are held to vanilla's own flip
+    rate"). `vanilla-sync` is vanilla too (PLAIN_METHODS)."""
     greedy = [r for r in rows if "mismatched_per_run" in r]
-    worst = max((max(r["mismatched_per_run"]) for r in greedy
-                 if r["method"] not in PLAIN_METHODS), default=0)
-    if dtype == "float32":
-        vanillas_own = 0
-    else:
-        vanillas_own = max([vanilla_flips, *(max(r["mismatched_per_run"]) for r in greedy
-                                             if r["method"] in PLAIN_METHODS)])
-    if worst <= vanillas_own:
-        return True, ("temperature 0: every method produced vanilla's tokens" if not worst
-                      else f"temperature 0, {dtype}: at most {worst} prompts in a run differ "
-                      f"from vanilla alone, no more than in vanilla's own run at another "
-                      f"concurrency ({vanillas_own})")
-    return False, (f"temperature 0, {dtype}: SOME OUTPUTS DIFFER FROM VANILLA on up to "
-                   f"{worst} prompts in a run, vanilla's own batch flips: {vanillas_own} "
-                   "(see mismatched_per_run)")
+    cells = [r for r in greedy if r["method"] not in PLAIN_METHODS]
+    if dtype == "float32" or not any(r["mismatched_prompts"] for r in cells):
+        worst = max((max(r["mismatched_per_run"]) for r in cells), default=0)
+        if not worst:
+            return True, "temperature 0: every method produced vanilla's tokens"
+        return False, (f"temperature 0, {dtype}: SOME OUTPUTS DIFFER FROM VANILLA on up to "
+                       f"{worst} prompts in a run (see mismatched_per_run)")
+    own = [r for r in greedy if r["method"] in PLAIN_METHODS and r["concurrency"] > 1]
+    own += [{"concurrency": FLIP_CHECK_CONCURRENCY, **vanilla_apart}] if vanilla_apart else []
+    if not own:
+        return False, (f"temperature 0, {dtype}: SOME OUTPUTS DIFFER FROM VANILLA and the "
+                       "bench ran no vanilla at another concurrency to hold them to")
+    ref = max(own, key=lambda r: r["flips_per_1k_tokens"])
+    level = FLIP_ALPHA / len(cells)
+    tested = [(excess_flips_p(r["flips"], r["matched_tokens"], ref["flips"],
+                              ref["matched_tokens"]), r) for r in cells]
+    p, worst = min(tested, key=lambda t: t[0])
+    said = (f"{worst['method']} at {worst['concurrency']} requests "
+            f"{worst['flips_per_1k_tokens']:.1f} flips per 1000 tokens against vanilla's own "
+            f"{ref['flips_per_1k_tokens']:.1f} at {ref['concurrency']} requests (p = {p:.3g}, "
+            f"held to {level:.3g})")
+    if p >= level:
+        return True, (f"temperature 0, {dtype}: greedy outputs flip no more often than "
+                      f"vanilla's own at another concurrency; the closest: {said}")
+    return False, (f"temperature 0, {dtype}: SOME OUTPUTS DIFFER FROM VANILLA more often "
+                   f"than vanilla's own batch flips: {said}")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -475,8 +503,7 @@ def main(args: argparse.Namespace) -> int:
             # Greedy outputs' reference (summarise): vanilla with each prompt alone.
             alone = measure(bases["vanilla"], prompts, 1, 0.0, args.max_tokens).outputs
         if flip_check := flip_check_concurrency(args):
-            batched = measure(bases["vanilla"], prompts, flip_check, 0.0,
-                              args.max_tokens).outputs
+            batched = measure(bases["vanilla"], prompts, flip_check, 0.0, args.max_tokens)
         for repeat in range(args.repeats):
             for temperature in args.temperature:
                 for concurrency in args.concurrency:
@@ -505,8 +532,8 @@ def main(args: argparse.Namespace) -> int:
     plot(rows, args.out / "bench.png")
     print(table)
     print(f"wrote {args.out}/bench.json, bench.md, bench.png")
-    vanilla_flips = 0 if batched is None else len(
-        differing_prompts(batched, runs[("vanilla", 0.0, 1)][0].outputs))
-    lossless, verdict = greedy_verdict(rows, args.dtype, vanilla_flips)
+    vanilla_apart = None if batched is None else flip_record(
+        [batched], runs[("vanilla", 0.0, 1)][0].outputs)
+    lossless, verdict = greedy_verdict(rows, args.dtype, vanilla_apart)
     print(verdict)
     return 0 if lossless else 1
