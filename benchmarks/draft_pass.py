@@ -1,7 +1,8 @@
 """Where the draft pass's time goes: each weight product, and everything around them.
 
     python -m benchmarks.draft_pass [--heads H] [--requests 1 4 16] [--cached 200]
-                                    [--rows 1] [--passes 60] [--flush-mb N] [--threads N]
+                                    [--rows 1] [--drafted-heads N] [--passes 60]
+                                    [--flush-mb N] [--threads N]
                                     [--out results/draft_pass.json]
 
 The heads' draft pass (`AmphistaDraftModel.extend`: `--rows` new rows per request, one
@@ -89,7 +90,7 @@ def measure(model, requests: int, cached: int, passes: int, flush: int, rows: in
         PackedLinear.forward = forward
     per_product = []
     for name, module in ((names[id(m)], m) for m in model.modules()
-                         if isinstance(m, PackedLinear)):
+                         if isinstance(m, PackedLinear) and product_ms[names[id(m)]]):
         ms = statistics.median(product_ms[name][5:])
         per_product.append({"product": name, "mb": module.weight_bytes / 1e6, "ms": ms,
                             "gb_per_s": module.weight_bytes / 1e6 / ms})
@@ -107,6 +108,9 @@ def main() -> None:
     parser.add_argument("--cached", type=int, default=200)
     parser.add_argument("--rows", type=int, default=1,
                         help="new rows per request a pass (1 + the drafts accepted)")
+    parser.add_argument("--drafted-heads", type=int,
+                        help="the leading heads drafted (default: all; a server left to "
+                             "choose drafts those that pay here, see its log)")
     parser.add_argument("--passes", type=int, default=60)
     parser.add_argument("--flush-mb", type=int, default=flush_mb(),
                         help="MB rewritten before every pass (default: twice the largest cache)")
@@ -119,9 +123,11 @@ def main() -> None:
                             dtype=compute_dtype())
     if not model.pack_for_drafting():
         raise SystemExit("this machine cannot pack the draft weights: nothing to measure")
+    model.draft_leading_heads(args.drafted_heads or model.config.num_heads)
     rows = [measure(model, n, args.cached, args.passes, args.flush_mb, args.rows)
             for n in args.requests]
-    write_report(args.out, {"heads": str(args.heads), "passes": args.passes,
+    write_report(args.out, {"heads": str(args.heads), "drafted_heads": model.drafted_heads,
+                            "passes": args.passes,
                             "flush_mb": args.flush_mb, "rows": rows})
     print(machine_line(draft=compute_dtype()))
     print(markdown_table(

@@ -326,3 +326,17 @@ def test_draft_pass_benchmark_times_every_product(tiny_target):
     assert products["packed_lm_head"]["mb"] == pytest.approx(100 * d * per_parameter / 1e6)
     assert row["whole_ms"] > 0 and row["without_products_ms"] > 0
     assert row["products_ms"] == pytest.approx(sum(p["ms"] for p in products.values()))
+
+
+def test_draft_pass_benchmark_of_the_leading_heads_times_the_products_they_run(tiny_target):
+    """`--drafted-heads`: the pass of the leading heads reads the first SAL stage, not the
+    second, and the benchmark lists the products that pass runs, no others."""
+    model = draft_model(tiny_target, randomised=True, num_heads=4, num_stages=2)
+    model = model.to(compute_dtype())
+    assert model.pack_for_drafting()
+    model.draft_leading_heads(2)
+    products = {p["product"] for p in measure(model, requests=1, cached=8, passes=2,
+                                               flush=1)["per_product"]}
+    assert any(name.startswith("stages.0.") for name in products)
+    assert not any(name.startswith("stages.1.") for name in products)
+    assert {"fusion", "packed_lm_head"} <= products
