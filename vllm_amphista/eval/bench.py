@@ -356,9 +356,9 @@ def greedy_verdict(rows: list[dict], dtype: str,
     level = FLIP_ALPHA / len(cells)
     tested = [(excess_flips_p(r["flips"], r["matched_tokens"], ref["flips"],
                               ref["matched_tokens"]), r) for r in cells]
-    p, worst = min(tested, key=lambda t: t[0])
-    said = (f"{worst['method']} at {worst['concurrency']} requests "
-            f"{worst['flips_per_1k_tokens']:.1f} flips per 1000 tokens against vanilla's own "
+    p, closest = min(tested, key=lambda t: t[0])
+    said = (f"{closest['method']} at {closest['concurrency']} requests "
+            f"{closest['flips_per_1k_tokens']:.1f} flips per 1000 tokens against vanilla's own "
             f"{ref['flips_per_1k_tokens']:.1f} at {ref['concurrency']} requests (p = {p:.3g}, "
             f"held to {level:.3g})")
     if p >= level:
