@@ -1,7 +1,8 @@
 """Where the draft pass's time goes: each weight product, and everything around them.
 
     python -m benchmarks.draft_pass [--heads H] [--requests 1 4 16] [--cached 200]
-                                    [--rows 1] [--drafted-heads N] [--passes 60]
+                                    [--rows 1] [--drafted-heads N] [--int8-rows N]
+                                    [--passes 60]
                                     [--flush-mb N] [--threads N]
                                     [--out results/draft_pass.json]
 
@@ -15,7 +16,8 @@ read from memory every time. Three ways, taking turns pass by pass: the whole pa
 pass with each packed product timed (its bytes, ms, GB/s); the pass with every product
 replaced by an empty result of its shape (what the operations around the products cost);
 the pass without logits (`logits=False`: the SAL caches only, what a paused proposer's
-warm-up before a probe costs). Medians. JSON + table.
+warm-up before a probe costs). Medians. JSON + table. `--int8-rows 0` times the pass
+with bf16 weights only, for comparison with the int8 ones a few rows read here.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def measure(model, requests: int, cached: int, passes: int, flush: int, rows: in
     names = {id(m): name for name, m in model.named_modules() if isinstance(m, PackedLinear)}
     flush_buffer = torch.zeros((flush << 20) // 4)
     product_ms: dict[str, list[float]] = defaultdict(list)
+    product_rows: dict[str, int] = {}
     forward = PackedLinear.forward
 
     def timed(self, x):
@@ -69,6 +72,7 @@ def measure(model, requests: int, cached: int, passes: int, flush: int, rows: in
             return forward(self, x)
         finally:
             product_ms[names[id(self)]].append(1e3 * (time.perf_counter() - started))
+            product_rows[names[id(self)]] = x.numel() // x.shape[-1]
 
     def skipped(self, x):
         return x.new_zeros(*x.shape[:-1], self.out_features)
@@ -91,9 +95,11 @@ def measure(model, requests: int, cached: int, passes: int, flush: int, rows: in
     per_product = []
     for name, module in ((names[id(m)], m) for m in model.modules()
                          if isinstance(m, PackedLinear) and product_ms[names[id(m)]]):
-        ms = statistics.median(product_ms[name][5:])
-        per_product.append({"product": name, "mb": module.weight_bytes / 1e6, "ms": ms,
-                            "gb_per_s": module.weight_bytes / 1e6 / ms})
+        ms, rows = statistics.median(product_ms[name][5:]), product_rows[name]
+        mb = module.bytes_read(rows) / 1e6
+        per_product.append({"product": name, "rows": rows,
+                            "int8": rows <= module.int8_rows, "mb": mb, "ms": ms,
+                            "gb_per_s": mb / ms})
     return {"requests": requests, "cached": cached, "rows": rows,
             **{f"{mode.replace(' ', '_')}_ms": statistics.median(times[mode][5:])
                for mode in MODES},
@@ -111,6 +117,9 @@ def main() -> None:
     parser.add_argument("--drafted-heads", type=int,
                         help="the leading heads drafted (default: all; a server left to "
                              "choose drafts those that pay here, see its log)")
+    parser.add_argument("--int8-rows", type=int,
+                        help="the most rows a product reads int8 weights for (default: "
+                             "this machine's choice; 0: never), at most that choice")
     parser.add_argument("--passes", type=int, default=60)
     parser.add_argument("--flush-mb", type=int, default=flush_mb(),
                         help="MB rewritten before every pass (default: twice the largest cache)")
@@ -124,9 +133,14 @@ def main() -> None:
     if not model.pack_for_drafting():
         raise SystemExit("this machine cannot pack the draft weights: nothing to measure")
     model.draft_leading_heads(args.drafted_heads or model.config.num_heads)
+    if args.int8_rows is not None:
+        for product in (m for m in model.modules() if isinstance(m, PackedLinear)):
+            product.int8_rows = min(product.int8_rows, args.int8_rows)
     rows = [measure(model, n, args.cached, args.passes, args.flush_mb, args.rows)
             for n in args.requests]
     write_report(args.out, {"heads": str(args.heads), "drafted_heads": model.drafted_heads,
+                            "int8_rows": max(m.int8_rows for m in model.modules()
+                                             if isinstance(m, PackedLinear)),
                             "passes": args.passes,
                             "flush_mb": args.flush_mb, "rows": rows})
     print(machine_line(draft=compute_dtype()))
@@ -138,8 +152,9 @@ def main() -> None:
           f"{r['weight_mb']:.1f}",
           f"{r['weight_mb'] / r['products_ms']:.1f}"] for r in rows]))
     print(f"\nproducts at {rows[0]['requests']} request(s):")
-    print(markdown_table(["product", "MB", "ms", "GB/s"],
-                         [[p["product"], f"{p['mb']:.2f}", f"{p['ms']:.3f}",
+    print(markdown_table(["product", "rows", "weights", "MB", "ms", "GB/s"],
+                         [[p["product"], p["rows"], "int8" if p["int8"] else "packed",
+                           f"{p['mb']:.2f}", f"{p['ms']:.3f}",
                            f"{p['gb_per_s']:.1f}"] for p in rows[0]["per_product"]]))
     print(f"wrote {args.out}")
 

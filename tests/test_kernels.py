@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks.bench_kernels import main
 from tests.conftest import needs_bf16_packing
@@ -15,8 +16,9 @@ from vllm_amphista.kernels import packed_linear
 from vllm_amphista.kernels.argmax import BLOCK, last_dim_argmax
 from vllm_amphista.kernels.cache_attention import cache_attention, grouped_products_attention
 from vllm_amphista.kernels.head_attention import head_attention_reference
-from vllm_amphista.kernels.packed_linear import PackedLinear, can_pack
+from vllm_amphista.kernels.packed_linear import INT8_ROWS, PackedLinear, can_pack, quantize_rows
 from vllm_amphista.kernels.tree_attention import tree_attention_reference
+from vllm_amphista.machine import CpuInfo
 from vllm_amphista.reference.tree import build_tree, chain_tree
 
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3),
@@ -141,6 +143,7 @@ def test_packed_linear_is_f_linear(dtype, half_weights, bias, leading, monkeypat
     x times the fp16-rounded weight, in fp32), else packed as they are."""
     assert can_pack(dtype, torch.device("cpu"))
     assert not can_pack(torch.float16, torch.device("cpu"))
+    monkeypatch.setattr(packed_linear, "int8_rows", lambda dtype, device: 0)
     if half_weights:
         assert packed_linear.has_half_weight_gemm()  # x86 with AVX2: every CI machine
     else:
@@ -155,6 +158,61 @@ def test_packed_linear_is_f_linear(dtype, half_weights, bias, leading, monkeypat
     assert got.shape == (*leading, 96) and got.dtype == dtype
     read = weight.half().float() if half_weights else weight
     torch.testing.assert_close(got, torch.nn.functional.linear(x, read, b))
+
+
+def test_rows_quantize_to_int8_within_half_a_scale():
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(64, 48, generator=g) * torch.logspace(-3, 2, 64)[:, None]
+              ).to(torch.bfloat16)
+    weight[5] = 0  # an empty row keeps a usable scale
+    rows, scale = quantize_rows(weight)
+    assert rows.dtype == torch.int8 and scale.dtype == torch.bfloat16
+    assert rows.abs().amax(1)[:5].eq(127).all() and not rows[5].any()
+    error = (rows.float() * scale.float()[:, None] - weight.float()).abs()
+    assert (error <= 0.5 * scale.float()[:, None] * 1.01).all()
+
+
+@needs_bf16_packing
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_few_rows_read_int8_weights_and_more_rows_bf16_ones(bias, monkeypatch):
+    """Up to `int8_rows` rows are x times the int8 weight (dequantized), more rows x
+    times the bf16 weight. One weight in each row is 100 times the others, so the int8
+    steps are coarse and the two products far apart."""
+    monkeypatch.setattr(packed_linear, "int8_rows", lambda dtype, device: 4)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 48, generator=g)
+    weight[:, 7] = 100.0
+    weight = weight.to(torch.bfloat16)
+    b = torch.randn(96, generator=g).to(torch.bfloat16) if bias else None
+    linear = PackedLinear(weight, b)
+    # PyTorch's int8 product needs whole blocks of 16 inputs: other weights stay bf16.
+    assert PackedLinear(weight[:, :40], b).int8_rows == 0
+    rows, scale = quantize_rows(weight)
+    read_int8 = (rows.float() * scale.float()[:, None]).to(torch.bfloat16)
+    assert (read_int8 - weight).abs().max() > 0.1
+    for leading, read in [((1,), read_int8), ((2, 2), read_int8), ((5,), weight),
+                          ((3, 2), weight)]:
+        x = torch.randn(*leading, 48, generator=g).to(torch.bfloat16)
+        x[..., 7] = 0  # the large column adds nothing: what is left shows the steps
+        got = linear(x)
+        assert got.shape == (*leading, 96) and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, F.linear(x, read, b), rtol=2e-2, atol=2e-2)
+        assert linear.bytes_read(x.numel() // 48) == (
+            96 * 48 + 96 * 2 if read is read_int8 else 96 * 48 * 2)
+
+
+def test_int8_weights_only_where_measured_to_pay():
+    """bf16 on a CPU with AVX-512 BF16 and no AMX; never fp32, AMX or emulated bf16."""
+    cpu = torch.device("cpu")
+
+    def machine(*flags):
+        return CpuInfo("a CPU", frozenset(("avx2", *flags)))
+
+    assert packed_linear.int8_rows(torch.bfloat16, cpu, machine("avx512_bf16")) == INT8_ROWS
+    assert packed_linear.int8_rows(torch.float32, cpu, machine("avx512_bf16")) == 0
+    assert packed_linear.int8_rows(torch.bfloat16, cpu,
+                                   machine("avx512_bf16", "amx_bf16")) == 0
+    assert packed_linear.int8_rows(torch.bfloat16, cpu, machine()) == 0
 
 
 @pytest.mark.parametrize("shape", [(1, 4, 8192), (3, 2, 8 * BLOCK), (5, 1000)])

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from benchmarks.draft_pass import flush_mb, measure
 from tests.conftest import draft_model, needs_bf16_packing
-from vllm_amphista.kernels.packed_linear import PackedLinear, has_half_weight_gemm
+from vllm_amphista.kernels import packed_linear
+from vllm_amphista.kernels.packed_linear import PackedLinear, has_half_weight_gemm, quantize_rows
 from vllm_amphista.machine import CpuInfo, compute_dtype
 from vllm_amphista.model import layers
 from vllm_amphista.model.config import AmphistaConfig
@@ -275,12 +276,14 @@ def test_impossible_configs_are_named(bad, message):
 @pytest.mark.parametrize("dtype, tolerance", [
     (torch.float32, 1e-5), pytest.param(torch.bfloat16, 0.02, marks=needs_bf16_packing)])
 @pytest.mark.parametrize("switches", [{}, MEDUSA_SWITCHES], ids=["amphista", "medusa-mode"])
-def test_prepacked_weights_draft_as_the_plain_model(tiny_target, switches, dtype, tolerance):
+def test_prepacked_weights_draft_as_the_plain_model(tiny_target, switches, dtype, tolerance,
+                                                   monkeypatch):
     """pack_for_drafting (on a CPU) swaps every weight matrix, the vocabulary projection
     included, for a packed layout: the same logits, chunk after chunk, as the plain model
     with the weights as the packed one reads them (fp32 ones in fp16 where FBGEMM has that
-    product). Medusa-mode heads keep no parameter once packed: the cache still takes the
-    dtype of the packed model's attention."""
+    product; int8 ones for a few rows: the next test). Medusa-mode heads keep no parameter
+    once packed: the cache still takes the dtype of the packed model's attention."""
+    monkeypatch.setattr(packed_linear, "int8_rows", lambda dtype, device: 0)
     plain = draft_model(tiny_target, randomised=True, draft_vocab_size=100,
                         **switches).to(dtype)
     packed = copy.deepcopy(plain)
@@ -301,6 +304,33 @@ def test_prepacked_weights_draft_as_the_plain_model(tiny_target, switches, dtype
         torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)
 
 
+@needs_bf16_packing
+def test_int8_weights_draft_as_the_plain_model_with_them(tiny_target, monkeypatch):
+    """Where a product of a few rows reads int8 weights, a packed bf16 model drafts one
+    row at a time as the plain model whose every weight matrix, the vocabulary
+    projection's rows included, is its int8 copy (per-row scales)."""
+    monkeypatch.setattr(packed_linear, "int8_rows", lambda dtype, device: 4)
+    plain = draft_model(tiny_target, randomised=True, draft_vocab_size=100).to(torch.bfloat16)
+    packed = copy.deepcopy(plain)
+    assert packed.pack_for_drafting() and packed.config.num_heads <= 4  # rows of the AEB
+
+    def as_int8(weight):
+        rows, scale = quantize_rows(weight)
+        return (rows.float() * scale.float()[:, None]).to(weight.dtype)
+
+    with torch.no_grad():  # a row's scale is the same in q/k/v or gate/up fused
+        for linear in (m for m in plain.modules() if isinstance(m, torch.nn.Linear)):
+            linear.weight.copy_(as_int8(linear.weight))
+    plain.lm_head_weight = as_int8(plain.lm_head_weight)
+    hidden, tokens = _inputs(tiny_target, b=1, t=6)
+    hidden = hidden[0].to(torch.bfloat16)
+    caches = {model: model.new_cache() for model in (plain, packed)}
+    for row in range(6):
+        want, got = (model.extend(caches[model], hidden[row:row + 1], tokens[0, row:row + 1],
+                                  [1]) for model in (plain, packed))
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.03, atol=0.03)
+
+
 def test_draft_pass_benchmark_flushes_twice_the_largest_cache(tmp_path):
     for index, size in enumerate(["48K", "2048K", "491520K", "1M"]):
         (tmp_path / f"index{index}").mkdir()
@@ -311,7 +341,8 @@ def test_draft_pass_benchmark_flushes_twice_the_largest_cache(tmp_path):
 
 def test_draft_pass_benchmark_times_every_product(tiny_target):
     """benchmarks/draft_pass: every packed product is timed once per pass, and the bytes
-    it reads are its weight's (2 per parameter in bf16 or FBGEMM's fp16, 4 in oneDNN fp32)."""
+    it reads are its weight's (2 per parameter in bf16 or FBGEMM's fp16, 4 in oneDNN fp32,
+    1 and a scale per row in int8)."""
     model = draft_model(tiny_target, randomised=True, draft_vocab_size=100).to(compute_dtype())
     dims = {name: m.weight.shape for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear)}
@@ -322,8 +353,14 @@ def test_draft_pass_benchmark_times_every_product(tiny_target):
                              if isinstance(m, PackedLinear)}
     d = tiny_target.hidden_size
     per_parameter = 2 if compute_dtype() == torch.bfloat16 or has_half_weight_gemm() else 4
-    assert products["fusion"]["mb"] == pytest.approx(dims["fusion"].numel() * per_parameter / 1e6)
-    assert products["packed_lm_head"]["mb"] == pytest.approx(100 * d * per_parameter / 1e6)
+
+    def mb(product, shape):  # int8 weights: a byte each and a bf16 scale per row
+        n, k = shape
+        return (n * k + 2 * n if products[product]["int8"] else n * k * per_parameter) / 1e6
+
+    assert products["fusion"]["mb"] == pytest.approx(mb("fusion", dims["fusion"]))
+    assert products["packed_lm_head"]["mb"] == pytest.approx(mb("packed_lm_head", (100, d)))
+    assert products["fusion"]["rows"] == 2
     assert row["whole_ms"] > 0 and row["without_products_ms"] > 0
     assert row["products_ms"] == pytest.approx(sum(p["ms"] for p in products.values()))
 

@@ -16,6 +16,17 @@ AVX2 only, 2 threads, the SmolLM2 heads, 25 interleaved passes in one process ag
 200-position cache: 8.8 -> 6.3 ms (1 request), 11.8 -> 8.8 (4), 21.8 -> 19.2 (16); the
 logits move by ~5e-3, the drafts (argmax) not at all. Drafts are only proposals: the
 target verifies every one, so outputs stay the target's.
+
+A bf16 product of a few rows (`INT8_ROWS`) reads an int8 copy of its weight instead (one
+scale per output row; PyTorch's `_weight_int8pack_mm`): half the bytes, where a served
+draft pass reads every weight from memory. The int8 product converts every weight for
+every row, so beyond a few rows the bf16 one is faster and is kept for them (the
+vocabulary projection after a 64 MB read: one row 0.74 -> 0.46 ms, four 0.61 either way,
+16 0.88 -> 1.63). The shipped heads' pass, two heads drafted, AMD EPYC of family 25
+(avx512_bf16, no AMX), 2 threads, interleaved passes after a 64 MB write: 2.97 -> 2.34 ms
+at one request, 2.89 -> 2.62 at two, 2.89 -> 2.81 at four. Their tau in the reference
+decoder (bf16 target, 24 MT-Bench questions, 128 tokens): 1.6486 -> 1.6483 drafting two
+heads, 1.7821 -> 1.7800 drafting four (docs/results.md).
 """
 
 from __future__ import annotations
@@ -23,7 +34,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vllm_amphista.machine import CpuInfo, cpu_info
+
 _OPS = torch.ops.mkldnn
+# The most rows a bf16 product reads int8 weights for (where `int8_rows` allows): at four
+# rows the vocabulary projection costs the same either way, above it the bf16 one wins.
+INT8_ROWS = 4
+# PyTorch's int8 product (2.13, AVX-512) reads the inner dimension in blocks of 16 and
+# has no tail: with 40 inputs it returned wrong values or crashed the process.
+INT8_BLOCK = 16
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -45,9 +64,28 @@ def has_half_weight_gemm() -> bool:
             and hasattr(torch.ops.quantized, "linear_prepack_fp16"))
 
 
+def int8_rows(dtype: torch.dtype, device: torch.device, cpu: CpuInfo | None = None) -> int:
+    """The most rows a product in `dtype` reads int8 weights for: INT8_ROWS for bf16 on a
+    CPU computing it in AVX-512 BF16 (measured there), 0 elsewhere: AMX's bf16 products
+    are faster and unmeasured against it, an AVX2 CPU drafts in fp32 from fp16 weights."""
+    if (dtype != torch.bfloat16 or device.type != "cpu"
+            or not hasattr(torch.ops.aten, "_weight_int8pack_mm")):
+        return 0
+    return INT8_ROWS if (cpu or cpu_info()).bf16_kind == "native-bf16" else 0
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> int8 [N, K] and one scale a row [N] in weight's dtype, symmetric:
+    row n reads int8[n] * scale[n], each entry within about half a scale of weight's."""
+    scale = (weight.float().abs().amax(1) / 127).clamp(min=1e-30).to(weight.dtype)
+    rows = torch.round(weight.float() / scale.float()[:, None]).clamp(-127, 127)
+    return rows.to(torch.int8), scale
+
+
 class PackedLinear(nn.Module):
     """y = x W^T + b with W in oneDNN's layout (bf16), or FBGEMM's fp16 one for an fp32
-    weight where that exists (else oneDNN's fp32); x may have any leading dimensions."""
+    weight where that exists (else oneDNN's fp32), or as int8 for a few bf16 rows where
+    that pays (`int8_rows`); x may have any leading dimensions."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -57,16 +95,32 @@ class PackedLinear(nn.Module):
         self.half_weight = (torch.ops.quantized.linear_prepack_fp16(weight, bias)
                             if weight.dtype == torch.float32 and has_half_weight_gemm()
                             else None)
-        # What one product reads from memory (benchmarks/draft_pass.py).
-        self.weight_bytes = weight.numel() * (2 if self.half_weight is not None
-                                              else weight.element_size())
+        self._packed_bytes = weight.numel() * (2 if self.half_weight is not None
+                                               else weight.element_size())
         self.register_buffer("packed_weight", None if self.half_weight is not None
                              else _OPS._reorder_linear_weight(weight))
         self.register_buffer("bias", bias)
+        # Products of up to int8_rows rows read these instead (0: never).
+        self.int8_rows = (int8_rows(weight.dtype, weight.device)
+                          if self.in_features % INT8_BLOCK == 0 else 0)
+        int8_weight, int8_scale = quantize_rows(weight) if self.int8_rows else (None, None)
+        self.register_buffer("int8_weight", int8_weight)
+        self.register_buffer("int8_scale", int8_scale)
+
+    def bytes_read(self, rows: int) -> int:
+        """What one product of `rows` rows reads of its weight (benchmarks/draft_pass.py)."""
+        if rows <= self.int8_rows:
+            return self.int8_weight.numel() + self.int8_scale.numel() * 2
+        return self._packed_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if self.half_weight is not None:
+        if rows.shape[0] <= self.int8_rows:
+            y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.int8_weight,
+                                                   self.int8_scale)
+            if self.bias is not None:
+                y = y.add_(self.bias)
+        elif self.half_weight is not None:
             y = torch.ops.quantized.linear_dynamic_fp16(rows, self.half_weight)
         else:
             y = _OPS._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
