@@ -98,7 +98,7 @@ def measure(model, requests: int, cached: int, passes: int, flush: int, rows: in
         ms, rows = statistics.median(product_ms[name][5:]), product_rows[name]
         mb = module.bytes_read(rows) / 1e6
         per_product.append({"product": name, "rows": rows,
-                            "int8": rows <= module.int8_rows, "mb": mb, "ms": ms,
+                            "int8": module.reads_int8(rows), "mb": mb, "ms": ms,
                             "gb_per_s": mb / ms})
     return {"requests": requests, "cached": cached, "rows": rows,
             **{f"{mode.replace(' ', '_')}_ms": statistics.median(times[mode][5:])

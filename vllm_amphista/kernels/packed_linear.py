@@ -66,8 +66,9 @@ def has_half_weight_gemm() -> bool:
 
 def int8_rows(dtype: torch.dtype, device: torch.device, cpu: CpuInfo | None = None) -> int:
     """The most rows a product in `dtype` reads int8 weights for: INT8_ROWS for bf16 on a
-    CPU computing it in AVX-512 BF16 (measured there), 0 elsewhere: AMX's bf16 products
-    are faster and unmeasured against it, an AVX2 CPU drafts in fp32 from fp16 weights."""
+    CPU computing it in AVX-512 BF16 (measured on a family-25 EPYC), 0 elsewhere: AMX's
+    bf16 products are faster and unmeasured against it, an AVX2 CPU drafts in fp32 from
+    fp16 weights."""
     if (dtype != torch.bfloat16 or device.type != "cpu"
             or not hasattr(torch.ops.aten, "_weight_int8pack_mm")):
         return 0
@@ -107,15 +108,18 @@ class PackedLinear(nn.Module):
         self.register_buffer("int8_weight", int8_weight)
         self.register_buffer("int8_scale", int8_scale)
 
+    def reads_int8(self, rows: int) -> bool:
+        return self.int8_weight is not None and rows <= self.int8_rows
+
     def bytes_read(self, rows: int) -> int:
         """What one product of `rows` rows reads of its weight (benchmarks/draft_pass.py)."""
-        if rows <= self.int8_rows:
-            return self.int8_weight.numel() + self.int8_scale.numel() * 2
+        if self.reads_int8(rows):
+            return self.int8_weight.nbytes + self.int8_scale.nbytes
         return self._packed_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] <= self.int8_rows:
+        if self.reads_int8(rows.shape[0]):
             y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.int8_weight,
                                                    self.int8_scale)
             if self.bias is not None:
