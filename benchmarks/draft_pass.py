@@ -2,8 +2,7 @@
 
     python -m benchmarks.draft_pass [--heads H] [--requests 1 4 16] [--cached 200]
                                     [--rows 1] [--drafted-heads N] [--int8-rows N]
-                                    [--passes 60]
-                                    [--flush-mb N] [--threads N]
+                                    [--passes 60] [--flush-mb N] [--threads N]
                                     [--out results/draft_pass.json]
 
 The heads' draft pass (`AmphistaDraftModel.extend`: `--rows` new rows per request, one
@@ -133,14 +132,14 @@ def main() -> None:
     if not model.pack_for_drafting():
         raise SystemExit("this machine cannot pack the draft weights: nothing to measure")
     model.draft_leading_heads(args.drafted_heads or model.config.num_heads)
+    products = [m for m in model.modules() if isinstance(m, PackedLinear)]
     if args.int8_rows is not None:
-        for product in (m for m in model.modules() if isinstance(m, PackedLinear)):
+        for product in products:
             product.int8_rows = min(product.int8_rows, args.int8_rows)
     rows = [measure(model, n, args.cached, args.passes, args.flush_mb, args.rows)
             for n in args.requests]
     write_report(args.out, {"heads": str(args.heads), "drafted_heads": model.drafted_heads,
-                            "int8_rows": max(m.int8_rows for m in model.modules()
-                                             if isinstance(m, PackedLinear)),
+                            "int8_rows": max(product.int8_rows for product in products),
                             "passes": args.passes,
                             "flush_mb": args.flush_mb, "rows": rows})
     print(machine_line(draft=compute_dtype()))

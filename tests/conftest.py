@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vllm_amphista.engine import EAGER_ENV
-from vllm_amphista.kernels.packed_linear import can_pack
+from vllm_amphista.kernels.packed_linear import can_pack, quantize_rows
 from vllm_amphista.model.config import AmphistaConfig
 from vllm_amphista.model.draft_model import AmphistaDraftModel
 from vllm_amphista.model.target import TargetWeights, build_tiny_target
@@ -77,6 +77,13 @@ def draft_model(target: TargetWeights, *, randomised: bool = False, seed: int = 
                     p.normal_(0.0, 0.3 if p.dim() > 1 else 0.1)
     model.attach_target(target)
     return model.eval() if randomised else model
+
+
+def read_as_int8(weight: torch.Tensor) -> torch.Tensor:
+    """The weight a product reading int8 weights multiplies by: each row's int8 copy
+    times its scale, in the weight's dtype."""
+    rows, scale = quantize_rows(weight)
+    return (rows.float() * scale.float()[:, None]).to(weight.dtype)
 
 
 def pytest_configure(config) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_kernels import main
-from tests.conftest import needs_bf16_packing
+from tests.conftest import needs_bf16_packing, read_as_int8
 from vllm_amphista.kernels import packed_linear
 from vllm_amphista.kernels.argmax import BLOCK, last_dim_argmax
 from vllm_amphista.kernels.cache_attention import cache_attention, grouped_products_attention
@@ -187,8 +187,7 @@ def test_a_few_rows_read_int8_weights_and_more_rows_bf16_ones(bias, monkeypatch)
     linear = PackedLinear(weight, b)
     # PyTorch's int8 product needs whole blocks of 16 inputs: other weights stay bf16.
     assert PackedLinear(weight[:, :40], b).int8_rows == 0
-    rows, scale = quantize_rows(weight)
-    read_int8 = (rows.float() * scale.float()[:, None]).to(torch.bfloat16)
+    read_int8 = read_as_int8(weight)
     assert (read_int8 - weight).abs().max() > 0.1
     for leading, read in [((1,), read_int8), ((2, 2), read_int8), ((5,), weight),
                           ((3, 2), weight)]:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.draft_pass import flush_mb, measure
-from tests.conftest import draft_model, needs_bf16_packing
+from tests.conftest import draft_model, needs_bf16_packing, read_as_int8
 from vllm_amphista.kernels import packed_linear
-from vllm_amphista.kernels.packed_linear import PackedLinear, has_half_weight_gemm, quantize_rows
+from vllm_amphista.kernels.packed_linear import PackedLinear, has_half_weight_gemm
 from vllm_amphista.machine import CpuInfo, compute_dtype
 from vllm_amphista.model import layers
 from vllm_amphista.model.config import AmphistaConfig
@@ -314,14 +314,10 @@ def test_int8_weights_draft_as_the_plain_model_with_them(tiny_target, monkeypatc
     packed = copy.deepcopy(plain)
     assert packed.pack_for_drafting() and packed.config.num_heads <= 4  # rows of the AEB
 
-    def as_int8(weight):
-        rows, scale = quantize_rows(weight)
-        return (rows.float() * scale.float()[:, None]).to(weight.dtype)
-
     with torch.no_grad():  # a row's scale is the same in q/k/v or gate/up fused
         for linear in (m for m in plain.modules() if isinstance(m, torch.nn.Linear)):
-            linear.weight.copy_(as_int8(linear.weight))
-    plain.lm_head_weight = as_int8(plain.lm_head_weight)
+            linear.weight.copy_(read_as_int8(linear.weight))
+    plain.lm_head_weight = read_as_int8(plain.lm_head_weight)
     hidden, tokens = _inputs(tiny_target, b=1, t=6)
     hidden = hidden[0].to(torch.bfloat16)
     caches = {model: model.new_cache() for model in (plain, packed)}
