@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import vllm._custom_ops  # noqa: F401  (vLLM's CPU kernels, loaded in a server's worker)
 
 from vllm_amphista.eval.report import machine_line, markdown_table, write_report
 from vllm_amphista.kernels.packed_linear import PackedLinear

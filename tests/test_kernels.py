@@ -17,6 +17,7 @@ from vllm_amphista.kernels.argmax import BLOCK, last_dim_argmax
 from vllm_amphista.kernels.cache_attention import cache_attention, grouped_products_attention
 from vllm_amphista.kernels.head_attention import head_attention_reference
 from vllm_amphista.kernels.packed_linear import INT8_ROWS, PackedLinear, can_pack, quantize_rows
+from vllm_amphista.kernels.rms_norm import rms_norm, uses_fused_kernel
 from vllm_amphista.kernels.tree_attention import tree_attention_reference
 from vllm_amphista.machine import CpuInfo
 from vllm_amphista.reference.tree import build_tree, chain_tree
@@ -237,3 +238,30 @@ def test_cache_attention_is_pytorch_attention(requests, rows, cached):
         q, keys, values, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(grouped_products_attention(q, keys, values, mask), expected)
     torch.testing.assert_close(cache_attention(q, keys, values, mask), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 576), (2, 3, 576), (5, 64)])
+def test_rms_norm_kernel_is_the_pytorch_formula(dtype, shape):
+    """vLLM's fused kernel (loaded by importing its op library) computes what the
+    PyTorch path does: bf16 bit for bit (one rounding, after the weight), fp32 up to the
+    order of the sums; with a gradient to track, the PyTorch path runs."""
+    import vllm._custom_ops  # noqa: F401  (what every engine process has loaded)
+
+    torch.manual_seed(0)
+    x = (torch.randn(*shape) * 3).to(dtype)
+    weight = (torch.randn(shape[-1]) * 0.5 + 1).to(dtype).requires_grad_()
+    x32 = x.float()
+    expected = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)
+                * weight.detach().float()).to(dtype)
+    with torch.no_grad():
+        assert uses_fused_kernel(x, weight)
+        fused = rms_norm(x, weight, 1e-5)
+    if dtype == torch.bfloat16:
+        assert torch.equal(fused, expected)
+    else:
+        torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-6)
+    assert not uses_fused_kernel(x, weight)
+    tracked = rms_norm(x, weight, 1e-5)
+    assert tracked.requires_grad
+    torch.testing.assert_close(tracked.detach(), expected, rtol=1e-6, atol=1e-6)

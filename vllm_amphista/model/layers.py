@@ -10,6 +10,7 @@ from torch import nn
 from vllm_amphista.kernels.cache_attention import cache_attention
 from vllm_amphista.kernels.head_attention import head_attention
 from vllm_amphista.kernels.packed_linear import PackedLinear
+from vllm_amphista.kernels.rms_norm import rms_norm
 from vllm_amphista.machine import CpuInfo, cpu_info
 from vllm_amphista.model.config import AmphistaConfig
 
@@ -21,9 +22,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
