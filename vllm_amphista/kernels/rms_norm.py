@@ -5,9 +5,9 @@ products, cast back): ~20 us a norm at one or two rows of 576, bf16 (AMD EPYC of
 25), where vLLM's own kernel (`torch.ops._C.rms_norm`, the one vLLM's CPU build runs its
 models' norms with) takes ~4. A two-head draft pass has five norms; with the kernel it
 took 0.10-0.17 ms less at 1 to 16 requests, weights read from memory (docs/results.md,
-"The draft pass's norms in one kernel"). Both paths round once, after the weight: the kernel's bf16 output equals
-`(x32 * rsqrt(mean(x32^2) + eps) * w32).to(bf16)` bit for bit (fp32 differs by the
-order of its sums, ~1e-6).
+"The draft pass's norms in one kernel"). Both paths round once, after the weight: the
+kernel's bf16 output equals `(x32 * rsqrt(mean(x32^2) + eps) * w32).to(bf16)` bit for
+bit (fp32 differs by the order of its sums, ~1e-6).
 """
 
 from __future__ import annotations
